@@ -1,0 +1,13 @@
+"""The one exception type for bad user input.
+
+`python -m trainer` turns a UserError into a single line on stderr and exit code 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a flag, a file, a path. The message says what to do."""
+
+
+class DataError(UserError):
+    """A missing, truncated or corrupt MNIST file."""

@@ -1,0 +1,226 @@
+"""The model zoo: the seed projects' nets, rebuilt from their READMEs and honestly counted, plus our own.
+
+Every model maps a normalized [N, 1, 28, 28] batch to [N, 10] logits (no log_softmax: the loss
+is cross-entropy on logits). What a model *claims* (a parameter budget, BatchNorm, Dropout, GAP,
+no FC) is declared in its spec and checked against the module itself by the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+
+
+def conv(cin: int, cout: int, k: int = 3, padding: int = 0, bn: bool = True, dropout: float = 0.0,
+         relu_first: bool = False) -> list[nn.Module]:
+    """Conv (no bias when BN follows) -> BN -> ReLU -> Dropout; seed 001 puts ReLU before BN."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=padding, bias=not bn)]
+    act = nn.ReLU(inplace=True)
+    if bn:
+        layers += [act, nn.BatchNorm2d(cout)] if relu_first else [nn.BatchNorm2d(cout), act]
+    else:
+        layers.append(act)
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return layers
+
+
+# ---------------------------------------------------------------- seed 000 / 001
+def seed001() -> nn.Module:
+    """Seed 001's layer table: four Conv-ReLU-BN-Dropout blocks at 28 and 14 px, two max-pools,
+    an unpadded conv to 5x5, AvgPool2d(5) as GAP and a 1x1 conv head."""
+    d = 0.05  # seed 000's dropout
+    return nn.Sequential(
+        *conv(1, 16, padding=1, dropout=d, relu_first=True),  # 28
+        *conv(16, 32, padding=1, dropout=d, relu_first=True),
+        nn.MaxPool2d(2),  # 14
+        *conv(32, 32, padding=1, dropout=d, relu_first=True),
+        *conv(32, 16, padding=1, dropout=d, relu_first=True),
+        nn.MaxPool2d(2),  # 7
+        *conv(16, 32, dropout=d, relu_first=True),  # 5
+        nn.AvgPool2d(5),
+        nn.Conv2d(32, 10, 1, bias=False),
+        nn.Flatten(),
+    )
+
+
+# ---------------------------------------------------------------- seed 002: the under-8k ablation
+def _seed002(bn: bool, dropout: float, gap: bool) -> nn.Module:
+    """One skeleton, one change per step: ReLU -> +BatchNorm -> +Dropout -> GAP instead of the FC head."""
+    body = [
+        *conv(1, 8, bn=bn, dropout=dropout),  # 26
+        *conv(8, 12, bn=bn, dropout=dropout),  # 24
+        nn.MaxPool2d(2),  # 12
+        *conv(12, 16, bn=bn, dropout=dropout),  # 10
+        *conv(16, 16, bn=bn, dropout=dropout),  # 8
+        nn.MaxPool2d(2),  # 4
+        nn.Conv2d(16, 10, 1, bias=not bn),  # 1x1 transition to 10 channels
+    ]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if gap else [nn.Flatten(), nn.Linear(10 * 4 * 4, 10)]
+    return nn.Sequential(*body, *head)
+
+
+# ---------------------------------------------------------------- seed 003
+def seed003() -> nn.Module:
+    """Seed 003's 10,170-parameter net: BN throughout, two dropouts, GAP and a Linear(16, 10) head."""
+    d = 0.1
+    return nn.Sequential(
+        *conv(1, 8, padding=1),  # 28
+        *conv(8, 12, padding=1),
+        nn.MaxPool2d(2),  # 14
+        nn.Dropout(d),
+        *conv(12, 16, padding=1),
+        nn.MaxPool2d(2),  # 7
+        nn.Dropout(d),
+        nn.Conv2d(16, 16, 1, bias=False),
+        *conv(16, 16, padding=1),
+        *conv(16, 16, padding=1),
+        *conv(16, 16, padding=1),
+        nn.Dropout(d),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+# ---------------------------------------------------------------- seed 004
+def seed004() -> nn.Module:
+    """Seed 004's 24,552-parameter net: four biased convs, no BN, one Linear.
+
+    Its README draws a pool after conv1 too, but then the Linear could not see 56x4x4 = 896
+    features; pools after conv2 and conv4 are the layout that matches its own parameter table."""
+    return nn.Sequential(
+        *conv(1, 8, bn=False),  # 26
+        *conv(8, 16, bn=False),  # 24
+        nn.MaxPool2d(2),  # 12
+        *conv(16, 22, bn=False),  # 10
+        *conv(22, 56, bn=False),  # 8
+        nn.MaxPool2d(2),  # 4
+        nn.Flatten(),
+        nn.Linear(56 * 4 * 4, 10),
+    )
+
+
+# ---------------------------------------------------------------- ours
+def net8k() -> nn.Module:
+    """Our under-8k net: two thin layers at full resolution, then 12 px and below.
+    Dropout only after the low-resolution blocks, where it is cheap on a CPU."""
+    d = 0.05
+    return nn.Sequential(
+        *conv(1, 8),  # 26
+        *conv(8, 16),  # 24
+        nn.MaxPool2d(2),  # 12
+        *conv(16, 8, k=1),
+        *conv(8, 16, dropout=d),  # 10
+        *conv(16, 16, dropout=d),  # 8
+        *conv(16, 16),  # 6
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(16, 10, 1),
+        nn.Flatten(),
+    )
+
+
+def net20k() -> nn.Module:
+    """Our under-20k net: net8k, wider."""
+    d = 0.05
+    return nn.Sequential(
+        *conv(1, 12),  # 26
+        *conv(12, 24),  # 24
+        nn.MaxPool2d(2),  # 12
+        *conv(24, 12, k=1),
+        *conv(12, 24, dropout=d),  # 10
+        *conv(24, 24, dropout=d),  # 8
+        *conv(24, 24),  # 6
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(24, 10, 1),
+        nn.Flatten(),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    origin: str
+    description: str
+    budget: int | None  # the parameter budget the model claims to meet, if any
+    batchnorm: bool  # claims, checked against the module by tests/test_models.py
+    dropout: bool
+    gap: bool
+    fc: bool
+    note: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("net8k", net8k, "mnist-cloud", "our under-8k GAP net, the default", 8000,
+                  batchnorm=True, dropout=True, gap=True, fc=False),
+        ModelSpec("net20k", net20k, "mnist-cloud", "our under-20k GAP net", 20000,
+                  batchnorm=True, dropout=True, gap=True, fc=False),
+        ModelSpec("seed001", seed001, "seed 000/001", "Conv-ReLU-BN-Dropout blocks, 2 max-pools, GAP, 1x1 head",
+                  None, batchnorm=True, dropout=True, gap=True, fc=False,
+                  note="its README claims 19,768 params (<20k); its own layer table sums to 23,760"),
+        ModelSpec("seed002-relu", lambda: _seed002(False, 0.0, False), "seed 002", "step 1: plain ReLU convs + FC",
+                  8000, batchnorm=False, dropout=False, gap=False, fc=True),
+        ModelSpec("seed002-bn", lambda: _seed002(True, 0.0, False), "seed 002", "step 2: + BatchNorm",
+                  8000, batchnorm=True, dropout=False, gap=False, fc=True),
+        ModelSpec("seed002-dropout", lambda: _seed002(True, 0.05, False), "seed 002", "step 3: + Dropout",
+                  8000, batchnorm=True, dropout=True, gap=False, fc=True),
+        ModelSpec("seed002-gap", lambda: _seed002(True, 0.05, True), "seed 002", "step 4: GAP replaces the FC",
+                  8000, batchnorm=True, dropout=True, gap=True, fc=False),
+        ModelSpec("seed003", seed003, "seed 003", "BN, Dropout, GAP, Linear(16, 10) head", 20000,
+                  batchnorm=True, dropout=True, gap=True, fc=True),
+        ModelSpec("seed004", seed004, "seed 004", "four convs and one Linear, no BN", None,
+                  batchnorm=False, dropout=False, gap=False, fc=True),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)} (see `mnist-cloud models`)") from None
+
+
+def build_model(name: str) -> nn.Module:
+    return get_spec(name).build()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def structure_flags(model: nn.Module) -> dict[str, bool]:
+    """What the module actually contains. GAP: a pooling layer whose output is 1x1 on a 28x28 input."""
+    gap = False
+    hooks = []
+
+    def on_pool(module, inputs, output):
+        nonlocal gap
+        if output.dim() == 4 and output.shape[-2:] == (1, 1) and inputs[0].shape[-1] > 1:
+            gap = True
+
+    for m in model.modules():
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            hooks.append(m.register_forward_hook(on_pool))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    kinds = [type(m) for m in model.modules()]
+    return {
+        "batchnorm": nn.BatchNorm2d in kinds,
+        "dropout": any(issubclass(k, nn.modules.dropout._DropoutNd) for k in kinds),
+        "gap": gap,
+        "fc": nn.Linear in kinds,
+    }

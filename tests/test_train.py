@@ -1,0 +1,163 @@
+"""Real (short) training runs in-process: it learns, the run directory is complete, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from trainer import rundir as rd
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.train import fit
+
+TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed"}
+
+
+def small(tmp_path, mnist_dir, **overrides) -> TrainConfig:
+    base = dict(data_dir=str(mnist_dir), out_dir=str(tmp_path / "runs"), train_limit=4096, eval_limit=2000,
+                epochs=2, batch_size=128, progress=False, threads=2)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, mnist_dir):
+    """2 epochs on 8,192 training images; evaluated on 2,000 validation and 2,000 test images."""
+    tmp = tmp_path_factory.mktemp("learn")
+    result = fit(small(tmp, mnist_dir, train_limit=8192, run_id="learn"))
+    return tmp / "runs" / "learn", result
+
+
+def test_a_short_run_learns(learned_run):
+    _, result = learned_run
+    # 2 epochs on 8k images: a net that learns is far above chance on held-out test images
+    assert result["test_acc"] > 95.0, result
+    assert result["status"] == "completed" and result["epochs"] == 2
+
+
+def test_run_directory_is_complete(learned_run):
+    run_dir, result = learned_run
+    for name in ("config.json", "metrics.jsonl", "train.log", "summary.txt", "best.pt", "last.pt", "result.json"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["status"] == "completed"
+    assert config["config"]["model"] == "net8k" and config["config"]["epochs"] == 2
+    assert config["torch"] == torch.__version__ and config["device"]["type"] == "cpu"
+    assert "sha" in config["git"] and "dirty" in config["git"]
+    assert config["data"] == {"dir": config["data"]["dir"], "train": 8192, "val": 2000, "test": 2000}
+
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "lr", "seconds"):
+        assert isinstance(rows[-1][key], float), key
+    assert rows[-1]["test_acc"] == result["test_acc"]
+
+    log = (run_dir / "train.log").read_text().splitlines()
+    pattern = re.compile(r"^Epoch: \d+ \| Train Loss: [\d.]+ \| Train Acc: [\d.]+% \| Val Loss: [\d.]+ \| "
+                         r"Val Acc: [\d.]+% \| Best Val Acc: [\d.]+%")
+    assert sum(bool(pattern.match(l)) for l in log) == 2
+
+    summary = (run_dir / "summary.txt").read_text()
+    assert "Total params:" in summary and "Conv2d-1" in summary
+
+    last = load_checkpoint(run_dir / "last.pt")
+    for key in ("model_state", "optimizer_state", "scheduler_state", "epoch", "rng"):
+        assert key in last, key
+    assert last["epoch"] == 2
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == result["best_epoch"]
+
+
+def test_best_checkpoint_follows_validation_not_test(learned_run):
+    run_dir, result = learned_run
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert result["best_epoch"] == best["epoch"] and result["best_val_acc"] == best["val_acc"]
+
+
+def _metrics_without_timing(run_dir):
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS}
+            for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, mnist_dir):
+    cfg = dict(epochs=3, train_limit=2048, eval_limit=1000, rotate=10, translate=0.05)
+    fit(small(tmp_path, mnist_dir, run_id="straight", **cfg))
+    stopped = fit(small(tmp_path, mnist_dir, run_id="split", stop_after=1, **cfg))
+    assert stopped["status"] == "stopped" and stopped["epoch"] == 1
+    split_dir = tmp_path / "runs" / "split"
+    assert json.loads((split_dir / "config.json").read_text())["status"] == "stopped"
+    resumed = fit(TrainConfig(resume=str(split_dir), progress=False), explicit={"resume", "progress"})
+    assert resumed["epochs"] == 3
+    straight, split = _metrics_without_timing(tmp_path / "runs" / "straight"), _metrics_without_timing(split_dir)
+    assert [r["epoch"] for r in split] == [1, 2, 3]
+    assert split == straight  # bit-for-bit the same losses, accuracies and LRs on CPU
+
+
+def test_resume_redoes_a_half_recorded_epoch_exactly_once(tmp_path, mnist_dir):
+    cfg = small(tmp_path, mnist_dir, run_id="r", epochs=2, train_limit=1024, eval_limit=500, stop_after=1)
+    fit(cfg)
+    run_dir = tmp_path / "runs" / "r"
+    # a crash after metrics were written for an epoch whose checkpoint never landed
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "train_loss": 9.9}) + "\n")
+    fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume"})
+    epochs = [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_resume_of_a_corrupt_checkpoint_is_a_clear_error(tmp_path, mnist_dir):
+    fit(small(tmp_path, mnist_dir, run_id="c", epochs=2, train_limit=512, eval_limit=200, stop_after=1))
+    last = tmp_path / "runs" / "c" / "last.pt"
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(UserError, match="last.pt is corrupt or truncated"):
+        fit(TrainConfig(resume=str(last.parent), progress=False), explicit={"resume"})
+
+
+def test_target_stops_on_validation(tmp_path, mnist_dir):
+    result = fit(small(tmp_path, mnist_dir, epochs=6, train_limit=2048, eval_limit=500, target=60.0, run_id="t"))
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    # it stopped at the first epoch whose *validation* accuracy reached the target, before the last epoch
+    assert len(rows) == result["epochs"] < 6
+    assert rows[-1]["val_acc"] >= 60.0 and all(r["val_acc"] < 60.0 for r in rows[:-1])
+    assert "validation accuracy" in result["stop_reason"]
+
+
+def test_target_needs_a_validation_split(tmp_path, mnist_dir):
+    with pytest.raises(UserError, match="read the validation split"):
+        fit(small(tmp_path, mnist_dir, val_size=0, target=99.0))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("epochs", 0, "--epochs must be at least 1"),
+    ("epochs", -3, "--epochs must be at least 1"),
+    ("target", 100.5, "--target is a validation accuracy in percent"),
+    ("batch_size", 1, "--batch-size"),
+    ("lr", 0.0, "--lr must be positive"),
+    ("perspective", 1.5, "--perspective is a probability"),
+    ("model", "resnet50", "unknown model 'resnet50'"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, mnist_dir, field, value, message):
+    with pytest.raises(UserError, match=message):
+        fit(small(tmp_path, mnist_dir, **{field: value}))
+    assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adam", "step"), ("adamw", "cyclic"), ("sgd", "none"),
+                                                ("sgd", "plateau")])
+def test_optimizers_and_schedules_run(tmp_path, mnist_dir, optimizer, schedule):
+    lr = 0.003 if optimizer.startswith("adam") else 0.05
+    result = fit(small(tmp_path, mnist_dir, optimizer=optimizer, schedule=schedule, lr=lr, epochs=1,
+                       train_limit=1024, eval_limit=500, label_smoothing=0.1))
+    assert result["status"] == "completed" and 0 <= result["test_acc"] <= 100
+
+
+def test_val_size_zero_trains_on_60k_and_logs_na(tmp_path, mnist_dir):
+    result = fit(small(tmp_path, mnist_dir, val_size=0, epochs=1, max_steps=3, eval_limit=200, run_id="noval"))
+    run_dir = tmp_path / "runs" / "noval"
+    assert json.loads((run_dir / "config.json").read_text())["data"]["train"] == 4096  # train_limit applies
+    assert "Val Acc: n/a" in (run_dir / "train.log").read_text()
+    assert result["best_val_acc"] is None

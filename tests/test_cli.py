@@ -1,0 +1,167 @@
+"""`mnist-cloud` as a user runs it: a subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, assert_user_error, run_cli
+
+TINY = ["--epochs", "1", "--train-limit", "3072", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir, mnist_cloud):
+    """One real `mnist-cloud train` run, evaluated on the full 10k test set."""
+    work = tmp_path_factory.mktemp("cli")
+    proc = run_cli([*mnist_cloud, "train", *TINY, "--train-limit", "8192", "--epochs", "2", "--run-id", "tiny"],
+                   env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "runs" / "tiny", proc
+
+
+def test_train_runs_the_trainer_and_writes_the_run_dir(trained):
+    run_dir, proc = trained
+    assert "Epoch: 2 | Train Loss:" in proc.stdout and "test accuracy:" in proc.stdout
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["test_acc"] > 90
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy(trained, mnist_cloud, mnist_dir):
+    run_dir, _ = trained
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_acc"])
+    proc = run_cli([*mnist_cloud, "evaluate", str(run_dir / "best.pt"), "--json"],
+                   env_extra={"MNIST_DATA_DIR": str(mnist_dir)})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["images"] == 10000 and out["epoch"] == best["epoch"]
+    assert abs(out["test_acc"] - best["test_acc"]) < 1e-6  # same weights, same 10k images, same number
+    text = run_cli([*mnist_cloud, "evaluate", str(run_dir)], env_extra={"MNIST_DATA_DIR": str(mnist_dir)})
+    assert text.returncode == 0 and f"{best['test_acc']:.2f}%" in text.stdout
+
+
+def test_predict_reads_png_digits(trained, mnist_cloud, mnist_dir, tmp_path):
+    from PIL import Image
+
+    from trainer.data import load_mnist
+
+    run_dir, _ = trained
+    mnist = load_mnist(mnist_dir)
+    paths, labels = [], []
+    for i in range(12):
+        img = mnist.test_images[i]
+        if i % 2:  # half of them as a dark digit on white paper, scaled up
+            img = 255 - torch.nn.functional.interpolate(img[None, None].float(), size=(84, 84))[0, 0].to(torch.uint8)
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(img.numpy()).save(path)
+        paths.append(str(path))
+        labels.append(int(mnist.test_labels[i]))
+    proc = run_cli([*mnist_cloud, "predict", str(run_dir), *paths, "--json"])
+    assert proc.returncode == 0, proc.stderr
+    preds = [json.loads(l) for l in proc.stdout.splitlines()]
+    assert [p["image"] for p in preds] == paths
+    for p in preds:
+        assert abs(sum(p["probabilities"]) - 1) < 1e-4 and p["digit"] == max(range(10), key=p["probabilities"].__getitem__)
+    correct = sum(p["digit"] == y for p, y in zip(preds, labels))
+    assert correct >= 10, (correct, [p["digit"] for p in preds], labels)
+
+
+def test_models_lists_the_zoo_with_counted_params(mnist_cloud):
+    proc = run_cli([*mnist_cloud, "models"])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("net8k", "net20k", "seed001", "seed002-relu", "seed002-gap", "seed003", "seed004"):
+        assert name in proc.stdout
+    assert "23,760" in proc.stdout and "10,170" in proc.stdout and "24,552" in proc.stdout
+    rows = json.loads(run_cli([*mnist_cloud, "models", "--json"]).stdout)
+    net8k = next(r for r in rows if r["name"] == "net8k")
+    assert net8k["params"] < 8000 and net8k["within_budget"] and net8k["gap"] and not net8k["fc"]
+    assert net8k["macs"] > 0
+
+
+def test_dry_run_is_a_quick_smoke_test(mnist_cloud, mnist_dir, tmp_path):
+    proc = run_cli([*mnist_cloud, "train", "--dry-run"], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Epoch: 1 |" in proc.stdout and not (tmp_path / "runs").exists()  # throwaway dir, not ./runs
+
+
+def test_help_texts(mnist_cloud):
+    top = run_cli([*mnist_cloud, "--help"])
+    assert top.returncode == 0 and "train" in top.stdout and "models" in top.stdout
+    train = run_cli([*mnist_cloud, "train", "--help"])
+    assert train.returncode == 0
+    for flag in ("--model", "--epochs", "--rotate", "--target", "--resume", "--device", "--val-size"):
+        assert flag in train.stdout, flag
+    assert "default: net8k" in train.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["train", "--model", "nope"], ["unknown model 'nope'"]),
+    (["train", "--epochs", "-1"], ["--epochs must be at least 1"]),
+    (["train", "--target", "101"], ["--target"]),
+    (["train", "--epochs", "many"], ["--epochs", "invalid int"]),
+    (["train", "--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    (["train", "--data-dir", "/nonexistent/mnist"], ["/nonexistent/mnist is not a directory"]),
+    (["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
+    (["evaluate", "/nonexistent/best.pt"], ["does not exist"]),
+    (["predict"], ["required"]),
+])
+def test_bad_input_is_one_line_and_exit_2(mnist_cloud, mnist_dir, tmp_path, args, needles):
+    proc = run_cli([*mnist_cloud, *args], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
+    assert_user_error(proc, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_data_file_is_one_line_and_exit_2(mnist_cloud, mnist_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in mnist_dir.glob("*-ubyte.gz"):
+        (data / f.name).write_bytes(f.read_bytes())
+    (data / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    proc = run_cli([*mnist_cloud, "train", "--data-dir", str(data)], cwd=tmp_path)
+    assert_user_error(proc, "t10k-labels-idx1-ubyte.gz")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_checkpoint_is_one_line_and_exit_2(mnist_cloud, tmp_path):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    assert_user_error(run_cli([*mnist_cloud, "evaluate", str(bad)]), "corrupt or truncated")
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    assert_user_error(run_cli([*mnist_cloud, "evaluate", str(plain)]), "not an mnist-cloud checkpoint")
+
+
+def test_unreadable_image_is_one_line_and_exit_2(trained, mnist_cloud, tmp_path):
+    run_dir, _ = trained
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not a png")
+    assert_user_error(run_cli([*mnist_cloud, "predict", str(run_dir), str(bad)]), "cannot decode")
+
+
+# ---------------------------------------------------------------- the layering rule
+def _imports(package: str) -> set[str]:
+    names = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_trainer_never_imports_cloud_libraries():
+    assert not _imports("trainer") & {"boto3", "botocore", "fabric", "paramiko", "invoke", "infra"}
+
+
+def test_infra_never_imports_torch():
+    assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
+    code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

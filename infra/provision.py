@@ -1,0 +1,645 @@
+"""Launch, find, start, stop and terminate named EC2 instances. Returns dataclass records.
+
+Every resource this module creates carries the tags `mnist-cloud:name` and `mnist-cloud:owner`,
+set at creation (TagSpecifications), so an interrupted launch never leaves something untagged and
+`down` can always find what a name owns. All AWS calls go through infra.aws.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from infra.aws import Aws, CloudError
+from infra.errors import UserError
+from infra.pricing import estimate_cost, hourly_price
+from infra.state import Host, State, check_key_file, keys_dir, write_private_key
+
+TAG_NAME = "mnist-cloud:name"
+TAG_OWNER = "mnist-cloud:owner"
+TAG_AUTOSTOP = "mnist-cloud:autostop"
+ALIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
+                  "InsufficientSpotInstanceCapacity", "Unsupported"}
+DLAMI_SSM_ROOT = "/aws/service/deeplearning/ami"
+DLAMI_NAME_PATTERN = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu *)*"
+IP_SERVICE = "https://checkip.amazonaws.com"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}$")
+DEFAULT_USER = "ubuntu"  # the Deep Learning AMI's login
+
+Log = Callable[[str], None]
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UserError(f"name {name!r}: use 1-39 lowercase letters, digits and dashes, starting with a letter or digit")
+    return name
+
+
+def resource_prefix(name: str) -> str:
+    return f"mnist-cloud-{name}"
+
+
+# ---------------------------------------------------------------------------------- records
+@dataclass
+class Instance:
+    name: str
+    instance_id: str
+    instance_type: str
+    state: str
+    lifecycle: str  # "spot" or "on-demand"
+    public_ip: str | None
+    private_ip: str | None
+    launch_time: datetime | None
+    key_name: str | None
+    zone: str | None
+    owner: str | None
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def uptime_hours(self) -> float:
+        """Hours since (re)start while running; 0 when not running (stopped instances bill for disk only)."""
+        if self.state != "running" or self.launch_time is None:
+            return 0.0
+        return max(0.0, (datetime.now(timezone.utc) - self.launch_time).total_seconds() / 3600)
+
+    @property
+    def cost_so_far(self) -> float | None:
+        return estimate_cost(self.instance_type, self.uptime_hours)
+
+    @property
+    def autostop(self) -> str:
+        return self.tags.get(TAG_AUTOSTOP, "-")
+
+
+def instance_from(desc: dict) -> Instance:
+    tags = {t["Key"]: t["Value"] for t in desc.get("Tags", [])}
+    return Instance(
+        name=tags.get(TAG_NAME, ""),
+        instance_id=desc["InstanceId"],
+        instance_type=desc["InstanceType"],
+        state=desc["State"]["Name"],
+        lifecycle="spot" if desc.get("InstanceLifecycle") == "spot" else "on-demand",
+        public_ip=desc.get("PublicIpAddress"),
+        private_ip=desc.get("PrivateIpAddress"),
+        launch_time=desc.get("LaunchTime"),
+        key_name=desc.get("KeyName"),
+        zone=desc.get("Placement", {}).get("AvailabilityZone"),
+        owner=tags.get(TAG_OWNER),
+        tags=tags,
+    )
+
+
+def tag_list(name: str, owner: str, extra: dict | None = None) -> list[dict]:
+    tags = {TAG_NAME: name, TAG_OWNER: owner, "Name": resource_prefix(name), **(extra or {})}
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+# ---------------------------------------------------------------------------------- lookups
+def caller_identity(aws: Aws) -> str:
+    """The owner recorded on everything we create: the caller's IAM ARN."""
+    return aws.call("sts", "get_caller_identity")["Arn"]
+
+
+def find_instances(aws: Aws, name: str | None = None, include_terminated: bool = False) -> list[Instance]:
+    """Instances tagged as ours (one name, or all), live from EC2, oldest first."""
+    tag_filter = {"Name": f"tag:{TAG_NAME}", "Values": [name]} if name else {"Name": "tag-key", "Values": [TAG_NAME]}
+    states = ALIVE_STATES + (["terminated"] if include_terminated else [])
+    reservations = aws.paginate("ec2", "describe_instances", "Reservations",
+                                Filters=[tag_filter, {"Name": "instance-state-name", "Values": states}])
+    found = [instance_from(i) for r in reservations for i in r["Instances"]]
+    return sorted(found, key=lambda i: (i.name, i.launch_time or datetime.min.replace(tzinfo=timezone.utc)))
+
+
+def describe_instance(aws: Aws, instance_id: str) -> Instance:
+    try:
+        reservations = aws.call("ec2", "describe_instances", InstanceIds=[instance_id])["Reservations"]
+    except CloudError as e:
+        if e.code.startswith("InvalidInstanceID"):
+            raise UserError(f"no instance {instance_id} in {aws.region}; check the id and --region") from None
+        raise
+    return instance_from(reservations[0]["Instances"][0])
+
+
+@dataclass
+class InstanceTypeInfo:
+    name: str
+    architecture: str
+    vcpus: int
+    gpus: str  # e.g. "1 x NVIDIA T4", or "" for none
+
+
+def instance_type_info(aws: Aws, instance_type: str) -> InstanceTypeInfo:
+    try:
+        types = aws.call("ec2", "describe_instance_types", InstanceTypes=[instance_type])["InstanceTypes"]
+    except CloudError as e:
+        if e.code in ("InvalidInstanceType", "InvalidParameterValue"):
+            raise UserError(f"unknown instance type {instance_type!r} in {aws.region}; "
+                            "GPU types look like g4dn.xlarge, g5.xlarge, g6.xlarge") from None
+        raise
+    if not types:
+        raise UserError(f"unknown instance type {instance_type!r} in {aws.region}")
+    t = types[0]
+    archs = t.get("ProcessorInfo", {}).get("SupportedArchitectures", ["x86_64"])
+    gpus = ", ".join(f"{g.get('Count', 1)} x {g.get('Manufacturer', '')} {g.get('Name', '')}".replace("  ", " ")
+                     for g in t.get("GpuInfo", {}).get("Gpus", []))
+    return InstanceTypeInfo(instance_type, "x86_64" if "x86_64" in archs else "arm64",
+                            t.get("VCpuInfo", {}).get("DefaultVCpus", 0), gpus)
+
+
+def resolve_dlami(aws: Aws, architecture: str = "x86_64", log: Log = print) -> tuple[str, str]:
+    """(ami id, why): the newest PyTorch Deep Learning AMI on Ubuntu.
+
+    SSM public parameters first, taking the highest PyTorch version; then describe_images by name."""
+    pattern = re.compile(r"/([^/]*pytorch-(\d+)\.(\d+)[^/]*ubuntu-(\d+)\.(\d+)[^/]*)/latest/ami-id$")
+    try:
+        params = aws.paginate("ssm", "get_parameters_by_path", "Parameters",
+                              Path=f"{DLAMI_SSM_ROOT}/{architecture}", Recursive=True)
+    except CloudError as e:
+        log(f"note: could not read the DLAMI SSM parameters ({e.code}); searching images by name instead")
+        params = []
+    candidates = []
+    for p in params:
+        m = pattern.search(p["Name"])
+        if m:
+            version = tuple(int(x) for x in m.groups()[1:])
+            candidates.append((version, "oss-nvidia-driver" in m.group(1), m.group(1), p["Value"]))
+    if candidates:
+        version, _, ami_type, ami = max(candidates)
+        return ami, f"newest PyTorch DLAMI in SSM: {ami_type} (PyTorch {version[0]}.{version[1]})"
+    images = aws.call("ec2", "describe_images", Owners=["amazon"], Filters=[
+        {"Name": "name", "Values": [DLAMI_NAME_PATTERN]},
+        {"Name": "architecture", "Values": [architecture]},
+        {"Name": "state", "Values": ["available"]},
+    ])["Images"]
+    if not images:
+        raise UserError(f"no PyTorch Deep Learning AMI found in {aws.region}; pass --ami ami-...")
+    newest = max(images, key=lambda i: i.get("CreationDate", ""))
+    return newest["ImageId"], f"newest Amazon image named {newest.get('Name')!r} (SSM had none)"
+
+
+def describe_ami(aws: Aws, ami: str) -> dict:
+    images = aws.call("ec2", "describe_images", ImageIds=[ami])["Images"]
+    if not images:
+        raise UserError(f"AMI {ami} not found in {aws.region}")
+    return images[0]
+
+
+# ---------------------------------------------------------------------------------- network and keys
+def normalize_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise UserError(f"--ssh-cidr {text!r} is not a CIDR; use your address like 203.0.113.7/32") from None
+
+
+def detect_public_ip(url: str | None = None, timeout: float = 5.0) -> str:
+    """The caller's public address as a /32, from a what-is-my-ip service ($MNIST_CLOUD_IP_URL overrides it)."""
+    url = url or os.environ.get("MNIST_CLOUD_IP_URL", IP_SERVICE)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read(100).decode().strip()
+        ip = ipaddress.ip_address(text)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not detect your public IP from {url} ({e}); pass --ssh-cidr YOUR.IP/32") from None
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def default_vpc(aws: Aws) -> str:
+    vpcs = aws.call("ec2", "describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    if not vpcs:
+        raise UserError(f"no default VPC in {aws.region}; create one with `aws ec2 create-default-vpc`")
+    return vpcs[0]["VpcId"]
+
+
+def default_subnets(aws: Aws, vpc_id: str) -> list[tuple[str, str]]:
+    """(availability zone, subnet id) of the default VPC, one per AZ, sorted by AZ."""
+    subnets = aws.call("ec2", "describe_subnets", Filters=[{"Name": "vpc-id", "Values": [vpc_id]},
+                                                            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    return sorted((s["AvailabilityZone"], s["SubnetId"]) for s in subnets)
+
+
+def find_security_group(aws: Aws, name: str) -> dict | None:
+    groups = aws.call("ec2", "describe_security_groups",
+                      Filters=[{"Name": "group-name", "Values": [resource_prefix(name)]}])["SecurityGroups"]
+    return groups[0] if groups else None
+
+
+def ensure_security_group(aws: Aws, name: str, owner: str, vpc_id: str, cidr: str, log: Log) -> str:
+    """The name's security group, with exactly one inbound rule: TCP 22 from `cidr`."""
+    group = find_security_group(aws, name)
+    if group is None:
+        group_id = aws.call("ec2", "create_security_group", GroupName=resource_prefix(name), VpcId=vpc_id,
+                            Description=f"mnist-cloud {name}: SSH from one address",
+                            TagSpecifications=[{"ResourceType": "security-group",
+                                                "Tags": tag_list(name, owner)}])["GroupId"]
+        current = []
+    else:
+        group_id, current = group["GroupId"], group.get("IpPermissions", [])
+    wanted = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}
+    has_wanted = False
+    stale = []
+    for perm in current:
+        ranges = [r["CidrIp"] for r in perm.get("IpRanges", [])]
+        if perm.get("IpProtocol") == "tcp" and perm.get("FromPort") == 22 and perm.get("ToPort") == 22 \
+                and ranges == [cidr] and not perm.get("Ipv6Ranges") and not perm.get("UserIdGroupPairs"):
+            has_wanted = True
+        else:
+            stale.append(perm)
+    if stale:
+        aws.call("ec2", "revoke_security_group_ingress", GroupId=group_id, IpPermissions=stale)
+    if not has_wanted:
+        aws.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[wanted])
+    log(f"security group {group_id} ({resource_prefix(name)}): SSH (22) from {cidr} only")
+    return group_id
+
+
+@dataclass
+class KeyInfo:
+    key_name: str
+    private_key: Path
+    created: bool  # made or imported by us for this name, deleted by `down`
+
+
+def ensure_key_pair(aws: Aws, name: str, owner: str, log: Log, key_name: str | None = None,
+                    key_path: str | None = None, public_key: str | None = None, in_use: bool = False) -> KeyInfo:
+    """An EC2 key pair and the private key file that goes with it.
+
+    --key-name K uses an existing pair (private key from --key, else keys dir, else ~/.ssh/K.pem);
+    --public-key P imports the user's own public key; otherwise a new ed25519 pair is created and its
+    private key saved with mode 600. Private key material is never printed."""
+    if key_name:
+        try:
+            aws.call("ec2", "describe_key_pairs", KeyNames=[key_name])
+        except CloudError as e:
+            if e.code == "InvalidKeyPair.NotFound":
+                raise UserError(f"key pair {key_name!r} does not exist in {aws.region}; drop --key-name to create one") from None
+            raise
+        candidates = [Path(key_path).expanduser()] if key_path else [keys_dir() / f"{key_name}.pem",
+                                                                      Path.home() / ".ssh" / f"{key_name}.pem"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise UserError(f"no private key for key pair {key_name!r}: pass --key PATH")
+        return KeyInfo(key_name, check_key_file(found), created=False)
+
+    ours = resource_prefix(name)
+    tags = [{"ResourceType": "key-pair", "Tags": tag_list(name, owner)}]
+    existing = aws.call("ec2", "describe_key_pairs", Filters=[{"Name": "key-name", "Values": [ours]}])["KeyPairs"]
+    if public_key:
+        pub = Path(public_key).expanduser()
+        private = check_key_file(pub.with_suffix("") if pub.suffix == ".pub" else Path(str(pub) + ".key"))
+        if not existing:
+            try:
+                material = pub.read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read --public-key {pub}: {e.strerror}") from None
+            aws.call("ec2", "import_key_pair", KeyName=ours, PublicKeyMaterial=material, TagSpecifications=tags)
+            log(f"key pair {ours}: imported {pub}")
+        return KeyInfo(ours, private, created=True)
+    path = keys_dir() / f"{ours}.pem"
+    if existing and path.is_file():
+        return KeyInfo(ours, check_key_file(path), created=True)
+    if existing:
+        if in_use:
+            raise UserError(f"key pair {ours} exists but its private key {path} is gone; "
+                            f"`mnist-cloud down {name}` and launch again")
+        aws.call("ec2", "delete_key_pair", KeyName=ours)  # ours, unused, and useless without its private half
+    material = aws.call("ec2", "create_key_pair", KeyName=ours, KeyType="ed25519", KeyFormat="pem",
+                        TagSpecifications=tags)["KeyMaterial"]
+    write_private_key(path, material)
+    log(f"key pair {ours}: created; private key {path} (mode 600)")
+    return KeyInfo(ours, path, created=True)
+
+
+# ---------------------------------------------------------------------------------- launch
+@dataclass
+class LaunchSpec:
+    name: str
+    instance_type: str
+    spot: bool = False
+    ami: str | None = None
+    disk_gb: int = 100
+    key_name: str | None = None
+    key_path: str | None = None
+    public_key: str | None = None
+    ssh_cidr: str | None = None
+    autostop_minutes: int = 30
+    autostop_action: str = "stop"  # or "terminate"
+    wait_status_checks: bool = True
+
+
+def _record(state: State, inst: Instance, key: KeyInfo, region: str, user: str = DEFAULT_USER) -> None:
+    state.put(Host(name=inst.name, kind="ec2", host=inst.public_ip, user=user, key_path=str(key.private_key),
+                   instance_id=inst.instance_id, region=region, key_name=key.key_name, created_key=key.created))
+
+
+def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = None,
+           wait_ready: Callable[[Instance], None] | None = None) -> Instance:
+    """Create (or reuse) the instance called spec.name and wait until it is running and healthy.
+
+    `wait_ready` is the hook for the SSH layer: called with the running instance before returning."""
+    check_name(spec.name)
+    state = state or State()
+    if spec.disk_gb < 8 or spec.disk_gb > 16384:
+        raise UserError(f"--disk-gb must be between 8 and 16384, got {spec.disk_gb}")
+    cidr = normalize_cidr(spec.ssh_cidr) if spec.ssh_cidr else detect_public_ip()
+    if cidr in ("0.0.0.0/0", "::/0"):
+        log(f"WARNING: --ssh-cidr {cidr} opens SSH to the whole internet; prefer your own /32")
+    info = instance_type_info(aws, spec.instance_type)
+    price = hourly_price(spec.instance_type)
+    log(f"instance type {info.name}: {info.architecture}, {info.vcpus} vCPUs, "
+        f"{info.gpus or 'no GPU (training runs on its CPU)'}, "
+        f"{f'${price:.3f}/h on demand' if price is not None else 'price unknown (add it to prices.json)'}")
+    owner = caller_identity(aws)
+
+    alive = [i for i in find_instances(aws, spec.name) if i.state != "shutting-down"]
+    if alive:
+        return _reuse(aws, spec, alive[0], cidr, owner, log, state, wait_ready)
+
+    if spec.ami:
+        ami, why = spec.ami, "--ami"
+    else:
+        ami, why = resolve_dlami(aws, info.architecture, log)
+    image = describe_ami(aws, ami)
+    log(f"AMI {ami} ({image.get('Name', '?')}): {why}")
+    key = ensure_key_pair(aws, spec.name, owner, log, spec.key_name, spec.key_path, spec.public_key)
+    vpc = default_vpc(aws)
+    group_id = ensure_security_group(aws, spec.name, owner, vpc, cidr, log)
+
+    autostop = f"{spec.autostop_minutes}m:{spec.autostop_action}" if spec.autostop_minutes else "off"
+    tags = tag_list(spec.name, owner, {TAG_AUTOSTOP: autostop})
+    params = dict(
+        ImageId=ami, InstanceType=spec.instance_type, KeyName=key.key_name, MinCount=1, MaxCount=1,
+        SecurityGroupIds=[group_id],
+        MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "HttpEndpoint": "enabled"},
+        BlockDeviceMappings=[{"DeviceName": image.get("RootDeviceName", "/dev/sda1"),
+                              "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "Encrypted": True,
+                                      "DeleteOnTermination": True}}],
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
+    )
+    desc = _run_with_fallback(aws, spec, params, vpc, log)
+    inst = instance_from(desc)
+    _record(state, inst, key, aws.region)  # before waiting: a Ctrl-C from here on still leaves a record
+    log(f"launched {inst.instance_id} ({inst.lifecycle}) in {inst.zone}; waiting until it is running")
+    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+
+
+def _shutdown_behavior(spec: LaunchSpec, spot: bool) -> str:
+    # A one-time spot instance can only terminate on shutdown; otherwise follow the autostop action.
+    return "terminate" if spot or spec.autostop_action == "terminate" else "stop"
+
+
+def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log) -> dict:
+    """run_instances: spot in each AZ in turn, then on demand (saying so); capacity errors only."""
+    zones = default_subnets(aws, vpc)
+    plans: list[tuple[bool, str | None, str | None]] = []
+    if spec.spot:
+        plans += [(True, zone, subnet) for zone, subnet in zones] or [(True, None, None)]
+    plans += [(False, None, None)] + [(False, zone, subnet) for zone, subnet in zones]
+    last_error = None
+    for i, (spot, zone, subnet) in enumerate(plans):
+        if spec.spot and not spot and (i == 0 or plans[i - 1][0]):
+            log(f"no spot capacity for {spec.instance_type} in any zone of {aws.region} "
+                f"({last_error.code if last_error else '?'}); falling back to ON-DEMAND at "
+                f"{hourly_price(spec.instance_type) or '?'} $/h")
+        call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec, spot),
+                    ClientToken=f"mnist-cloud-{uuid.uuid4().hex}")
+        if subnet:
+            call["SubnetId"] = subnet
+        if spot:
+            call["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
+                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+        try:
+            return aws.call("ec2", "run_instances", **call)["Instances"][0]
+        except CloudError as e:
+            if e.code not in CAPACITY_CODES:
+                raise
+            last_error = e
+            where = zone or "the default zone"
+            log(f"no {'spot' if spot else 'on-demand'} capacity for {spec.instance_type} in {where} ({e.code}); "
+                "trying the next option")
+    raise UserError(f"no capacity for {spec.instance_type} in {aws.region} ({last_error.code}); "
+                    "try another instance type or --region")
+
+
+def _wait_up(aws: Aws, spec: LaunchSpec, instance_id: str, key: KeyInfo, log: Log, state: State,
+             wait_ready: Callable[[Instance], None] | None) -> Instance:
+    aws.wait("ec2", "instance_running", f"{instance_id} to run", InstanceIds=[instance_id])
+    if spec.wait_status_checks:
+        log("running; waiting for the EC2 status checks")
+        aws.wait("ec2", "instance_status_ok", f"{instance_id}'s status checks", delay=10, max_attempts=90,
+                 InstanceIds=[instance_id])
+    inst = describe_instance(aws, instance_id)
+    _record(state, inst, key, aws.region)
+    if wait_ready is not None:
+        wait_ready(inst)
+    return inst
+
+
+def _reuse(aws: Aws, spec: LaunchSpec, inst: Instance, cidr: str, owner: str, log: Log, state: State,
+           wait_ready) -> Instance:
+    log(f"{spec.name} already exists: {inst.instance_id} ({inst.instance_type}, {inst.state}); reusing it")
+    if inst.instance_type != spec.instance_type:
+        log(f"note: it is a {inst.instance_type}, not {spec.instance_type}; `mnist-cloud down {spec.name}` first "
+            "to change the type")
+    ensure_security_group(aws, spec.name, owner, default_vpc(aws), cidr, log)
+    host = state.get(spec.name)
+    if host and host.key_path:
+        key = KeyInfo(host.key_name or inst.key_name or "", Path(host.key_path), host.created_key)
+    else:
+        key = ensure_key_pair(aws, spec.name, owner, log, spec.key_name or (
+            inst.key_name if inst.key_name != resource_prefix(spec.name) else None),
+            spec.key_path, spec.public_key, in_use=True)
+    if inst.state == "stopping":
+        log("waiting for it to finish stopping")
+        aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
+        inst.state = "stopped"
+    if inst.state == "stopped":
+        log("it was stopped; starting it")
+        aws.call("ec2", "start_instances", InstanceIds=[inst.instance_id])
+    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+
+
+# ---------------------------------------------------------------------------------- lifecycle
+def only_instance(aws: Aws, name: str) -> Instance:
+    alive = [i for i in find_instances(aws, check_name(name)) if i.state != "shutting-down"]
+    if not alive:
+        raise UserError(f"no instance named {name!r} in {aws.region}; see `mnist-cloud ls`")
+    return alive[0]
+
+
+def stop(aws: Aws, name: str, log: Log = print) -> Instance:
+    inst = only_instance(aws, name)
+    if inst.lifecycle == "spot":
+        raise UserError(f"{name} is a one-time spot instance, which cannot be stopped; `mnist-cloud down {name}`")
+    if inst.state in ("stopped", "stopping"):
+        log(f"{name} ({inst.instance_id}) is already {inst.state}")
+    else:
+        aws.call("ec2", "stop_instances", InstanceIds=[inst.instance_id])
+        log(f"stopping {name} ({inst.instance_id}); waiting")
+    aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
+    return describe_instance(aws, inst.instance_id)
+
+
+def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, state: State | None = None,
+          wait_ready=None) -> Instance:
+    state = state or State()
+    inst = only_instance(aws, name)
+    cidr = normalize_cidr(ssh_cidr) if ssh_cidr else detect_public_ip()
+    ensure_security_group(aws, name, caller_identity(aws), default_vpc(aws), cidr, log)
+    if inst.state == "stopping":
+        aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
+    if inst.state in ("stopped", "stopping"):
+        aws.call("ec2", "start_instances", InstanceIds=[inst.instance_id])
+        log(f"starting {name} ({inst.instance_id}); waiting")
+    else:
+        log(f"{name} ({inst.instance_id}) is already {inst.state}")
+    host = state.get(name)
+    key = KeyInfo(host.key_name or "", Path(host.key_path), host.created_key) if host and host.key_path else \
+        KeyInfo(inst.key_name or "", keys_dir() / f"{inst.key_name}.pem", False)
+    spec = LaunchSpec(name=name, instance_type=inst.instance_type)
+    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+
+
+@dataclass
+class DownReport:
+    terminated: list[str] = field(default_factory=list)
+    security_groups: list[str] = field(default_factory=list)
+    key_pairs: list[str] = field(default_factory=list)
+    key_files: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+
+
+def _delete_group(aws: Aws, group_id: str, log: Log) -> bool:
+    """Delete a security group; its instances' network interfaces may take a moment to let go."""
+    for attempt in range(12):
+        try:
+            aws.call("ec2", "delete_security_group", GroupId=group_id)
+            return True
+        except CloudError as e:
+            if e.code == "InvalidGroup.NotFound":
+                return False
+            if e.code != "DependencyViolation" or attempt == 11:
+                raise
+            time.sleep(5)
+    return False
+
+
+def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> DownReport:
+    """Terminate every instance of `name`, then delete its security group and the key pair it created."""
+    check_name(name)
+    state = state or State()
+    report = DownReport()
+    alive = [i for i in find_instances(aws, name)]
+    ids = [i.instance_id for i in alive if i.state != "terminated"]
+    if ids:
+        aws.call("ec2", "terminate_instances", InstanceIds=ids)
+        log(f"terminating {', '.join(ids)}; waiting")
+        aws.wait("ec2", "instance_terminated", "termination", InstanceIds=ids)
+        report.terminated = ids
+    # Root volumes go with their instance (DeleteOnTermination); sweep any that were left detached.
+    for volume in aws.call("ec2", "describe_volumes", Filters=[{"Name": f"tag:{TAG_NAME}", "Values": [name]},
+                                                                {"Name": "status", "Values": ["available"]}])["Volumes"]:
+        aws.call("ec2", "delete_volume", VolumeId=volume["VolumeId"])
+        report.volumes.append(volume["VolumeId"])
+    group = find_security_group(aws, name)
+    if group and {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(TAG_NAME) == name:
+        if _delete_group(aws, group["GroupId"], log):
+            report.security_groups.append(group["GroupId"])
+    host = state.get(name)
+    for pair in aws.call("ec2", "describe_key_pairs", Filters=[{"Name": f"tag:{TAG_NAME}", "Values": [name]}])["KeyPairs"]:
+        aws.call("ec2", "delete_key_pair", KeyName=pair["KeyName"])
+        report.key_pairs.append(pair["KeyName"])
+        key_file = keys_dir() / f"{pair['KeyName']}.pem"
+        if key_file.exists():
+            key_file.unlink()
+            report.key_files.append(str(key_file))
+    if host and host.kind == "ec2":
+        state.remove(name)
+    return report
+
+
+def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: bool = False) -> DownReport:
+    """Sweep every resource tagged as ours (by this caller, unless any_owner): instances, groups, key pairs."""
+    state = state or State()
+    me = caller_identity(aws)
+
+    def mine(tags: dict) -> bool:
+        return TAG_NAME in tags and (any_owner or tags.get(TAG_OWNER) == me)
+
+    report = DownReport()
+    names = {i.name for i in find_instances(aws) if mine(i.tags)}
+    groups = aws.call("ec2", "describe_security_groups", Filters=[{"Name": "tag-key", "Values": [TAG_NAME]}])
+    names |= {t["Value"] for g in groups["SecurityGroups"] for t in g.get("Tags", []) if t["Key"] == TAG_NAME
+              and mine({x["Key"]: x["Value"] for x in g["Tags"]})}
+    pairs = aws.call("ec2", "describe_key_pairs", Filters=[{"Name": "tag-key", "Values": [TAG_NAME]}])["KeyPairs"]
+    names |= {t["Value"] for p in pairs for t in p.get("Tags", []) if t["Key"] == TAG_NAME
+              and mine({x["Key"]: x["Value"] for x in p["Tags"]})}
+    for name in sorted(names):
+        part = down(aws, name, log, state)
+        for key in ("terminated", "security_groups", "key_pairs", "key_files", "volumes"):
+            getattr(report, key).extend(getattr(part, key))
+    return report
+
+
+# ---------------------------------------------------------------------------------- adoption
+def attach_instance(aws: Aws, instance_id: str, name: str, user: str, key_path: str | None, log: Log = print,
+                    state: State | None = None) -> Instance:
+    """Adopt an existing instance: tag it with the name, record its address, user and key."""
+    check_name(name)
+    state = state or State()
+    inst = describe_instance(aws, instance_id)
+    if inst.state in ("terminated", "shutting-down"):
+        raise UserError(f"{instance_id} is {inst.state}")
+    other = [i for i in find_instances(aws, name) if i.instance_id != instance_id]
+    if other:
+        raise UserError(f"name {name!r} is already used by {other[0].instance_id}; pick another --name")
+    if key_path:
+        key = check_key_file(Path(key_path))
+    else:
+        candidates = [keys_dir() / f"{inst.key_name}.pem", Path.home() / ".ssh" / f"{inst.key_name}.pem"]
+        found = next((p for p in candidates if inst.key_name and p.is_file()), None)
+        if found is None:
+            raise UserError(f"{instance_id} uses key pair {inst.key_name!r}; pass --key PATH to its private key")
+        key = check_key_file(found)
+    aws.call("ec2", "create_tags", Resources=[instance_id], Tags=[{"Key": TAG_NAME, "Value": name}])
+    inst = describe_instance(aws, instance_id)
+    state.put(Host(name=name, kind="ec2", host=inst.public_ip, user=user, key_path=str(key),
+                   instance_id=instance_id, region=aws.region, key_name=inst.key_name, created_key=False,
+                   extra={"attached": True}))
+    log(f"attached {instance_id} as {name!r}: {user}@{inst.public_ip or '(no public IP yet)'} with key {key}")
+    return inst
+
+
+def parse_ssh_target(target: str) -> tuple[str, str, int]:
+    """USER@HOST[:PORT] -> (user, host, port)."""
+    m = re.match(r"^(?P<user>[^@\s]+)@(?P<host>\[[^\]]+\]|[^:\s]+)(?::(?P<port>\d+))?$", target or "")
+    if not m:
+        raise UserError(f"--host {target!r}: expected USER@HOST or USER@HOST:PORT")
+    port = int(m.group("port") or 22)
+    if not 0 < port < 65536:
+        raise UserError(f"--host {target!r}: port must be 1-65535")
+    return m.group("user"), m.group("host").strip("[]"), port
+
+
+def attach_host(target: str, name: str, key_path: str, log: Log = print, state: State | None = None) -> Host:
+    """Adopt any SSH machine (a lab box, another cloud) under a name."""
+    check_name(name)
+    state = state or State()
+    user, host, port = parse_ssh_target(target)
+    key = check_key_file(Path(key_path))
+    existing = state.get(name)
+    if existing and existing.kind == "ec2":
+        raise UserError(f"name {name!r} already names EC2 instance {existing.instance_id}; pick another --name")
+    record = Host(name=name, kind="ssh", host=host, user=user, port=port, key_path=str(key))
+    state.put(record)
+    log(f"attached {user}@{host}:{port} as {name!r} with key {key}")
+    return record

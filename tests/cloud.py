@@ -1,0 +1,56 @@
+"""Helpers for the AWS tests: a seeded moto (in-process or as a loopback server) and a clean AWS env.
+
+moto ships no Deep Learning AMI and none of the /aws/service/deeplearning SSM parameters (and, as
+on AWS, refuses put_parameter under /aws), so the fake DLAMI and its parameter go straight into
+moto's backends. moto's instances get made-up public IPs (54.x.x.x): no test ever connects to them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from moto.core import DEFAULT_ACCOUNT_ID
+
+REGION = "us-east-1"
+DLAMI_ID = "ami-0d1a0000000000012"
+DLAMI_NAME = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.12 (Ubuntu 24.04) 20261101"
+DLAMI_PARAMETERS = {
+    # the newest PyTorch on Ubuntu must win; the Amazon Linux one is newer but not Ubuntu
+    "oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04": DLAMI_ID,
+    "oss-nvidia-driver-gpu-pytorch-2.9-ubuntu-22.04": "ami-0d1a0000000000009",
+    "oss-nvidia-driver-gpu-pytorch-2.13-amazon-linux-2023": "ami-0d1a00000000000a1",
+    "base-oss-nvidia-driver-gpu-ubuntu-24.04": "ami-0d1a00000000000b0",
+}
+
+
+def seed_dlami(region: str = REGION, ssm: bool = True, image: bool = True) -> None:
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+    from moto.ssm.models import Parameter, ssm_backends
+
+    if image:
+        ec2 = ec2_backends[DEFAULT_ACCOUNT_ID][region]
+        ec2.amis[DLAMI_ID] = Ami(ec2, DLAMI_ID, name=DLAMI_NAME, owner_alias="amazon", owner_id="898082745236",
+                                 architecture="x86_64", root_device_name="/dev/sda1",
+                                 creation_date=datetime(2026, 11, 1, tzinfo=timezone.utc))
+    if ssm:
+        params = ssm_backends[DEFAULT_ACCOUNT_ID][region]._parameters
+        for ami_type, value in DLAMI_PARAMETERS.items():
+            path = f"/aws/service/deeplearning/ami/x86_64/{ami_type}/latest/ami-id"
+            params[path].append(Parameter(DEFAULT_ACCOUNT_ID, path, value, "String", None, None, None,
+                                          datetime.now(timezone.utc), 1, "aws:ec2:image"))
+
+
+def aws_env(tmp_path, **extra) -> dict[str, str]:
+    """Environment for a test: fake credentials, no developer ~/.aws, no instance-metadata lookups."""
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MNIST_CLOUD_HOME": str(tmp_path / "mnist-cloud-home"),
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,166 @@
+"""`mnist-cloud launch/status/stop/start/down` as subprocesses against a moto server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import stat
+import threading
+import urllib.request
+
+import pytest
+
+from cloud import DLAMI_ID, aws_env, seed_dlami
+from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ip_service():
+    """A what-is-my-IP service on loopback, so `launch` can detect 'our' public address offline."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"198.51.100.23\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture
+def cloud(moto_server, ip_service, tmp_path, mnist_cloud):
+    """cloud(*args) runs mnist-cloud against a freshly reset, DLAMI-seeded moto server."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    env = aws_env(tmp_path, AWS_ENDPOINT_URL=moto_server, MNIST_CLOUD_IP_URL=ip_service)
+
+    def run(*args, extra_env=None):
+        return run_cli([*mnist_cloud, *args], env_extra={**env, **(extra_env or {})}, cwd=tmp_path)
+
+    run.home = tmp_path / "mnist-cloud-home"
+    run.endpoint = moto_server
+    return run
+
+
+def ec2_client(endpoint):
+    import boto3
+
+    return boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def test_launch_status_stop_start_down(cloud):
+    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
+    assert out.returncode == 0, out.stderr
+    assert f"AMI {DLAMI_ID}" in out.stdout and "newest PyTorch DLAMI" in out.stdout
+    assert "SSH (22) from 198.51.100.23/32 only" in out.stdout
+    assert "ready: exp1" in out.stdout and "mnist-cloud down exp1" in out.stdout
+    key = cloud.home / "keys" / "mnist-cloud-exp1.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text().splitlines()[1] not in out.stdout + out.stderr
+
+    status = cloud("status")
+    assert status.returncode == 0, status.stderr
+    line = next(l for l in status.stdout.splitlines() if l.startswith("exp1"))
+    assert "g4dn.xlarge" in line and "running" in line and "on-demand" in line and "$" in line and "30m:stop" in line
+
+    again = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
+    assert again.returncode == 0 and "already exists" in again.stdout
+    assert len([l for l in cloud("ls").stdout.splitlines() if l.startswith("exp1")]) == 1
+
+    assert cloud("stop", "exp1").returncode == 0
+    assert "stopped" in next(l for l in cloud("status", "exp1").stdout.splitlines() if l.startswith("exp1"))
+    started = cloud("start", "exp1")
+    assert started.returncode == 0 and "running" in started.stdout
+
+    down = cloud("down", "exp1", "--yes")
+    assert down.returncode == 0, down.stderr
+    assert "1 instance(s)" in down.stdout and "1 key pair(s)" in down.stdout
+    assert "no instances" in cloud("status").stdout
+    assert not key.exists()
+    assert "nothing to delete" in cloud("down", "exp1", "--yes").stdout
+
+
+def test_spot_launch_and_down_all(cloud):
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "a", "--spot").returncode == 0
+    assert cloud("launch", "--instance", "g5.xlarge", "--name", "b", "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    status = cloud("status").stdout
+    assert "spot" in next(l for l in status.splitlines() if l.startswith("a "))
+    down = cloud("down", "--all", "--yes")
+    assert down.returncode == 0 and "2 instance(s)" in down.stdout
+    ec2 = ec2_client(cloud.endpoint)
+    tagged = [{"Name": "tag-key", "Values": ["mnist-cloud:name"]}]
+    alive = [i for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]
+             if i["State"]["Name"] != "terminated"]
+    assert alive == [] and ec2.describe_security_groups(Filters=tagged)["SecurityGroups"] == []
+    assert ec2.describe_key_pairs(Filters=tagged)["KeyPairs"] == []
+
+
+def test_terminated_behind_our_back(cloud):
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "gone", "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    ec2 = ec2_client(cloud.endpoint)
+    ids = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+    ec2.terminate_instances(InstanceIds=ids)
+    status = cloud("status", "gone")
+    assert status.returncode == 0 and "gone" in status.stdout.split("\n")[1]
+    down = cloud("down", "gone", "--yes")
+    assert down.returncode == 0 and "1 security group(s)" in down.stdout
+    assert "nothing to delete" in cloud("down", "gone", "--yes").stdout
+
+
+def test_down_without_yes_off_a_terminal_changes_nothing(cloud):
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "keep", "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    assert_user_error(cloud("down", "keep"), "needs --yes")
+    assert "running" in cloud("status", "keep").stdout
+
+
+@pytest.mark.parametrize("args,env,needles", [
+    (["launch", "--instance", "g9.huge"], {}, ["unknown instance type 'g9.huge'"]),
+    (["launch", "--instance", "g4dn.xlarge", "--region", "mars-1"], {}, ["unknown AWS region 'mars-1'"]),
+    (["launch", "--instance", "g4dn.xlarge"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
+     ["no AWS credentials"]),
+    (["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "my-laptop"], {}, ["is not a CIDR"]),
+    (["launch", "--instance", "g4dn.xlarge", "--name", "Bad_Name"], {}, ["lowercase letters"]),
+    (["launch", "--instance", "g4dn.xlarge", "--disk-gb", "2"], {}, ["--disk-gb"]),
+    (["launch"], {}, ["--instance"]),
+    (["stop", "ghost"], {}, ["no instance named 'ghost'"]),
+    (["start", "ghost"], {}, ["no instance named 'ghost'"]),
+    (["down"], {}, ["give a NAME, or --all"]),
+    (["attach", "--host", "me@127.0.0.1:1"], {}, ["--key"]),
+    (["attach", "--host", "not-a-target", "--key", "/etc/hostname"], {}, ["expected USER@HOST"]),
+    (["attach", "i-0123456789abcdef0"], {}, ["no instance i-0123456789abcdef0"]),
+    (["status", "--bogus"], {}, ["unrecognized arguments: --bogus"]),
+])
+def test_bad_input(cloud, args, env, needles):
+    proc = cloud(*args, extra_env=env)
+    assert_user_error(proc, *needles)
+    ec2 = ec2_client(cloud.endpoint)
+    assert [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == []  # nothing launched
+
+
+def test_attach_host_records_it(cloud, tmp_path):
+    key = tmp_path / "id"
+    key.write_text("k")
+    key.chmod(0o600)
+    out = cloud("attach", "--host", "me@127.0.0.1:2222", "--key", str(key), "--name", "lab")
+    assert out.returncode == 0, out.stderr
+    state = json.loads((cloud.home / "state.json").read_text())
+    assert state["hosts"]["lab"]["kind"] == "ssh" and state["hosts"]["lab"]["port"] == 2222
+    assert "me@127.0.0.1:2222" in cloud("status", "lab").stdout

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many idle minutes; 0 = never (default: %(default)s)")
     p.add_argument("--down", action="store_true", help="autostop terminates instead of stopping")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
+    p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
 
     p = sub.add_parser("attach", parents=aws, help="adopt an existing EC2 instance or any SSH host under a name",
                        description="`attach i-0123...` adopts an EC2 instance; `attach --host USER@HOST[:PORT] --key "
@@ -98,6 +99,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", parents=aws, help="start a stopped instance; picks up its new IP")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
+    p = sub.add_parser("setup", parents=aws, help="sync the code and run setup_ec2.sh on a machine (idempotent)")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("--python", help="interpreter to use there (default: $MNIST_CLOUD_REMOTE_PYTHON, the DLAMI's, a venv)")
+    p.add_argument("--code", metavar="DIR", help="checkout to sync (default: the current directory)")
+    p = sub.add_parser("sync", parents=aws, help="copy the code to a machine (rsync --checksum; secrets never leave)")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("--code", metavar="DIR", help="checkout to sync (default: the current directory)")
+    p = sub.add_parser("logs", parents=aws, help="show a remote run's console log; -f follows a live run")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the run ends (Ctrl-C detaches)")
+    p = sub.add_parser("runs", parents=aws, help="list a machine's runs and their state")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p = sub.add_parser("pull", parents=aws, help="fetch a remote run directory into runs/ (incremental, atomic, verified)")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("--to", default="runs", metavar="DIR", help="local runs directory (default: %(default)s)")
+    p = sub.add_parser("jupyter", parents=aws, help="JupyterLab on the machine, through an SSH tunnel",
+                       description="Start JupyterLab on the machine bound to 127.0.0.1 with a random token, forward a "
+                                   "local port to it over SSH and print the URL. Ctrl-C closes the tunnel and stops "
+                                   "the server (--keep leaves it running). No port is opened in the security group.")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("--port", type=int, help="local port (default: 8888, or a free one if 8888 is taken)")
+    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
+    p.add_argument("--python", help="interpreter on the machine (default: the one setup chose)")
+    p.add_argument("--code", metavar="DIR", help="checkout to sync first (default: the current directory)")
+    p = sub.add_parser("ssh", parents=aws, help="a shell on the machine, or `mnist-cloud ssh NAME -- CMD`")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run instead of a shell (after --)")
+    p = sub.add_parser("ssh-config", parents=aws, help="write `Host mnist-NAME` entries for ssh and VS Code")
+    p.add_argument("names", nargs="*", help="names to include (default: all)")
+    p = sub.add_parser("forget-host", help="drop a machine's pinned host key (after you verified a rebuild)")
+    p.add_argument("name")
+
     p = sub.add_parser("down", parents=aws, help="terminate a name's instances and delete its security group and key",
                        description="Terminate (not just stop) every instance of NAME, then delete its security group "
                                    "and any key pair mnist-cloud created for it. --all sweeps every name you own.")
@@ -108,12 +143,85 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------- trainer commands
+TRAIN_HELP = """usage: mnist-cloud train [--on NAME [--detach] [--python PATH] [--code DIR]] [TRAINER FLAGS]
+
+Without --on, runs `python -m trainer train` here, with this interpreter.
+With --on NAME, syncs the code to that machine, sets it up if needed, starts the same
+`python -m trainer train` there detached (setsid nohup), streams its log, and when it ends pulls
+runs/<run-id>/ back here. Ctrl-C stops the streaming, not the training.
+
+  --on NAME       a machine from `mnist-cloud launch` or `mnist-cloud attach`
+  --detach        return as soon as the run has started
+  --python PATH   interpreter on the machine (default: $MNIST_CLOUD_REMOTE_PYTHON, else setup's choice)
+  --code DIR      checkout to sync (default: the current directory)
+  --region R, --profile P   AWS settings for an EC2 machine
+
+Trainer flags:
+"""
+
+
 def cmd_train(rest: list[str]) -> int:
+    from infra.targets import pop_option
+
+    on, rest = pop_option(rest, "--on")
+    python, rest = pop_option(rest, "--python")
+    code, rest = pop_option(rest, "--code")
+    region, rest = pop_option(rest, "--region")
+    profile, rest = pop_option(rest, "--profile")
+    detach = "--detach" in rest
+    rest = [a for a in rest if a != "--detach"]
     if "-h" in rest or "--help" in rest:
-        print("usage: mnist-cloud train [TRAINER FLAGS]\n\n"
-              "Runs `python -m trainer train` here, with this interpreter. Trainer flags:\n", flush=True)
+        print(TRAIN_HELP, flush=True)
         return LocalTarget().run(["train", "--help"])
-    return LocalTarget().run(["train", *rest])
+    if not on:
+        if detach or python or code:
+            raise UserError("--detach, --python and --code need --on NAME")
+        return LocalTarget().run(["train", *rest])
+    return remote_train(on, rest, detach=detach, python=python, code=code, region=region, profile=profile)
+
+
+def remote_train(name: str, rest: list[str], detach: bool, python: str | None, code: str | None,
+                 region: str | None, profile: str | None) -> int:
+    import json
+    from pathlib import Path
+
+    from infra.targets import SSHTarget, code_dir, env_python, git_env, new_run_id, pop_option
+
+    out_dir, rest = pop_option(rest, "--out-dir")
+    run_id, rest = pop_option(rest, "--run-id")
+    run_id = run_id or new_run_id(name, rest)
+    source = code_dir(code)
+    target = SSHTarget.resolve(name, region, profile)
+    with target.remote:
+        target.remote.wait_ready(timeout=120, log=say)
+        synced = target.sync(source, log=say)
+        say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to {name}:~/{target.remote.ep.workdir}")
+        py = target.ensure_setup(python or env_python(), log=say)
+        pid = target.run(rest, run_id, py, env=git_env(source))
+        say(f"started {run_id} on {name} (pid {pid}); it runs detached and survives this laptop disconnecting")
+        if detach:
+            say(f"follow: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
+            return 0
+        try:
+            target.logs(run_id, follow=True)
+        except KeyboardInterrupt:
+            print(f"\nstopped streaming; {run_id} keeps training on {name}.\n"
+                  f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}",
+                  file=sys.stderr, flush=True)
+            return 130
+        state, code_ = target.wait_finished(run_id)
+        local_runs = Path(out_dir or "runs")
+        if run_id not in {r["run_id"] for r in target.runs()}:
+            say(f"{run_id} ended (exit {code_}) before writing a run directory; see the log above")
+            return code_ if code_ is not None else 1
+        pulled = target.pull(run_id, local_runs, log=say)
+    result_file = local_runs / run_id / "result.json"
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        say(f"final test accuracy {result['test_acc']:.2f}% | {pulled.files} file(s) pulled into {local_runs / run_id}")
+    else:
+        say(f"{run_id} ended with exit {code_}; partial results pulled into {local_runs / run_id}")
+    return code_ if code_ is not None else 1
 
 
 # ---------------------------------------------------------------------------------- cloud commands
@@ -135,7 +243,7 @@ def confirm(question: str, yes: bool) -> None:
 
 def cmd_launch(args) -> int:
     from infra.pricing import hourly_price
-    from infra.provision import LaunchSpec, launch
+    from infra.provision import LaunchSpec, console_fingerprints, launch
 
     spec = LaunchSpec(name=args.name, instance_type=args.instance, spot=args.spot, ami=args.ami,
                       disk_gb=args.disk_gb, key_name=args.key_name, key_path=args.key, public_key=args.public_key,
@@ -144,7 +252,22 @@ def cmd_launch(args) -> int:
                       wait_status_checks=not args.no_wait_checks)
     if args.autostop < 0:
         raise UserError("--autostop is minutes of idle time, 0 or more")
-    inst = launch(session(args), spec, log=say)
+    def wait_ssh(inst):
+        if args.no_wait_ssh:
+            return
+        from infra.remote import Endpoint, Remote
+        from infra.state import State
+
+        host = State().get(args.name)
+        ep = Endpoint(name=args.name, host=inst.public_ip, user=host.user, key_path=host.key_path,
+                      alias=inst.instance_id)
+        # the first connection is checked against the fingerprints the instance printed at boot, if any
+        with Remote(ep, expected_fingerprints=console_fingerprints(aws, inst.instance_id) or None) as remote:
+            remote.wait_ready(timeout=600, log=say)
+        say(f"SSH is up on {inst.public_ip}")
+
+    aws = session(args)
+    inst = launch(aws, spec, log=say, wait_ready=wait_ssh)
     per_hour = hourly_price(inst.instance_type)
     price = f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
     say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) at "
@@ -162,7 +285,14 @@ def cmd_attach(args) -> int:
             raise UserError("give either an instance id or --host, not both")
         if not args.key:
             raise UserError("--host needs --key PATH (the private key to log in with)")
-        attach_host(args.host, args.name, args.key, log=say)
+        def can_log_in(host):
+            from infra.remote import Endpoint, Remote
+
+            ep = Endpoint(name=host.name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+            with Remote(ep) as remote:
+                remote.run("true", timeout=30)
+
+        attach_host(args.host, args.name, args.key, log=say, verify=can_log_in)
         return 0
     if not args.instance_id:
         raise UserError("give an EC2 instance id (i-...) or --host USER@HOST --key PATH")
@@ -248,8 +378,134 @@ def cmd_down(args) -> int:
     return 0
 
 
+def target_for(args):
+    from infra.targets import SSHTarget
+
+    return SSHTarget.resolve(args.name, getattr(args, "region", None), getattr(args, "profile", None))
+
+
+def cmd_setup(args) -> int:
+    from infra.targets import code_dir, env_python
+
+    target = target_for(args)
+    with target.remote:
+        target.remote.wait_ready(timeout=120, log=say)
+        synced = target.sync(code_dir(args.code), log=say)
+        say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method})")
+        py = target.setup(args.python or env_python(), log=say)
+    say(f"{args.name} is set up: python {py}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from infra.targets import code_dir
+
+    target = target_for(args)
+    with target.remote:
+        synced = target.sync(code_dir(args.code), log=say)
+    say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
+        f"{args.name}:~/{target.remote.ep.workdir}")
+    for rel in synced.changed[:20]:
+        say(f"  {rel}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    target = target_for(args)
+    with target.remote:
+        run_id = args.run or target.latest_run()
+        if args.run:
+            target.check_run(run_id)
+        try:
+            target.logs(run_id, follow=args.follow)
+        except KeyboardInterrupt:
+            print(f"\nstopped streaming; {run_id} continues on {args.name}", file=sys.stderr)
+            return 130
+        state, code = target.remote.job_state(run_id)
+    if args.follow and state == "finished":
+        say(f"{run_id} finished with exit {code}; `mnist-cloud pull {args.name} {run_id}` fetches it")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    target = target_for(args)
+    with target.remote:
+        runs = target.runs()
+    if not runs:
+        say(f"no runs on {args.name} yet")
+        return 0
+    say(f"{'RUN':40} {'STATUS':11} {'EPOCHS':>6} {'TEST ACC':>8}")
+    for r in runs:
+        status = "running" if r["alive"] else (r["status"] or "?")
+        if not r["alive"] and status == "running":
+            status = "died"  # config says running but no process: killed, or the machine rebooted
+        acc = f"{r['test_acc']:.2f}%" if isinstance(r.get("test_acc"), (int, float)) else "-"
+        say(f"{r['run_id']:40} {status:11} {r['epochs']:>6} {acc:>8}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from pathlib import Path
+
+    target = target_for(args)
+    with target.remote:
+        run_id = args.run or target.latest_run()
+        target.check_run(run_id)
+        res = target.pull(run_id, Path(args.to), log=say)
+    say(f"pulled {res.files} file(s), {res.bytes:,} bytes ({res.method}) into {Path(args.to) / run_id}")
+    return 0
+
+
+def cmd_jupyter(args) -> int:
+    from infra.jupyter import check_port_free, serve
+    from infra.targets import code_dir, env_python
+
+    if args.port is not None:
+        check_port_free(args.port)
+    target = target_for(args)
+    with target.remote:
+        target.remote.wait_ready(timeout=60, log=say)
+        synced = target.sync(code_dir(args.code), log=say)
+        say(f"synced {synced.files} file(s) to {args.name}:~/{target.remote.ep.workdir} (notebooks go there too)")
+        serve(target, args.port, keep=args.keep, python=args.python or env_python(), log=say)
+    return 0
+
+
+def cmd_ssh(args) -> int:
+    import subprocess
+
+    target = target_for(args)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    with target.remote:
+        argv = target.remote.ssh_argv(tty=not cmd) + (["-t"] if not cmd and sys.stdin.isatty() else [])
+    return subprocess.call([*argv, target.remote.target(), *cmd])
+
+
+def cmd_ssh_config(args) -> int:
+    from infra.sshconfig import write_ssh_config
+
+    path, names = write_ssh_config(args.names)
+    say(f"wrote {len(names)} host(s) to {path}: {', '.join('mnist-' + n for n in names)}")
+    say(f"add this line at the top of ~/.ssh/config (once):  Include {path}")
+    return 0
+
+
+def cmd_forget_host(args) -> int:
+    from infra.remote import forget_host
+    from infra.state import State
+
+    host = State().get(args.name)
+    if host is None:
+        raise UserError(f"unknown name {args.name!r}")
+    forget_host(host.instance_id or f"{host.host}:{host.port}")
+    say(f"forgot the pinned host key of {args.name}; the next connection pins the key it sees")
+    return 0
+
+
 CLOUD_COMMANDS = {"launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
-                  "stop": cmd_stop, "start": cmd_start, "down": cmd_down}
+                  "stop": cmd_stop, "start": cmd_start, "down": cmd_down, "setup": cmd_setup, "sync": cmd_sync,
+                  "logs": cmd_logs, "runs": cmd_runs, "pull": cmd_pull, "jupyter": cmd_jupyter, "ssh": cmd_ssh,
+                  "ssh-config": cmd_ssh_config, "forget-host": cmd_forget_host}
 
 
 def main(argv: list[str] | None = None) -> int:

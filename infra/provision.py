@@ -630,8 +630,10 @@ def parse_ssh_target(target: str) -> tuple[str, str, int]:
     return m.group("user"), m.group("host").strip("[]"), port
 
 
-def attach_host(target: str, name: str, key_path: str, log: Log = print, state: State | None = None) -> Host:
-    """Adopt any SSH machine (a lab box, another cloud) under a name."""
+def attach_host(target: str, name: str, key_path: str, log: Log = print, state: State | None = None,
+                verify: Callable[[Host], None] | None = None) -> Host:
+    """Adopt any SSH machine (a lab box, another cloud) under a name. `verify` (e.g. a test login)
+    runs before anything is recorded."""
     check_name(name)
     state = state or State()
     user, host, port = parse_ssh_target(target)
@@ -640,6 +642,21 @@ def attach_host(target: str, name: str, key_path: str, log: Log = print, state: 
     if existing and existing.kind == "ec2":
         raise UserError(f"name {name!r} already names EC2 instance {existing.instance_id}; pick another --name")
     record = Host(name=name, kind="ssh", host=host, user=user, port=port, key_path=str(key))
+    if verify is not None:
+        verify(record)
     state.put(record)
     log(f"attached {user}@{host}:{port} as {name!r} with key {key}")
     return record
+
+
+def console_fingerprints(aws: Aws, instance_id: str) -> list[str]:
+    """SSH host key fingerprints the instance printed to its console at first boot (cloud-init), if any.
+
+    Used to check the very first SSH connection; empty while the console output is not yet available."""
+    try:
+        output = aws.call("ec2", "get_console_output", InstanceId=instance_id, Latest=True).get("Output") or ""
+    except CloudError:
+        return []
+    block = re.search(r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+                      output, re.S)
+    return re.findall(r"SHA256:[A-Za-z0-9+/]+", block.group(1)) if block else []

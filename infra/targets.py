@@ -1,18 +1,59 @@
-"""Where `python -m trainer` runs. Every target has the same four verbs: sync, run, logs, pull.
+"""Where `python -m trainer` runs. Both targets have the same verbs: sync, run, logs, pull.
 
-LocalTarget runs the trainer as a subprocess of the CLI, with the CLI's own interpreter, so there is
-nothing to sync or pull: the run directory is written in place.
+LocalTarget runs the trainer as a subprocess of the CLI with the CLI's own interpreter: there is
+nothing to sync or pull, the run directory is written in place. SSHTarget is a named machine (an
+EC2 instance we launched or adopted, or any SSH host): sync copies the code up, run starts the same
+`python -m trainer` detached, logs streams its console, pull brings runs/<run-id>/ back. After a run,
+both leave the same runs/<run-id>/ on the laptop.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from infra.errors import UserError
+from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
+from infra.state import Host, State
+
+SETUP_SCRIPT = "setup_ec2.sh"
+PYTHON_MARKER = ".mnist-cloud-python"
 
 
 def trainer_command(python: str, args: list[str]) -> list[str]:
     return [python, "-m", "trainer", *args]
+
+
+def code_dir(explicit: str | None = None) -> Path:
+    """The project to sync: --code, else the current directory if it is an mnist-cloud checkout,
+    else the checkout this CLI is installed from (editable install)."""
+    candidates = [Path(explicit)] if explicit else [Path.cwd(), Path(__file__).resolve().parent.parent]
+    for c in candidates:
+        if (c / "trainer" / "__main__.py").is_file() and (c / SETUP_SCRIPT).is_file():
+            return c.resolve()
+    where = explicit or "the current directory"
+    raise UserError(f"{where} is not an mnist-cloud checkout (no trainer/ and {SETUP_SCRIPT}); "
+                    "run from your checkout or pass --code DIR")
+
+
+def git_env(directory: Path) -> dict[str, str]:
+    """The code's commit, for config.json on a machine that gets the code without .git."""
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except OSError:
+            return None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"MNIST_CLOUD_GIT_SHA": sha, "MNIST_CLOUD_GIT_DIRTY": "1" if dirty else "0"}
 
 
 class LocalTarget:
@@ -22,7 +63,7 @@ class LocalTarget:
         self.python = python
         self.cwd = cwd
 
-    def sync(self) -> None:
+    def sync(self, *args, **kwargs) -> None:
         """Nothing to copy: the code is already here."""
 
     def run(self, args: list[str]) -> int:
@@ -40,5 +81,149 @@ class LocalTarget:
     def logs(self, run_dir: Path) -> str:
         return (Path(run_dir) / "train.log").read_text()
 
-    def pull(self, run_id: str) -> None:
+    def pull(self, *args, **kwargs) -> None:
         """Nothing to fetch: the run directory is local."""
+
+
+class SSHTarget:
+    """A named machine reached over SSH."""
+
+    def __init__(self, host: Host, remote: Remote):
+        self.host = host
+        self.name = host.name
+        self.remote = remote
+
+    @classmethod
+    def resolve(cls, name: str, region: str | None = None, profile: str | None = None) -> "SSHTarget":
+        """The machine called `name`. For EC2 the address is read live (it changes on stop/start) and
+        the host key is pinned under the instance id."""
+        state = State()
+        host = state.get(name)
+        if host is None:
+            known = ", ".join(h.name for h in state.all()) or "none yet"
+            raise UserError(f"unknown name {name!r} (known: {known}); `mnist-cloud launch --name {name} ...` "
+                            f"or `mnist-cloud attach ... --name {name}`")
+        expected = None
+        if host.kind == "ec2":
+            from infra.aws import Aws
+            from infra.provision import console_fingerprints, describe_instance
+
+            aws = Aws(region=region or host.region, profile=profile)
+            inst = describe_instance(aws, host.instance_id)
+            if inst.state in ("terminated", "shutting-down"):
+                raise UserError(f"{name}'s instance {host.instance_id} is {inst.state}; "
+                                f"`mnist-cloud down {name}` tidies up, `mnist-cloud launch` makes a new one")
+            if inst.state != "running":
+                raise UserError(f"{name} ({host.instance_id}) is {inst.state}; `mnist-cloud start {name}` first")
+            if inst.public_ip and inst.public_ip != host.host:
+                host.host = inst.public_ip
+                state.put(host)
+            if not host.host:
+                raise UserError(f"{name} ({host.instance_id}) has no public IP address")
+            if not pinned_keys(host.instance_id):
+                expected = console_fingerprints(aws, host.instance_id) or None
+            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port,
+                          alias=host.instance_id)
+        else:
+            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+        return cls(host, Remote(ep, expected_fingerprints=expected))
+
+    # ---------------------------------------------------------------------------------- verbs
+    def sync(self, code: Path, log=print) -> TransferResult:
+        return self.remote.sync(code, log=log)
+
+    def python(self) -> str | None:
+        """The interpreter setup chose, or None if setup has not run."""
+        wd = shlex.quote(self.remote.ep.workdir)
+        res = self.remote.run(f"p=$(cat {wd}/{PYTHON_MARKER} 2>/dev/null) && [ -x \"$p\" ] && printf %s \"$p\"",
+                              warn=True)
+        return res.stdout.strip() or None if res.ok else None
+
+    def setup(self, python: str | None = None, log=print) -> str:
+        """Run setup_ec2.sh in the work dir (synced first), showing its output; returns the python it chose."""
+        wd = shlex.quote(self.remote.ep.workdir)
+        env = f"MNIST_CLOUD_PYTHON={shlex.quote(python)} " if python else ""
+        res = self.remote.run(f"cd {wd} && {env}bash {SETUP_SCRIPT}", timeout=3600, warn=True, hide=True)
+        for line in (res.stdout + res.stderr).splitlines():
+            log(f"  [{self.name}] {line}")
+        if not res.ok:
+            raise UserError(f"setup on {self.name} failed (exit {res.exited}); see the lines above")
+        chosen = self.python()
+        if not chosen:
+            raise UserError(f"setup on {self.name} did not record a python; see the lines above")
+        return chosen
+
+    def ensure_setup(self, python: str | None = None, log=print) -> str:
+        current = self.python()
+        if current and (python is None or current == python):
+            return current
+        log(f"setting up {self.name} (first run here)")
+        return self.setup(python, log)
+
+    def run(self, args: list[str], run_id: str, python: str, env: dict[str, str] | None = None) -> int:
+        """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` detached; returns its pid."""
+        argv = trainer_command(python, ["train", *args, "--run-id", run_id, "--out-dir", "runs", "--no-progress"])
+        return self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def logs(self, run_id: str, follow: bool) -> None:
+        self.remote.stream_log(run_id, follow)
+
+    def wait_finished(self, run_id: str, timeout: float = 30) -> tuple[str, int | None]:
+        deadline = time.monotonic() + timeout
+        while True:
+            state, code = self.remote.job_state(run_id)
+            if state != "running" or time.monotonic() > deadline:
+                return state, code
+            time.sleep(1)
+
+    def pull(self, run_id: str, local_runs: Path, log=print) -> TransferResult:
+        return self.remote.pull(f"{self.remote.ep.workdir}/runs/{run_id}", Path(local_runs) / run_id, log=log)
+
+    def runs(self) -> list[dict]:
+        return self.remote.list_runs()
+
+    def latest_run(self) -> str:
+        runs = self.runs()
+        if not runs:
+            raise UserError(f"{self.name} has no runs yet; `mnist-cloud train --on {self.name}`")
+        return max(runs, key=lambda r: r["mtime"])["run_id"]
+
+    def check_run(self, run_id: str) -> None:
+        """A run exists once its job was started, even before the trainer has made its directory."""
+        if self.remote.run(f"test -e {shlex.quote(self.remote.job_paths(run_id)['pid'])}", warn=True).ok:
+            return
+        if run_id not in {r["run_id"] for r in self.runs()}:
+            raise UserError(f"{self.name} has no run {run_id!r}; `mnist-cloud runs {self.name}` lists them")
+
+
+def new_run_id(name: str, trainer_args: list[str]) -> str:
+    """<time>-<name>[-<model>]; the trainer's own --run-id wins if given."""
+    model = None
+    for i, a in enumerate(trainer_args):
+        if a == "--model" and i + 1 < len(trainer_args):
+            model = trainer_args[i + 1]
+        elif a.startswith("--model="):
+            model = a.split("=", 1)[1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return "-".join(x for x in (stamp, name, model) if x)
+
+
+def pop_option(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """Take `--flag VALUE` / `--flag=VALUE` out of a pass-through argument list."""
+    out, value, skip = [], None, False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a == flag and i + 1 < len(args):
+            value, skip = args[i + 1], True
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        else:
+            out.append(a)
+    return value, out
+
+
+def env_python() -> str | None:
+    """$MNIST_CLOUD_REMOTE_PYTHON: the interpreter to use on remote machines, if the user pins one."""
+    return os.environ.get("MNIST_CLOUD_REMOTE_PYTHON") or None

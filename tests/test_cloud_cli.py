@@ -155,12 +155,3 @@ def test_bad_input(cloud, args, env, needles):
     assert [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == []  # nothing launched
 
 
-def test_attach_host_records_it(cloud, tmp_path):
-    key = tmp_path / "id"
-    key.write_text("k")
-    key.chmod(0o600)
-    out = cloud("attach", "--host", "me@127.0.0.1:2222", "--key", str(key), "--name", "lab")
-    assert out.returncode == 0, out.stderr
-    state = json.loads((cloud.home / "state.json").read_text())
-    assert state["hosts"]["lab"]["kind"] == "ssh" and state["hosts"]["lab"]["port"] == 2222
-    assert "me@127.0.0.1:2222" in cloud("status", "lab").stdout

@@ -1,0 +1,114 @@
+"""JupyterLab on a machine, reached only through an SSH tunnel.
+
+The server binds 127.0.0.1 on the machine, so nothing is opened in the security group; its token is
+random, written to a mode-600 file there and passed by environment, never on a command line.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import time
+import urllib.error
+import urllib.request
+
+from infra.errors import UserError
+from infra.remote import free_port
+
+READY_TIMEOUT_S = 90
+DEFAULT_PORT = 8888
+
+
+def check_port_free(port: int) -> None:
+    """An explicit --port must be free here; only the default falls back to another port."""
+    if not 0 < port < 65536 or free_port(port) != port:
+        raise UserError(f"local port {port} is in use (or invalid); pick another --port, or omit it to get a free one")
+
+
+def remote_free_port(target, python: str) -> int:
+    code = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+    return int(target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(code)}").stdout.strip())
+
+
+def ensure_jupyterlab(target, python: str, log) -> None:
+    if target.remote.run(f"{shlex.quote(python)} -c 'import jupyterlab'", warn=True).ok:
+        return
+    log(f"installing jupyterlab into {python} on {target.name} (once)")
+    target.remote.run(f"{shlex.quote(python)} -m pip install -q jupyterlab", timeout=900)
+
+
+def wait_listening(target, python: str, port: int, job: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait on the machine until the server accepts connections on 127.0.0.1:port (before any tunnel
+    traffic: a tunnel to a closed port fails noisily)."""
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(probe)}", warn=True).ok:
+            return
+        state, code = target.remote.job_state(job)
+        if state == "finished":
+            tail = target.remote.run(f"tail -n 5 {target.remote.job_paths(job)['log']}", warn=True).stdout.strip()
+            raise UserError(f"JupyterLab exited on {target.name} (exit {code}): {tail.splitlines()[-1] if tail else ''}")
+        time.sleep(1)
+    raise UserError(f"JupyterLab did not start listening on {target.name} within {timeout:.0f}s")
+
+
+def wait_answering(port: int, token: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll GET /api/status through the tunnel until the server answers 200."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token}"})
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError, ConnectionError) as e:
+            last = e
+        time.sleep(0.5)
+    raise UserError(f"JupyterLab did not answer through the tunnel within {timeout:.0f}s ({last}); "
+                    "see `mnist-cloud logs NAME jupyter` on the machine")
+
+
+def serve(target, port: int | None, keep: bool, python: str | None, log=print, until=None) -> str:
+    """Start the server, open the tunnel, print the URL, wait for Ctrl-C (or `until()`), clean up."""
+    if port is not None:
+        check_port_free(port)
+    python = target.ensure_setup(python, log=log)
+    ensure_jupyterlab(target, python, log)
+    remote_port = remote_free_port(target, python)
+    token = secrets.token_urlsafe(24)
+    job = f"jupyter-{time.strftime('%Y%m%d-%H%M%S')}"
+    wd = shlex.quote(target.remote.ep.workdir)
+    target.remote.run(f"mkdir -p {wd}/jobs && (umask 077 && printf %s {shlex.quote(token)} > {wd}/jobs/{job}.token)")
+    argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
+            "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
+    target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": f"jobs/{job}.token"})
+    if port is None:
+        local_port = free_port(DEFAULT_PORT)
+        if local_port != DEFAULT_PORT:
+            log(f"local port {DEFAULT_PORT} is taken; using {local_port}")
+    else:
+        local_port = port
+    url = f"http://127.0.0.1:{local_port}/lab?token={token}"
+    try:
+        wait_listening(target, python, remote_port, job)
+        with target.remote.forward_local(local_port, remote_port):
+            wait_answering(local_port, token)
+            log(f"JupyterLab on {target.name} (bound to 127.0.0.1 there), tunnelled to this machine:")
+            log(f"  {url}")
+            log("Ctrl-C closes the tunnel" + (" (the server keeps running)" if keep else " and stops the server"))
+            try:
+                while until is None or not until():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if not keep:
+            target.remote.kill_job(job)
+            target.remote.run(f"rm -f {wd}/jobs/{job}.token", warn=True)
+            log(f"stopped JupyterLab on {target.name}")
+        else:
+            log(f"JupyterLab keeps running on {target.name} (job {job}); `mnist-cloud jupyter {target.name}` "
+                "opens a new tunnel and server")
+    return url

@@ -1,0 +1,551 @@
+"""The only module that uses Fabric, paramiko, ssh and rsync. It knows nothing about EC2.
+
+An Endpoint is how to reach one machine (host, port, user, key) plus the identity its host key is
+pinned under: the EC2 instance id, because EC2 reuses IP addresses, or host:port for any other
+machine. Remote work happens in ~/mnist-cloud/<name>/ on the machine; detached jobs keep their
+console log, pid and exit code in jobs/, and the trainer writes runs/<run-id>/ exactly as it does on
+the laptop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import posixpath
+import re
+import select
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+import paramiko
+from fabric import Config, Connection
+
+from infra.errors import UserError
+from infra.state import atomic_write, check_key_file, config_dir
+
+# Never synced: run outputs, caches, VCS data and anything that looks like a secret.
+SYNC_EXCLUDES = [
+    ".git/", "runs/", "jobs/", ".env", ".env.*", ".aws/", ".ssh/", "*.pem", "*.key", "*.p12", "*.pfx",
+    "id_rsa*", "id_ecdsa*", "id_ed25519*", "id_dsa*", ".netrc", ".pypirc", "credentials", "*.tfstate",
+    ".venv/", "venv/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".cache/", ".ipynb_checkpoints/",
+    ".mnist-cloud-python",
+]
+SECRET_PATTERNS = [".env", ".env.*", ".aws", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".ssh"]
+
+Log = Callable[[str], None]
+
+
+class HostKeyMismatch(UserError):
+    pass
+
+
+@dataclass
+class Endpoint:
+    name: str
+    host: str
+    user: str
+    key_path: str
+    port: int = 22
+    alias: str = ""  # the identity the host key is pinned under
+    workdir: str = ""
+
+    def __post_init__(self):
+        self.alias = self.alias or f"{self.host}:{self.port}"
+        self.workdir = self.workdir or f"mnist-cloud/{self.name}"
+
+
+def known_hosts_file() -> Path:
+    return config_dir() / "known_hosts"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint, as printed in EC2 console output."""
+    import base64
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def pinned_keys(alias: str, path: Path | None = None) -> list[tuple[str, str]]:
+    """[(key type, base64)] pinned for an alias."""
+    path = path or known_hosts_file()
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == alias:
+            out.append((parts[1], parts[2]))
+    return out
+
+
+def forget_host(alias: str, path: Path | None = None) -> None:
+    path = path or known_hosts_file()
+    if path.exists():
+        kept = [l for l in path.read_text().splitlines() if l.split()[:1] != [alias]]
+        atomic_write(path, ("\n".join(kept) + "\n" if kept else "").encode(), mode=0o600)
+
+
+class PinnedHostKeys(paramiko.MissingHostKeyPolicy):
+    """Trust on first use, per machine identity, never per IP; a changed key is refused.
+
+    paramiko is given no known hosts, so every connection comes here and this policy decides."""
+
+    def __init__(self, ep: Endpoint, expected: list[str] | None = None, store: Path | None = None):
+        self.ep, self.expected, self.store = ep, expected, store or known_hosts_file()
+
+    def missing_host_key(self, client, hostname, key):
+        pinned = pinned_keys(self.ep.alias, self.store)
+        offered = (key.get_name(), key.get_base64())
+        if pinned:
+            if offered in pinned:
+                return
+            raise HostKeyMismatch(
+                f"host key of {self.ep.name} ({self.ep.alias}, {self.ep.host}:{self.ep.port}) has CHANGED: "
+                f"got {key.get_name()} {fingerprint(key)}, pinned was different. Someone may be intercepting, "
+                f"or the machine was rebuilt; if you trust it, run `mnist-cloud forget-host {self.ep.name}`")
+        if self.expected and fingerprint(key) not in self.expected:
+            raise HostKeyMismatch(
+                f"host key of {self.ep.name} ({fingerprint(key)}) is not among the fingerprints the instance "
+                f"printed at boot ({', '.join(self.expected)}); refusing to connect")
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        existing = self.store.read_text() if self.store.exists() else ""
+        atomic_write(self.store, (existing + f"{self.ep.alias} {offered[0]} {offered[1]}\n").encode(), mode=0o600)
+
+
+@dataclass
+class TransferResult:
+    """What a sync or pull moved."""
+
+    files: int
+    bytes: int
+    method: str  # "rsync" or "sftp"
+    changed: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # local files that differed and were overwritten
+    kept: list[str] = field(default_factory=list)  # locally modified files set aside as .local-<time>
+
+
+class Remote:
+    """One SSH machine. The connection opens on first use; use as a context manager to close it."""
+
+    def __init__(self, ep: Endpoint, expected_fingerprints: list[str] | None = None, connect_timeout: float = 10):
+        self.ep = ep
+        self.expected = expected_fingerprints
+        self.connect_timeout = connect_timeout
+        self._conn: Connection | None = None
+        check_key_file(Path(ep.key_path))
+
+    # ------------------------------------------------------------------------------ connection
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+            conn = Connection(self.ep.host, user=self.ep.user, port=self.ep.port, config=config,
+                              connect_timeout=self.connect_timeout,
+                              connect_kwargs={"key_filename": [self.ep.key_path], "look_for_keys": False,
+                                              "allow_agent": False, "banner_timeout": self.connect_timeout})
+            conn.client.set_missing_host_key_policy(PinnedHostKeys(self.ep, self.expected))
+            try:
+                conn.open()
+            except HostKeyMismatch:
+                raise
+            except paramiko.AuthenticationException:
+                raise UserError(f"{self.ep.name}: {self.ep.user}@{self.ep.host} refused key {self.ep.key_path}; "
+                                "check --key / the user") from None
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                raise UserError(f"cannot reach {self.ep.name} at {self.ep.host}:{self.ep.port} over SSH "
+                                f"({e.__class__.__name__}: {e}); is it running (`mnist-cloud status`)?") from None
+            self._conn = conn
+        return self._conn
+
+    def wait_ready(self, timeout: float = 300, log: Log = print) -> None:
+        """Retry SSH with backoff until it answers, or fail with one clear line after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        delay, last = 1.0, ""
+        while True:
+            try:
+                self.run("true", timeout=30)
+                return
+            except HostKeyMismatch:
+                raise
+            except UserError as e:
+                last = str(e)
+                self.close()
+            if time.monotonic() + delay > deadline:
+                raise UserError(f"{self.ep.name} ({self.ep.host}:{self.ep.port}) did not accept SSH within "
+                                f"{timeout:.0f}s (last: {last.split(' (')[0]}); check `mnist-cloud status` and that "
+                                f"your IP is allowed (`mnist-cloud start {self.ep.name}` refreshes the rule)")
+            log(f"waiting for SSH on {self.ep.host}:{self.ep.port} ...")
+            time.sleep(delay)
+            delay = min(delay * 2, 15)
+
+    def run(self, command: str, timeout: float | None = 120, warn: bool = False, hide: bool = True):
+        """Run a shell command; stdin is closed (nothing can hang on it). Returns invoke's Result."""
+        try:
+            return self.conn.run(command, hide=hide, warn=warn, in_stream=False, timeout=timeout)
+        except Exception as e:  # invoke raises UnexpectedExit / CommandTimedOut with the full output
+            from invoke.exceptions import CommandTimedOut, UnexpectedExit
+
+            if isinstance(e, UnexpectedExit):
+                err = (e.result.stderr or e.result.stdout).strip().splitlines()
+                raise UserError(f"on {self.ep.name}: `{command[:80]}` failed (exit {e.result.exited}): "
+                                f"{err[-1] if err else 'no output'}") from None
+            if isinstance(e, CommandTimedOut):
+                raise UserError(f"on {self.ep.name}: `{command[:80]}` timed out after {timeout}s") from None
+            if isinstance(e, (OSError, paramiko.SSHException, EOFError)):
+                self.close()
+                raise UserError(f"lost the SSH connection to {self.ep.name} ({e})") from None
+            raise
+
+    # ------------------------------------------------------------------------------ ssh / rsync argv
+    def known_hosts_for_ssh(self) -> tuple[Path, str]:
+        """A known_hosts file holding the pinned key under the alias, and its key type, for ssh/rsync."""
+        pinned = pinned_keys(self.ep.alias)
+        if not pinned:
+            self.run("true")  # first contact pins the key through paramiko's policy
+            pinned = pinned_keys(self.ep.alias)
+        return known_hosts_file(), pinned[0][0]
+
+    def ssh_argv(self, tty: bool = False) -> list[str]:
+        known, key_type = self.known_hosts_for_ssh()
+        argv = ["ssh", "-F", "/dev/null", "-i", self.ep.key_path, "-p", str(self.ep.port),
+                "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"HostKeyAlias={self.ep.alias}", "-o", f"HostKeyAlgorithms={key_type}",
+                "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15"]
+        if not tty:
+            argv += ["-o", "BatchMode=yes"]
+        return argv
+
+    def target(self) -> str:
+        host = f"[{self.ep.host}]" if ":" in self.ep.host else self.ep.host
+        return f"{self.ep.user}@{host}"
+
+    def has_rsync(self) -> bool:
+        if shutil.which("rsync") is None:
+            return False
+        return self.run("command -v rsync", warn=True).ok
+
+    # ------------------------------------------------------------------------------ sync
+    def sync(self, local_dir: Path, log: Log = print, force_sftp: bool = False) -> TransferResult:
+        """Mirror the code in local_dir into the remote work dir. Secrets and outputs never leave."""
+        local_dir = Path(local_dir).resolve()
+        self.run(f"mkdir -p {shlex.quote(self.ep.workdir)}")
+        if not force_sftp and self.has_rsync():
+            return self._rsync_up(local_dir)
+        log("rsync is missing on one side; syncing over SFTP")
+        return self._sftp_up(local_dir)
+
+    def _rsync(self, args: list[str]) -> str:
+        cmd = ["rsync", "-e", shlex.join(self.ssh_argv()), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = proc.stderr.strip().splitlines()
+            if any("Host key verification failed" in l or "REMOTE HOST IDENTIFICATION" in l for l in err):
+                raise HostKeyMismatch(f"host key of {self.ep.name} has CHANGED (ssh refused it); "
+                                      f"if you trust the machine, `mnist-cloud forget-host {self.ep.name}`")
+            raise UserError(f"rsync to {self.ep.name} failed (exit {proc.returncode}): {err[-1] if err else ''}")
+        return proc.stdout
+
+    @staticmethod
+    def _stats(out: str) -> tuple[int, int, list[str]]:
+        files = re.search(r"Number of regular files transferred: ([\d,]+)", out)
+        size = re.search(r"Total transferred file size: ([\d,]+)", out)
+        changed = [l.split(" ", 1)[1] for l in out.splitlines() if re.match(r"^[<>]f", l)]
+        return (int(files.group(1).replace(",", "")) if files else len(changed),
+                int(size.group(1).replace(",", "")) if size else 0, changed)
+
+    def _rsync_up(self, local_dir: Path) -> TransferResult:
+        filters = ["--filter=:- .gitignore", *(f"--exclude={p}" for p in SYNC_EXCLUDES)]
+        out = self._rsync(["-az", "--checksum", "--delete", "--stats", "--itemize-changes", *filters,
+                           f"{local_dir}/", f"{self.target()}:{self.ep.workdir}/"])
+        files, size, changed = self._stats(out)
+        return TransferResult(files, size, "rsync", changed)
+
+    def _sftp_up(self, local_dir: Path) -> TransferResult:
+        files = local_files(local_dir)
+        remote = self.remote_hashes(self.ep.workdir, exclude_top=("runs", "jobs", ".mnist-cloud-python"))
+        sftp = self.conn.sftp()
+        changed, size = [], 0
+        for rel in sorted(files):
+            path = local_dir / rel
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if remote.pop(rel, None) == digest:
+                continue
+            dest = posixpath.join(self._home(), self.ep.workdir, rel)
+            self._sftp_mkdirs(sftp, posixpath.dirname(dest))
+            tmp = f"{dest}.part-{os.getpid()}"
+            sftp.put(str(path), tmp)
+            sftp.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            sftp.posix_rename(tmp, dest)
+            changed.append(rel)
+            size += path.stat().st_size
+        for rel in remote:  # gone locally: mirror the deletion, like rsync --delete
+            sftp.remove(posixpath.join(self._home(), self.ep.workdir, rel))
+        return TransferResult(len(changed), size, "sftp", changed)
+
+    def _home(self) -> str:
+        if not hasattr(self, "_home_dir"):
+            self._home_dir = self.run("printf %s \"$HOME\"").stdout
+        return self._home_dir
+
+    @staticmethod
+    def _sftp_mkdirs(sftp, path: str) -> None:
+        parts = []
+        while path not in ("", "/"):
+            try:
+                sftp.stat(path)
+                break
+            except OSError:
+                parts.append(path)
+                path = posixpath.dirname(path)
+        for p in reversed(parts):
+            sftp.mkdir(p)
+
+    def remote_hashes(self, directory: str, exclude_top: tuple[str, ...] = ()) -> dict[str, str]:
+        """{relative path: sha256} of the regular files under a remote directory."""
+        prune = " ".join(f"-path ./{shlex.quote(t)} -prune -o" for t in exclude_top)
+        out = self.run(f"cd {shlex.quote(directory)} 2>/dev/null && find . {prune} -type f -print0 | "
+                       "xargs -0 -r sha256sum", warn=True).stdout
+        hashes = {}
+        for line in out.splitlines():
+            digest, _, rel = line.partition("  ")
+            if rel:
+                hashes[rel[2:] if rel.startswith("./") else rel] = digest
+        return hashes
+
+    # ------------------------------------------------------------------------------ pull
+    def pull(self, remote_dir: str, local_dir: Path, log: Log = print, force_sftp: bool = False) -> TransferResult:
+        """Bring remote_dir's files to local_dir: incremental, each file written to a temp name and
+        renamed, verified by hash. A local file that differs is replaced only with a word about it,
+        and if it is newer than the remote copy (edited here) it is first kept as NAME.local-<time>."""
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        remote = self.remote_stats(remote_dir)
+        if not remote:
+            raise UserError(f"{self.ep.name} has no {remote_dir}; see `mnist-cloud runs {self.ep.name}`")
+        kept, replaced = [], []
+        for rel, (digest, mtime, _) in remote.items():
+            path = local_dir / rel
+            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                replaced.append(rel)
+                if path.stat().st_mtime > mtime + 1:
+                    backup = path.with_name(f"{path.name}.local-{time.strftime('%Y%m%d-%H%M%S')}")
+                    path.rename(backup)
+                    kept.append(str(backup.relative_to(local_dir)))
+        if not force_sftp and self.has_rsync():
+            # rsync writes each file under a temp name and renames it: never a half file under the real name
+            out = self._rsync(["-a", "--checksum", "--stats", "--itemize-changes",
+                               f"{self.target()}:{remote_dir.rstrip('/')}/", f"{local_dir}/"])
+            files, size, changed = self._stats(out)
+            result = TransferResult(files, size, "rsync", changed)
+        else:
+            result = self._sftp_down(remote_dir, local_dir, remote)
+        # Verify by hash against the remote as it is now; a live run may have moved on meanwhile.
+        after = self.remote_stats(remote_dir)
+        live = []
+        for rel, (digest, _, _) in after.items():
+            path = local_dir / rel
+            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                continue
+            if remote.get(rel, (None,))[0] != digest:
+                live.append(rel)
+                continue
+            raise UserError(f"pulled {rel} does not match the remote copy; run the pull again")
+        result.replaced, result.kept = replaced, kept
+        for k in kept:
+            log(f"kept your local edit as {local_dir / k}")
+        if replaced:
+            log(f"replaced {len(replaced)} local file(s) with the remote version: {', '.join(sorted(replaced)[:8])}")
+        if live:
+            log(f"{len(live)} file(s) changed on {self.ep.name} during the pull (the run is live); pull again later")
+        return result
+
+    def remote_stats(self, directory: str) -> dict[str, tuple[str, float, int]]:
+        """{relative path: (sha256, mtime, size)} under a remote directory."""
+        script = ("import hashlib, os, sys\n"
+                  "root = os.path.expanduser(sys.argv[1])\n"
+                  "for d, _, fs in os.walk(root):\n"
+                  "    for f in fs:\n"
+                  "        p = os.path.join(d, f)\n"
+                  "        if '.part-' in f or f.startswith('.') and '.tmp' in f: continue\n"
+                  "        st = os.stat(p)\n"
+                  "        print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), st.st_mtime, st.st_size,"
+                  " os.path.relpath(p, root))\n")
+        out = self.run(f"python3 -c {shlex.quote(script)} {shlex.quote(directory)}", warn=True).stdout
+        stats = {}
+        for line in out.splitlines():
+            parts = line.split(" ", 3)
+            if len(parts) == 4:
+                stats[parts[3]] = (parts[0], float(parts[1]), int(parts[2]))
+        return stats
+
+    def _sftp_down(self, remote_dir: str, local_dir: Path, remote: dict) -> TransferResult:
+        sftp = self.conn.sftp()
+        base = posixpath.join(self._home(), remote_dir) if not remote_dir.startswith("/") else remote_dir
+        changed, size = [], 0
+        for rel, (digest, _, nbytes) in sorted(remote.items()):
+            path = local_dir / rel
+            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+            sftp.get(posixpath.join(base, rel), str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            changed.append(rel)
+            size += nbytes
+        return TransferResult(len(changed), size, "sftp", changed)
+
+    # ------------------------------------------------------------------------------ jobs
+    def job_paths(self, run_id: str) -> dict[str, str]:
+        jobs = f"{self.ep.workdir}/jobs"
+        return {"log": f"{jobs}/{run_id}.log", "pid": f"{jobs}/{run_id}.pid", "exit": f"{jobs}/{run_id}.exit"}
+
+    def start_detached(self, argv: list[str], run_id: str, env: dict[str, str] | None = None,
+                       env_files: dict[str, str] | None = None) -> int:
+        """Start `argv` in the work dir, detached from this SSH session (setsid nohup), with its own
+        console log, pid file and exit-code file under jobs/. Returns the pid, which is also the
+        process group of everything the job starts.
+
+        `env_files` maps variable -> file in the work dir to read it from, so that secrets such as a
+        Jupyter token never appear on a command line (`ps`)."""
+        job = shlex.quote(run_id)
+        exports = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+        exports += [f'{k}="$(cat {shlex.quote(v)})"' for k, v in (env_files or {}).items()]
+        prefix = f"export {' '.join(exports)}; " if exports else ""
+        inner = f"{prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
+        cmd = (f"cd {shlex.quote(self.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && "
+               f"{{ setsid nohup sh -c {shlex.quote(inner)} > jobs/{job}.log 2>&1 < /dev/null & "
+               f"echo $! > jobs/{job}.pid; }} && cat jobs/{job}.pid")
+        return int(self.run(f"bash -c {shlex.quote(cmd)}").stdout.strip())
+
+    def job_state(self, run_id: str) -> tuple[str, int | None]:
+        """("running" | "finished" | "unknown", exit code if finished)."""
+        p = self.job_paths(run_id)
+        out = self.run(f"cat {p['exit']} 2>/dev/null && echo :exit || "
+                       f"(kill -0 $(cat {p['pid']} 2>/dev/null) 2>/dev/null && echo :running || echo :unknown)",
+                       warn=True).stdout.strip().splitlines()
+        if out and out[-1] == ":exit":
+            return "finished", int(out[0]) if out[0].strip().lstrip("-").isdigit() else None
+        return (out[-1][1:] if out else "unknown"), None
+
+    def stream_log(self, run_id: str, follow: bool, out: TextIO = sys.stdout) -> None:
+        """Print the job's console log from the start; with follow, until the job ends.
+
+        Reads the channel itself so that Ctrl-C (KeyboardInterrupt) just closes this stream: the
+        job, started with setsid nohup, keeps running."""
+        p = self.job_paths(run_id)
+        if follow:
+            cmd = (f"pid=$(cat {p['pid']} 2>/dev/null); "
+                   f"if [ -n \"$pid\" ] && kill -0 $pid 2>/dev/null; then tail -n +1 --pid=$pid -F {p['log']} 2>/dev/null; "
+                   f"else cat {p['log']}; fi")
+        else:
+            cmd = f"cat {p['log']}"
+        transport = self.conn.client.get_transport()
+        channel = transport.open_session()
+        try:
+            channel.exec_command(f"bash -c {shlex.quote(cmd)}")
+            channel.shutdown_write()
+            while True:
+                ready, _, _ = select.select([channel], [], [], 1.0)
+                if ready or channel.recv_ready():
+                    data = channel.recv(65536)
+                    if not data:
+                        break
+                    out.write(data.decode(errors="replace"))
+                    out.flush()
+                elif channel.exit_status_ready() and not channel.recv_ready():
+                    break
+        finally:
+            channel.close()
+
+    def kill_job(self, run_id: str, signal_name: str = "TERM") -> bool:
+        p = self.job_paths(run_id)
+        res = self.run(f"kill -{signal_name} -- -$(cat {p['pid']}) 2>/dev/null || kill -{signal_name} $(cat {p['pid']})",
+                       warn=True)
+        return res.ok
+
+    def list_runs(self) -> list[dict]:
+        """Remote runs/: id, status, epochs done, final test accuracy, job state."""
+        script = ("import json, os, sys\n"
+                  "root = os.path.expanduser(sys.argv[1])\n"
+                  "runs = os.path.join(root, 'runs')\n"
+                  "for rid in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:\n"
+                  "    d = os.path.join(runs, rid); row = {'run_id': rid}\n"
+                  "    try: row['status'] = json.load(open(os.path.join(d, 'config.json'))).get('status')\n"
+                  "    except Exception: row['status'] = '?'\n"
+                  "    try: row['epochs'] = sum(1 for _ in open(os.path.join(d, 'metrics.jsonl')))\n"
+                  "    except Exception: row['epochs'] = 0\n"
+                  "    try: row['test_acc'] = json.load(open(os.path.join(d, 'result.json'))).get('test_acc')\n"
+                  "    except Exception: row['test_acc'] = None\n"
+                  "    pid = os.path.join(root, 'jobs', rid + '.pid'); alive = False\n"
+                  "    try: os.kill(int(open(pid).read()), 0); alive = True\n"
+                  "    except Exception: pass\n"
+                  "    row['alive'] = alive; row['mtime'] = os.path.getmtime(d)\n"
+                  "    print(json.dumps(row))\n")
+        import json
+
+        out = self.run(f"python3 -c {shlex.quote(script)} {shlex.quote(self.ep.workdir)}").stdout
+        return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+    # ------------------------------------------------------------------------------ tunnels
+    def forward_local(self, local_port: int, remote_port: int):
+        """Context manager: 127.0.0.1:local_port here -> 127.0.0.1:remote_port on the machine."""
+        return self.conn.forward_local(local_port=local_port, remote_port=remote_port, remote_host="127.0.0.1",
+                                       local_host="127.0.0.1")
+
+
+def local_files(root: Path) -> list[str]:
+    """Files to sync from root: git's view (tracked + untracked, .gitignore honoured) when it is a
+    repository, else every file; then the secret and output excludes, always."""
+    root = Path(root)
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, check=True)
+        candidates = [p for p in out.stdout.decode().split("\0") if p and (root / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        candidates = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return [p for p in candidates if not excluded(p)]
+
+
+def excluded(rel: str) -> bool:
+    parts = rel.split("/")
+    for pattern in SYNC_EXCLUDES:
+        if pattern.endswith("/"):
+            if any(fnmatch.fnmatch(part, pattern[:-1]) for part in parts[:-1]):
+                return True
+        elif any(fnmatch.fnmatch(part, pattern) for part in parts):
+            return True
+    return False
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` if it can be bound on 127.0.0.1, else a free one the OS picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise UserError("no free local port")

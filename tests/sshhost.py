@@ -1,0 +1,155 @@
+"""A real OpenSSH server standing in for an EC2 instance: inside a network namespace the test creates,
+on port 22 of its own address (10.77.N.2), reached from here over a veth pair.
+
+It logs in `ubuntu` (the Deep Learning AMI's user), added for the session as a uid-0 alias with its
+home in the test's temp dir, so the "instance" can read the test venv and the local MNIST files.
+Nothing here talks to anything but the namespace's own address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def ensure_user(name: str, home: Path) -> tuple[Path, bool]:
+    """A login `name` sharing uid 0; returns (its home, whether this call created it).
+
+    An existing one (left by an interrupted run) keeps its home: usermod cannot change a uid that
+    running processes use. The caller cleans what it needs inside the home."""
+    import pwd
+
+    try:
+        existing = Path(pwd.getpwnam(name).pw_dir)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        existing.mkdir(parents=True, exist_ok=True)
+        return existing, False
+    home.mkdir(parents=True, exist_ok=True)
+    sh("useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", name)
+    sh("usermod", "-p", "*", name)  # a locked account is refused when UsePAM is off
+    return home, True
+
+
+def remove_user(name: str) -> None:
+    sh("userdel", "-f", name, check=False)
+
+
+class SSHTestHost:
+    def __init__(self, workdir: Path, index: int = 0):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        tag = f"{os.getpid() % 10000}{index}"
+        self.ns = f"mcns{tag}"
+        self.veth_host, self.veth_ns = f"mch{tag}", f"mcn{tag}"
+        self.subnet = f"10.77.{(os.getpid() + index) % 200 + 20}"
+        self.addr = f"{self.subnet}.2"
+        self.authorized_keys = self.dir / "authorized_keys"
+        self.authorized_keys.touch()
+        self.proc: subprocess.Popen | None = None
+
+    # ---------------------------------------------------------------------------------- network
+    def create_namespace(self) -> None:
+        self.delete_namespace()
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+        sh("ip", "link", "set", self.veth_ns, "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.veth_host)
+        sh("ip", "link", "set", self.veth_host, "up")
+        sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/24", "dev", self.veth_ns)
+        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_ns, "up")
+        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
+
+    def delete_namespace(self) -> None:
+        sh("ip", "netns", "del", self.ns, check=False)
+        sh("ip", "link", "del", self.veth_host, check=False)
+
+    # ---------------------------------------------------------------------------------- sshd
+    def new_host_key(self) -> None:
+        key = self.dir / "ssh_host_ed25519_key"
+        for p in (key, key.with_suffix(".pub")):
+            p.unlink(missing_ok=True)
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+
+    def start(self) -> None:
+        if not (self.dir / "ssh_host_ed25519_key").exists():
+            self.new_host_key()
+        config = self.dir / "sshd_config"
+        config.write_text(f"""ListenAddress {self.addr}
+Port 22
+HostKey {self.dir}/ssh_host_ed25519_key
+PidFile {self.dir}/sshd.pid
+AuthorizedKeysFile {self.authorized_keys}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+UseDNS no
+AllowTcpForwarding yes
+Subsystem sftp internal-sftp
+""")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, SSHD, "-D", "-f", str(config),
+                                      "-E", str(self.dir / "sshd.log")], start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sh("ip", "netns", "exec", self.ns, "bash", "-c", f"exec 3<>/dev/tcp/{self.addr}/22", check=False).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+        raise RuntimeError("sshd did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart_with_new_host_key(self) -> None:
+        self.stop()
+        self.new_host_key()
+        self.start()
+
+    def authorize(self, public_key: str | bytes) -> None:
+        if isinstance(public_key, bytes):
+            public_key = public_key.decode()
+        with open(self.authorized_keys, "a") as f:
+            f.write(public_key.strip() + "\n")
+
+    def kill_connections(self) -> None:
+        """Drop every SSH session (the connection dies; processes started with setsid live on)."""
+        if self.proc:
+            sh("pkill", "-TERM", "-P", str(self.proc.pid), check=False)
+
+    def exec(self, command: str) -> subprocess.CompletedProcess:
+        """Run a command inside the namespace (as if on the instance's console)."""
+        return sh("ip", "netns", "exec", self.ns, "sh", "-c", command, check=False)
+
+    def teardown(self) -> None:
+        self.stop()
+        self.delete_namespace()
+
+
+def tools_available() -> str | None:
+    """Why a real SSH host cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, sshd)"
+    for tool in (SSHD, shutil.which("rsync"), shutil.which("ip"), shutil.which("ssh")):
+        if not tool or not Path(tool).exists():
+            return "needs openssh-server, rsync and iproute2 (.ci/run installs them)"
+    return None

@@ -1,0 +1,328 @@
+"""The whole remote loop through the `mnist-cloud` executable, with real parts: a moto server on
+127.0.0.1 whose fake public IP is mapped to a real OpenSSH server in a network namespace, rsync,
+the trainer running there, and JupyterLab through the tunnel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cloud import aws_env, seed_dlami
+from conftest import REPO, assert_user_error, run_cli
+from sshhost import SSHTestHost, tools_available
+
+pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
+
+TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from sshhost import ensure_user, remove_user
+
+    work = tmp_path_factory.mktemp("sshhost")
+    home, created = ensure_user("ubuntu", work / "home-ubuntu")
+    shutil.rmtree(home / "mnist-cloud", ignore_errors=True)  # the "instance" starts empty
+    h = SSHTestHost(work)
+    h.home = home
+    try:
+        h.create_namespace()
+        h.start()
+        yield h
+    finally:
+        h.teardown()
+        shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
+        if created:
+            remove_user("ubuntu")
+
+
+@pytest.fixture(scope="module")
+def moto(host):
+    """A moto server on 127.0.0.1 whose instances' public IP is the SSH test host, and whose key
+    pairs are installed on that host the way EC2 installs them on an instance."""
+    from moto.ec2.models import elastic_network_interfaces, key_pairs
+    from moto.server import ThreadedMotoServer
+
+    patches = pytest.MonkeyPatch()
+    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: host.addr)
+    original_create = key_pairs.KeyPairBackend.create_key_pair
+    original_import = key_pairs.KeyPairBackend.import_key_pair
+
+    def create_and_install(self, *args, **kwargs):
+        pair = original_create(self, *args, **kwargs)
+        host.authorize(pair.material_public)
+        return pair
+
+    def import_and_install(self, key_name, public_key_material, *args, **kwargs):
+        pair = original_import(self, key_name, public_key_material, *args, **kwargs)
+        host.authorize(public_key_material)
+        return pair
+
+    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
+    patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    h, p = server.get_host_and_port()
+    yield f"http://{h}:{p}"
+    server.stop()
+    patches.undo()
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    """A copy of this checkout as the user's project, with secrets lying around in it."""
+    root = tmp_path_factory.mktemp("project") / "mnist-cloud"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
+                                                              "*.egg-info", ".pytest_cache"))
+    (root / ".env").write_text("AWS_SECRET_ACCESS_KEY=do-not-sync\n")
+    (root / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n")
+    (root / ".aws").mkdir()
+    (root / ".aws" / "credentials").write_text("[default]\naws_secret_access_key=nope\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "id_ed25519").write_text("nope")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(moto, tmp_path_factory, mnist_dir):
+    home = tmp_path_factory.mktemp("laptop")
+    e = aws_env(home, AWS_ENDPOINT_URL=moto, MNIST_CLOUD_REMOTE_PYTHON=sys.executable,
+                MNIST_CLOUD_IP_URL="http://127.0.0.1:9/")  # never needed: every launch passes --ssh-cidr
+    e["HOME_DIR"] = str(home)
+    return e
+
+
+@pytest.fixture(scope="module")
+def cli(env, mnist_cloud, code):
+    def run(*args, cwd=None, timeout=600):
+        return run_cli([*mnist_cloud, *args], env_extra=env, cwd=cwd or code, timeout=timeout)
+
+    run.home = Path(env["MNIST_CLOUD_HOME"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def launched(cli, moto):
+    import urllib.request as u
+
+    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "e2e", "--ssh-cidr", "192.0.2.10/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SSH is up" in out.stdout
+    yield "e2e"
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, mnist_dir):
+    out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "synced" in out.stdout and "setting up e2e" in out.stdout
+    assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance
+    assert "final test accuracy" in out.stdout
+    local = code / "runs" / "remote1"
+    remote = host.home / "mnist-cloud" / "e2e" / "runs" / "remote1"
+    assert (local / "result.json").exists() and (local / "best.pt").exists()
+    assert tree_hashes(local) == tree_hashes(remote)  # the pulled run dir is the remote one, byte for byte
+    config = json.loads((local / "config.json").read_text())
+    assert config["status"] == "completed" and config["git"]["sha"] is None  # the copy has no .git
+
+    runs = cli("runs", launched)
+    assert runs.returncode == 0 and "remote1" in runs.stdout and "completed" in runs.stdout
+    logs = cli("logs", launched, "remote1")
+    assert logs.returncode == 0 and "Epoch: 1 |" in logs.stdout
+
+
+def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched, host):
+    workdir = host.home / "mnist-cloud" / "e2e"
+    assert (workdir / "trainer" / "train.py").exists()
+    names = {p.name for p in workdir.rglob("*")}
+    assert ".env" not in names and "deploy.pem" not in names and ".aws" not in names and "id_ed25519" not in names
+    again = cli("sync", launched)
+    assert again.returncode == 0 and "synced 0 file(s)" in again.stdout
+
+
+def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched, host, code):
+    assert cli("sync", launched).returncode == 0
+    path = code / "trainer" / "__init__.py"
+    before = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("0.1.0", "0.9.0"))  # same length
+    os.utime(path, (before.st_atime, before.st_mtime))  # same mtime: only --checksum notices
+    try:
+        out = cli("sync", launched)
+        assert "synced 1 file(s)" in out.stdout
+        assert "0.9.0" in (host.home / "mnist-cloud" / "e2e" / "trainer" / "__init__.py").read_text()
+    finally:
+        path.write_text(text)
+        cli("sync", launched)
+
+
+def test_remote_exit_status_becomes_ours(cli, launched, mnist_dir):
+    out = cli("train", "--on", launched, "--model", "nope", "--data-dir", str(mnist_dir))
+    assert out.returncode == 2
+    assert "unknown model 'nope'" in out.stdout
+
+
+def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir):
+    out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "detached1", "--detach")
+    assert out.returncode == 0 and "mnist-cloud logs e2e detached1 -f" in out.stdout
+    follow = cli("logs", launched, "detached1", "-f")
+    assert follow.returncode == 0 and "test accuracy" in follow.stdout and "finished with exit 0" in follow.stdout
+    pulled = cli("pull", launched, "detached1")
+    assert pulled.returncode == 0 and (code / "runs" / "detached1" / "result.json").exists()
+    again = cli("pull", launched, "detached1")
+    assert "pulled 0 file(s)" in again.stdout  # incremental
+
+
+def test_pull_keeps_a_locally_edited_file(cli, launched, code):
+    local = code / "runs" / "remote1" / "train.log"
+    local.write_text("my notes\n")
+    out = cli("pull", launched, "remote1")
+    assert out.returncode == 0 and "kept your local edit" in out.stdout and "replaced 1 local file" in out.stdout
+    kept = list(local.parent.glob("train.log.local-*"))
+    assert len(kept) == 1 and kept[0].read_text() == "my notes\n"
+    assert "Epoch: 1" in local.read_text()
+
+
+def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host):
+    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 240
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "/lab?token=" in line:
+                url = line.strip()
+                break
+        assert url, "".join(lines)
+        base, token = url.split("/lab?token=")
+        ok = urllib.request.urlopen(urllib.request.Request(f"{base}/api/status",
+                                                           headers={"Authorization": f"token {token}"}))
+        assert ok.status == 200
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"{base}/api/status")
+        assert denied.value.code == 403
+        # bound to the instance's loopback only: not reachable on its network address
+        listening = host.exec("ss -ltnH")
+        jupyter_ports = [l.split()[3] for l in listening.stdout.splitlines() if ":22 " not in l and l.strip()]
+        assert jupyter_ports and all(a.startswith("127.0.0.1:") for a in jupyter_ports), listening.stdout
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert "stopped JupyterLab" in rest
+        remaining = [l for l in host.exec("ss -ltnH").stdout.splitlines() if "127.0.0.1:" in l]
+        assert remaining == []  # the server is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_jupyter_port_in_use_is_a_clear_error(cli, launched):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_user_error(cli("jupyter", launched, "--port", str(port)), f"local port {port} is in use")
+
+
+def test_ssh_runs_a_command(cli, launched):
+    out = cli("ssh", launched, "--", "echo", "hello-from", "$HOME")
+    assert out.returncode == 0 and out.stdout.startswith("hello-from /")
+
+
+def test_ssh_config_entry(cli, launched, env):
+    out = cli("ssh-config")
+    assert out.returncode == 0
+    text = (cli.home / "ssh_config").read_text()
+    assert "Host mnist-e2e" in text and "HostKeyAlias i-" in text and "StrictHostKeyChecking yes" in text
+    probe = subprocess.run(["ssh", "-F", str(cli.home / "ssh_config"), "-o", "BatchMode=yes", "mnist-e2e", "true"],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+
+
+def test_changed_host_key_is_refused(cli, launched, host):
+    host.restart_with_new_host_key()
+    try:
+        out = cli("runs", launched)
+        assert_user_error(out, "CHANGED")
+        rsync = cli("sync", launched)
+        assert_user_error(rsync, "CHANGED")
+    finally:
+        pass
+    forgot = cli("forget-host", launched)
+    assert forgot.returncode == 0
+    assert cli("runs", launched).returncode == 0  # re-pinned after the user said so
+
+
+def test_attach_host_runs_the_same_flow(cli, host, code, mnist_dir, tmp_path):
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    host.authorize((tmp_path / "id_ed25519.pub").read_text())
+    out = cli("attach", "--host", f"ubuntu@{host.addr}", "--key", str(key), "--name", "box")
+    assert out.returncode == 0, out.stderr
+    out = cli("train", "--on", "box", *TINY, "--data-dir", str(mnist_dir), "--run-id", "boxrun")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (code / "runs" / "boxrun" / "result.json").exists()
+
+
+def test_attach_host_closed_port_records_nothing(cli, tmp_path, host):
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    before = (cli.home / "state.json").read_text()
+    assert_user_error(cli("attach", "--host", f"ubuntu@{host.addr}:2", "--key", str(key), "--name", "closed"),
+                      "cannot reach closed")
+    assert (cli.home / "state.json").read_text() == before
+
+
+def test_down_after_remote_work(cli, launched):
+    out = cli("down", launched, "--yes")
+    assert out.returncode == 0 and "1 instance(s)" in out.stdout
+
+
+def test_sftp_fallback_syncs_and_pulls_the_same(host, code, tmp_path, monkeypatch):
+    """When rsync is missing on either side the same sync/pull runs over SFTP."""
+    from infra.remote import Endpoint, Remote
+
+    monkeypatch.setenv("MNIST_CLOUD_HOME", str(tmp_path / "home"))
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    host.authorize((tmp_path / "id_ed25519.pub").read_text())
+    ep = Endpoint(name="sftp", host=host.addr, user="ubuntu", key_path=str(key), workdir="mnist-cloud/sftp-test")
+    with Remote(ep) as remote:
+        first = remote.sync(code, log=lambda m: None, force_sftp=True)
+        assert first.method == "sftp" and first.files > 20
+        workdir = host.home / "mnist-cloud" / "sftp-test"
+        assert (workdir / "trainer" / "train.py").read_bytes() == (code / "trainer" / "train.py").read_bytes()
+        names = {p.name for p in workdir.rglob("*")}
+        assert not names & {".env", "deploy.pem", "credentials", "id_ed25519"}
+        assert remote.sync(code, log=lambda m: None, force_sftp=True).files == 0
+        (workdir / "runs" / "r1").mkdir(parents=True)
+        (workdir / "runs" / "r1" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        pulled = remote.pull("mnist-cloud/sftp-test/runs/r1", tmp_path / "local" / "r1", log=lambda m: None,
+                             force_sftp=True)
+        assert pulled.method == "sftp" and pulled.files == 1
+        assert (tmp_path / "local" / "r1" / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+        assert not list((tmp_path / "local" / "r1").glob(".*part*"))

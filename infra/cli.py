@@ -20,6 +20,7 @@ TRAINER_COMMANDS = {
     "evaluate": "test accuracy of a checkpoint or run directory: mnist-cloud evaluate runs/<id>/best.pt",
     "predict": "classify digit images: mnist-cloud predict WEIGHTS IMAGE.png [...]",
     "data": "find or fetch MNIST into the user cache, verify it, and print where it is",
+    "compare": "compare runs: table here, overlaid curves in compare.html: mnist-cloud compare RUN RUN...",
 }
 DEFAULT_NAME = "mnist"
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, help_text in TRAINER_COMMANDS.items():
         sub.add_parser(name, add_help=False, help=help_text)
+    p = sub.add_parser("report", help="(re)generate a run's report.html; --open shows it")
+    p.add_argument("run", help="run directory, runs/<run-id>")
+    p.add_argument("--open", action="store_true", help="open it in the system browser, if there is one")
+    p.add_argument("--no-predictions", action="store_true", help="skip the confusion matrix and mistakes")
 
     p = sub.add_parser("launch", parents=aws, help="launch (or reuse) a named EC2 GPU instance",
                        description="Launch an EC2 instance from the newest PyTorch Deep Learning AMI, or reuse the "
@@ -239,6 +244,18 @@ def confirm(question: str, yes: bool) -> None:
     answer = input(f"{question} [y/N] ").strip().lower()
     if answer not in ("y", "yes"):
         raise UserError("cancelled; nothing was changed")
+
+
+def cmd_report(args) -> int:
+    import webbrowser
+    from pathlib import Path
+
+    code = LocalTarget().run(["report", args.run] + (["--no-predictions"] if args.no_predictions else []))
+    if code == 0 and args.open:
+        url = (Path(args.run).resolve() / "report.html").as_uri()
+        if not webbrowser.open(url):
+            say(f"no browser found here; open {url}")
+    return code
 
 
 def cmd_launch(args) -> int:
@@ -502,7 +519,7 @@ def cmd_forget_host(args) -> int:
     return 0
 
 
-CLOUD_COMMANDS = {"launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
+CLOUD_COMMANDS = {"report": cmd_report, "launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
                   "stop": cmd_stop, "start": cmd_start, "down": cmd_down, "setup": cmd_setup, "sync": cmd_sync,
                   "logs": cmd_logs, "runs": cmd_runs, "pull": cmd_pull, "jupyter": cmd_jupyter, "ssh": cmd_ssh,
                   "ssh-config": cmd_ssh_config, "forget-host": cmd_forget_host}

@@ -88,10 +88,23 @@ class LocalTarget:
 class SSHTarget:
     """A named machine reached over SSH."""
 
-    def __init__(self, host: Host, remote: Remote):
+    def __init__(self, host: Host, remote: Remote, instance_type: str | None = None):
         self.host = host
         self.name = host.name
         self.remote = remote
+        self.instance_type = instance_type
+
+    def job_env(self) -> dict[str, str]:
+        """What the trainer records about where it ran, for the report's header and cost."""
+        from infra.pricing import hourly_price
+
+        env = {"MNIST_CLOUD_NAME": self.name}
+        if self.instance_type:
+            env["MNIST_CLOUD_INSTANCE_TYPE"] = self.instance_type
+            price = hourly_price(self.instance_type)
+            if price is not None:
+                env["MNIST_CLOUD_PRICE"] = str(price)
+        return env
 
     @classmethod
     def resolve(cls, name: str, region: str | None = None, profile: str | None = None) -> "SSHTarget":
@@ -124,9 +137,9 @@ class SSHTarget:
                 expected = console_fingerprints(aws, host.instance_id) or None
             ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port,
                           alias=host.instance_id)
-        else:
-            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
-        return cls(host, Remote(ep, expected_fingerprints=expected))
+            return cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type)
+        ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+        return cls(host, Remote(ep))
 
     # ---------------------------------------------------------------------------------- verbs
     def sync(self, code: Path, log=print) -> TransferResult:
@@ -163,7 +176,7 @@ class SSHTarget:
     def run(self, args: list[str], run_id: str, python: str, env: dict[str, str] | None = None) -> int:
         """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` detached; returns its pid."""
         argv = trainer_command(python, ["train", *args, "--run-id", run_id, "--out-dir", "runs", "--no-progress"])
-        return self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **(env or {})})
+        return self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})})
 
     def logs(self, run_id: str, follow: bool) -> None:
         self.remote.stream_log(run_id, follow)

@@ -146,10 +146,12 @@ Subsystem sftp internal-sftp
 
 
 def tools_available() -> str | None:
-    """Why a real SSH host cannot be made here, or None."""
+    """Why a real SSH host cannot be made here, or None. Under CI ($MNIST_CLOUD_CI) that is an error."""
+    reason = None
     if os.geteuid() != 0:
-        return "needs root (network namespaces, sshd)"
-    for tool in (SSHD, shutil.which("rsync"), shutil.which("ip"), shutil.which("ssh")):
-        if not tool or not Path(tool).exists():
-            return "needs openssh-server, rsync and iproute2 (.ci/run installs them)"
-    return None
+        reason = "needs root (network namespaces, sshd)"
+    elif not all(t and Path(t).exists() for t in (SSHD, shutil.which("rsync"), shutil.which("ip"), shutil.which("ssh"))):
+        reason = "needs openssh-server, rsync and iproute2 (.ci/run installs them)"
+    if reason and os.environ.get("MNIST_CLOUD_CI"):
+        raise RuntimeError(f"CI must run the SSH tests but cannot: {reason}")
+    return reason

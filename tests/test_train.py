@@ -19,7 +19,7 @@ TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed"}
 
 def small(tmp_path, mnist_dir, **overrides) -> TrainConfig:
     base = dict(data_dir=str(mnist_dir), out_dir=str(tmp_path / "runs"), train_limit=4096, eval_limit=2000,
-                epochs=2, batch_size=128, progress=False, threads=2)
+                epochs=2, batch_size=128, progress=False, threads=2, report=False)
     return TrainConfig(**{**base, **overrides})
 
 

@@ -12,7 +12,7 @@ import sys
 
 from trainer.errors import UserError
 
-COMMANDS = ("train", "models", "evaluate", "predict", "data")
+COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")
 
 
 class Parser(argparse.ArgumentParser):
@@ -160,6 +160,31 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    from trainer.report import write_report
+
+    p = Parser(prog="python -m trainer report", description="(Re)generate RUN/report.html and RUN/plots/*.png.")
+    p.add_argument("run", help="a run directory, runs/<run-id>")
+    p.add_argument("--no-predictions", action="store_true",
+                   help="skip the confusion matrix and mistakes (they need MNIST and a checkpoint)")
+    args = p.parse_args(argv)
+    print(write_report(args.run, predictions=not args.no_predictions))
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from trainer.report import write_compare
+
+    p = Parser(prog="python -m trainer compare", description="Compare runs: a table here, overlaid curves in HTML.")
+    p.add_argument("runs", nargs="+", help="two or more run directories")
+    p.add_argument("--out", default="compare.html", help="HTML page to write (default: %(default)s)")
+    args = p.parse_args(argv)
+    out, table = write_compare(args.runs, args.out)
+    print(table)
+    print(f"overlaid curves: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -167,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     handler = {"train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "predict": cmd_predict,
-               "data": cmd_data}[command]
+               "data": cmd_data, "report": cmd_report, "compare": cmd_compare}[command]
     try:
         return handler(argv)
     except UserError as e:

@@ -74,6 +74,7 @@ class TrainConfig:
     run_id: str | None = knob(None, "run directory name (default: <time>-<model>-s<seed>)")
     resume: str | None = knob(None, "continue the run in this directory from its last.pt")
     progress: bool = knob(True, "show a progress bar per epoch (off when stderr is not a terminal)")
+    report: bool = knob(True, "write report.html and plots/ into the run directory at the end")
 
     def augment_config(self) -> AugmentConfig:
         names = {f.name for f in dataclasses.fields(AugmentConfig)}

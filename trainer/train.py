@@ -35,7 +35,7 @@ from trainer.summary import format_table, layer_table
 
 # On resume, everything comes from the run's config.json except these: flags about this invocation,
 # and flags that may differ on the machine it continues on (taken only when given).
-INVOCATION_FLAGS = {"resume", "stop_after", "progress"}
+INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
 RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size"}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +82,25 @@ def git_state() -> dict[str, Any]:
     if sha is None:
         return {"sha": os.environ.get("MNIST_CLOUD_GIT_SHA"), "dirty": os.environ.get("MNIST_CLOUD_GIT_DIRTY") == "1"}
     return {"sha": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def cloud_info() -> dict[str, Any] | None:
+    """Set by `mnist-cloud train --on` for the report: which machine, and what it costs per hour."""
+    if not os.environ.get("MNIST_CLOUD_NAME"):
+        return None
+    price = os.environ.get("MNIST_CLOUD_PRICE")
+    return {"name": os.environ["MNIST_CLOUD_NAME"], "instance_type": os.environ.get("MNIST_CLOUD_INSTANCE_TYPE"),
+            "price_per_hour": float(price) if price else None}
+
+
+def write_run_report(run: "rd.RunDir", log=print) -> None:
+    """report.html at the end of a run; a failure here never costs the run its result."""
+    from trainer.report import write_report
+
+    try:
+        log(f"report: {write_report(run.path)}")
+    except UserError as e:
+        log(f"report skipped: {e}")
 
 
 def use_switch(value: str, default: bool) -> bool:
@@ -347,6 +366,7 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             "device": {"type": device.type, "name": device_name(device), "amp": str(amp_dtype).replace("torch.", "")
                        if amp_dtype else None, "channels_last": use_cl},
             "host": socket.gethostname(),
+            "cloud": cloud_info(),
             "data": {"dir": str(data_dir), "train": len(data.train), "val": len(data.val) if data.val else 0,
                      "test": len(data.test)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -399,6 +419,8 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
             run.log(msg)
             print(msg, flush=True)
+            if cfg.report:
+                write_run_report(run)
             return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path)}
         if stop_reason:
             run.log(f"Early stop at epoch {epoch}: {stop_reason}")
@@ -424,5 +446,7 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
     run.log(f"Test accuracy: {test_acc:.2f}% (final model, epoch {epoch})")
     print(f"test accuracy: {test_acc:.2f}% (final model, epoch {epoch}; best val {best_val if best_val is None else f'{best_val:.2f}%'} "
           f"at epoch {best_epoch})  |  {run.path}", flush=True)
+    if cfg.report:
+        write_run_report(run)
     return result
 

@@ -1,0 +1,481 @@
+"""The run report: one self-contained report.html per run directory (images inlined, no network),
+plus plots/*.png beside it; and `compare`, the same curves for several runs on one page.
+
+Everything is read back from the run directory (config.json, metrics.jsonl, summary.txt, last.pt),
+so a report can be made at any time: at the end of a run, for a run still going, or later.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer import rundir as rd
+from trainer.data import atomic_write_bytes
+from trainer.errors import UserError
+
+DEFAULT_TARGET = 99.4
+PLOTS = "plots"
+REPORT = "report.html"
+
+
+# ---------------------------------------------------------------------------------- reading a run
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    result: dict[str, Any] | None
+
+    @property
+    def run_id(self) -> str:
+        return self.config.get("run_id", self.path.name)
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return self.config.get("config", {})
+
+    @property
+    def status(self) -> str:
+        return self.config.get("status", "unknown")
+
+    @property
+    def partial(self) -> bool:
+        return self.status != "completed" or self.result is None
+
+    @property
+    def target(self) -> float:
+        return self.cfg.get("target") or DEFAULT_TARGET
+
+    @property
+    def final_test(self) -> float | None:
+        return self.rows[-1]["test_acc"] if self.rows else None
+
+    @property
+    def best_test(self) -> float | None:
+        return max(r["test_acc"] for r in self.rows) if self.rows else None
+
+    @property
+    def target_epoch(self) -> int | None:
+        return next((r["epoch"] for r in self.rows if r["test_acc"] >= self.target), None)
+
+    @property
+    def seconds(self) -> float | None:
+        return self.rows[-1].get("elapsed") if self.rows else None
+
+    @property
+    def cost(self) -> float | None:
+        price = (self.config.get("cloud") or {}).get("price_per_hour")
+        return None if price is None or self.seconds is None else price * self.seconds / 3600
+
+
+def read_metrics_strict(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, refusing a file whose lines are cut short."""
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is truncated or damaged at line {n}; the run's checkpoints are intact: "
+                            f"`mnist-cloud train --resume {path.parent}` rewrites it") from None
+        if not isinstance(row, dict) or "epoch" not in row or "test_acc" not in row:
+            raise UserError(f"{path} line {n} is not an epoch record")
+        rows.append(row)
+    return rows
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"run directory {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass runs/<run-id>")
+    if not (path / rd.CONFIG).is_file():
+        raise UserError(f"{path} is not a run directory (no {rd.CONFIG}); pass runs/<run-id>")
+    config = rd.read_json(path / rd.CONFIG)
+    rows = read_metrics_strict(path / rd.METRICS)
+    result = rd.read_json(path / rd.RESULT) if (path / rd.RESULT).is_file() else None
+    return Run(path, config, rows, result)
+
+
+# ---------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                         "axes.spines.right": False, "font.size": 9})
+    return plt
+
+
+def _save(fig, path: Path) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return data
+
+
+def _series(rows, key):
+    return [r["epoch"] for r in rows if r.get(key) is not None], [r[key] for r in rows if r.get(key) is not None]
+
+
+def plot_loss(run: Run, out: Path) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test")):
+        x, y = _series(run.rows, key)
+        if x:
+            ax.plot(x, y, marker="o", ms=3, label=label, ls="--" if key == "test_loss" else "-")
+    ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss", yscale="log")
+    ax.legend()
+    return _save(fig, out)
+
+
+def plot_accuracy(run: Run, out: Path) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for key, label in (("train_acc", "train (augmented)"), ("val_acc", "validation"), ("test_acc", "test")):
+        x, y = _series(run.rows, key)
+        if x:
+            ax.plot(x, y, marker="o", ms=3, label=label, ls="--" if key == "test_acc" else "-")
+    ax.axhline(run.target, color="crimson", lw=1, ls=":", label=f"target {run.target:.2f}%")
+    lows = [r[k] for r in run.rows for k in ("val_acc", "test_acc") if r.get(k) is not None]
+    if lows:  # zoom on the top, where the target is, without cutting off any point
+        ax.set_ylim(max(0.0, min(min(lows), run.target - 1.0) - 0.3), 100.05)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    ax.legend(loc="lower right")
+    return _save(fig, out)
+
+
+def lr_curve(run: Run) -> tuple[list[float], list[float]]:
+    """(x in epochs, lr) per step, by replaying the run's own scheduler; per epoch for epoch-wise schedules."""
+    import torch
+
+    from trainer.config import from_dict
+    from trainer.train import make_optimizer, make_scheduler, steps_in_epoch
+
+    cfg = from_dict(run.cfg)
+    train_n = (run.config.get("data") or {}).get("train")
+    if not train_n or cfg.schedule in ("step", "plateau", "none"):
+        return [r["epoch"] for r in run.rows], [r["lr"] for r in run.rows]
+    steps = steps_in_epoch(train_n, cfg.batch_size, cfg.max_steps)
+    model = torch.nn.Linear(1, 1)
+    optimizer = make_optimizer(cfg, model)
+    scheduler, _ = make_scheduler(cfg, optimizer, steps)
+    xs, lrs = [], []
+    for i in range(cfg.epochs * steps):
+        xs.append(i / steps)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return xs, lrs
+
+
+def plot_lr(run: Run, out: Path) -> bytes:
+    plt = _pyplot()
+    xs, lrs = lr_curve(run)
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.plot(xs, lrs, color="tab:purple")
+    done = len(run.rows)
+    if xs and done < run.cfg.get("epochs", done):
+        ax.axvline(done, color="gray", ls=":", lw=1, label="now")
+        ax.legend()
+    ax.set(xlabel="epoch", ylabel="learning rate", title=f"Learning rate ({run.cfg.get('schedule', '?')})")
+    return _save(fig, out)
+
+
+@dataclass
+class Predictions:
+    images: Any  # uint8 [N, 28, 28]
+    labels: Any  # int64 [N]
+    probs: Any  # float [N, 10]
+    checkpoint: str
+
+
+def test_predictions(run: Run) -> Predictions:
+    """The run's newest model (last.pt) on the 10k test set."""
+    import torch
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import load_mnist, normalize
+    from trainer.fetch import resolve_data_dir
+    from trainer.models import build_model
+
+    ckpt_path = run.path / rd.LAST if (run.path / rd.LAST).exists() else run.path / rd.BEST
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt["model_name"])
+    model.load_state_dict(ckpt["model_state"])
+    model.eval()
+    data_dir = run.cfg.get("data_dir") or (run.config.get("data") or {}).get("dir")
+    if data_dir and not Path(data_dir).is_dir():
+        data_dir = None
+    mnist = load_mnist(resolve_data_dir(data_dir))
+    images, labels = mnist.test_images, mnist.test_labels.long()
+    with torch.inference_mode():
+        probs = torch.cat([model(normalize(images[i:i + 1000].unsqueeze(1))).softmax(1)
+                           for i in range(0, len(labels), 1000)])
+    return Predictions(images, labels, probs, ckpt_path.name)
+
+
+def plot_confusion(pred: Predictions, out: Path) -> bytes:
+    import torch
+
+    plt = _pyplot()
+    matrix = torch.zeros(10, 10, dtype=torch.long)
+    predicted = pred.probs.argmax(1)
+    matrix.index_put_((pred.labels, predicted), torch.ones_like(predicted), accumulate=True)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    shown = torch.log1p(matrix.float()).numpy()
+    ax.imshow(shown, cmap="Blues")
+    for t in range(10):
+        for p in range(10):
+            n = int(matrix[t, p])
+            if n:
+                ax.text(p, t, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if t == p else ("crimson" if n else "black"))
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+           title=f"Test confusion matrix ({int((predicted != pred.labels).sum())} errors, {pred.checkpoint})")
+    ax.grid(False)
+    return _save(fig, out)
+
+
+def plot_worst(pred: Predictions, out: Path, count: int = 24) -> bytes:
+    import torch
+
+    plt = _pyplot()
+    predicted = pred.probs.argmax(1)
+    wrong = torch.nonzero(predicted != pred.labels).flatten()
+    confidence = pred.probs[wrong, predicted[wrong]]
+    order = wrong[torch.argsort(confidence, descending=True)][:count]
+    cols = 8
+    rows = max(1, math.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.35))
+    axes = axes.flatten() if hasattr(axes, "flatten") else [axes]
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, order.tolist()):
+        ax.imshow(pred.images[i].numpy(), cmap="gray")
+        ax.set_title(f"{int(pred.labels[i])}→{int(predicted[i])} {100 * float(pred.probs[i, predicted[i]]):.0f}%",
+                     fontsize=7, color="crimson")
+    fig.suptitle("Most confident test mistakes (true→predicted, confidence)", fontsize=9)
+    if not len(order):
+        fig.text(0.5, 0.5, "no mistakes", ha="center")
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------- html
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:16px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#666;margin-top:0}
+.banner{background:#fff4d6;border:1px solid #e6c200;padding:8px 12px;border-radius:4px;margin:12px 0}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:130px}
+.card .k{color:#666;font-size:11px;text-transform:uppercase;letter-spacing:.04em}.card .v{font-size:18px;font-weight:600}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:12px}
+img{max-width:100%;border:1px solid #eee}
+table{border-collapse:collapse;font-size:12px;margin:6px 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f6f6f6}td.l,th.l{text-align:left} pre{background:#f8f8f8;padding:8px;overflow:auto;font-size:11px}
+.good{color:#11772d}.bad{color:#b00020}
+"""
+
+
+def _img(data: bytes, alt: str, name: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" data-plot="{name}" '
+            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+
+
+def _fmt(v, spec=".2f", suffix=""):
+    return "-" if v is None else f"{format(v, spec)}{suffix}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def render(run: Run, plots: dict[str, bytes], note: str = "") -> str:
+    cfg, device = run.cfg, run.config.get("device", {})
+    cloud = run.config.get("cloud") or {}
+    where = device.get("name", "?")
+    if cloud.get("instance_type"):
+        where += f" on {cloud['instance_type']}"
+    reached = run.target_epoch
+    cards = [
+        ("model", f"{cfg.get('model', '?')}"),
+        ("params", f"{(run.config.get('model') or {}).get('params', 0):,}"),
+        ("final test acc", _fmt(run.final_test, suffix="%")),
+        ("best test acc", _fmt(run.best_test, suffix="%")),
+        (f"{run.target:.2f}% reached", f"epoch {reached}" if reached else "not reached"),
+        ("epochs", f"{len(run.rows)} / {cfg.get('epochs', '?')}"),
+        ("wall time", _duration(run.seconds)),
+    ]
+    if run.cost is not None:
+        cards.append(("est. cost", f"${run.cost:.3f}"))
+    card_html = "".join(f'<div class="card"><div class="k">{html.escape(k)}</div>'
+                        f'<div class="v" data-field="{html.escape(k)}">{html.escape(str(v))}</div></div>'
+                        for k, v in cards)
+    banner = ""
+    if run.partial:
+        banner = (f'<div class="banner" data-partial="1"><b>Partial report</b>: this run is '
+                  f'<b>{html.escape(run.status)}</b> after {len(run.rows)} of {cfg.get("epochs", "?")} epochs. '
+                  f'Regenerate with <code>mnist-cloud report {html.escape(str(run.path))}</code>.</div>')
+    if note:
+        banner += f'<div class="banner">{html.escape(note)}</div>'
+
+    head = ("<tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th>"
+            "<th>test loss</th><th>test acc</th><th>lr</th><th>seconds</th><th>img/s</th></tr>")
+    body = "".join(
+        f"<tr><td>{r['epoch']}</td><td>{_fmt(r.get('train_loss'), '.4f')}</td><td>{_fmt(r.get('train_acc'))}</td>"
+        f"<td>{_fmt(r.get('val_loss'), '.4f')}</td><td>{_fmt(r.get('val_acc'))}</td>"
+        f"<td>{_fmt(r.get('test_loss'), '.4f')}</td>"
+        f"<td class=\"{'good' if r['test_acc'] >= run.target else ''}\">{_fmt(r.get('test_acc'))}</td>"
+        f"<td>{_fmt(r.get('lr'), '.5f')}</td><td>{_fmt(r.get('seconds'), '.1f')}</td>"
+        f"<td>{_fmt(r.get('img_per_s'), ',.0f')}</td></tr>" for r in run.rows)
+    config_rows = "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(json.dumps(v))}</td></tr>'
+                          for k, v in cfg.items())
+    git = run.config.get("git") or {}
+    env = {
+        "torch": run.config.get("torch"), "python": run.config.get("python"),
+        "git SHA": git.get("sha") or "unknown", "working tree": "dirty" if git.get("dirty") else "clean",
+        "device": where, "host": run.config.get("host"), "AMP": device.get("amp") or "off",
+        "channels_last": device.get("channels_last"), "started": run.config.get("started"),
+        "finished": run.config.get("finished") or "-", "status": run.status,
+        "data": json.dumps(run.config.get("data")),
+    }
+    if cloud:
+        env["instance"] = f"{cloud.get('name')} {cloud.get('instance_type')} (${cloud.get('price_per_hour')}/h)"
+    env_rows = "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(str(v))}</td></tr>'
+                       for k, v in env.items())
+    summary = (run.path / rd.SUMMARY).read_text() if (run.path / rd.SUMMARY).exists() else "(no summary.txt)"
+    titles = {"loss": "train vs validation loss", "accuracy": "train vs validation accuracy",
+              "lr": "learning-rate schedule", "confusion": "test confusion matrix",
+              "worst": "most confident test mistakes"}
+    figures = "".join(_img(data, titles.get(name, name), name) for name, data in plots.items()
+                      if name in ("loss", "accuracy", "lr", "confusion"))
+    worst = _img(plots["worst"], titles["worst"], "worst") if "worst" in plots else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{html.escape(run.run_id)} · mnist-cloud report</title><style>{CSS}</style></head>
+<body>
+<h1>{html.escape(run.run_id)}</h1>
+<p class="sub">{html.escape(cfg.get('model', '?'))} on {html.escape(where)} · host {html.escape(str(run.config.get('host')))}
+ · {html.escape(str(run.config.get('started')))}</p>
+{banner}
+<div class="cards">{card_html}</div>
+<h2>Curves</h2><div class="grid">{figures}</div>
+<h2>Mistakes</h2>{worst or '<p>(no test predictions: ' + html.escape(note or 'unavailable') + ')</p>'}
+<h2>Per epoch</h2><p class="sub">The same numbers as metrics.jsonl. Validation drives best.pt and early stopping;
+test is only reported.</p>
+<table id="epochs">{head}{body}</table>
+<h2>Layers</h2><pre>{html.escape(summary)}</pre>
+<h2>Config</h2><table>{config_rows}</table>
+<h2>Environment</h2><table>{env_rows}</table>
+</body></html>
+"""
+
+
+def write_report(path: str | Path, predictions: bool = True) -> Path:
+    """(Re)generate report.html and plots/*.png in a run directory; returns the report's path."""
+    run = load_run(path)
+    if not run.rows:
+        raise UserError(f"{run.path} has no finished epoch yet (empty metrics.jsonl); nothing to report")
+    plots_dir = run.path / PLOTS
+    plots = {
+        "loss": plot_loss(run, plots_dir / "loss.png"),
+        "accuracy": plot_accuracy(run, plots_dir / "accuracy.png"),
+        "lr": plot_lr(run, plots_dir / "lr.png"),
+    }
+    note = ""
+    if predictions:
+        try:
+            pred = test_predictions(run)
+            plots["confusion"] = plot_confusion(pred, plots_dir / "confusion.png")
+            plots["worst"] = plot_worst(pred, plots_dir / "worst.png")
+        except UserError as e:
+            note = f"confusion matrix and mistakes skipped: {e}"
+    out = run.path / REPORT
+    atomic_write_bytes(out, render(run, plots, note).encode())
+    return out
+
+
+# ---------------------------------------------------------------------------------- compare
+def compare_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    return [{
+        "run": r.run_id, "model": r.cfg.get("model"), "params": (r.config.get("model") or {}).get("params"),
+        "epochs": len(r.rows), "epoch_to_target": r.target_epoch, "best_test": r.best_test,
+        "final_test": r.final_test, "seconds": r.seconds, "cost": r.cost, "status": r.status,
+    } for r in runs]
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    header = ["run", "model", "params", "epochs", "to 99.40%", "best test", "final test", "time", "cost"]
+    lines = [[r["run"], r["model"] or "?", f"{r['params']:,}" if r["params"] else "?", str(r["epochs"]),
+              f"epoch {r['epoch_to_target']}" if r["epoch_to_target"] else "not reached",
+              _fmt(r["best_test"], suffix="%"), _fmt(r["final_test"], suffix="%"), _duration(r["seconds"]),
+              "-" if r["cost"] is None else f"${r['cost']:.3f}"] for r in rows]
+    widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header] + lines)
+
+
+def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:
+    runs = [load_run(p) for p in paths]
+    if len(runs) < 2:
+        raise UserError("compare needs at least two run directories")
+    empty = [str(r.path) for r in runs if not r.rows]
+    if empty:
+        raise UserError(f"no finished epoch in {', '.join(empty)}; nothing to compare")
+    plt = _pyplot()
+    out = Path(out)
+    plots = {}
+    for key, title, ylabel in (("val_acc", "Validation accuracy", "accuracy (%)"), ("test_acc", "Test accuracy", "accuracy (%)"),
+                               ("train_loss", "Training loss", "cross-entropy"), ("val_loss", "Validation loss", "cross-entropy")):
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for r in runs:
+            x, y = _series(r.rows, key)
+            if x:
+                ax.plot(x, y, marker="o", ms=3, label=f"{r.cfg.get('model')} · {r.run_id}")
+        if key.endswith("acc"):
+            ax.axhline(DEFAULT_TARGET, color="crimson", lw=1, ls=":", label=f"{DEFAULT_TARGET:.2f}%")
+            values = [v for r in runs for v in _series(r.rows, key)[1]] or [DEFAULT_TARGET]
+            ax.set_ylim(max(0.0, min(min(values), DEFAULT_TARGET - 1.0) - 0.3), 100.05)
+        else:
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.legend(fontsize=7)
+        plots[key] = _save(fig, out.parent / f"{out.stem}-{key}.png")
+    rows = compare_rows(runs)
+    table = "".join("<tr>" + "".join(f"<td class=\"l\">{html.escape(str(v))}</td>" for v in (
+        r["run"], r["model"], f"{r['params']:,}" if r["params"] else "?", r["epochs"],
+        f"epoch {r['epoch_to_target']}" if r["epoch_to_target"] else "not reached", _fmt(r["best_test"], suffix="%"),
+        _fmt(r["final_test"], suffix="%"), _duration(r["seconds"]), "-" if r["cost"] is None else f"${r['cost']:.3f}",
+        r["status"])) + "</tr>" for r in rows)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mnist-cloud compare</title>
+<style>{CSS}</style></head><body><h1>Comparing {len(runs)} runs</h1>
+<table id="compare"><tr><th class="l">run</th><th class="l">model</th><th class="l">params</th><th class="l">epochs</th>
+<th class="l">to {DEFAULT_TARGET:.2f}%</th><th class="l">best test</th><th class="l">final test</th><th class="l">time</th>
+<th class="l">cost</th><th class="l">status</th></tr>{table}</table>
+<div class="grid">{''.join(_img(d, k, k) for k, d in plots.items())}</div></body></html>
+"""
+    atomic_write_bytes(out, page.encode())
+    return out, compare_table(rows)

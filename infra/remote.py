@@ -494,7 +494,7 @@ class Remote:
                   "    d = os.path.join(runs, rid); row = {'run_id': rid}\n"
                   "    try: row['status'] = json.load(open(os.path.join(d, 'config.json'))).get('status')\n"
                   "    except Exception: row['status'] = '?'\n"
-                  "    try: row['epochs'] = sum(1 for _ in open(os.path.join(d, 'metrics.jsonl')))\n"
+                  "    try: row['epochs'] = sum(1 for l in open(os.path.join(d, 'metrics.jsonl')) if '\"event\"' not in l)\n"
                   "    except Exception: row['epochs'] = 0\n"
                   "    try: row['test_acc'] = json.load(open(os.path.join(d, 'result.json'))).get('test_acc')\n"
                   "    except Exception: row['test_acc'] = None\n"

@@ -53,7 +53,9 @@ def cmd_train(argv: list[str]) -> int:
             import tempfile
 
             args.out_dir = tempfile.mkdtemp(prefix="mnist-cloud-dry-run-")
-    fit(from_namespace(args), explicit)
+    result = fit(from_namespace(args), explicit)
+    if result.get("status") == "interrupted":
+        return 128 + result["signal"]  # the shell's convention for "killed by signal N"
     return 0
 
 

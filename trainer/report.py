@@ -88,7 +88,11 @@ def read_metrics_strict(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             raise UserError(f"{path} is truncated or damaged at line {n}; the run's checkpoints are intact: "
                             f"`mnist-cloud train --resume {path.parent}` rewrites it") from None
-        if not isinstance(row, dict) or "epoch" not in row or "test_acc" not in row:
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n} is not a record")
+        if "event" in row:  # interrupted / resumed markers, not epochs
+            continue
+        if "epoch" not in row or "test_acc" not in row:
             raise UserError(f"{path} line {n} is not an epoch record")
         rows.append(row)
     return rows

@@ -5,7 +5,8 @@
     train.log      seed 000's human-readable line per epoch
     summary.txt    the layer table
     best.pt        best validation accuracy so far
-    last.pt        the end of the newest epoch
+    last.pt        the newest state: the end of the last epoch, or mid-epoch if interrupted
+    prev.pt        the checkpoint before last.pt, in case last.pt is ever damaged
     result.json    the final test accuracy, written when the run ends
 """
 
@@ -21,7 +22,7 @@ from trainer.data import atomic_write_bytes
 from trainer.errors import UserError
 
 CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
-BEST, LAST = "best.pt", "last.pt"
+BEST, LAST, PREV = "best.pt", "last.pt", "prev.pt"
 
 
 def new_run_id(out_dir: Path, model: str, seed: int) -> str:
@@ -94,6 +95,10 @@ class RunDir:
                 break  # a line cut short by a crash: everything before it is good
         return rows
 
+    def read_epochs(self) -> list[dict[str, Any]]:
+        """Only the per-epoch records (not the interrupted/resumed events)."""
+        return [r for r in self.read_metrics() if "event" not in r]
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.file(METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -101,8 +106,8 @@ class RunDir:
             os.fsync(f.fileno())
 
     def trim_metrics(self, last_epoch: int) -> None:
-        """Keep epochs <= last_epoch, so that a resumed run records every epoch exactly once."""
-        rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
+        """Keep epochs <= last_epoch (and every event line), so a resumed run records each epoch exactly once."""
+        rows = [r for r in self.read_metrics() if "event" in r or r.get("epoch", 0) <= last_epoch]
         atomic_write_bytes(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     # train.log ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -162,24 +163,80 @@ def steps_in_epoch(n: int, batch_size: int, max_steps: int | None) -> int:
     return min(steps, max_steps) if max_steps else steps
 
 
+@dataclass
+class EpochProgress:
+    """Where an epoch is: its batch order and how far it got. Saved in last.pt when a run is
+    interrupted mid-epoch, so that --resume continues at the very next step."""
+
+    epoch: int
+    perm: torch.Tensor | None = None
+    step: int = 0  # steps done
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "perm": self.perm.cpu(), "step": self.step, "loss_sum": self.loss_sum,
+                "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochProgress":
+        return cls(**{**state, "perm": state["perm"].to(device)})
+
+
+class StopFlag:
+    """Set by SIGTERM (a spot notice, `kill`) or Ctrl-C: the loop finishes its step, checkpoints, exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving last.pt, then exiting "
+              f"(resume with --resume)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, cfg: TrainConfig, engine: Engine,
-                    epoch: int, show_progress: bool) -> dict[str, float]:
+                    progress: EpochProgress, show_progress: bool, stop: StopFlag | None = None) -> bool:
+    """Train `progress.epoch` from `progress.step` on; True if the epoch finished, False if stopped."""
     model.train()
     n = len(split)
     steps = steps_in_epoch(n, cfg.batch_size, cfg.max_steps)
     aug = cfg.augment_config()
-    perm = torch.randperm(n, generator=engine.generator, device=engine.device)
-    loss_sum = torch.zeros((), device=engine.device)
+    if progress.perm is None:
+        progress.perm = torch.randperm(n, generator=engine.generator, device=engine.device)
+    perm = progress.perm
+    loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
     correct = torch.zeros((), device=engine.device, dtype=torch.long)
     seen = 0
     bar = None
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch}/{cfg.epochs}", unit="batch",
+                   leave=False, file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
-    for step in range(steps):
+    finished = True
+    for step in range(progress.step, steps):
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = split.images[idx].float().div_(255.0)  # [0, 1] for augmentation
         x = engine.prepare(augment(x, aug, engine.generator))
@@ -197,21 +254,36 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
             optimizer.step()
         if per_step:
             scheduler.step()
-        loss_sum += loss.detach() * y.shape[0]
+        loss_sum += loss.detach().double() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
         if bar is not None and (step % 20 == 0 or step == steps - 1):
             rate = seen / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%",
+            done = progress.seen + seen
+            bar.set_postfix(loss=f"{(progress.loss_sum + loss_sum.item()) / done:.4f}",
+                            acc=f"{100 * (progress.correct + correct.item()) / done:.2f}%",
                             img_s=f"{rate:,.0f}", refresh=False)
             bar.update(step + 1 - bar.n)
+        if stop:
+            progress.step = step + 1
+            finished = progress.step >= steps
+            break
+    else:
+        progress.step = steps
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return {"loss": loss_sum.item() / seen, "acc": 100.0 * correct.item() / seen, "seconds": seconds,
-            "img_per_s": seen / seconds}
+    progress.loss_sum += loss_sum.item()
+    progress.correct += int(correct.item())
+    progress.seen += seen
+    progress.seconds += time.perf_counter() - start
+    return finished
+
+
+def epoch_stats(progress: EpochProgress) -> dict[str, float]:
+    return {"loss": progress.loss_sum / progress.seen, "acc": 100.0 * progress.correct / progress.seen,
+            "seconds": progress.seconds, "img_per_s": progress.seen / max(progress.seconds, 1e-9)}
 
 
 @torch.inference_mode()
@@ -264,7 +336,10 @@ def restore_rng(state: dict[str, Any], engine: Engine) -> None:
 
 
 def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConfig, epoch: int,
-                     best_val: float | None, best_epoch: int | None) -> dict[str, Any]:
+                     best_val: float | None, best_epoch: int | None, stale: int = 0,
+                     partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a resume needs. `epoch` is the last *completed* epoch; `partial` is how far the
+    next one got, when a run was interrupted mid-epoch."""
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     return {
         "model_name": cfg.model,
@@ -275,9 +350,37 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
         "epoch": epoch,
         "best_val_acc": best_val,
         "best_epoch": best_epoch,
+        "stale": stale,
+        "partial": partial,
         "rng": rng_state(engine),
         "config": dataclasses.asdict(cfg),
     }
+
+
+def load_resume_checkpoint(run: "rd.RunDir", device: torch.device) -> tuple[dict[str, Any], str]:
+    """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
+
+    A damaged last.pt (a crash mid-write on a filesystem without atomic rename, a truncated copy)
+    is reported and skipped rather than ending the resume."""
+    found = []
+    for name in (rd.LAST, rd.PREV, rd.BEST):
+        path = run.file(name)
+        if not path.exists():
+            continue
+        try:
+            ckpt = load_checkpoint(path, map_location=device)
+        except UserError as e:
+            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+            continue
+        found.append(((ckpt["epoch"], (ckpt.get("partial") or {}).get("step", 0)), name, ckpt))
+    if not found:
+        raise UserError(f"no usable checkpoint in {run.path} (last.pt, prev.pt and best.pt are missing or damaged); "
+                        "start a new run")
+    _, name, ckpt = max(found, key=lambda f: f[0])
+    if name != rd.LAST:
+        print(f"resuming from {name} (epoch {ckpt['epoch']}) because last.pt is missing or damaged",
+              file=sys.stderr, flush=True)
+    return ckpt, name
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -334,9 +437,9 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
     step_model = torch.compile(model) if cfg.compile else model
 
-    start_epoch, best_val, best_epoch = 1, None, None
+    start_epoch, best_val, best_epoch, stale, partial = 1, None, None, 0, None
     if run is not None:
-        ckpt = load_checkpoint(run.file(rd.LAST), map_location=device)
+        ckpt, source = load_resume_checkpoint(run, device)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if scheduler is not None and ckpt["scheduler_state"] is not None:
@@ -345,12 +448,18 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             engine.scaler.load_state_dict(ckpt["scaler_state"])
         restore_rng(ckpt["rng"], engine)
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
+        stale = ckpt.get("stale", 0)
+        if ckpt.get("partial"):
+            partial = EpochProgress.from_state(ckpt["partial"], device)
         if start_epoch > cfg.epochs:
             raise UserError(f"{run.path} already finished all {cfg.epochs} epochs; nothing to resume")
         run.trim_metrics(ckpt["epoch"])
-        run.log(f"Resumed from epoch {ckpt['epoch']} on {device_name(device)}")
+        where = f"epoch {partial.epoch} step {partial.step}" if partial else f"the end of epoch {ckpt['epoch']}"
+        run.log(f"Resumed from {source} at {where} on {device_name(device)}")
+        run.append_metrics({"event": "resumed", "epoch": start_epoch, "from": source,
+                            "step": partial.step if partial else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         run.update_config(status="running", resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        print(f"resuming {run.path} after epoch {ckpt['epoch']}", flush=True)
+        print(f"resuming {run.path} from {source} at {where}", flush=True)
     else:
         out_dir = Path(cfg.out_dir)
         cfg.run_id = cfg.run_id or rd.new_run_id(out_dir, cfg.model, cfg.seed)
@@ -377,55 +486,82 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
               f"train/val/test: {len(data.train)}/{len(data.val) if data.val else 0}/{len(data.test)}", flush=True)
 
     show_progress = cfg.progress and sys.stderr.isatty()
-    stale = 0
     run_started = time.perf_counter()
-    elapsed_before = (run.read_metrics() or [{}])[-1].get("elapsed", 0.0)
+    epoch_rows = run.read_epochs()
+    elapsed_before = epoch_rows[-1]["elapsed"] if epoch_rows else 0.0
+    if partial:
+        elapsed_before += partial.seconds
     epoch = start_epoch - 1
     stop_reason = None
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        train = train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine, epoch,
-                                show_progress)
-        val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
-        test_loss, test_acc = evaluate(model, data.test, engine, cfg.eval_batch_size)
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None and not per_step:
-            scheduler.step(val_acc) if cfg.schedule == "plateau" else scheduler.step()
-        improved = val_acc is None or best_val is None or val_acc > best_val
-        if improved:
-            best_val, best_epoch, stale = val_acc, epoch, 0
-        else:
-            stale += 1
-        row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
-               "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-               "seconds": time.perf_counter() - t0, "train_seconds": train["seconds"],
-               "img_per_s": train["img_per_s"],
-               "elapsed": elapsed_before + time.perf_counter() - run_started}
-        state = checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch, best_val, best_epoch)
+
+    def save(state: dict[str, Any], improved: bool) -> None:
+        # last.pt -> prev.pt first: if the new last.pt is ever damaged, resume still has the one before
+        if run.file(rd.LAST).exists():
+            os.replace(run.file(rd.LAST), run.file(rd.PREV))
         save_checkpoint(run.file(rd.LAST), state)
         if improved:
             save_checkpoint(run.file(rd.BEST), state)
-        run.append_metrics(row)
-        line = log_line(row, best_val)
-        run.log(line)
-        print(line, flush=True)
 
-        if cfg.target is not None and val_acc >= cfg.target:
-            stop_reason = f"validation accuracy {val_acc:.2f}% reached --target {cfg.target}"
-        elif cfg.patience and stale >= cfg.patience:
-            stop_reason = f"no better validation accuracy for {stale} epochs (--patience {cfg.patience})"
-        elif cfg.stop_after and epoch - start_epoch + 1 >= cfg.stop_after and epoch < cfg.epochs:
-            run.update_config(status="stopped")
-            msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
-            run.log(msg)
-            print(msg, flush=True)
-            if cfg.report:
-                write_run_report(run)
-            return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path)}
-        if stop_reason:
-            run.log(f"Early stop at epoch {epoch}: {stop_reason}")
-            print(f"early stop: {stop_reason}", flush=True)
-            break
+    def interrupted(stop: StopFlag, where: str) -> dict[str, Any]:
+        name = signal.Signals(stop.signal).name
+        run.append_metrics({"event": "interrupted", "signal": name, "at": where,
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        run.update_config(status="interrupted", interrupted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {run.path}"
+        run.log(msg)
+        print(msg, flush=True)
+        return {"status": "interrupted", "signal": stop.signal, "run_dir": str(run.path)}
+
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            progress = partial if partial and partial.epoch == epoch else EpochProgress(epoch)
+            partial = None
+            if not train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine, progress,
+                                   show_progress, stop):
+                save(checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch - 1, best_val, best_epoch,
+                                      stale, partial=progress.state()), improved=False)
+                return interrupted(stop, f"epoch {epoch} step {progress.step}")
+            train = epoch_stats(progress)
+            val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
+            test_loss, test_acc = evaluate(model, data.test, engine, cfg.eval_batch_size)
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None and not per_step:
+                scheduler.step(val_acc) if cfg.schedule == "plateau" else scheduler.step()
+            improved = val_acc is None or best_val is None or val_acc > best_val
+            if improved:
+                best_val, best_epoch, stale = val_acc, epoch, 0
+            else:
+                stale += 1
+            row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
+                   "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
+                   "seconds": time.perf_counter() - t0, "train_seconds": train["seconds"],
+                   "img_per_s": train["img_per_s"],
+                   "elapsed": elapsed_before + time.perf_counter() - run_started}
+            save(checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch, best_val, best_epoch, stale), improved)
+            run.append_metrics(row)
+            line = log_line(row, best_val)
+            run.log(line)
+            print(line, flush=True)
+            if stop and epoch < cfg.epochs:  # the signal came during evaluation: the epoch is complete and saved
+                return interrupted(stop, f"the end of epoch {epoch}")
+
+            if cfg.target is not None and val_acc >= cfg.target:
+                stop_reason = f"validation accuracy {val_acc:.2f}% reached --target {cfg.target}"
+            elif cfg.patience and stale >= cfg.patience:
+                stop_reason = f"no better validation accuracy for {stale} epochs (--patience {cfg.patience})"
+            elif cfg.stop_after and epoch - start_epoch + 1 >= cfg.stop_after and epoch < cfg.epochs:
+                run.update_config(status="stopped")
+                msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
+                run.log(msg)
+                print(msg, flush=True)
+                if cfg.report:
+                    write_run_report(run)
+                return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path)}
+            if stop_reason:
+                run.log(f"Early stop at epoch {epoch}: {stop_reason}")
+                print(f"early stop: {stop_reason}", flush=True)
+                break
 
     result = {
         "status": "completed",
@@ -439,7 +575,7 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
         "test_loss": test_loss,
         "best_val_acc": best_val,
         "best_epoch": best_epoch,
-        "seconds": (run.read_metrics() or [{}])[-1].get("elapsed"),
+        "seconds": run.read_epochs()[-1].get("elapsed"),
     }
     rd.write_json(run.file(rd.RESULT), result)
     run.update_config(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="PATH", help="private key file for --key-name")
     p.add_argument("--public-key", metavar="PATH", help="import this public key (e.g. ~/.ssh/id_ed25519.pub) instead")
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
-    p.add_argument("--autostop", type=int, default=30, metavar="MIN",
-                   help="stop after this many idle minutes; 0 = never (default: %(default)s)")
+    p.add_argument("--autostop", type=float, default=30, metavar="MIN",
+                   help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: %(default)s)")
+    p.add_argument("--autostop-after-train", action="store_true", help="also stop as soon as a run ends")
     p.add_argument("--down", action="store_true", help="autostop terminates instead of stopping")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
@@ -104,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", parents=aws, help="start a stopped instance; picks up its new IP")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
+    p = sub.add_parser("autostop", parents=aws, help="change when an instance stops itself (runs on the instance)",
+                       description="Idle = no trainer running and no interactive SSH session; a Jupyter tunnel "
+                                   "alone is not activity. The check runs on the instance every minute.")
+    p.add_argument("name", nargs="?", default=DEFAULT_NAME)
+    p.add_argument("-i", "--idle", type=float, metavar="MIN", help="idle minutes before stopping")
+    p.add_argument("--down", action="store_true", help="terminate instead of stop")
+    p.add_argument("--after-train", action="store_true", help="stop as soon as a run ends")
+    p.add_argument("--cancel", action="store_true", help="turn autostop off")
+
     p = sub.add_parser("setup", parents=aws, help="sync the code and run setup_ec2.sh on a machine (idempotent)")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--python", help="interpreter to use there (default: $MNIST_CLOUD_REMOTE_PYTHON, the DLAMI's, a venv)")
@@ -190,10 +200,17 @@ def remote_train(name: str, rest: list[str], detach: bool, python: str | None, c
     import json
     from pathlib import Path
 
+    from infra.remote import ConnectionLost
     from infra.targets import SSHTarget, code_dir, env_python, git_env, new_run_id, pop_option
 
     out_dir, rest = pop_option(rest, "--out-dir")
     run_id, rest = pop_option(rest, "--run-id")
+    resume, rest = pop_option(rest, "--resume")
+    local_runs = Path(out_dir or "runs")
+    if resume:
+        if run_id:
+            raise UserError("--resume continues an existing run; it takes no --run-id")
+        run_id = Path(resume).name
     run_id = run_id or new_run_id(name, rest)
     source = code_dir(code)
     target = SSHTarget.resolve(name, region, profile)
@@ -202,26 +219,37 @@ def remote_train(name: str, rest: list[str], detach: bool, python: str | None, c
         synced = target.sync(source, log=say)
         say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to {name}:~/{target.remote.ep.workdir}")
         py = target.ensure_setup(python or env_python(), log=say)
-        pid = target.run(rest, run_id, py, env=git_env(source))
-        say(f"started {run_id} on {name} (pid {pid}); it runs detached and survives this laptop disconnecting")
+        if resume and not target.has_run(run_id):
+            local_run = Path(resume) if Path(resume).is_dir() else local_runs / run_id
+            if not (local_run / "config.json").is_file():
+                raise UserError(f"no run {run_id!r} on {name} nor in {local_runs}; `mnist-cloud runs {name}` lists them")
+            pushed = target.push_run(local_run, log=say)
+            say(f"{name} did not have {run_id} (a new instance?): pushed the local copy, {pushed.files} file(s)")
+        pid = target.run(rest, run_id, py, env=git_env(source), resume=bool(resume))
+        say(f"{'resumed' if resume else 'started'} {run_id} on {name} (pid {pid}); it runs detached and survives "
+            "this laptop disconnecting" + ("; a spot-interruption watcher runs with it" if target.lifecycle == "spot" else ""))
         if detach:
             say(f"follow: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
             return 0
+        reattach = (f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
         try:
             target.logs(run_id, follow=True)
+            state, code_ = target.wait_finished(run_id)
         except KeyboardInterrupt:
-            print(f"\nstopped streaming; {run_id} keeps training on {name}.\n"
-                  f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}",
-                  file=sys.stderr, flush=True)
+            print(f"\nstopped streaming; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
             return 130
-        state, code_ = target.wait_finished(run_id)
-        local_runs = Path(out_dir or "runs")
+        except ConnectionLost as e:
+            print(f"\n{e}; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
+            return 255  # as ssh does when the connection fails
         if run_id not in {r["run_id"] for r in target.runs()}:
             say(f"{run_id} ended (exit {code_}) before writing a run directory; see the log above")
             return code_ if code_ is not None else 1
         pulled = target.pull(run_id, local_runs, log=say)
     result_file = local_runs / run_id / "result.json"
-    if result_file.exists():
+    if code_ is not None and code_ > 128:
+        say(f"{run_id} was interrupted (signal {code_ - 128}); its checkpoint is pulled. Continue it with: "
+            f"mnist-cloud train --on {name} --resume {run_id}")
+    elif result_file.exists():
         result = json.loads(result_file.read_text())
         say(f"final test accuracy {result['test_acc']:.2f}% | {pulled.files} file(s) pulled into {local_runs / run_id}")
     else:
@@ -262,13 +290,18 @@ def cmd_launch(args) -> int:
     from infra.pricing import hourly_price
     from infra.provision import LaunchSpec, console_fingerprints, launch
 
+    from infra.watchdog import installer
+
+    if args.autostop < 0:
+        raise UserError("--autostop is minutes of idle time, 0 or more")
     spec = LaunchSpec(name=args.name, instance_type=args.instance, spot=args.spot, ami=args.ami,
                       disk_gb=args.disk_gb, key_name=args.key_name, key_path=args.key, public_key=args.public_key,
                       ssh_cidr=args.ssh_cidr, autostop_minutes=args.autostop,
                       autostop_action="terminate" if args.down else "stop",
+                      autostop_after_train=args.autostop_after_train,
                       wait_status_checks=not args.no_wait_checks)
-    if args.autostop < 0:
-        raise UserError("--autostop is minutes of idle time, 0 or more")
+    if spec.autostop.enabled:  # cloud-init installs the watchdog at first boot: it works with the laptop closed
+        spec.user_data = installer(spec.autostop)
     def wait_ssh(inst):
         if args.no_wait_ssh:
             return
@@ -401,6 +434,30 @@ def target_for(args):
     return SSHTarget.resolve(args.name, getattr(args, "region", None), getattr(args, "profile", None))
 
 
+def cmd_autostop(args) -> int:
+    from infra.state import State
+    from infra.watchdog import AutostopConfig, install_over_ssh
+
+    if args.cancel and (args.idle is not None or args.down or args.after_train):
+        raise UserError("--cancel turns autostop off; it takes no other option")
+    if args.idle is not None and args.idle < 0:
+        raise UserError("-i/--idle is minutes, 0 or more")
+    if not args.cancel and args.idle is None and not args.after_train:
+        raise UserError("give -i MIN, --after-train, or --cancel")
+    config = AutostopConfig(idle_minutes=args.idle or 0, action="terminate" if args.down else "stop",
+                            after_train=args.after_train, enabled=not args.cancel)
+    host = State().get(args.name)
+    if host is not None and host.kind == "ec2":
+        from infra.provision import set_autostop
+
+        set_autostop(session(args), args.name, config, log=say)
+    target = target_for(args)
+    with target.remote:
+        line = install_over_ssh(target.remote, config)
+    say(line or f"autostop on {args.name}: {config.tag}")
+    return 0
+
+
 def cmd_setup(args) -> int:
     from infra.targets import code_dir, env_python
 
@@ -519,7 +576,7 @@ def cmd_forget_host(args) -> int:
     return 0
 
 
-CLOUD_COMMANDS = {"report": cmd_report, "launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
+CLOUD_COMMANDS = {"report": cmd_report, "autostop": cmd_autostop, "launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
                   "stop": cmd_stop, "start": cmd_start, "down": cmd_down, "setup": cmd_setup, "sync": cmd_sync,
                   "logs": cmd_logs, "runs": cmd_runs, "pull": cmd_pull, "jupyter": cmd_jupyter, "ssh": cmd_ssh,
                   "ssh-config": cmd_ssh_config, "forget-host": cmd_forget_host}

@@ -331,9 +331,19 @@ class LaunchSpec:
     key_path: str | None = None
     public_key: str | None = None
     ssh_cidr: str | None = None
-    autostop_minutes: int = 30
+    autostop_minutes: float = 30
     autostop_action: str = "stop"  # or "terminate"
+    autostop_after_train: bool = False
+    user_data: str | None = None  # e.g. the autostop watchdog installer
     wait_status_checks: bool = True
+
+    @property
+    def autostop(self):
+        from infra.watchdog import AutostopConfig
+
+        return AutostopConfig(idle_minutes=self.autostop_minutes, action=self.autostop_action,
+                              after_train=self.autostop_after_train,
+                              enabled=bool(self.autostop_minutes or self.autostop_after_train))
 
 
 def _record(state: State, inst: Instance, key: KeyInfo, region: str, user: str = DEFAULT_USER) -> None:
@@ -374,8 +384,7 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     vpc = default_vpc(aws)
     group_id = ensure_security_group(aws, spec.name, owner, vpc, cidr, log)
 
-    autostop = f"{spec.autostop_minutes}m:{spec.autostop_action}" if spec.autostop_minutes else "off"
-    tags = tag_list(spec.name, owner, {TAG_AUTOSTOP: autostop})
+    tags = tag_list(spec.name, owner, {TAG_AUTOSTOP: spec.autostop.tag})
     params = dict(
         ImageId=ami, InstanceType=spec.instance_type, KeyName=key.key_name, MinCount=1, MaxCount=1,
         SecurityGroupIds=[group_id],
@@ -385,6 +394,8 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
                                       "DeleteOnTermination": True}}],
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
     )
+    if spec.user_data:
+        params["UserData"] = spec.user_data
     desc = _run_with_fallback(aws, spec, params, vpc, log)
     inst = instance_from(desc)
     _record(state, inst, key, aws.region)  # before waiting: a Ctrl-C from here on still leaves a record
@@ -660,3 +671,15 @@ def console_fingerprints(aws: Aws, instance_id: str) -> list[str]:
     block = re.search(r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
                       output, re.S)
     return re.findall(r"SHA256:[A-Za-z0-9+/]+", block.group(1)) if block else []
+
+
+def set_autostop(aws: Aws, name: str, config, log: Log = print) -> Instance:
+    """Record the autostop setting on the instance (tag) and make EC2's shutdown behaviour match it."""
+    inst = only_instance(aws, name)
+    if inst.lifecycle == "spot" and config.action == "stop":
+        log("note: a one-time spot instance always terminates when it shuts down")
+    else:
+        aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
+                 Attribute="instanceInitiatedShutdownBehavior", Value=config.action)
+    aws.call("ec2", "create_tags", Resources=[inst.instance_id], Tags=[{"Key": TAG_AUTOSTOP, "Value": config.tag}])
+    return describe_instance(aws, inst.instance_id)

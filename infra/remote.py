@@ -48,6 +48,10 @@ class HostKeyMismatch(UserError):
     pass
 
 
+class ConnectionLost(UserError):
+    """The SSH connection dropped; whatever was started detached on the machine goes on."""
+
+
 @dataclass
 class Endpoint:
     name: str
@@ -213,7 +217,7 @@ class Remote:
                 raise UserError(f"on {self.ep.name}: `{command[:80]}` timed out after {timeout}s") from None
             if isinstance(e, (OSError, paramiko.SSHException, EOFError)):
                 self.close()
-                raise UserError(f"lost the SSH connection to {self.ep.name} ({e})") from None
+                raise ConnectionLost(f"lost the SSH connection to {self.ep.name} ({e})") from None
             raise
 
     # ------------------------------------------------------------------------------ ssh / rsync argv
@@ -332,6 +336,29 @@ class Remote:
                 hashes[rel[2:] if rel.startswith("./") else rel] = digest
         return hashes
 
+    # ------------------------------------------------------------------------------ push
+    def push(self, local_dir: Path, remote_dir: str, log: Log = print) -> TransferResult:
+        """Copy a local directory to the machine (each file to a temp name, then renamed)."""
+        local_dir = Path(local_dir)
+        self.run(f"mkdir -p {shlex.quote(remote_dir)}")
+        if self.has_rsync():
+            out = self._rsync(["-a", "--checksum", "--stats", "--itemize-changes", f"{local_dir}/",
+                               f"{self.target()}:{remote_dir.rstrip('/')}/"])
+            files, size, changed = self._stats(out)
+            return TransferResult(files, size, "rsync", changed)
+        sftp = self.conn.sftp()
+        base = remote_dir if remote_dir.startswith("/") else posixpath.join(self._home(), remote_dir)
+        changed, size = [], 0
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            dest = posixpath.join(base, rel)
+            self._sftp_mkdirs(sftp, posixpath.dirname(dest))
+            sftp.put(str(path), f"{dest}.part-{os.getpid()}")
+            sftp.posix_rename(f"{dest}.part-{os.getpid()}", dest)
+            changed.append(rel)
+            size += path.stat().st_size
+        return TransferResult(len(changed), size, "sftp", changed)
+
     # ------------------------------------------------------------------------------ pull
     def pull(self, remote_dir: str, local_dir: Path, log: Log = print, force_sftp: bool = False) -> TransferResult:
         """Bring remote_dir's files to local_dir: incremental, each file written to a temp name and
@@ -343,6 +370,10 @@ class Remote:
         if not remote:
             raise UserError(f"{self.ep.name} has no {remote_dir}; see `mnist-cloud runs {self.ep.name}`")
         kept, replaced = [], []
+        for rel in remote:  # temp files an interrupted pull left behind (rsync's .NAME.XXXXXX, ours .NAME.part-PID)
+            path = local_dir / rel
+            for stale in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+                stale.unlink()
         for rel, (digest, mtime, _) in remote.items():
             path = local_dir / rel
             if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
@@ -422,7 +453,7 @@ class Remote:
         return {"log": f"{jobs}/{run_id}.log", "pid": f"{jobs}/{run_id}.pid", "exit": f"{jobs}/{run_id}.exit"}
 
     def start_detached(self, argv: list[str], run_id: str, env: dict[str, str] | None = None,
-                       env_files: dict[str, str] | None = None) -> int:
+                       env_files: dict[str, str] | None = None, append: bool = False) -> int:
         """Start `argv` in the work dir, detached from this SSH session (setsid nohup), with its own
         console log, pid file and exit-code file under jobs/. Returns the pid, which is also the
         process group of everything the job starts.
@@ -433,9 +464,12 @@ class Remote:
         exports = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
         exports += [f'{k}="$(cat {shlex.quote(v)})"' for k, v in (env_files or {}).items()]
         prefix = f"export {' '.join(exports)}; " if exports else ""
-        inner = f"{prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
+        # The wrapper shell traps TERM/INT (a handler, which exec resets) so that when the job's process
+        # group is signalled it outlives the trainer long enough to record the trainer's exit code.
+        inner = f"trap true TERM INT; {prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
+        redirect = ">>" if append else ">"
         cmd = (f"cd {shlex.quote(self.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && "
-               f"{{ setsid nohup sh -c {shlex.quote(inner)} > jobs/{job}.log 2>&1 < /dev/null & "
+               f"{{ setsid nohup sh -c {shlex.quote(inner)} {redirect} jobs/{job}.log 2>&1 < /dev/null & "
                f"echo $! > jobs/{job}.pid; }} && cat jobs/{job}.pid")
         return int(self.run(f"bash -c {shlex.quote(cmd)}").stdout.strip())
 
@@ -478,6 +512,9 @@ class Remote:
                     break
         finally:
             channel.close()
+        if not transport.is_active():
+            self.close()
+            raise ConnectionLost(f"lost the SSH connection to {self.ep.name} while streaming the log")
 
     def kill_job(self, run_id: str, signal_name: str = "TERM") -> bool:
         p = self.job_paths(run_id)

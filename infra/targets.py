@@ -88,11 +88,12 @@ class LocalTarget:
 class SSHTarget:
     """A named machine reached over SSH."""
 
-    def __init__(self, host: Host, remote: Remote, instance_type: str | None = None):
+    def __init__(self, host: Host, remote: Remote, instance_type: str | None = None, lifecycle: str | None = None):
         self.host = host
         self.name = host.name
         self.remote = remote
         self.instance_type = instance_type
+        self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
 
     def job_env(self) -> dict[str, str]:
         """What the trainer records about where it ran, for the report's header and cost."""
@@ -137,7 +138,8 @@ class SSHTarget:
                 expected = console_fingerprints(aws, host.instance_id) or None
             ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port,
                           alias=host.instance_id)
-            return cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type)
+            return cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
+                       lifecycle=inst.lifecycle)
         ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
         return cls(host, Remote(ep))
 
@@ -173,10 +175,27 @@ class SSHTarget:
         log(f"setting up {self.name} (first run here)")
         return self.setup(python, log)
 
-    def run(self, args: list[str], run_id: str, python: str, env: dict[str, str] | None = None) -> int:
-        """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` detached; returns its pid."""
-        argv = trainer_command(python, ["train", *args, "--run-id", run_id, "--out-dir", "runs", "--no-progress"])
-        return self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})})
+    def run(self, args: list[str], run_id: str, python: str, env: dict[str, str] | None = None,
+            resume: bool = False) -> int:
+        """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` (or `--resume runs/RUN`)
+        detached; returns its pid. On a spot instance a watcher goes with it (scripts/spot_watch.py)."""
+        where = ["--resume", f"runs/{run_id}"] if resume else ["--run-id", run_id, "--out-dir", "runs"]
+        argv = trainer_command(python, ["train", *args, *where, "--no-progress"])
+        pid = self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})},
+                                         append=resume)
+        if self.lifecycle == "spot":
+            imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
+            watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds]
+            self.remote.start_detached(watch, f"{run_id}.spot-watch")
+        return pid
+
+    def has_run(self, run_id: str) -> bool:
+        return self.remote.run(f"test -f {shlex.quote(self.remote.ep.workdir)}/runs/{shlex.quote(run_id)}/config.json",
+                               warn=True).ok
+
+    def push_run(self, local_run: Path, log=print) -> TransferResult:
+        """Copy a run directory from here to the machine (to resume it on a new instance)."""
+        return self.remote.push(local_run, f"{self.remote.ep.workdir}/runs/{local_run.name}", log=log)
 
     def logs(self, run_id: str, follow: bool) -> None:
         self.remote.stream_log(run_id, follow)

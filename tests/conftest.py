@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 from trainer.data import missing_files
@@ -68,3 +70,98 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+# ---------------------------------------------------------------------------------- the SSH test host
+LEAK_CANARY = "mc-leak-" + os.urandom(8).hex()  # made at run time, so no synced file can contain it
+
+# A moto server on 127.0.0.1 whose instances' public IP is a real OpenSSH server in a network namespace
+# (tests/sshhost.py); used by the remote and reliability tests, one of each per test module.
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    from sshhost import SSHTestHost, ensure_user, remove_user
+
+    work = tmp_path_factory.mktemp("sshhost")
+    home, created = ensure_user("ubuntu", work / "home-ubuntu")
+    shutil.rmtree(home / "mnist-cloud", ignore_errors=True)  # the "instance" starts empty
+    h = SSHTestHost(work)
+    h.home = home
+    try:
+        h.create_namespace()
+        h.start()
+        yield h
+    finally:
+        h.teardown()
+        shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
+        if created:
+            remove_user("ubuntu")
+
+
+@pytest.fixture(scope="module")
+def moto(host):
+    """A moto server on 127.0.0.1 whose instances' public IP is the SSH test host, and whose key
+    pairs are installed on that host the way EC2 installs them on an instance."""
+    from moto.ec2.models import elastic_network_interfaces, key_pairs
+    from moto.server import ThreadedMotoServer
+
+    patches = pytest.MonkeyPatch()
+    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: host.addr)
+    original_create = key_pairs.KeyPairBackend.create_key_pair
+    original_import = key_pairs.KeyPairBackend.import_key_pair
+
+    def create_and_install(self, *args, **kwargs):
+        pair = original_create(self, *args, **kwargs)
+        host.authorize(pair.material_public)
+        return pair
+
+    def import_and_install(self, key_name, public_key_material, *args, **kwargs):
+        pair = original_import(self, key_name, public_key_material, *args, **kwargs)
+        host.authorize(public_key_material)
+        return pair
+
+    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
+    patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    h, p = server.get_host_and_port()
+    yield f"http://{h}:{p}"
+    server.stop()
+    patches.undo()
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory):
+    """A copy of this checkout as the user's project, with secrets lying around in it."""
+    root = tmp_path_factory.mktemp("project") / "mnist-cloud"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
+                                                              "*.egg-info", ".pytest_cache"))
+    (root / ".env").write_text("AWS_SECRET_ACCESS_KEY=do-not-sync\n")
+    (root / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n")
+    (root / ".aws").mkdir()
+    (root / ".aws" / "credentials").write_text("[default]\naws_secret_access_key=nope\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "id_ed25519").write_text("nope")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(moto, tmp_path_factory, mnist_dir):
+    from cloud import aws_env
+
+    home = tmp_path_factory.mktemp("laptop")
+    e = aws_env(home, AWS_ENDPOINT_URL=moto, MNIST_CLOUD_REMOTE_PYTHON=sys.executable,
+                MNIST_CLOUD_IP_URL="http://127.0.0.1:9/",  # never needed: every launch passes --ssh-cidr
+                AWS_SECRET_ACCESS_KEY=LEAK_CANARY)  # must never show up on the instance
+    e["HOME_DIR"] = str(home)
+    return e
+
+
+@pytest.fixture(scope="module")
+def cli(env, mnist_cloud, code):
+    def run(*args, cwd=None, timeout=600):
+        return run_cli([*mnist_cloud, *args], env_extra=env, cwd=cwd or code, timeout=timeout)
+
+    run.home = Path(env["MNIST_CLOUD_HOME"])
+    return run
+
+

@@ -101,6 +101,7 @@ StrictModes no
 UseDNS no
 AllowTcpForwarding yes
 Subsystem sftp internal-sftp
+SetEnv MNIST_CLOUD_ROOT={self.dir}/root
 """)
         Path("/run/sshd").mkdir(exist_ok=True)
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, SSHD, "-D", "-f", str(config),

@@ -19,97 +19,12 @@ from pathlib import Path
 import pytest
 
 from cloud import aws_env, seed_dlami
-from conftest import REPO, assert_user_error, run_cli
+from conftest import LEAK_CANARY, REPO, assert_user_error, run_cli
 from sshhost import SSHTestHost, tools_available
 
 pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
 
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batch-size", "128"]
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    from sshhost import ensure_user, remove_user
-
-    work = tmp_path_factory.mktemp("sshhost")
-    home, created = ensure_user("ubuntu", work / "home-ubuntu")
-    shutil.rmtree(home / "mnist-cloud", ignore_errors=True)  # the "instance" starts empty
-    h = SSHTestHost(work)
-    h.home = home
-    try:
-        h.create_namespace()
-        h.start()
-        yield h
-    finally:
-        h.teardown()
-        shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
-        if created:
-            remove_user("ubuntu")
-
-
-@pytest.fixture(scope="module")
-def moto(host):
-    """A moto server on 127.0.0.1 whose instances' public IP is the SSH test host, and whose key
-    pairs are installed on that host the way EC2 installs them on an instance."""
-    from moto.ec2.models import elastic_network_interfaces, key_pairs
-    from moto.server import ThreadedMotoServer
-
-    patches = pytest.MonkeyPatch()
-    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: host.addr)
-    original_create = key_pairs.KeyPairBackend.create_key_pair
-    original_import = key_pairs.KeyPairBackend.import_key_pair
-
-    def create_and_install(self, *args, **kwargs):
-        pair = original_create(self, *args, **kwargs)
-        host.authorize(pair.material_public)
-        return pair
-
-    def import_and_install(self, key_name, public_key_material, *args, **kwargs):
-        pair = original_import(self, key_name, public_key_material, *args, **kwargs)
-        host.authorize(public_key_material)
-        return pair
-
-    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
-    patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    h, p = server.get_host_and_port()
-    yield f"http://{h}:{p}"
-    server.stop()
-    patches.undo()
-
-
-@pytest.fixture(scope="module")
-def code(tmp_path_factory):
-    """A copy of this checkout as the user's project, with secrets lying around in it."""
-    root = tmp_path_factory.mktemp("project") / "mnist-cloud"
-    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
-                                                              "*.egg-info", ".pytest_cache"))
-    (root / ".env").write_text("AWS_SECRET_ACCESS_KEY=do-not-sync\n")
-    (root / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n")
-    (root / ".aws").mkdir()
-    (root / ".aws" / "credentials").write_text("[default]\naws_secret_access_key=nope\n")
-    (root / "notes").mkdir()
-    (root / "notes" / "id_ed25519").write_text("nope")
-    return root
-
-
-@pytest.fixture(scope="module")
-def env(moto, tmp_path_factory, mnist_dir):
-    home = tmp_path_factory.mktemp("laptop")
-    e = aws_env(home, AWS_ENDPOINT_URL=moto, MNIST_CLOUD_REMOTE_PYTHON=sys.executable,
-                MNIST_CLOUD_IP_URL="http://127.0.0.1:9/")  # never needed: every launch passes --ssh-cidr
-    e["HOME_DIR"] = str(home)
-    return e
-
-
-@pytest.fixture(scope="module")
-def cli(env, mnist_cloud, code):
-    def run(*args, cwd=None, timeout=600):
-        return run_cli([*mnist_cloud, *args], env_extra=env, cwd=cwd or code, timeout=timeout)
-
-    run.home = Path(env["MNIST_CLOUD_HOME"])
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +64,7 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
 
 
 def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched, host):
+    assert cli("sync", launched).returncode == 0
     workdir = host.home / "mnist-cloud" / "e2e"
     assert (workdir / "trainer" / "train.py").exists()
     names = {p.name for p in workdir.rglob("*")}
@@ -179,9 +95,15 @@ def test_remote_exit_status_becomes_ours(cli, launched, mnist_dir):
     assert "unknown model 'nope'" in out.stdout
 
 
-def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir):
+def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir, host):
     out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "detached1", "--detach")
     assert out.returncode == 0 and "mnist-cloud logs e2e detached1 -f" in out.stdout
+    # AWS credentials never reach the instance: not in the trainer's environment, not in any file there
+    pid = (host.home / "mnist-cloud" / "e2e" / "jobs" / "detached1.pid").read_text().strip()
+    environ = Path(f"/proc/{pid}/environ").read_bytes() if Path(f"/proc/{pid}/environ").exists() else b""
+    assert LEAK_CANARY.encode() not in environ and b"AWS_SECRET_ACCESS_KEY" not in environ
+    leaked = subprocess.run(["grep", "-rl", LEAK_CANARY, str(host.home / "mnist-cloud")], capture_output=True, text=True)
+    assert leaked.stdout == ""
     follow = cli("logs", launched, "detached1", "-f")
     assert follow.returncode == 0 and "test accuracy" in follow.stdout and "finished with exit 0" in follow.stdout
     pulled = cli("pull", launched, "detached1")

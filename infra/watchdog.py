@@ -1,0 +1,102 @@
+"""Install the autostop watchdog (scripts/autostop.py) on a machine: as cloud-init user data at launch,
+or over SSH with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from infra.errors import UserError
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "autostop.py"
+SPOT_WATCH = Path(__file__).resolve().parent.parent / "scripts" / "spot_watch.py"
+
+UNITS = {
+    "mnist-cloud-autostop.service": """[Unit]
+Description=mnist-cloud autostop check
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/python3 /usr/local/bin/mnist-cloud-autostop
+""",
+    "mnist-cloud-autostop.timer": """[Unit]
+Description=mnist-cloud autostop, every minute
+
+[Timer]
+OnBootSec=2min
+OnUnitActiveSec=1min
+AccuracySec=10s
+
+[Install]
+WantedBy=timers.target
+""",
+}
+
+
+@dataclass
+class AutostopConfig:
+    idle_minutes: float = 30
+    action: str = "stop"  # "stop" or "terminate": what EC2 does on the instance's own shutdown
+    after_train: bool = False
+    enabled: bool = True
+
+    @property
+    def tag(self) -> str:
+        if not self.enabled:
+            return "off"
+        parts = [f"{self.idle_minutes:g}m" if self.idle_minutes else "", "after-train" if self.after_train else ""]
+        return "+".join(p for p in parts if p) + f":{self.action}"
+
+
+def read_source(path: Path = SCRIPT) -> str:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: mnist-cloud installs its watchdog from the checkout's scripts/")
+    return path.read_text()
+
+
+def installer(config: AutostopConfig) -> str:
+    """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd).
+
+    $MNIST_CLOUD_ROOT relocates every file (the tests install into a temp dir)."""
+    source = read_source()
+    units = "".join(f"cat > \"$ROOT/etc/systemd/system/{name}\" <<'MNIST_CLOUD_UNIT'\n{text}MNIST_CLOUD_UNIT\n"
+                    for name, text in UNITS.items())
+    return f"""#!/bin/bash
+# mnist-cloud: install the autostop watchdog (idempotent)
+set -e
+ROOT="${{MNIST_CLOUD_ROOT:-}}"
+mkdir -p "$ROOT/etc/mnist-cloud" "$ROOT/var/lib/mnist-cloud" "$ROOT/usr/local/bin" "$ROOT/var/log"
+cat > "$ROOT/usr/local/bin/mnist-cloud-autostop" <<'MNIST_CLOUD_SCRIPT'
+{source}MNIST_CLOUD_SCRIPT
+chmod 755 "$ROOT/usr/local/bin/mnist-cloud-autostop"
+cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
+{json.dumps(asdict(config))}
+MNIST_CLOUD_CONFIG
+rm -f "$ROOT/var/lib/mnist-cloud/autostop-state.json"  # the idle clock starts now
+if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+mkdir -p "$ROOT/etc/systemd/system"
+{units}systemctl daemon-reload
+systemctl enable --now mnist-cloud-autostop.timer >/dev/null 2>&1
+echo "mnist-cloud autostop: systemd timer installed ({config.tag})"
+else
+mkdir -p "$ROOT/etc/cron.d"
+echo "* * * * * root MNIST_CLOUD_ROOT=$ROOT /usr/bin/python3 $ROOT/usr/local/bin/mnist-cloud-autostop >> $ROOT/var/log/mnist-cloud-autostop.log 2>&1" > "$ROOT/etc/cron.d/mnist-cloud-autostop"
+echo "mnist-cloud autostop: cron entry installed ({config.tag})"
+fi
+"""
+
+
+def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:
+    """Upload and run the installer as root (sudo -n when not root). Returns its output line."""
+    import shlex
+
+    script = installer(config)
+    path = f"/tmp/mnist-cloud-autostop-install-{config.tag.replace(':', '-').replace('+', '-')}.sh"
+    sftp = remote.conn.sftp()  # Fabric caches this client: do not close it
+    with sftp.open(path, "w") as f:
+        f.write(script)
+    env = f"MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
+    sudo = "" if remote.run("id -u").stdout.strip() == "0" else "sudo -n "
+    out = remote.run(f"{sudo}env {env}bash {path}; rc=$?; rm -f {path}; exit $rc", timeout=60)
+    return out.stdout.strip()

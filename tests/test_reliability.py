@@ -1,0 +1,383 @@
+"""Fault injection and cost safety, end to end with the real sshd and moto server: each test asserts
+that nothing is lost."""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud import seed_dlami
+from conftest import REPO, assert_user_error
+from sshhost import tools_available
+
+pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
+
+# ~5 s epochs on 2 CPU cores: long enough to interrupt in the middle
+LONG = ["--epochs", "3", "--train-limit", "6144", "--eval-limit", "500", "--no-report"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------- the watchdog's policy
+NOW = 100_000.0
+
+
+@pytest.mark.parametrize("case,config,state,trainer,ptys,expected", [
+    ("just booted", {"idle_minutes": 30}, {}, False, 0, None),
+    ("idle long enough", {"idle_minutes": 30}, {"last_active": 0}, False, 0, "shutdown"),
+    ("idle, not yet", {"idle_minutes": 30}, {"last_active": NOW - 29 * 60}, False, 0, None),
+    ("training", {"idle_minutes": 30}, {"last_active": 0}, True, 0, None),
+    ("someone logged in", {"idle_minutes": 30}, {"last_active": 0}, False, 1, None),
+    ("disabled", {"idle_minutes": 30, "enabled": False}, {"last_active": 0}, False, 0, None),
+    ("zero minutes = never", {"idle_minutes": 0}, {"last_active": 0}, False, 0, None),
+    ("after a run ends", {"idle_minutes": 0, "after_train": True}, {"last_active": NOW - 10, "seen_trainer": True},
+     False, 0, "shutdown"),
+    ("after_train waits for a run", {"idle_minutes": 0, "after_train": True}, {"last_active": 0}, False, 0, None),
+    ("after_train, run still going", {"idle_minutes": 0, "after_train": True}, {"seen_trainer": True}, True, 0, None),
+])
+def test_watchdog_decision(case, config, state, trainer, ptys, expected):
+    autostop = load_script("autostop")
+    action, new_state, reason = autostop.decide(NOW, config, state, trainer, ptys)
+    assert action == expected, (case, reason)
+    if trainer or ptys:
+        assert new_state["last_active"] == NOW  # activity resets the idle clock
+    if trainer:
+        assert new_state["seen_trainer"]
+
+
+@pytest.fixture(scope="module")
+def launched(cli, moto):
+    import urllib.request as u
+
+    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "rel", "--ssh-cidr", "192.0.2.10/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return "rel"
+
+
+def remote_dir(host, name="rel") -> Path:
+    return host.home / "mnist-cloud" / name
+
+
+def wait_for(predicate, timeout=180, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def epochs_written(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
+
+
+# ---------------------------------------------------------------------------------- the watchdog, for real
+def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir, env):
+    """The real script on the test host, a fake `shutdown` on PATH: it fires after the idle time, and
+    never while a run or an interactive (pty) session is alive."""
+    from infra.remote import Endpoint, Remote
+    from infra.state import State
+    from infra.watchdog import AutostopConfig, install_over_ssh
+
+    root = tmp_path / "root"
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    fired = tmp_path / "shutdown-called"
+    (fakebin / "shutdown").write_text(f"#!/bin/sh\necho \"$@\" >> {fired}\n")
+    (fakebin / "shutdown").chmod(0o755)
+
+    os.environ["MNIST_CLOUD_HOME"] = env["MNIST_CLOUD_HOME"]
+    h = State().get(launched)
+    ep = Endpoint(name=launched, host=h.host, user=h.user, key_path=h.key_path, alias=h.instance_id)
+    with Remote(ep) as remote:
+        out = install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # 3 s
+        assert "cron entry installed" in out
+        assert (root / "etc/cron.d/mnist-cloud-autostop").read_text().startswith("* * * * * root")
+        check = (f"MNIST_CLOUD_ROOT={root} PATH={fakebin}:$PATH python3 {root}/usr/local/bin/mnist-cloud-autostop")
+
+        def tick():
+            return remote.run(check).stdout
+
+        assert "idle for" in tick() and not fired.exists()  # the first look starts the clock
+        time.sleep(3.5)
+        assert "-> shutdown" in tick() and fired.read_text().startswith("-h now")
+
+        # a training run keeps it up
+        fired.unlink()
+        install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))
+        start = cli("train", "--on", launched, *LONG, "--epochs", "2", "--data-dir", str(mnist_dir),
+                    "--run-id", "busy", "--detach")
+        assert start.returncode == 0, start.stderr
+        wait_for(lambda: "a trainer is running" in tick(), timeout=60, step=0.5)
+        for _ in range(4):
+            time.sleep(1)
+            assert "a trainer is running" in tick()
+        wait_for(lambda: (remote_dir(host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
+        assert not fired.exists()
+
+        # an interactive session (a pty) keeps it up; a tunnel-like session without one does not count
+        pty = subprocess.Popen([*remote.ssh_argv(tty=True), "-tt", remote.target(), "sleep 60"],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any(p.name.isdigit() for p in Path("/dev/pts").iterdir()), timeout=30)
+            if fired.exists():
+                fired.unlink()
+            install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # restart the clock
+            assert "interactive session" in tick()
+            time.sleep(3.5)
+            assert "interactive session" in tick() and not fired.exists()
+        finally:
+            pty.kill()
+            pty.wait()
+        time.sleep(0.5)
+        tick()
+        time.sleep(3.5)
+        assert "-> shutdown" in tick() and fired.exists()
+
+
+def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto):
+    import boto3
+
+    out = cli("autostop", launched, "-i", "10", "--down")
+    assert out.returncode == 0, out.stderr
+    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+                       aws_secret_access_key="t")
+    iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+               if any(t["Value"] == launched for t in i.get("Tags", [])) and i["State"]["Name"] == "running")
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+    assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    assert cli("autostop", launched, "--cancel").returncode == 0
+    assert " off" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    assert_user_error(cli("autostop", launched), "-i MIN")
+
+
+def test_launch_installs_the_watchdog_by_user_data(cli, launched, moto):
+    import base64
+
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+                       aws_secret_access_key="t")
+    iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+               if any(t["Value"] == launched for t in i.get("Tags", [])))
+    data = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]
+    script = base64.b64decode(data).decode()
+    assert "mnist-cloud-autostop" in script and '"idle_minutes": 30' in script and "systemctl enable --now" in script
+
+
+# ---------------------------------------------------------------------------------- fault injection
+def test_1_ssh_connection_killed_mid_training(cli, launched, host, mnist_cloud, code, env, mnist_dir):
+    proc = subprocess.Popen([*mnist_cloud, "train", "--on", launched, *LONG, "--data-dir", str(mnist_dir),
+                             "--run-id", "cut"], cwd=code, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = remote_dir(host) / "runs" / "cut"
+    wait_for(lambda: epochs_written(run_dir) == [1])
+    host.kill_connections()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "keeps training on rel" in err + out, (out, err)
+    follow = cli("logs", launched, "cut", "-f")  # reattach: streams to the end
+    assert follow.returncode == 0 and "Epoch: 3 |" in follow.stdout and "finished with exit 0" in follow.stdout
+    pulled = cli("pull", launched, "cut")
+    assert pulled.returncode == 0
+    assert epochs_written(code / "runs" / "cut") == [1, 2, 3]
+
+
+def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched, host, code, mnist_dir):
+    start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "killed", "--detach")
+    assert start.returncode == 0, start.stderr
+    run_dir = remote_dir(host) / "runs" / "killed"
+    wait_for(lambda: epochs_written(run_dir) == [1])
+    time.sleep(1.0)  # into epoch 2
+    # the trainer itself, not its wrapper shell (which must live on to record the exit code)
+    pids = subprocess.run(["pgrep", "-f", r"^\S*python\S* -m trainer train .*--run-id killed"],
+                          capture_output=True, text=True)
+    assert pids.stdout.split(), "trainer process not found"
+    for pid in pids.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: (remote_dir(host) / "jobs" / "killed.exit").exists(), timeout=30)
+    assert (remote_dir(host) / "jobs" / "killed.exit").read_text().strip() == "137"
+    resumed = cli("train", "--on", launched, "--resume", "killed")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "at the end of epoch 1" in resumed.stdout
+    assert epochs_written(code / "runs" / "killed") == [1, 2, 3]  # every epoch exactly once
+
+
+class FakeImds:
+    """The instance metadata service, IMDSv2 only, on the host side of the test host's veth pair."""
+
+    def __init__(self, address: str):
+        self.notice = None
+        self.token = "imds-token-" + os.urandom(4).hex()
+        self.unauthorized = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    self._reply(200, outer.token)
+                else:
+                    self._reply(400, "")
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != outer.token:
+                    outer.unauthorized += 1
+                    return self._reply(401, "")
+                if self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
+                    return self._reply(200, json.dumps(outer.notice))
+                self._reply(404, "")
+
+            def _reply(self, code, body):
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://{address}:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, code, mnist_dir, mnist_cloud, env):
+    imds = FakeImds(f"{host.subnet}.1")
+    try:
+        out = cli("launch", "--instance", "g4dn.xlarge", "--name", "spot", "--spot", "--ssh-cidr", "192.0.2.10/32")
+        assert out.returncode == 0 and ", spot)" in out.stdout, out.stdout + out.stderr
+        run_env = {**os.environ, **env, "MNIST_CLOUD_IMDS_URL": imds.url}
+        proc = subprocess.Popen([*mnist_cloud, "train", "--on", "spot", *LONG, "--data-dir", str(mnist_dir),
+                                 "--run-id", "preempted"], cwd=code, env=run_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        run_dir = remote_dir(host, "spot") / "runs" / "preempted"
+        wait_for(lambda: epochs_written(run_dir) == [1])
+        noticed = time.monotonic()
+        imds.notice = {"action": "terminate", "time": "2026-11-22T12:00:00Z"}
+        watch_log = remote_dir(host, "spot") / "jobs" / "preempted.spot-watch.log"
+        try:
+            wait_for(lambda: json.loads((run_dir / "config.json").read_text())["status"] == "interrupted", timeout=30)
+        except AssertionError:
+            raise AssertionError(f"no interruption; spot watcher said: "
+                                 f"{watch_log.read_text() if watch_log.exists() else '(no log)'}") from None
+        assert time.monotonic() - noticed < 5 + 10  # one 5 s poll, then the checkpoint within 10 s
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+        assert "--resume preempted" in out
+        local = code / "runs" / "preempted"
+        assert (local / "last.pt").exists() and json.loads((local / "config.json").read_text())["status"] == "interrupted"
+        assert imds.unauthorized == 0  # every GET carried the IMDSv2 token
+
+        imds.notice = None
+        resumed = subprocess.run([*mnist_cloud, "train", "--on", "spot", "--resume", "preempted"], cwd=code,
+                                 env=run_env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert epochs_written(local) == [1, 2, 3]
+        events = [r for r in map(json.loads, (local / "metrics.jsonl").read_text().splitlines()) if "event" in r]
+        stopped, restarted = events[-2], events[-1]
+        assert stopped["event"] == "interrupted" and restarted["event"] == "resumed"
+        # it continued exactly where it stopped: the same step of the same epoch, nothing redone
+        if "step" in stopped["at"]:
+            epoch, step = map(int, stopped["at"].replace("epoch ", "").split(" step "))
+            assert (restarted["epoch"], restarted["step"]) == (epoch, step) and step > 0
+        else:
+            assert (restarted["epoch"], restarted["step"]) == (int(stopped["at"].split()[-1]) + 1, 0)
+    finally:
+        imds.close()
+        cli("down", "spot", "--yes")
+
+
+def test_resume_on_a_new_instance_pushes_the_local_run(cli, launched, host, code, mnist_dir):
+    """The instance is gone (here: its work dir wiped), the laptop still has the run: it goes up first."""
+    start = cli("train", "--on", launched, *LONG, "--epochs", "2", "--data-dir", str(mnist_dir),
+                "--run-id", "moved", "--stop-after", "1")
+    assert start.returncode == 0, start.stdout + start.stderr
+    import shutil
+
+    shutil.rmtree(remote_dir(host) / "runs" / "moved")
+    resumed = cli("train", "--on", launched, "--resume", "moved")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "pushed the local copy" in resumed.stdout
+    assert epochs_written(code / "runs" / "moved") == [1, 2]
+
+
+def test_4_interrupted_pull_leaves_no_half_file(cli, launched, host, code, mnist_cloud, env):
+    run_dir = remote_dir(host) / "runs" / "killed"
+    big = run_dir / "big.bin"
+    with open(big, "wb") as f:
+        f.write(os.urandom(400 * 1024 * 1024))
+    try:
+        local = code / "runs" / "killed"
+        proc = subprocess.Popen([*mnist_cloud, "pull", launched, "killed"], cwd=code, env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        wait_for(lambda: any(p.name.startswith(".big.bin") for p in local.iterdir()) or proc.poll() is not None,
+                 timeout=60, step=0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (local / "big.bin").exists()  # never a half file under its real name
+        again = cli("pull", launched, "killed")
+        assert again.returncode == 0, again.stderr
+        assert (local / "big.bin").stat().st_size == big.stat().st_size
+    finally:
+        big.unlink()
+        for p in (code / "runs" / "killed").glob("*big.bin*"):
+            p.unlink()
+
+
+def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch):
+    from moto import mock_aws
+
+    from cloud import aws_env
+    from infra import provision as P
+    from infra.aws import Aws
+    from infra.state import State
+
+    for k, v in aws_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        seed_dlami()
+        aws = Aws()
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt  # the user hits Ctrl-C while we wait for the instance
+
+        real_wait = aws.wait
+        aws.wait = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            P.launch(aws, P.LaunchSpec(name="ctrlc", instance_type="g4dn.xlarge", ssh_cidr="192.0.2.1/32"),
+                     log=lambda m: None)
+        aws.wait = real_wait
+        ec2 = aws.client("ec2")
+        instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+        assert len(instances) == 1
+        assert {t["Key"]: t["Value"] for t in instances[0]["Tags"]}["mnist-cloud:name"] == "ctrlc"  # tagged at birth
+        assert State().get("ctrlc").instance_id == instances[0]["InstanceId"]
+        report = P.down(aws, "ctrlc", log=lambda m: None)
+        assert report.terminated == [instances[0]["InstanceId"]]
+        assert [i["State"]["Name"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == ["terminated"]
+
+
+def test_down_last(cli, launched):
+    assert cli("down", launched, "--yes").returncode == 0

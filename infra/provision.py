@@ -360,10 +360,10 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     state = state or State()
     if spec.disk_gb < 8 or spec.disk_gb > 16384:
         raise UserError(f"--disk-gb must be between 8 and 16384, got {spec.disk_gb}")
+    info = instance_type_info(aws, spec.instance_type)
     cidr = normalize_cidr(spec.ssh_cidr) if spec.ssh_cidr else detect_public_ip()
     if cidr in ("0.0.0.0/0", "::/0"):
         log(f"WARNING: --ssh-cidr {cidr} opens SSH to the whole internet; prefer your own /32")
-    info = instance_type_info(aws, spec.instance_type)
     price = hourly_price(spec.instance_type)
     log(f"instance type {info.name}: {info.architecture}, {info.vcpus} vCPUs, "
         f"{info.gpus or 'no GPU (training runs on its CPU)'}, "

@@ -51,6 +51,8 @@ def aws_env(tmp_path, **extra) -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
         "MNIST_CLOUD_HOME": str(tmp_path / "mnist-cloud-home"),
+        # the what-is-my-IP lookup goes to a closed loopback port unless a test serves one: never the internet
+        "MNIST_CLOUD_IP_URL": "http://127.0.0.1:9/",
     }
     env.update(extra)
     return env

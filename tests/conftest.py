@@ -44,6 +44,8 @@ def isolated_env(tmp_path, monkeypatch):
     """No test reads or writes the developer's cache, and none can reach a real mirror."""
     monkeypatch.setenv("MNIST_CLOUD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MNIST_MIRRORS", "http://127.0.0.1:9/")  # discard port: refused at once
+    monkeypatch.setenv("MNIST_CLOUD_IP_URL", "http://127.0.0.1:9/")  # never ask the internet who we are
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # botocore must not probe 169.254.169.254
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import boto3
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -120,6 +121,9 @@ class Aws:
             except EndpointConnectionError as e:
                 raise CloudError(f"cannot reach AWS at {e.kwargs.get('endpoint_url')}: check the network "
                                  "and --region", "EndpointConnectionError") from None
+            except (BotoCoreError, ResponseParserError) as e:  # e.g. an answer botocore cannot parse
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CloudError(f"AWS {operation} failed: {first}", type(e).__name__) from None
         raise AssertionError("unreachable")
 
     def paginate(self, service: str, operation: str, key: str, **kwargs) -> list:

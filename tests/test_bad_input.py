@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from cloud import aws_env, seed_dlami
+from cloud import aws_env, moto_server, seed_dlami
 from conftest import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mnist_cloud, mnist_dir):
     """A moto server with one launched instance, a finished local run, and some broken files."""
-    from moto.server import ThreadedMotoServer
+    with moto_server() as endpoint:
+        yield from _world(endpoint, tmp_path_factory, mnist_cloud, mnist_dir)
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+
+def _world(endpoint, tmp_path_factory, mnist_cloud, mnist_dir):
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).read()
     seed_dlami()
     root = tmp_path_factory.mktemp("bad-input")
@@ -57,7 +56,6 @@ def world(tmp_path_factory, mnist_cloud, mnist_dir):
     yield {"root": root, "env": env, "endpoint": endpoint, "closed_port": closed_port,
            "busy_port": busy.getsockname()[1]}
     busy.close()
-    server.stop()
 
 
 def snapshot(world) -> dict:

@@ -12,18 +12,14 @@ import urllib.request
 import pytest
 
 from cloud import DLAMI_ID, aws_env, seed_dlami
+from cloud import moto_server as cloud_moto_server
 from conftest import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def moto_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with cloud_moto_server() as url:  # instances' public IPs are loopback: nothing here leaves the machine
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +48,9 @@ def cloud(moto_server, ip_service, tmp_path, mnist_cloud):
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=moto_server, MNIST_CLOUD_IP_URL=ip_service)
 
     def run(*args, extra_env=None):
+        if args and args[0] == "launch":
+            # no SSH here: moto's instances have made-up public IPs that must never be contacted
+            args = (*args, "--no-wait-ssh")
         return run_cli([*mnist_cloud, *args], env_extra={**env, **(extra_env or {})}, cwd=tmp_path)
 
     run.home = tmp_path / "mnist-cloud-home"

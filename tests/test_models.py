@@ -83,3 +83,16 @@ def test_layer_table_totals_and_macs():
 def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model 'resnet'.*net8k"):
         get_spec("resnet")
+
+
+def test_model_recipe_fills_only_the_flags_not_typed():
+    import argparse
+
+    from trainer.cli import apply_recipe
+
+    ns = argparse.Namespace(model="net20k", rotate=5.0, translate=0.0, scale=0.0, resume=None)
+    apply_recipe(ns, explicit={"model", "rotate"})
+    assert (ns.rotate, ns.translate, ns.scale) == (5.0, 0.1, 0.1)
+    ns = argparse.Namespace(model="net8k", rotate=7.0, translate=0.0, scale=0.0, resume=None)
+    apply_recipe(ns, explicit=set())
+    assert (ns.rotate, ns.translate, ns.scale) == (7.0, 0.0, 0.0)  # net8k's recipe is the defaults

@@ -117,6 +117,9 @@ def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, mnist_di
     run_dir = tmp_path / "runs" / "c"
     last = run_dir / "last.pt"
     last.write_bytes(last.read_bytes()[:300])  # truncated, as a bad copy would leave it
+    # best.pt may hold epoch 2 too (when validation improved), and would then rightly be preferred:
+    # damage it as well, so that only prev.pt (epoch 1) is left to resume from
+    (run_dir / "best.pt").write_bytes(b"garbage")
     result = fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume"})
     assert result["status"] == "completed" and result["epochs"] == 3
     err = capfd.readouterr().err

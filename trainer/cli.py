@@ -34,6 +34,18 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
+    """A model's measured recipe (ModelSpec.recipe) fills in the flags the user did not type."""
+    from trainer.models import REGISTRY
+
+    spec = REGISTRY.get(getattr(args, "model", None) or "")
+    if spec is None or getattr(args, "resume", None):  # a resumed run keeps its saved config
+        return
+    for key, value in spec.recipe.items():
+        if key not in explicit:
+            setattr(args, key, value)
+
+
 def cmd_train(argv: list[str]) -> int:
     from trainer.config import from_namespace
     from trainer.train import fit
@@ -45,6 +57,7 @@ def cmd_train(argv: list[str]) -> int:
     for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(explicit_parser.parse_args(argv)))
+    apply_recipe(args, explicit)
     if args.dry_run:
         args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
         if "run_id" not in explicit:

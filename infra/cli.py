@@ -26,6 +26,11 @@ DEFAULT_NAME = "mnist"
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no abbreviations: unknown flags go on to the trainer, so `--seed` must never become `--seeds`
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, help_text in TRAINER_COMMANDS.items():
         sub.add_parser(name, add_help=False, help=help_text)
+    sub.add_parser("sweep", add_help=False,
+                   help="run a grid of models x seeds x --set values, locally or across machines, and summarize")
     p = sub.add_parser("report", help="(re)generate a run's report.html; --open shows it")
     p.add_argument("run", help="run directory, runs/<run-id>")
     p.add_argument("--open", action="store_true", help="open it in the system browser, if there is one")
@@ -85,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--down", action="store_true", help="autostop terminates instead of stopping")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
+    p.add_argument("--nodes", type=int, default=1, metavar="K",
+                   help="a cluster of K instances in a cluster placement group, open to each other only (default: 1)")
 
     p = sub.add_parser("attach", parents=aws, help="adopt an existing EC2 instance or any SSH host under a name",
                        description="`attach i-0123...` adopts an EC2 instance; `attach --host USER@HOST[:PORT] --key "
@@ -167,6 +176,10 @@ runs/<run-id>/ back here. Ctrl-C stops the streaming, not the training.
 
   --on NAME       a machine from `mnist-cloud launch` or `mnist-cloud attach`
   --detach        return as soon as the run has started
+  --gpus N|all    torchrun --nproc_per_node N on the machine (DDP; N CPU processes where there is no GPU)
+  --nodes K       torchrun across the K machines of a cluster (`launch --nodes K`), rendezvous at node 0
+  --env K=V       environment for the remote job, e.g. --env NCCL_DEBUG=INFO (repeatable)
+  --resume RUN    continue RUN from its last checkpoint (pushed from here if the machine lacks it)
   --python PATH   interpreter on the machine (default: $MNIST_CLOUD_REMOTE_PYTHON, else setup's choice)
   --code DIR      checkout to sync (default: the current directory)
   --region R, --profile P   AWS settings for an EC2 machine
@@ -195,66 +208,121 @@ def cmd_train(rest: list[str]) -> int:
     return remote_train(on, rest, detach=detach, python=python, code=code, region=region, profile=profile)
 
 
-def remote_train(name: str, rest: list[str], detach: bool, python: str | None, code: str | None,
-                 region: str | None, profile: str | None) -> int:
+def sweep_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="mnist-cloud sweep",
+               description="Expand a grid (models x seeds x --set values), run it locally (--local) or on "
+                           "machines (--on NAME[,NAME2]: a queue per machine, one run per GPU at a time), retry a "
+                           "failed run once, pull every run, and print min/median/max test accuracy per "
+                           "configuration. Any other flag goes to every run's trainer.",
+               epilog="example: mnist-cloud sweep --local --seeds 1,2,3 --model net8k,seed001 --set lr=0.05,0.1 --epochs 15")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--on", metavar="NAME[,NAME2...]", help="machines to run on")
+    where.add_argument("--local", action="store_true", help="run here, one after the other")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--model", help="comma-separated models (default: the trainer's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a trainer flag and its values, e.g. --set lr=0.05,0.1 (repeatable)")
+    p.add_argument("--max-cost", type=float, metavar="USD", help="refuse to start if the estimate exceeds this")
+    p.add_argument("--epoch-seconds", type=float, default=6.0,
+                   help="assumed seconds per epoch on a machine, for the estimate (default: %(default)s, a g4dn-class GPU)")
+    p.add_argument("--name", default=None, help="sweep name, the prefix of its run ids (default: sweep-<time>)")
+    p.add_argument("--to", default="runs", metavar="DIR", help="local runs directory (default: %(default)s)")
+    p.add_argument("--python", help="interpreter on the machines")
+    p.add_argument("--code", metavar="DIR", help="checkout to sync (default: the current directory)")
+    p.add_argument("--region", help="AWS region")
+    p.add_argument("--profile", help="AWS profile")
+    return p
+
+
+def cmd_sweep(rest: list[str]) -> int:
     import json
+    import time
+    from dataclasses import asdict
     from pathlib import Path
 
-    from infra.remote import ConnectionLost
-    from infra.targets import SSHTarget, code_dir, env_python, git_env, new_run_id, pop_option
+    from infra import sweep
+
+    parser = sweep_parser()
+    args, trainer_args = parser.parse_known_args(rest)
+    for flag in ("--seed", "--run-id", "--out-dir", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in trainer_args):
+            raise UserError(f"{flag} is set by the sweep itself; use --seeds / --name / --to")
+    seeds = []
+    for s in sweep.parse_list(args.seeds, "--seeds"):
+        if not s.lstrip("-").isdigit():
+            raise UserError(f"--seeds: {s!r} is not an integer")
+        seeds.append(int(s))
+    sets = {}
+    for item in args.set:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=V1,V2 (a trainer flag, e.g. lr=0.05,0.1)")
+        sets[key.lstrip("-").replace("-", "_")] = sweep.parse_list(values, f"--set {key}")
+    models = sweep.parse_list(args.model, "--model") if args.model else None
+    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    points = sweep.expand(models, seeds, sets, name)
+    runs = Path(args.to)
+    say(f"{name}: {len(points)} run(s) = {len(models or [None])} model(s) x "
+        f"{max(1, len(points) // max(1, len(seeds)) // len(models or [None]))} setting(s) x {len(seeds)} seed(s)")
+    if args.local:
+        if args.max_cost is not None:
+            say("--max-cost: a local sweep costs nothing on AWS")
+        sweep.run_local(points, trainer_args, runs, log=say)
+    else:
+        names = sweep.parse_list(args.on, "--on")
+        if args.max_cost is not None:
+            from infra.targets import SSHTarget
+
+            types = [SSHTarget.resolve(n, args.region, args.profile).instance_type or "?" for n in names]
+            hours, usd = sweep.estimate(points, trainer_args, types, slots=len(names), epoch_seconds=args.epoch_seconds)
+            say(f"estimate: {hours:.2f} h of {', '.join(types)} ~ ${usd:.2f} "
+                f"({len(points)} runs x {sweep.epochs_of(trainer_args)} epochs x {args.epoch_seconds:g} s)")
+            if usd > args.max_cost:
+                raise UserError(f"the sweep's estimate ${usd:.2f} exceeds --max-cost ${args.max_cost:.2f}; "
+                                "fewer seeds/configs, more machines, or a higher --max-cost")
+        sweep.run_remote(names, points, trainer_args, runs, log=say, python=args.python, code=args.code,
+                         region=args.region, profile=args.profile)
+    summaries = sweep.summarize(points, runs)
+    text = sweep.table(summaries)
+    say("")
+    say(text)
+    summary_file = runs / f"{name}.json"
+    summary_file.parent.mkdir(parents=True, exist_ok=True)
+    summary_file.write_text(json.dumps({"name": name, "points": [asdict(p) for p in points],
+                                        "summary": [asdict(s) for s in summaries]}, indent=2))
+    done = [str(runs / p.run_id) for p in points if p.status == "completed"]
+    if len(done) >= 2:
+        LocalTarget().run(["compare", *done, "--out", str(runs / f"{name}.html")])
+    failed = [p.run_id for p in points if p.status != "completed"]
+    say(f"summary: {summary_file}" + (f"; curves: {runs / (name + '.html')}" if len(done) >= 2 else ""))
+    if failed:
+        say(f"{len(failed)} run(s) failed twice: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def remote_train(name: str, rest: list[str], detach: bool, python: str | None, code: str | None,
+                 region: str | None, profile: str | None) -> int:
+    from pathlib import Path
+
+    from infra.runner import RemoteTrain, parse_env, train_remote
+    from infra.targets import new_run_id, pop_all, pop_option
 
     out_dir, rest = pop_option(rest, "--out-dir")
     run_id, rest = pop_option(rest, "--run-id")
     resume, rest = pop_option(rest, "--resume")
-    local_runs = Path(out_dir or "runs")
-    if resume:
-        if run_id:
-            raise UserError("--resume continues an existing run; it takes no --run-id")
-        run_id = Path(resume).name
-    run_id = run_id or new_run_id(name, rest)
-    source = code_dir(code)
-    target = SSHTarget.resolve(name, region, profile)
-    with target.remote:
-        target.remote.wait_ready(timeout=120, log=say)
-        synced = target.sync(source, log=say)
-        say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to {name}:~/{target.remote.ep.workdir}")
-        py = target.ensure_setup(python or env_python(), log=say)
-        if resume and not target.has_run(run_id):
-            local_run = Path(resume) if Path(resume).is_dir() else local_runs / run_id
-            if not (local_run / "config.json").is_file():
-                raise UserError(f"no run {run_id!r} on {name} nor in {local_runs}; `mnist-cloud runs {name}` lists them")
-            pushed = target.push_run(local_run, log=say)
-            say(f"{name} did not have {run_id} (a new instance?): pushed the local copy, {pushed.files} file(s)")
-        pid = target.run(rest, run_id, py, env=git_env(source), resume=bool(resume))
-        say(f"{'resumed' if resume else 'started'} {run_id} on {name} (pid {pid}); it runs detached and survives "
-            "this laptop disconnecting" + ("; a spot-interruption watcher runs with it" if target.lifecycle == "spot" else ""))
-        if detach:
-            say(f"follow: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
-            return 0
-        reattach = (f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
-        try:
-            target.logs(run_id, follow=True)
-            state, code_ = target.wait_finished(run_id)
-        except KeyboardInterrupt:
-            print(f"\nstopped streaming; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
-            return 130
-        except ConnectionLost as e:
-            print(f"\n{e}; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
-            return 255  # as ssh does when the connection fails
-        if run_id not in {r["run_id"] for r in target.runs()}:
-            say(f"{run_id} ended (exit {code_}) before writing a run directory; see the log above")
-            return code_ if code_ is not None else 1
-        pulled = target.pull(run_id, local_runs, log=say)
-    result_file = local_runs / run_id / "result.json"
-    if code_ is not None and code_ > 128:
-        say(f"{run_id} was interrupted (signal {code_ - 128}); its checkpoint is pulled. Continue it with: "
-            f"mnist-cloud train --on {name} --resume {run_id}")
-    elif result_file.exists():
-        result = json.loads(result_file.read_text())
-        say(f"final test accuracy {result['test_acc']:.2f}% | {pulled.files} file(s) pulled into {local_runs / run_id}")
-    else:
-        say(f"{run_id} ended with exit {code_}; partial results pulled into {local_runs / run_id}")
-    return code_ if code_ is not None else 1
+    gpus, rest = pop_option(rest, "--gpus")
+    nodes, rest = pop_option(rest, "--nodes")
+    envs, rest = pop_all(rest, "--env")
+    if resume and run_id:
+        raise UserError("--resume continues an existing run; it takes no --run-id")
+    if nodes is not None and (not nodes.isdigit() or int(nodes) < 1):
+        raise UserError(f"--nodes {nodes!r}: give the number of machines, e.g. --nodes 2")
+    job = RemoteTrain(name=name, trainer_args=rest, run_id=Path(resume).name if resume else run_id or new_run_id(name, rest),
+                      resume=resume, detach=detach, python=python, code=code, gpus=gpus,
+                      nodes=int(nodes) if nodes else None, env=parse_env(envs), local_runs=Path(out_dir or "runs"),
+                      region=region, profile=profile)
+    return train_remote(job, log=say)
 
 
 # ---------------------------------------------------------------------------------- cloud commands
@@ -299,7 +367,7 @@ def cmd_launch(args) -> int:
                       ssh_cidr=args.ssh_cidr, autostop_minutes=args.autostop,
                       autostop_action="terminate" if args.down else "stop",
                       autostop_after_train=args.autostop_after_train,
-                      wait_status_checks=not args.no_wait_checks)
+                      wait_status_checks=not args.no_wait_checks, nodes=args.nodes)
     if spec.autostop.enabled:  # cloud-init installs the watchdog at first boot: it works with the laptop closed
         spec.user_data = installer(spec.autostop)
     def wait_ssh(inst):
@@ -322,7 +390,10 @@ def cmd_launch(args) -> int:
     price = f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
     say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) at "
         f"{inst.public_ip or 'no public IP'}{price}")
-    say(f"next: mnist-cloud train --on {args.name}   |   pause: mnist-cloud stop {args.name}   |   "
+    nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""
+    if args.nodes > 1:
+        say(f"cluster: {args.nodes} nodes, node 0 = {inst.instance_id}")
+    say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
         f"delete: mnist-cloud down {args.name}")
     return 0
 
@@ -592,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command == "train":
             return cmd_train(rest)
+        if args.command == "sweep":
+            return cmd_sweep(rest)
         if args.command in TRAINER_COMMANDS:
             return LocalTarget().run([args.command, *rest])
         if rest:

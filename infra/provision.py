@@ -26,6 +26,7 @@ from infra.state import Host, State, check_key_file, keys_dir, write_private_key
 TAG_NAME = "mnist-cloud:name"
 TAG_OWNER = "mnist-cloud:owner"
 TAG_AUTOSTOP = "mnist-cloud:autostop"
+TAG_NODE = "mnist-cloud:node"
 ALIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
                   "InsufficientSpotInstanceCapacity", "Unsupported"}
@@ -233,8 +234,10 @@ def find_security_group(aws: Aws, name: str) -> dict | None:
     return groups[0] if groups else None
 
 
-def ensure_security_group(aws: Aws, name: str, owner: str, vpc_id: str, cidr: str, log: Log) -> str:
-    """The name's security group, with exactly one inbound rule: TCP 22 from `cidr`."""
+def ensure_security_group(aws: Aws, name: str, owner: str, vpc_id: str, cidr: str, log: Log,
+                          cluster: bool = False) -> str:
+    """The name's security group with exactly these inbound rules: TCP 22 from `cidr`; and for a
+    multi-node cluster, all traffic from members of this same group (rendezvous, NCCL), nothing else."""
     group = find_security_group(aws, name)
     if group is None:
         group_id = aws.call("ec2", "create_security_group", GroupName=resource_prefix(name), VpcId=vpc_id,
@@ -244,22 +247,44 @@ def ensure_security_group(aws: Aws, name: str, owner: str, vpc_id: str, cidr: st
         current = []
     else:
         group_id, current = group["GroupId"], group.get("IpPermissions", [])
-    wanted = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}
-    has_wanted = False
-    stale = []
-    for perm in current:
-        ranges = [r["CidrIp"] for r in perm.get("IpRanges", [])]
-        if perm.get("IpProtocol") == "tcp" and perm.get("FromPort") == 22 and perm.get("ToPort") == 22 \
-                and ranges == [cidr] and not perm.get("Ipv6Ranges") and not perm.get("UserIdGroupPairs"):
-            has_wanted = True
-        else:
-            stale.append(perm)
+    wanted = [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}]
+    if cluster:
+        wanted.append({"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id}]})
+
+    def key(perm: dict) -> tuple:
+        return (perm.get("IpProtocol"), perm.get("FromPort"), perm.get("ToPort"),
+                tuple(sorted(r["CidrIp"] for r in perm.get("IpRanges", []))),
+                tuple(sorted(r["CidrIpv6"] for r in perm.get("Ipv6Ranges", []))),
+                tuple(sorted(g["GroupId"] for g in perm.get("UserIdGroupPairs", []))))
+
+    have = {key(p) for p in current}
+    stale = [p for p in current if key(p) not in {key(w) for w in wanted}]
     if stale:
         aws.call("ec2", "revoke_security_group_ingress", GroupId=group_id, IpPermissions=stale)
-    if not has_wanted:
-        aws.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[wanted])
-    log(f"security group {group_id} ({resource_prefix(name)}): SSH (22) from {cidr} only")
+    missing = [w for w in wanted if key(w) not in have]
+    if missing:
+        aws.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=missing)
+    log(f"security group {group_id} ({resource_prefix(name)}): SSH (22) from {cidr} only"
+        + ("; all traffic between the cluster's own members" if cluster else ""))
     return group_id
+
+
+def ensure_placement_group(aws: Aws, name: str, owner: str, log: Log) -> str | None:
+    """A cluster placement group: the nodes land close together, for fast collective communication.
+
+    Not every instance type, region or endpoint offers one; then the cluster launches without it and
+    says so."""
+    group = resource_prefix(name)
+    try:
+        found = aws.call("ec2", "describe_placement_groups", Filters=[{"Name": "group-name", "Values": [group]}])
+        if not found.get("PlacementGroups"):
+            aws.call("ec2", "create_placement_group", GroupName=group, Strategy="cluster",
+                     TagSpecifications=[{"ResourceType": "placement-group", "Tags": tag_list(name, owner)}])
+        log(f"placement group {group}: cluster")
+        return group
+    except CloudError as e:
+        log(f"note: no cluster placement group ({e}); launching the nodes without one")
+        return None
 
 
 @dataclass
@@ -336,6 +361,7 @@ class LaunchSpec:
     autostop_after_train: bool = False
     user_data: str | None = None  # e.g. the autostop watchdog installer
     wait_status_checks: bool = True
+    nodes: int = 1  # K > 1: a cluster of K instances in one placement group
 
     @property
     def autostop(self):
@@ -370,9 +396,19 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
         f"{f'${price:.3f}/h on demand' if price is not None else 'price unknown (add it to prices.json)'}")
     owner = caller_identity(aws)
 
+    if not 1 <= spec.nodes <= 64:
+        raise UserError(f"--nodes must be between 1 and 64, got {spec.nodes}")
     alive = [i for i in find_instances(aws, spec.name) if i.state != "shutting-down"]
     if alive:
-        return _reuse(aws, spec, alive[0], cidr, owner, log, state, wait_ready)
+        if len(alive) != spec.nodes:
+            raise UserError(f"{spec.name} has {len(alive)} instance(s), not {spec.nodes}; "
+                            f"`mnist-cloud down {spec.name}` first to change --nodes")
+        nodes = [_reuse(aws, spec, inst, cidr, owner, log, state, None) for inst in alive]
+        _record_cluster(state, spec.name, nodes)
+        if wait_ready is not None:
+            for inst in nodes:
+                wait_ready(inst)
+        return nodes[0]
 
     if spec.ami:
         ami, why = spec.ami, "--ami"
@@ -382,25 +418,51 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     log(f"AMI {ami} ({image.get('Name', '?')}): {why}")
     key = ensure_key_pair(aws, spec.name, owner, log, spec.key_name, spec.key_path, spec.public_key)
     vpc = default_vpc(aws)
-    group_id = ensure_security_group(aws, spec.name, owner, vpc, cidr, log)
+    group_id = ensure_security_group(aws, spec.name, owner, vpc, cidr, log, cluster=spec.nodes > 1)
+    placement = ensure_placement_group(aws, spec.name, owner, log) if spec.nodes > 1 else None
 
-    tags = tag_list(spec.name, owner, {TAG_AUTOSTOP: spec.autostop.tag})
-    params = dict(
-        ImageId=ami, InstanceType=spec.instance_type, KeyName=key.key_name, MinCount=1, MaxCount=1,
-        SecurityGroupIds=[group_id],
-        MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "HttpEndpoint": "enabled"},
-        BlockDeviceMappings=[{"DeviceName": image.get("RootDeviceName", "/dev/sda1"),
-                              "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "Encrypted": True,
-                                      "DeleteOnTermination": True}}],
-        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
-    )
-    if spec.user_data:
-        params["UserData"] = spec.user_data
-    desc = _run_with_fallback(aws, spec, params, vpc, log)
-    inst = instance_from(desc)
-    _record(state, inst, key, aws.region)  # before waiting: a Ctrl-C from here on still leaves a record
-    log(f"launched {inst.instance_id} ({inst.lifecycle}) in {inst.zone}; waiting until it is running")
-    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+    launched = []
+    for node in range(spec.nodes):
+        extra = {TAG_AUTOSTOP: spec.autostop.tag}
+        if spec.nodes > 1:
+            extra[TAG_NODE] = str(node)
+        tags = tag_list(spec.name, owner, extra)
+        params = dict(
+            ImageId=ami, InstanceType=spec.instance_type, KeyName=key.key_name, MinCount=1, MaxCount=1,
+            SecurityGroupIds=[group_id],
+            MetadataOptions={"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "HttpEndpoint": "enabled"},
+            BlockDeviceMappings=[{"DeviceName": image.get("RootDeviceName", "/dev/sda1"),
+                                  "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "Encrypted": True,
+                                          "DeleteOnTermination": True}}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags},
+                               {"ResourceType": "volume", "Tags": tags}],
+        )
+        if placement:
+            params["Placement"] = {"GroupName": placement}
+        if spec.user_data:
+            params["UserData"] = spec.user_data
+        inst = instance_from(_run_with_fallback(aws, spec, params, vpc, log))
+        launched.append(inst)
+        if node == 0:
+            _record(state, inst, key, aws.region)  # before waiting: a Ctrl-C from here on still leaves a record
+        log(f"launched {inst.instance_id} ({inst.lifecycle}) in {inst.zone}"
+            + (f" as node {node} of {spec.nodes}" if spec.nodes > 1 else "") + "; waiting until it is running")
+    nodes = [_wait_up(aws, spec, inst.instance_id, key, log, state, None, record=(i == 0))
+             for i, inst in enumerate(launched)]
+    _record_cluster(state, spec.name, nodes)
+    if wait_ready is not None:
+        for inst in nodes:
+            wait_ready(inst)
+    return nodes[0]
+
+
+def _record_cluster(state: State, name: str, nodes: list[Instance]) -> None:
+    host = state.get(name)
+    if host is None:
+        return
+    host.extra = {**host.extra, "nodes": [i.instance_id for i in nodes]} if len(nodes) > 1 else \
+        {k: v for k, v in host.extra.items() if k != "nodes"}
+    state.put(host)
 
 
 def _shutdown_behavior(spec: LaunchSpec, spot: bool) -> str:
@@ -442,14 +504,15 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
 
 
 def _wait_up(aws: Aws, spec: LaunchSpec, instance_id: str, key: KeyInfo, log: Log, state: State,
-             wait_ready: Callable[[Instance], None] | None) -> Instance:
+             wait_ready: Callable[[Instance], None] | None, record: bool = True) -> Instance:
     aws.wait("ec2", "instance_running", f"{instance_id} to run", InstanceIds=[instance_id])
     if spec.wait_status_checks:
         log("running; waiting for the EC2 status checks")
         aws.wait("ec2", "instance_status_ok", f"{instance_id}'s status checks", delay=10, max_attempts=90,
                  InstanceIds=[instance_id])
     inst = describe_instance(aws, instance_id)
-    _record(state, inst, key, aws.region)
+    if record:
+        _record(state, inst, key, aws.region)
     if wait_ready is not None:
         wait_ready(inst)
     return inst
@@ -461,7 +524,7 @@ def _reuse(aws: Aws, spec: LaunchSpec, inst: Instance, cidr: str, owner: str, lo
     if inst.instance_type != spec.instance_type:
         log(f"note: it is a {inst.instance_type}, not {spec.instance_type}; `mnist-cloud down {spec.name}` first "
             "to change the type")
-    ensure_security_group(aws, spec.name, owner, default_vpc(aws), cidr, log)
+    ensure_security_group(aws, spec.name, owner, default_vpc(aws), cidr, log, cluster=spec.nodes > 1)
     host = state.get(spec.name)
     if host and host.key_path:
         key = KeyInfo(host.key_name or inst.key_name or "", Path(host.key_path), host.created_key)
@@ -476,48 +539,61 @@ def _reuse(aws: Aws, spec: LaunchSpec, inst: Instance, cidr: str, owner: str, lo
     if inst.state == "stopped":
         log("it was stopped; starting it")
         aws.call("ec2", "start_instances", InstanceIds=[inst.instance_id])
-    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+    node = inst.tags.get(TAG_NODE, "0")
+    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready, record=node == "0")
 
 
 # ---------------------------------------------------------------------------------- lifecycle
-def only_instance(aws: Aws, name: str) -> Instance:
+def alive_instances(aws: Aws, name: str) -> list[Instance]:
+    """Every live instance of a name, node 0 first."""
     alive = [i for i in find_instances(aws, check_name(name)) if i.state != "shutting-down"]
     if not alive:
         raise UserError(f"no instance named {name!r} in {aws.region}; see `mnist-cloud ls`")
-    return alive[0]
+    return sorted(alive, key=lambda i: int(i.tags.get(TAG_NODE, "0")))
+
+
+def only_instance(aws: Aws, name: str) -> Instance:
+    return alive_instances(aws, name)[0]
 
 
 def stop(aws: Aws, name: str, log: Log = print) -> Instance:
-    inst = only_instance(aws, name)
-    if inst.lifecycle == "spot":
+    insts = alive_instances(aws, name)
+    spot = [i.instance_id for i in insts if i.lifecycle == "spot"]
+    if spot:
         raise UserError(f"{name} is a one-time spot instance, which cannot be stopped; `mnist-cloud down {name}`")
-    if inst.state in ("stopped", "stopping"):
-        log(f"{name} ({inst.instance_id}) is already {inst.state}")
+    running = [i.instance_id for i in insts if i.state not in ("stopped", "stopping")]
+    if running:
+        aws.call("ec2", "stop_instances", InstanceIds=running)
+        log(f"stopping {name} ({', '.join(running)}); waiting")
     else:
-        aws.call("ec2", "stop_instances", InstanceIds=[inst.instance_id])
-        log(f"stopping {name} ({inst.instance_id}); waiting")
-    aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
-    return describe_instance(aws, inst.instance_id)
+        log(f"{name} ({', '.join(i.instance_id for i in insts)}) is already stopped")
+    ids = [i.instance_id for i in insts]
+    aws.wait("ec2", "instance_stopped", f"{name} to stop", InstanceIds=ids)
+    return describe_instance(aws, ids[0])
 
 
 def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, state: State | None = None,
           wait_ready=None) -> Instance:
     state = state or State()
-    inst = only_instance(aws, name)
+    insts = alive_instances(aws, name)
     cidr = normalize_cidr(ssh_cidr) if ssh_cidr else detect_public_ip()
-    ensure_security_group(aws, name, caller_identity(aws), default_vpc(aws), cidr, log)
-    if inst.state == "stopping":
-        aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
-    if inst.state in ("stopped", "stopping"):
-        aws.call("ec2", "start_instances", InstanceIds=[inst.instance_id])
-        log(f"starting {name} ({inst.instance_id}); waiting")
+    ensure_security_group(aws, name, caller_identity(aws), default_vpc(aws), cidr, log, cluster=len(insts) > 1)
+    stopping = [i.instance_id for i in insts if i.state == "stopping"]
+    if stopping:
+        aws.wait("ec2", "instance_stopped", f"{name} to stop", InstanceIds=stopping)
+    stopped = [i.instance_id for i in insts if i.state in ("stopped", "stopping")]
+    if stopped:
+        aws.call("ec2", "start_instances", InstanceIds=stopped)
+        log(f"starting {name} ({', '.join(stopped)}); waiting")
     else:
-        log(f"{name} ({inst.instance_id}) is already {inst.state}")
+        log(f"{name} is already {insts[0].state}")
     host = state.get(name)
     key = KeyInfo(host.key_name or "", Path(host.key_path), host.created_key) if host and host.key_path else \
-        KeyInfo(inst.key_name or "", keys_dir() / f"{inst.key_name}.pem", False)
-    spec = LaunchSpec(name=name, instance_type=inst.instance_type)
-    return _wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready)
+        KeyInfo(insts[0].key_name or "", keys_dir() / f"{insts[0].key_name}.pem", False)
+    spec = LaunchSpec(name=name, instance_type=insts[0].instance_type)
+    nodes = [_wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready, record=(n == 0))
+             for n, inst in enumerate(insts)]
+    return nodes[0]
 
 
 @dataclass
@@ -527,6 +603,7 @@ class DownReport:
     key_pairs: list[str] = field(default_factory=list)
     key_files: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
+    placement_groups: list[str] = field(default_factory=list)
 
 
 def _delete_group(aws: Aws, group_id: str, log: Log) -> bool:
@@ -550,6 +627,7 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
     state = state or State()
     report = DownReport()
     alive = [i for i in find_instances(aws, name)]
+    cluster = any(TAG_NODE in i.tags for i in find_instances(aws, name, include_terminated=True))
     ids = [i.instance_id for i in alive if i.state != "terminated"]
     if ids:
         aws.call("ec2", "terminate_instances", InstanceIds=ids)
@@ -561,6 +639,15 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
                                                                 {"Name": "status", "Values": ["available"]}])["Volumes"]:
         aws.call("ec2", "delete_volume", VolumeId=volume["VolumeId"])
         report.volumes.append(volume["VolumeId"])
+    if cluster:
+        try:
+            placement = aws.call("ec2", "describe_placement_groups", Filters=[
+                {"Name": "group-name", "Values": [resource_prefix(name)]}]).get("PlacementGroups", [])
+        except CloudError:
+            placement = []  # none was made (see ensure_placement_group)
+        for pg in placement:
+            aws.call("ec2", "delete_placement_group", GroupName=pg["GroupName"])
+            report.placement_groups.append(pg["GroupName"])
     group = find_security_group(aws, name)
     if group and {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(TAG_NAME) == name:
         if _delete_group(aws, group["GroupId"], log):
@@ -596,7 +683,7 @@ def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: 
               and mine({x["Key"]: x["Value"] for x in p["Tags"]})}
     for name in sorted(names):
         part = down(aws, name, log, state)
-        for key in ("terminated", "security_groups", "key_pairs", "key_files", "volumes"):
+        for key in ("terminated", "security_groups", "key_pairs", "key_files", "volumes", "placement_groups"):
             getattr(report, key).extend(getattr(part, key))
     return report
 

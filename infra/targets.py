@@ -91,6 +91,7 @@ class SSHTarget:
     def __init__(self, host: Host, remote: Remote, instance_type: str | None = None, lifecycle: str | None = None):
         self.host = host
         self.name = host.name
+        self.label = remote.ep.name  # "NAME", or "NAME/node1" for the other nodes of a cluster
         self.remote = remote
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
@@ -107,41 +108,53 @@ class SSHTarget:
                 env["MNIST_CLOUD_PRICE"] = str(price)
         return env
 
-    @classmethod
-    def resolve(cls, name: str, region: str | None = None, profile: str | None = None) -> "SSHTarget":
-        """The machine called `name`. For EC2 the address is read live (it changes on stop/start) and
-        the host key is pinned under the instance id."""
+    @staticmethod
+    def _host(name: str) -> Host:
         state = State()
         host = state.get(name)
         if host is None:
             known = ", ".join(h.name for h in state.all()) or "none yet"
             raise UserError(f"unknown name {name!r} (known: {known}); `mnist-cloud launch --name {name} ...` "
                             f"or `mnist-cloud attach ... --name {name}`")
-        expected = None
-        if host.kind == "ec2":
-            from infra.aws import Aws
-            from infra.provision import console_fingerprints, describe_instance
+        return host
 
-            aws = Aws(region=region or host.region, profile=profile)
-            inst = describe_instance(aws, host.instance_id)
+    @classmethod
+    def resolve(cls, name: str, region: str | None = None, profile: str | None = None) -> "SSHTarget":
+        """The machine called `name` (node 0 of a cluster). For EC2 the address is read live (it
+        changes on stop/start) and the host key is pinned under the instance id."""
+        return cls.resolve_cluster(name, region, profile)[0]
+
+    @classmethod
+    def resolve_cluster(cls, name: str, region: str | None = None, profile: str | None = None) -> list["SSHTarget"]:
+        """Every node of `name`, node 0 first (one for a single machine)."""
+        host = cls._host(name)
+        if host.kind != "ec2":
+            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+            return [cls(host, Remote(ep))]
+        from infra.aws import Aws
+        from infra.provision import console_fingerprints, describe_instance
+
+        aws = Aws(region=region or host.region, profile=profile)
+        targets = []
+        for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
+            inst = describe_instance(aws, instance_id)
+            label = name if node == 0 else f"{name}/node{node}"
             if inst.state in ("terminated", "shutting-down"):
-                raise UserError(f"{name}'s instance {host.instance_id} is {inst.state}; "
+                raise UserError(f"{label}'s instance {instance_id} is {inst.state}; "
                                 f"`mnist-cloud down {name}` tidies up, `mnist-cloud launch` makes a new one")
             if inst.state != "running":
-                raise UserError(f"{name} ({host.instance_id}) is {inst.state}; `mnist-cloud start {name}` first")
-            if inst.public_ip and inst.public_ip != host.host:
+                raise UserError(f"{label} ({instance_id}) is {inst.state}; `mnist-cloud start {name}` first")
+            if not inst.public_ip:
+                raise UserError(f"{label} ({instance_id}) has no public IP address")
+            if node == 0 and inst.public_ip != host.host:
                 host.host = inst.public_ip
-                state.put(host)
-            if not host.host:
-                raise UserError(f"{name} ({host.instance_id}) has no public IP address")
-            if not pinned_keys(host.instance_id):
-                expected = console_fingerprints(aws, host.instance_id) or None
-            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port,
-                          alias=host.instance_id)
-            return cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
-                       lifecycle=inst.lifecycle)
-        ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
-        return cls(host, Remote(ep))
+                State().put(host)
+            expected = None if pinned_keys(instance_id) else (console_fingerprints(aws, instance_id) or None)
+            ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
+                          alias=instance_id, workdir=f"mnist-cloud/{name}")
+            targets.append(cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
+                               lifecycle=inst.lifecycle))
+        return targets
 
     # ---------------------------------------------------------------------------------- verbs
     def sync(self, code: Path, log=print) -> TransferResult:
@@ -160,34 +173,52 @@ class SSHTarget:
         env = f"MNIST_CLOUD_PYTHON={shlex.quote(python)} " if python else ""
         res = self.remote.run(f"cd {wd} && {env}bash {SETUP_SCRIPT}", timeout=3600, warn=True, hide=True)
         for line in (res.stdout + res.stderr).splitlines():
-            log(f"  [{self.name}] {line}")
+            log(f"  [{self.label}] {line}")
         if not res.ok:
-            raise UserError(f"setup on {self.name} failed (exit {res.exited}); see the lines above")
+            raise UserError(f"setup on {self.label} failed (exit {res.exited}); see the lines above")
         chosen = self.python()
         if not chosen:
-            raise UserError(f"setup on {self.name} did not record a python; see the lines above")
+            raise UserError(f"setup on {self.label} did not record a python; see the lines above")
         return chosen
 
     def ensure_setup(self, python: str | None = None, log=print) -> str:
         current = self.python()
         if current and (python is None or current == python):
             return current
-        log(f"setting up {self.name} (first run here)")
+        log(f"setting up {self.label} (first run here)")
         return self.setup(python, log)
 
     def run(self, args: list[str], run_id: str, python: str, env: dict[str, str] | None = None,
-            resume: bool = False) -> int:
+            resume: bool = False, launcher: list[str] | None = None) -> int:
         """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` (or `--resume runs/RUN`)
-        detached; returns its pid. On a spot instance a watcher goes with it (scripts/spot_watch.py)."""
+        detached; returns its pid. `launcher` runs it under torchrun instead (its arguments, without
+        the python). On a spot instance a watcher goes with it (scripts/spot_watch.py)."""
         where = ["--resume", f"runs/{run_id}"] if resume else ["--run-id", run_id, "--out-dir", "runs"]
-        argv = trainer_command(python, ["train", *args, *where, "--no-progress"])
+        trainer_args = ["train", *args, *where, "--no-progress"]
+        if launcher:
+            argv = [python, "-m", "torch.distributed.run", *launcher, "-m", "trainer", *trainer_args]
+        else:
+            argv = trainer_command(python, trainer_args)
         pid = self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})},
                                          append=resume)
         if self.lifecycle == "spot":
             imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
-            watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds]
+            poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
+            watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
+                     "--interval", poll]
             self.remote.start_detached(watch, f"{run_id}.spot-watch")
         return pid
+
+    def gpu_count(self, python: str) -> int:
+        code = "import torch; print(torch.cuda.device_count())"
+        return int(self.remote.run(f"{shlex.quote(python)} -c {shlex.quote(code)}").stdout.strip() or 0)
+
+    def address(self) -> str:
+        """The machine's own (private) address, as its peers in a cluster reach it."""
+        out = self.remote.run("hostname -I 2>/dev/null || hostname -i").stdout.split()
+        if not out:
+            raise UserError(f"{self.name}: cannot tell its private address")
+        return out[0]
 
     def has_run(self, run_id: str) -> bool:
         return self.remote.run(f"test -f {shlex.quote(self.remote.ep.workdir)}/runs/{shlex.quote(run_id)}/config.json",
@@ -238,6 +269,22 @@ def new_run_id(name: str, trainer_args: list[str]) -> str:
             model = a.split("=", 1)[1]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return "-".join(x for x in (stamp, name, model) if x)
+
+
+def pop_all(args: list[str], flag: str) -> tuple[list[str], list[str]]:
+    """Take every `--flag VALUE` out of a pass-through argument list."""
+    values, rest, skip = [], [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+        elif a == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+            skip = True
+        elif a.startswith(flag + "="):
+            values.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return values, rest
 
 
 def pop_option(args: list[str], flag: str) -> tuple[str | None, list[str]]:

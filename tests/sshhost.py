@@ -46,16 +46,39 @@ def remove_user(name: str) -> None:
     sh("userdel", "-f", name, check=False)
 
 
+class Bridge:
+    """A switch on this machine that several test hosts plug into: they reach each other directly, as
+    the nodes of a cluster do in one subnet."""
+
+    def __init__(self):
+        self.name = f"mcbr{os.getpid() % 10000}"
+        self.subnet = f"10.78.{os.getpid() % 200 + 20}"
+
+    def create(self) -> None:
+        self.delete()
+        sh("ip", "link", "add", self.name, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.name)
+        sh("ip", "link", "set", self.name, "up")
+
+    def delete(self) -> None:
+        sh("ip", "link", "del", self.name, check=False)
+
+
 class SSHTestHost:
-    def __init__(self, workdir: Path, index: int = 0):
+    def __init__(self, workdir: Path, index: int = 0, bridge: Bridge | None = None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index = index
+        self.bridge = bridge
         tag = f"{os.getpid() % 10000}{index}"
         self.ns = f"mcns{tag}"
         self.veth_host, self.veth_ns = f"mch{tag}", f"mcn{tag}"
-        self.subnet = f"10.77.{(os.getpid() + index) % 200 + 20}"
-        self.addr = f"{self.subnet}.2"
+        if bridge:
+            self.subnet = bridge.subnet
+            self.addr = f"{bridge.subnet}.{2 + index}"
+        else:
+            self.subnet = f"10.77.{(os.getpid() + index) % 200 + 20}"
+            self.addr = f"{self.subnet}.2"
         self.authorized_keys = self.dir / "authorized_keys"
         self.authorized_keys.touch()
         self.proc: subprocess.Popen | None = None
@@ -66,10 +89,15 @@ class SSHTestHost:
         sh("ip", "netns", "add", self.ns)
         sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
         sh("ip", "link", "set", self.veth_ns, "netns", self.ns)
-        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.veth_host)
+        if self.bridge:
+            sh("ip", "link", "set", self.veth_host, "master", self.bridge.name)
+        else:
+            sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.veth_host)
         sh("ip", "link", "set", self.veth_host, "up")
-        sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/24", "dev", self.veth_ns)
-        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_ns, "up")
+        # inside, the interface is eth0, as on a cloud machine
+        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", self.veth_ns, "name", "eth0")
+        sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.addr}/24", "dev", "eth0")
+        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "eth0", "up")
         sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
 
     def delete_namespace(self) -> None:

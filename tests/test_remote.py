@@ -219,6 +219,21 @@ def test_attach_host_closed_port_records_nothing(cli, tmp_path, host):
     assert (cli.home / "state.json").read_text() == before
 
 
+def test_sweep_on_the_instance_pulls_every_run(cli, launched, code, mnist_dir, host):
+    out = cli("sweep", "--on", launched, "--seeds", "1,2", *TINY, "--no-report", "--data-dir", str(mnist_dir),
+              "--name", "rsweep")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "sweep: 2 run(s) on 1 slot(s): e2e" in out.stdout  # no GPU there: one run at a time
+    points = json.loads((code / "runs" / "rsweep.json").read_text())["points"]
+    assert [p["status"] for p in points] == ["completed", "completed"]
+    for p in points:
+        local, remote = code / "runs" / p["run_id"], host.home / "mnist-cloud" / "e2e" / "runs" / p["run_id"]
+        assert tree_hashes(local) == tree_hashes(remote)  # ran there, pulled back whole
+        assert json.loads((local / "config.json").read_text())["config"]["seed"] == p["seed"]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("defaults "))
+    assert "2/2" in line
+
+
 def test_down_after_remote_work(cli, launched):
     out = cli("down", launched, "--yes")
     assert out.returncode == 0 and "1 instance(s)" in out.stdout

@@ -179,7 +179,8 @@ def lr_curve(run: Run) -> tuple[list[float], list[float]]:
     train_n = (run.config.get("data") or {}).get("train")
     if not train_n or cfg.schedule in ("step", "plateau", "none"):
         return [r["epoch"] for r in run.rows], [r["lr"] for r in run.rows]
-    steps = steps_in_epoch(train_n, cfg.batch_size, cfg.max_steps)
+    world = (run.config.get("distributed") or {}).get("world_size", 1)
+    steps = steps_in_epoch(train_n, cfg.batch_size, cfg.max_steps, world)
     model = torch.nn.Linear(1, 1)
     optimizer = make_optimizer(cfg, model)
     scheduler, _ = make_scheduler(cfg, optimizer, steps)

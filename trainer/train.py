@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from trainer.augment import augment
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import DeviceData, Split, load_mnist, make_splits, normalize
+from trainer.distributed import Dist
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
 from trainer.models import build_model, count_params, get_spec
@@ -146,8 +147,14 @@ class Engine:
     device: torch.device
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
-    generator: torch.Generator
+    generator: torch.Generator  # batch order: the same on every rank
     scaler: torch.amp.GradScaler | None
+    dist: Dist = field(default_factory=Dist)
+    aug_generator: torch.Generator | None = None  # augmentation: per rank (defaults to `generator`)
+
+    @property
+    def aug_gen(self) -> torch.Generator:
+        return self.aug_generator or self.generator
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -158,8 +165,11 @@ class Engine:
         return normalize(images).contiguous(memory_format=self.memory_format)
 
 
-def steps_in_epoch(n: int, batch_size: int, max_steps: int | None) -> int:
-    steps = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a last batch of 1 would break BatchNorm
+def steps_in_epoch(n: int, batch_size: int, max_steps: int | None, world: int = 1) -> int:
+    if world > 1:  # every rank must take every step: no ragged last batch
+        steps = n // batch_size
+    else:
+        steps = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a last batch of 1 would break BatchNorm
     return min(steps, max_steps) if max_steps else steps
 
 
@@ -220,7 +230,9 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
     """Train `progress.epoch` from `progress.step` on; True if the epoch finished, False if stopped."""
     model.train()
     n = len(split)
-    steps = steps_in_epoch(n, cfg.batch_size, cfg.max_steps)
+    world, rank = engine.dist.world, engine.dist.rank
+    steps = steps_in_epoch(n, cfg.batch_size, cfg.max_steps, world)
+    local = cfg.batch_size // world
     aug = cfg.augment_config()
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=engine.generator, device=engine.device)
@@ -238,8 +250,10 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
     finished = True
     for step in range(progress.step, steps):
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        if world > 1:  # this rank's slice of the global batch
+            idx = idx[rank * local:(rank + 1) * local]
         x = split.images[idx].float().div_(255.0)  # [0, 1] for augmentation
-        x = engine.prepare(augment(x, aug, engine.generator))
+        x = engine.prepare(augment(x, aug, engine.aug_gen))
         y = split.labels[idx]
         with engine.autocast():
             logits = model(x)
@@ -264,7 +278,7 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
                             acc=f"{100 * (progress.correct + correct.item()) / done:.2f}%",
                             img_s=f"{rate:,.0f}", refresh=False)
             bar.update(step + 1 - bar.n)
-        if stop:
+        if engine.dist.any(bool(stop), engine.device):  # all ranks stop at the same step
             progress.step = step + 1
             finished = progress.step >= steps
             break
@@ -281,9 +295,11 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
     return finished
 
 
-def epoch_stats(progress: EpochProgress) -> dict[str, float]:
-    return {"loss": progress.loss_sum / progress.seen, "acc": 100.0 * progress.correct / progress.seen,
-            "seconds": progress.seconds, "img_per_s": progress.seen / max(progress.seconds, 1e-9)}
+def epoch_stats(progress: EpochProgress, engine: Engine) -> dict[str, float]:
+    """Loss and accuracy over the whole global batch stream (summed over ranks)."""
+    loss_sum, correct, seen = engine.dist.sum([progress.loss_sum, progress.correct, progress.seen], engine.device)
+    return {"loss": loss_sum / seen, "acc": 100.0 * correct / seen, "seconds": progress.seconds,
+            "img_per_s": seen / max(progress.seconds, 1e-9)}
 
 
 @torch.inference_mode()
@@ -322,7 +338,9 @@ def log_line(row: dict[str, Any], best_val: float | None) -> str:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def rng_state(engine: Engine) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "generator": engine.generator.get_state()}
+    state = {"torch": torch.get_rng_state(), "generator": engine.generator.get_state().cpu()}
+    if engine.aug_generator is not None:
+        state["aug_generator"] = engine.aug_generator.get_state().cpu()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -331,13 +349,15 @@ def rng_state(engine: Engine) -> dict[str, Any]:
 def restore_rng(state: dict[str, Any], engine: Engine) -> None:
     torch.set_rng_state(state["torch"].cpu())
     engine.generator.set_state(state["generator"].cpu())
+    if engine.aug_generator is not None and "aug_generator" in state:
+        engine.aug_generator.set_state(state["aug_generator"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConfig, epoch: int,
                      best_val: float | None, best_epoch: int | None, stale: int = 0,
-                     partial: dict[str, Any] | None = None) -> dict[str, Any]:
+                     partial: dict[str, Any] | None = None, rng_ranks: list | None = None) -> dict[str, Any]:
     """Everything a resume needs. `epoch` is the last *completed* epoch; `partial` is how far the
     next one got, when a run was interrupted mid-epoch."""
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -353,6 +373,8 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
         "stale": stale,
         "partial": partial,
         "rng": rng_state(engine),
+        "rng_ranks": rng_ranks,  # every rank's RNG state, for a distributed resume
+        "world_size": engine.dist.world,
         "config": dataclasses.asdict(cfg),
     }
 
@@ -397,19 +419,39 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, r
 
 
 def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
-    """Train per `cfg` and return the result written to result.json. `explicit` = flags the user typed."""
+    """Train per `cfg` and return the result written to result.json. `explicit` = flags the user typed.
+
+    Under torchrun every rank runs this; rank 0 alone owns the run directory and the console."""
+    dist = Dist.from_env()
+    try:
+        return _fit(cfg, explicit, dist)
+    finally:
+        dist.shutdown()
+
+
+def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
+    say = print if dist.main else (lambda *a, **k: None)
     run = None
-    if cfg.resume:
+    if cfg.resume and dist.main:
         cfg, run = resolve_resume(cfg, explicit)
     cfg.validate()
     spec = get_spec(cfg.model)
     if cfg.val_size == 0 and (cfg.target is not None or cfg.patience or cfg.schedule == "plateau"):
         raise UserError("--target, --patience and --schedule plateau read the validation split; "
                         "they cannot be used with --val-size 0")
+    if cfg.batch_size % dist.world:
+        raise UserError(f"--batch-size {cfg.batch_size} must divide evenly over {dist.world} processes")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
+    dist.init(device)
+    if dist.active:
+        cfg = dist.broadcast(cfg, device)  # a resumed run's config lives on rank 0's machine only
+        if not dist.main:
+            cfg = dataclasses.replace(cfg, progress=False, report=False)
+    if dist.main and os.environ.get("MNIST_CLOUD_RANK0_FILE"):  # tells `train --on --nodes` where rank 0 runs
+        Path(os.environ["MNIST_CLOUD_RANK0_FILE"]).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     torch.manual_seed(cfg.seed)  # weights and dropout
     data_dir = resolve_data_dir(cfg.data_dir)
     data: DeviceData = make_splits(load_mnist(data_dir), cfg.val_size, cfg.seed, device, cfg.train_limit,
@@ -418,6 +460,8 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
     model = spec.build()
     params = count_params(model)
     summary = format_table(layer_table(model), title=f"{cfg.model}: {spec.description}")
+    if dist.active:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout masks; DDP syncs the weights
     use_cl = use_switch(cfg.channels_last, device.type in ("cpu", "cuda"))
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
@@ -431,36 +475,45 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
         device=device, amp_dtype=amp_dtype, memory_format=memory_format,
         generator=torch.Generator(device=device).manual_seed(cfg.seed + 10_000),  # batch order + augmentation
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        dist=dist,
+        aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
     )
+    wrapped = dist.wrap(model, device)
+    model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints
     optimizer = make_optimizer(cfg, model)
-    steps = steps_in_epoch(len(data.train), cfg.batch_size, cfg.max_steps)
+    steps = steps_in_epoch(len(data.train), cfg.batch_size, cfg.max_steps, dist.world)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     start_epoch, best_val, best_epoch, stale, partial = 1, None, None, 0, None
-    if run is not None:
-        ckpt, source = load_resume_checkpoint(run, device)
+    if cfg.resume:
+        ckpt, source = load_resume_checkpoint(run, device) if dist.main else (None, None)
+        ckpt, source = dist.broadcast((ckpt, source), device)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if scheduler is not None and ckpt["scheduler_state"] is not None:
             scheduler.load_state_dict(ckpt["scheduler_state"])
         if engine.scaler is not None and ckpt.get("scaler_state"):
             engine.scaler.load_state_dict(ckpt["scaler_state"])
-        restore_rng(ckpt["rng"], engine)
+        ranks = ckpt.get("rng_ranks")
+        restore_rng(ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"], engine)
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
         stale = ckpt.get("stale", 0)
         if ckpt.get("partial"):
             partial = EpochProgress.from_state(ckpt["partial"], device)
+            if not dist.main:  # rank 0 carries the epoch's running totals (already summed over ranks)
+                partial.loss_sum, partial.correct, partial.seen = 0.0, 0, 0
         if start_epoch > cfg.epochs:
-            raise UserError(f"{run.path} already finished all {cfg.epochs} epochs; nothing to resume")
-        run.trim_metrics(ckpt["epoch"])
+            raise UserError(f"{cfg.resume} already finished all {cfg.epochs} epochs; nothing to resume")
         where = f"epoch {partial.epoch} step {partial.step}" if partial else f"the end of epoch {ckpt['epoch']}"
-        run.log(f"Resumed from {source} at {where} on {device_name(device)}")
-        run.append_metrics({"event": "resumed", "epoch": start_epoch, "from": source,
-                            "step": partial.step if partial else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        run.update_config(status="running", resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        print(f"resuming {run.path} from {source} at {where}", flush=True)
-    else:
+        if dist.main:
+            run.trim_metrics(ckpt["epoch"])
+            run.log(f"Resumed from {source} at {where} on {device_name(device)}")
+            run.append_metrics({"event": "resumed", "epoch": start_epoch, "from": source,
+                                "step": partial.step if partial else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            run.update_config(status="running", resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        say(f"resuming {cfg.resume} from {source} at {where}", flush=True)
+    elif dist.main:
         out_dir = Path(cfg.out_dir)
         cfg.run_id = cfg.run_id or rd.new_run_id(out_dir, cfg.model, cfg.seed)
         run = rd.RunDir.create(out_dir, cfg.run_id)
@@ -474,6 +527,8 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             "python": platform.python_version(),
             "device": {"type": device.type, "name": device_name(device), "amp": str(amp_dtype).replace("torch.", "")
                        if amp_dtype else None, "channels_last": use_cl},
+            "distributed": {"world_size": dist.world, "backend": ("nccl" if device.type == "cuda" else "gloo")}
+            if dist.active else None,
             "host": socket.gethostname(),
             "cloud": cloud_info(),
             "data": {"dir": str(data_dir), "train": len(data.train), "val": len(data.val) if data.val else 0,
@@ -481,20 +536,26 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
         run.write_text(rd.SUMMARY, summary + "\n")
-        print(summary, flush=True)
-        print(f"run dir: {run.path}  |  device: {device_name(device)}  |  "
-              f"train/val/test: {len(data.train)}/{len(data.val) if data.val else 0}/{len(data.test)}", flush=True)
+        say(summary, flush=True)
+        say(f"run dir: {run.path}  |  device: {device_name(device)}"
+            f"{f' x {dist.world} processes' if dist.active else ''}  |  "
+            f"train/val/test: {len(data.train)}/{len(data.val) if data.val else 0}/{len(data.test)}", flush=True)
 
     show_progress = cfg.progress and sys.stderr.isatty()
     run_started = time.perf_counter()
-    epoch_rows = run.read_epochs()
+    epoch_rows = run.read_epochs() if run is not None else []
     elapsed_before = epoch_rows[-1]["elapsed"] if epoch_rows else 0.0
     if partial:
         elapsed_before += partial.seconds
     epoch = start_epoch - 1
     stop_reason = None
 
-    def save(state: dict[str, Any], improved: bool) -> None:
+    def save(epoch_done: int, improved: bool, partial_state: dict | None = None) -> None:
+        rng_ranks = dist.gather(rng_state(engine), device) if dist.active else None  # a collective: every rank
+        if not dist.main:
+            return
+        state = checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch_done, best_val, best_epoch, stale,
+                                 partial=partial_state, rng_ranks=rng_ranks)
         # last.pt -> prev.pt first: if the new last.pt is ever damaged, resume still has the one before
         if run.file(rd.LAST).exists():
             os.replace(run.file(rd.LAST), run.file(rd.PREV))
@@ -503,14 +564,16 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             save_checkpoint(run.file(rd.BEST), state)
 
     def interrupted(stop: StopFlag, where: str) -> dict[str, Any]:
-        name = signal.Signals(stop.signal).name
-        run.append_metrics({"event": "interrupted", "signal": name, "at": where,
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        run.update_config(status="interrupted", interrupted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {run.path}"
-        run.log(msg)
-        print(msg, flush=True)
-        return {"status": "interrupted", "signal": stop.signal, "run_dir": str(run.path)}
+        name = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
+        if dist.main:
+            run.append_metrics({"event": "interrupted", "signal": name, "at": where,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            run.update_config(status="interrupted", interrupted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {run.path}"
+            run.log(msg)
+            say(msg, flush=True)
+        return {"status": "interrupted", "signal": stop.signal or signal.SIGTERM,
+                "run_dir": str(run.path) if run else None}
 
     with StopFlag() as stop:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -519,10 +582,11 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             partial = None
             if not train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine, progress,
                                    show_progress, stop):
-                save(checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch - 1, best_val, best_epoch,
-                                      stale, partial=progress.state()), improved=False)
+                sums = dist.sum([progress.loss_sum, progress.correct, progress.seen], device)
+                state = {**progress.state(), "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
+                save(epoch - 1, improved=False, partial_state=state)
                 return interrupted(stop, f"epoch {epoch} step {progress.step}")
-            train = epoch_stats(progress)
+            train = epoch_stats(progress, engine)
             val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
             test_loss, test_acc = evaluate(model, data.test, engine, cfg.eval_batch_size)
             lr = optimizer.param_groups[0]["lr"]
@@ -538,12 +602,13 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
                    "seconds": time.perf_counter() - t0, "train_seconds": train["seconds"],
                    "img_per_s": train["img_per_s"],
                    "elapsed": elapsed_before + time.perf_counter() - run_started}
-            save(checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch, best_val, best_epoch, stale), improved)
-            run.append_metrics(row)
-            line = log_line(row, best_val)
-            run.log(line)
-            print(line, flush=True)
-            if stop and epoch < cfg.epochs:  # the signal came during evaluation: the epoch is complete and saved
+            save(epoch, improved)
+            if dist.main:
+                run.append_metrics(row)
+                line = log_line(row, best_val)
+                run.log(line)
+                say(line, flush=True)
+            if dist.any(bool(stop), device) and epoch < cfg.epochs:  # signalled during evaluation: epoch saved
                 return interrupted(stop, f"the end of epoch {epoch}")
 
             if cfg.target is not None and val_acc >= cfg.target:
@@ -551,22 +616,24 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
             elif cfg.patience and stale >= cfg.patience:
                 stop_reason = f"no better validation accuracy for {stale} epochs (--patience {cfg.patience})"
             elif cfg.stop_after and epoch - start_epoch + 1 >= cfg.stop_after and epoch < cfg.epochs:
-                run.update_config(status="stopped")
-                msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
-                run.log(msg)
-                print(msg, flush=True)
-                if cfg.report:
-                    write_run_report(run)
-                return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path)}
+                if dist.main:
+                    run.update_config(status="stopped")
+                    msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
+                    run.log(msg)
+                    say(msg, flush=True)
+                    if cfg.report:
+                        write_run_report(run)
+                return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path) if run else None}
             if stop_reason:
-                run.log(f"Early stop at epoch {epoch}: {stop_reason}")
-                print(f"early stop: {stop_reason}", flush=True)
+                if dist.main:
+                    run.log(f"Early stop at epoch {epoch}: {stop_reason}")
+                say(f"early stop: {stop_reason}", flush=True)
                 break
 
     result = {
         "status": "completed",
-        "run_id": run.path.name,
-        "run_dir": str(run.path),
+        "run_id": run.path.name if run else cfg.run_id,
+        "run_dir": str(run.path) if run else None,
         "model": cfg.model,
         "params": params,
         "epochs": epoch,
@@ -575,14 +642,17 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
         "test_loss": test_loss,
         "best_val_acc": best_val,
         "best_epoch": best_epoch,
-        "seconds": run.read_epochs()[-1].get("elapsed"),
+        "seconds": run.read_epochs()[-1].get("elapsed") if run else None,
     }
+    if not dist.main:
+        dist.barrier()
+        return result
     rd.write_json(run.file(rd.RESULT), result)
     run.update_config(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     run.log(f"Test accuracy: {test_acc:.2f}% (final model, epoch {epoch})")
-    print(f"test accuracy: {test_acc:.2f}% (final model, epoch {epoch}; best val {best_val if best_val is None else f'{best_val:.2f}%'} "
-          f"at epoch {best_epoch})  |  {run.path}", flush=True)
+    say(f"test accuracy: {test_acc:.2f}% (final model, epoch {epoch}; best val {best_val if best_val is None else f'{best_val:.2f}%'} "
+        f"at epoch {best_epoch})  |  {run.path}", flush=True)
     if cfg.report:
         write_run_report(run)
+    dist.barrier()
     return result
-

@@ -1,0 +1,181 @@
+"""`mnist-cloud train --on NAME`: sync, set up, start the same `python -m trainer train` detached on the
+machine (or under torchrun: --gpus N on one machine, --nodes K across a cluster), stream rank 0's log,
+and pull runs/<run-id>/ back. The remote exit status becomes ours."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.errors import UserError
+from infra.remote import ConnectionLost
+from infra.targets import SSHTarget, code_dir, env_python, git_env
+
+RDZV_PORT = 29500
+
+
+@dataclass
+class RemoteTrain:
+    name: str
+    trainer_args: list[str]
+    run_id: str
+    resume: str | None = None  # the run to continue (its id or local path)
+    detach: bool = False
+    python: str | None = None
+    code: str | None = None
+    gpus: str | None = None  # "N" or "all": torchrun --nproc_per_node on each machine
+    nodes: int | None = None  # K: torchrun --nnodes K across the cluster called `name`
+    env: dict[str, str] = field(default_factory=dict)
+    local_runs: Path = Path("runs")
+    region: str | None = None
+    profile: str | None = None
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.replace("_", "").isalnum():
+            raise UserError(f"--env {pair!r}: expected NAME=VALUE")
+        env[key] = value
+    return env
+
+
+def nproc(target: SSHTarget, python: str, gpus: str | None) -> int | None:
+    """Processes per machine for torchrun, or None for a plain single process."""
+    if gpus is None:
+        return None
+    if gpus == "all":
+        count = target.gpu_count(python)
+        if count == 0:
+            raise UserError(f"{target.name} has no GPU that torch can see; use --gpus N to run N CPU processes")
+        return count
+    if not gpus.isdigit() or int(gpus) < 1:
+        raise UserError(f"--gpus {gpus!r}: give a number of processes per machine, or 'all'")
+    return int(gpus)
+
+
+def prepare(target: SSHTarget, job: RemoteTrain, source: Path, log) -> str:
+    target.remote.wait_ready(timeout=120, log=log)
+    synced = target.sync(source, log=log)
+    log(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
+        f"{target.name}:~/{target.remote.ep.workdir}")
+    return target.ensure_setup(job.python or env_python(), log=log)
+
+
+def ensure_run_there(target: SSHTarget, job: RemoteTrain, log) -> None:
+    """--resume on a machine that lacks the run (a new instance): push the laptop's copy first."""
+    if target.has_run(job.run_id):
+        return
+    local_run = Path(job.resume) if Path(job.resume).is_dir() else job.local_runs / job.run_id
+    if not (local_run / "config.json").is_file():
+        raise UserError(f"no run {job.run_id!r} on {job.name} nor in {job.local_runs}; "
+                        f"`mnist-cloud runs {job.name}` lists them")
+    pushed = target.push_run(local_run, log=log)
+    log(f"{job.name} did not have {job.run_id} (a new instance?): pushed the local copy, {pushed.files} file(s)")
+
+
+def train_remote(job: RemoteTrain, log=print) -> int:
+    if job.nodes and job.nodes > 1:
+        return _train_cluster(job, log)
+    source = code_dir(job.code)
+    target = SSHTarget.resolve(job.name, job.region, job.profile)
+    with target.remote:
+        py = prepare(target, job, source, log)
+        if job.resume:
+            ensure_run_there(target, job, log)
+        n = nproc(target, py, job.gpus)
+        launcher = ["--standalone", "--nproc_per_node", str(n)] if n else None
+        pid = target.run(job.trainer_args, job.run_id, py, env={**git_env(source), **job.env},
+                         resume=bool(job.resume), launcher=launcher)
+        log(f"{'resumed' if job.resume else 'started'} {job.run_id} on {job.name} (pid {pid}"
+            f"{f', torchrun x {n}' if n else ''}); it runs detached and survives this laptop disconnecting"
+            + ("; a spot-interruption watcher runs with it" if target.lifecycle == "spot" else ""))
+        return _follow(target, job, log)
+
+
+def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = ()) -> int:
+    """Stream the log until the run ends, pull it, and return the remote exit code."""
+    name, run_id = job.name, job.run_id
+    reattach = f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}"
+    if job.detach:
+        log(f"follow: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
+        return 0
+    try:
+        target.logs(run_id, follow=True)
+        _, code = target.wait_finished(run_id)
+        for other in others:  # every node's torchrun must be done too
+            _, other_code = other.wait_finished(run_id, timeout=120)
+            if code == 0 and other_code:
+                code = other_code
+    except KeyboardInterrupt:
+        print(f"\nstopped streaming; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
+        return 130
+    except ConnectionLost as e:
+        print(f"\n{e}; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
+        return 255  # as ssh does when the connection fails
+    if not target.has_run(run_id):
+        log(f"{run_id} ended (exit {code}) before writing a run directory; see the log above")
+        return code if code is not None else 1
+    pulled = target.pull(run_id, job.local_runs, log=log)
+    result_file = job.local_runs / run_id / "result.json"
+    if code is not None and code > 128:
+        log(f"{run_id} was interrupted (signal {code - 128}); its checkpoint is pulled. Continue it with: "
+            f"mnist-cloud train --on {name} --resume {run_id}")
+    elif result_file.exists():
+        result = json.loads(result_file.read_text())
+        log(f"final test accuracy {result['test_acc']:.2f}% | {pulled.files} file(s) pulled into "
+            f"{job.local_runs / run_id}")
+    else:
+        log(f"{run_id} ended with exit {code}; partial results pulled into {job.local_runs / run_id}")
+    return code if code is not None else 1
+
+
+def _train_cluster(job: RemoteTrain, log) -> int:
+    """torchrun on every node with c10d rendezvous at node 0; stream and pull the node that holds rank 0."""
+    source = code_dir(job.code)
+    nodes = SSHTarget.resolve_cluster(job.name, job.region, job.profile)
+    if len(nodes) != job.nodes:
+        raise UserError(f"{job.name} has {len(nodes)} node(s), not {job.nodes}; "
+                        f"launch it with `mnist-cloud launch --nodes {job.nodes} --name {job.name} ...`")
+    try:
+        pythons = [prepare(t, job, source, log) for t in nodes]
+        if job.resume:  # whichever node takes rank 0 continues it
+            for t in nodes:
+                ensure_run_there(t, job, log)
+        per_node = nproc(nodes[0], pythons[0], job.gpus) or 1
+        addresses = [t.address() for t in nodes]
+        endpoint = f"{addresses[0]}:{RDZV_PORT}"
+        log(f"rendezvous at {endpoint} (node 0); {len(nodes)} nodes x {per_node} process(es)")
+        marker = f"jobs/{job.run_id}.rank0"
+        for rank, (target, py) in enumerate(zip(nodes, pythons)):
+            target.remote.run(f"rm -f {target.remote.ep.workdir}/{marker}")
+            # is_host: node 0 serves the rendezvous store; --local-addr: the address its peers reach it
+            # on. Both said explicitly rather than guessed from the hostname and DNS
+            launcher = ["--nnodes", str(len(nodes)), "--node_rank", str(rank), "--nproc_per_node", str(per_node),
+                        "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", job.run_id,
+                        "--rdzv_conf", f"is_host={1 if rank == 0 else 0}", "--local-addr", addresses[rank]]
+            pid = target.run(job.trainer_args, job.run_id, py,
+                             env={**git_env(source), **job.env, "MNIST_CLOUD_RANK0_FILE": marker},
+                             resume=bool(job.resume), launcher=launcher)
+            log(f"started {job.run_id} on {target.label} (pid {pid})")
+        # c10d hands out ranks by arrival: the trainer that got rank 0 leaves a marker on its node
+        deadline = time.monotonic() + 600
+        holder = None
+        while True:
+            holder = next((t for t in nodes if t.remote.run(f"test -f {t.remote.ep.workdir}/{marker}",
+                                                             warn=True).ok), None)
+            if holder or time.monotonic() > deadline:
+                break
+            if all(t.remote.job_state(job.run_id)[0] == "finished" for t in nodes):
+                break
+            time.sleep(1)
+        holder = holder or nodes[0]
+        log(f"rank 0 is on {holder.label}; streaming its log")
+        return _follow(holder, job, log, others=[t for t in nodes if t is not holder])
+    finally:
+        for t in nodes:
+            t.remote.close()

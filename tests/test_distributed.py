@@ -1,0 +1,177 @@
+"""torchrun/DDP for real on this machine: 2 CPU processes (gloo) against 1, a distributed resume, and a
+two-node cluster launched and driven by the CLI through moto and two SSH test hosts on one bridge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud import aws_env, seed_dlami
+from conftest import REPO, run_cli
+from sshhost import tools_available
+
+TINY = ["--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
+        "--no-report"]
+
+
+def torchrun(nproc: int, args: list[str], tmp_path: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "trainer", "train", *args, "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path / "runs"),
+           "--threads", "1"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def epochs(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, mnist_dir):
+    tmp = tmp_path_factory.mktemp("ddp")
+    single = subprocess.run([sys.executable, "-m", "trainer", "train", *TINY, "--run-id", "one", "--data-dir",
+                             str(mnist_dir), "--out-dir", str(tmp / "runs"), "--threads", "2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert single.returncode == 0, single.stderr
+    double = torchrun(2, [*TINY, "--run-id", "two"], tmp, mnist_dir)
+    assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-3000:]
+    return tmp / "runs" / "one", tmp / "runs" / "two", double
+
+
+def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
+    one, two, proc = one_and_two
+    a, b = epochs(one), epochs(two)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2, 3]
+    config = json.loads((two / "config.json").read_text())
+    assert config["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # same steps (64 images per rank x 2 = the global batch of 128), same schedule
+    assert [r["lr"] for r in a] == pytest.approx([r["lr"] for r in b])
+    # different dropout/augmentation draws, per-rank BatchNorm on CPU: close, not identical
+    assert abs(a[-1]["test_acc"] - b[-1]["test_acc"]) < 1.5, (a[-1], b[-1])
+    assert b[-1]["train_loss"] == pytest.approx(a[-1]["train_loss"], rel=0.25)
+    assert b[-1]["test_acc"] > 95
+
+
+def test_only_rank_zero_writes(one_and_two):
+    _, two, proc = one_and_two
+    assert proc.stdout.count("Epoch: 3 |") == 1  # one console, not two
+    assert sorted(p.name for p in two.parent.iterdir()) == ["one", "two"]
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_distributed_resume(tmp_path, mnist_dir):
+    first = torchrun(2, [*TINY, "--run-id", "r", "--stop-after", "1"], tmp_path, mnist_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt_world = subprocess.run([sys.executable, "-c", "import torch,sys; c=torch.load(sys.argv[1], weights_only=True);"
+                                 "print(c['world_size'], len(c['rng_ranks']))", str(tmp_path / "runs" / "r" / "last.pt")],
+                                capture_output=True, text=True, cwd=REPO)
+    assert ckpt_world.stdout.split() == ["2", "2"]  # every rank's RNG state is in the checkpoint
+    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "r"), "--no-progress"], tmp_path, mnist_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["epoch"] for r in epochs(tmp_path / "runs" / "r")] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------- a two-node cluster
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = tools_available()
+    if reason:
+        pytest.skip(reason)
+    from moto.ec2.models import elastic_network_interfaces, key_pairs
+    from moto.server import ThreadedMotoServer
+
+    from sshhost import Bridge, SSHTestHost, ensure_user, remove_user
+
+    work = tmp_path_factory.mktemp("cluster")
+    home, created = ensure_user("ubuntu", work / "home-ubuntu")
+    shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
+    bridge = Bridge()
+    hosts = [SSHTestHost(work / f"node{i}", index=i, bridge=bridge) for i in range(2)]
+    patches = pytest.MonkeyPatch()
+    addresses = iter([h.addr for h in hosts])
+    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: next(addresses))
+    original_create = key_pairs.KeyPairBackend.create_key_pair
+
+    def create_and_install(self, *args, **kwargs):
+        pair = original_create(self, *args, **kwargs)
+        for h in hosts:
+            h.authorize(pair.material_public)
+        return pair
+
+    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    try:
+        bridge.create()
+        for h in hosts:
+            h.create_namespace()
+            h.start()
+        server.start()
+        host, port = server.get_host_and_port()
+        seed_dlami()
+        yield {"hosts": hosts, "home": home, "endpoint": f"http://{host}:{port}"}
+    finally:
+        server.stop()
+        patches.undo()
+        for h in hosts:
+            h.teardown()
+        bridge.delete()
+        shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
+        if created:
+            remove_user("ubuntu")
+
+
+def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
+    import boto3
+
+    env = aws_env(tmp_path, AWS_ENDPOINT_URL=cluster["endpoint"], MNIST_CLOUD_REMOTE_PYTHON=sys.executable)
+    code = tmp_path / "project"
+    shutil.copytree(REPO, code, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__",
+                                                              "*.egg-info", ".pytest_cache"))
+
+    def cli(*args, timeout=300):
+        try:
+            return run_cli([*mnist_cloud, *args], env_extra=env, cwd=code, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            def text(b):
+                return (b.decode() if isinstance(b, bytes) else b or "")[-4000:]
+            logs = "".join(f"\n--- {f}\n{f.read_text()[-3000:]}"
+                           for f in sorted((cluster["home"] / "mnist-cloud").glob("*/jobs/*.log")))
+            raise AssertionError(f"{args[0]} timed out\n{text(e.stdout)}\n{text(e.stderr)}{logs}") from None
+
+    out = cli("launch", "--instance", "g4dn.12xlarge", "--nodes", "2", "--name", "duo", "--ssh-cidr", "192.0.2.7/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cluster: 2 nodes" in out.stdout and out.stdout.count("SSH is up") == 2
+
+    ec2 = boto3.client("ec2", endpoint_url=cluster["endpoint"], region_name="us-east-1", aws_access_key_id="t",
+                       aws_secret_access_key="t")
+    group = ec2.describe_security_groups(GroupNames=["mnist-cloud-duo"])["SecurityGroups"][0]
+    rules = {(p["IpProtocol"], tuple(r["CidrIp"] for r in p["IpRanges"]), tuple(g["GroupId"] for g in p["UserIdGroupPairs"]))
+             for p in group["IpPermissions"]}
+    # SSH from the caller only; everything else only between members of this same group
+    assert rules == {("tcp", ("192.0.2.7/32",), ()), ("-1", (), (group["GroupId"],))}
+    nodes = sorted({t["Value"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+                    for t in i["Tags"] if t["Key"] == "mnist-cloud:node"})
+    assert nodes == ["0", "1"]
+
+    out = cli("train", "--on", "duo", "--nodes", "2", "--env", "GLOO_SOCKET_IFNAME=eth0",
+              "--epochs", "2", "--train-limit", "4096", "--eval-limit", "1000", "--data-dir", str(mnist_dir),
+              "--run-id", "duo-run")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rendezvous at" in out.stdout and "final test accuracy" in out.stdout
+    config = json.loads((code / "runs" / "duo-run" / "config.json").read_text())
+    assert config["distributed"]["world_size"] == 2 and config["status"] == "completed"
+    assert len(epochs(code / "runs" / "duo-run")) == 2
+
+    out = cli("train", "--on", "duo", "--gpus", "2", "--epochs", "1", "--train-limit", "2048", "--eval-limit", "500",
+              "--data-dir", str(mnist_dir), "--run-id", "pair")  # one machine, torchrun x 2 (CPU: gloo)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((code / "runs" / "pair" / "config.json").read_text())["distributed"]["world_size"] == 2
+
+    down = cli("down", "duo", "--yes")
+    assert down.returncode == 0 and "2 instance(s)" in down.stdout

@@ -1,0 +1,86 @@
+"""`mnist-cloud sweep`: the grid, the retry, the summary over seeds and the --max-cost guard, run
+through the installed CLI. (The same sweep on an instance over SSH is in test_remote.py.)"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from cloud import aws_env, moto_server, seed_dlami
+from conftest import assert_user_error, run_cli
+
+TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "300", "--no-report"]
+
+
+def final_test_acc(run_dir) -> float:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r][-1]["test_acc"]
+
+
+def test_local_grid_summarizes_every_config_over_its_seeds(tmp_path, mnist_cloud, mnist_dir):
+    out = run_cli([*mnist_cloud, "sweep", "--local", "--seeds", "1,2", "--model", "net8k,seed001", *TINY,
+                   "--data-dir", str(mnist_dir), "--name", "grid", "--to", "runs"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "grid: 4 run(s) = 2 model(s) x 1 setting(s) x 2 seed(s)" in out.stdout
+    summary = json.loads((tmp_path / "runs" / "grid.json").read_text())
+    points = summary["points"]
+    assert len(points) == 4 and all(p["status"] == "completed" and p["attempts"] == 1 for p in points)
+    assert sorted((p["config"], p["seed"]) for p in points) == [("net8k", 1), ("net8k", 2), ("seed001", 1),
+                                                                 ("seed001", 2)]
+    for model in ("net8k", "seed001"):
+        runs = [tmp_path / "runs" / p["run_id"] for p in points if p["config"] == model]
+        seeds = {json.loads((r / "config.json").read_text())["config"]["seed"] for r in runs}
+        assert seeds == {1, 2}  # each seed really reached its trainer
+        accs = [final_test_acc(r) for r in runs]
+        line = next(l for l in out.stdout.splitlines() if l.startswith(model + " "))
+        # min, median and max of what the runs themselves wrote, not of anything the sweep made up
+        assert f"{min(accs):.2f}%" in line and f"{statistics.median(accs):.2f}%" in line
+        assert f"{max(accs):.2f}%" in line and "2/2" in line
+    assert (tmp_path / "runs" / "grid.html").stat().st_size > 10_000  # the compare report over all four
+
+
+def test_a_failing_value_is_retried_once_then_reported(tmp_path, mnist_cloud, mnist_dir):
+    out = run_cli([*mnist_cloud, "sweep", "--local", "--seeds", "1", "--set", "lr=0.05,-1", *TINY,
+                   "--data-dir", str(mnist_dir), "--name", "bad", "--to", "runs"], cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    points = {p["config"]: p for p in json.loads((tmp_path / "runs" / "bad.json").read_text())["points"]}
+    assert points["lr=0.05"]["status"] == "completed" and points["lr=0.05"]["attempts"] == 1
+    assert points["lr=-1"]["status"] == "failed" and points["lr=-1"]["attempts"] == 2
+    assert "retrying once" in out.stdout and "1 run(s) failed twice" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if l.startswith("lr=-1 "))
+    assert "0/1 (1 failed)" in line
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["--seeds", "1,x"], "--seeds"),
+    (["--seed", "3"], "set by the sweep itself"),
+    (["--set", "lr"], "KEY=V1,V2"),
+])
+def test_bad_sweep_flags(tmp_path, mnist_cloud, bad, needle):
+    assert_user_error(run_cli([*mnist_cloud, "sweep", "--local", *bad], cwd=tmp_path), needle)
+
+
+def test_max_cost_refuses_before_anything_starts(tmp_path, mnist_cloud):
+    with moto_server() as endpoint:
+        seed_dlami()
+        env = aws_env(tmp_path, AWS_ENDPOINT_URL=endpoint)
+        launched = run_cli([*mnist_cloud, "launch", "--instance", "g4dn.xlarge", "--name", "pricey", "--ssh-cidr",
+                            "192.0.2.1/32", "--no-wait-ssh"], env_extra=env, cwd=tmp_path)
+        assert launched.returncode == 0, launched.stderr
+        # 3 seeds x 15 epochs x 6 s on a $0.526/h g4dn.xlarge = $0.04
+        refused = run_cli([*mnist_cloud, "sweep", "--on", "pricey", "--seeds", "1,2,3", "--epochs", "15",
+                           "--max-cost", "0.01", "--name", "capped"], env_extra=env, cwd=tmp_path)
+        assert_user_error(refused, "exceeds --max-cost $0.01")
+        assert "estimate: 0.08 h of g4dn.xlarge ~ $0.04" in refused.stdout
+        assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
+
+
+def test_estimate_counts_every_run_on_every_slot():
+    from infra.sweep import Point, estimate
+
+    points = [Point("c", seed, [], f"r{seed}") for seed in range(8)]
+    hours, usd = estimate(points, ["--epochs", "10"], ["g4dn.xlarge", "g4dn.xlarge"], slots=2, epoch_seconds=9)
+    assert hours == pytest.approx(8 * 10 * 9 / 3600 / 2)
+    assert usd == pytest.approx(hours * 2 * 0.526)

@@ -1,0 +1,98 @@
+"""PyTorch's own distributed engine, as `torchrun` sets it up: RANK, LOCAL_RANK, WORLD_SIZE.
+
+`python -m trainer train` runs unchanged under `torchrun --nproc_per_node N` (and `--nnodes K`):
+NCCL on CUDA, gloo on CPU. Every rank holds the whole dataset on its device, draws the same epoch
+permutation and trains on its own slice of each global batch; DistributedDataParallel averages the
+gradients, and on GPUs SyncBatchNorm computes batch statistics over the global batch, so N ranks with
+global batch B take the same steps as one process with batch B. Only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   world=world)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per local rank."""
+        if self.active and device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def init(self, device: torch.device) -> None:
+        if self.active and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def shutdown(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """SyncBatchNorm (batch statistics over the global batch) and DDP; a no-op for one process."""
+        if not self.active:
+            return model
+        # SyncBatchNorm where it matters and where it runs: across GPUs, whose per-GPU batches are small.
+        # (PyTorch implements it for GPUs only; on CPU/gloo each rank normalizes over its own slice.)
+        if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True if any rank says so: every rank then stops at the same step (else DDP would hang)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, obj: Any, device: torch.device) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        return box[0]
+
+    def gather(self, obj: Any, device: torch.device) -> list[Any] | None:
+        """Every rank's obj on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()

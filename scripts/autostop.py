@@ -23,15 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT", "/"))
+ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT") or "/")  # cron passes it empty on a real machine
 CONFIG = ROOT / "etc/mnist-cloud/autostop.json"
 STATE = ROOT / "var/lib/mnist-cloud/autostop-state.json"
 TRAINER_MARKERS = ("-m trainer", "torchrun", "trainer/__main__.py")
 
 
-def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_sessions: int) -> tuple[str | None, dict, str]:
-    """(action or None, new state, reason). Pure: the whole policy, testable without a machine."""
+def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_sessions: int,
+           boot: str = "") -> tuple[str | None, dict, str]:
+    """(action or None, new state, reason). Pure: the whole policy, testable without a machine.
+
+    `boot` identifies this boot: the state file lives on the root volume and survives a stop/start,
+    so a state from an earlier boot is dropped; otherwise a restarted instance would count its
+    stopped hours as idle (or remember a finished run) and shut down at the first check."""
     state = dict(state)
+    if state.get("boot", boot) != boot:
+        state = {}
+    state["boot"] = boot
     state.setdefault("last_active", now)
     if not config.get("enabled", True):
         return None, state, "autostop is off"
@@ -72,6 +80,13 @@ def pty_sessions(pts: Path = Path("/dev/pts")) -> int:
         return 0
 
 
+def boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def load(path: Path, default: dict) -> dict:
     try:
         return json.loads(path.read_text())
@@ -90,7 +105,7 @@ def main() -> int:
     config = load(CONFIG, {"enabled": False})
     state = load(STATE, {})
     now = time.time()
-    action, state, reason = decide(now, config, state, trainer_running(), pty_sessions())
+    action, state, reason = decide(now, config, state, trainer_running(), pty_sessions(), boot_id())
     save(STATE, state)
     print(f"mnist-cloud-autostop: {reason}" + (f" -> {action}" if action else ""), flush=True)
     if action == "shutdown":

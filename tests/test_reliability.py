@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -57,6 +58,29 @@ def test_watchdog_decision(case, config, state, trainer, ptys, expected):
         assert new_state["last_active"] == NOW  # activity resets the idle clock
     if trainer:
         assert new_state["seen_trainer"]
+
+
+@pytest.mark.parametrize("old_state", [
+    {"boot": "before-stop", "last_active": 0},  # stopped for days: not idle time of this boot
+    {"boot": "before-stop", "last_active": NOW - 60, "seen_trainer": True},  # a run of the last boot
+])
+def test_watchdog_forgets_the_state_of_an_earlier_boot(old_state):
+    autostop = load_script("autostop")
+    config = {"idle_minutes": 30, "after_train": True}
+    action, state, reason = autostop.decide(NOW, config, old_state, False, 0, boot="after-start")
+    assert action is None, reason
+    assert state == {"boot": "after-start", "last_active": NOW}
+    # the same state within the same boot still fires: the boot check is what saved it above
+    assert autostop.decide(NOW, config, {**old_state, "boot": "b"}, False, 0, boot="b")[0] == "shutdown"
+
+
+def test_watchdog_under_cron_reads_the_real_root(tmp_path):
+    """cron runs it as `MNIST_CLOUD_ROOT= python3 ...`: empty means /, not the working directory."""
+    script = REPO / "scripts" / "autostop.py"
+    code = "import runpy,sys; m=runpy.run_path(sys.argv[1]); print(m['CONFIG'])"
+    out = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "MNIST_CLOUD_ROOT": ""})
+    assert out.stdout.strip() == "/etc/mnist-cloud/autostop.json", out.stderr
 
 
 @pytest.fixture(scope="module")

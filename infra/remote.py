@@ -39,6 +39,9 @@ SYNC_EXCLUDES = [
     ".venv/", "venv/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".cache/", ".ipynb_checkpoints/",
     ".mnist-cloud-python",
 ]
+# Made on the machine and never deleted by a sync, though absent here: notebooks written in the
+# JupyterLab that `mnist-cloud jupyter` runs in the work dir.
+SYNC_PROTECT = ["*.ipynb"]
 SECRET_PATTERNS = [".env", ".env.*", ".aws", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".ssh"]
 
 Log = Callable[[str], None]
@@ -278,7 +281,8 @@ class Remote:
                 int(size.group(1).replace(",", "")) if size else 0, changed)
 
     def _rsync_up(self, local_dir: Path) -> TransferResult:
-        filters = ["--filter=:- .gitignore", *(f"--exclude={p}" for p in SYNC_EXCLUDES)]
+        filters = ["--filter=:- .gitignore", *(f"--filter=P {p}" for p in SYNC_PROTECT),
+                   *(f"--exclude={p}" for p in SYNC_EXCLUDES)]
         out = self._rsync(["-az", "--checksum", "--delete", "--stats", "--itemize-changes", *filters,
                            f"{local_dir}/", f"{self.target()}:{self.ep.workdir}/"])
         files, size, changed = self._stats(out)
@@ -302,7 +306,9 @@ class Remote:
             sftp.posix_rename(tmp, dest)
             changed.append(rel)
             size += path.stat().st_size
-        for rel in remote:  # gone locally: mirror the deletion, like rsync --delete
+        for rel in remote:  # gone locally: mirror the deletion, like rsync --delete (notebooks stay)
+            if any(fnmatch.fnmatch(posixpath.basename(rel), p) for p in SYNC_PROTECT):
+                continue
             sftp.remove(posixpath.join(self._home(), self.ep.workdir, rel))
         return TransferResult(len(changed), size, "sftp", changed)
 

@@ -73,6 +73,22 @@ def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched
     assert again.returncode == 0 and "synced 0 file(s)" in again.stdout
 
 
+def test_sync_keeps_notebooks_made_on_the_machine(cli, launched, host):
+    """Jupyter runs in the work dir: a notebook written there must survive the next sync, while a
+    file deleted here is still deleted there (the mirror stays a mirror for code)."""
+    workdir = host.home / "mnist-cloud" / "e2e"
+    assert cli("sync", launched).returncode == 0
+    notebook, stale = workdir / "analysis.ipynb", workdir / "trainer" / "stale_module.py"
+    notebook.write_text('{"cells": []}')
+    stale.write_text("x = 1\n")
+    try:
+        assert cli("sync", launched).returncode == 0
+        assert notebook.read_text() == '{"cells": []}'
+        assert not stale.exists()
+    finally:
+        notebook.unlink(missing_ok=True)
+
+
 def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched, host, code):
     assert cli("sync", launched).returncode == 0
     path = code / "trainer" / "__init__.py"
@@ -100,7 +116,8 @@ def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir, host):
     assert out.returncode == 0 and "mnist-cloud logs e2e detached1 -f" in out.stdout
     # AWS credentials never reach the instance: not in the trainer's environment, not in any file there
     pid = (host.home / "mnist-cloud" / "e2e" / "jobs" / "detached1.pid").read_text().strip()
-    environ = Path(f"/proc/{pid}/environ").read_bytes() if Path(f"/proc/{pid}/environ").exists() else b""
+    environ = Path(f"/proc/{pid}/environ").read_bytes()  # still starting: torch alone takes seconds to import
+    assert b"PATH=" in environ  # really the job's environment, not an empty read
     assert LEAK_CANARY.encode() not in environ and b"AWS_SECRET_ACCESS_KEY" not in environ
     leaked = subprocess.run(["grep", "-rl", LEAK_CANARY, str(host.home / "mnist-cloud")], capture_output=True, text=True)
     assert leaked.stdout == ""
@@ -256,6 +273,10 @@ def test_sftp_fallback_syncs_and_pulls_the_same(host, code, tmp_path, monkeypatc
         names = {p.name for p in workdir.rglob("*")}
         assert not names & {".env", "deploy.pem", "credentials", "id_ed25519"}
         assert remote.sync(code, log=lambda m: None, force_sftp=True).files == 0
+        (workdir / "made-there.ipynb").write_text("{}")  # a notebook from Jupyter on the machine
+        (workdir / "trainer" / "stale_module.py").write_text("x = 1\n")  # code deleted here
+        remote.sync(code, log=lambda m: None, force_sftp=True)
+        assert (workdir / "made-there.ipynb").exists() and not (workdir / "trainer" / "stale_module.py").exists()
         (workdir / "runs" / "r1").mkdir(parents=True)
         (workdir / "runs" / "r1" / "metrics.jsonl").write_text('{"epoch": 1}\n')
         pulled = remote.pull("mnist-cloud/sftp-test/runs/r1", tmp_path / "local" / "r1", log=lambda m: None,

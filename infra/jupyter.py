@@ -80,7 +80,11 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
     token = secrets.token_urlsafe(24)
     job = f"jupyter-{time.strftime('%Y%m%d-%H%M%S')}"
     wd = shlex.quote(target.remote.ep.workdir)
-    target.remote.run(f"mkdir -p {wd}/jobs && (umask 077 && printf %s {shlex.quote(token)} > {wd}/jobs/{job}.token)")
+    # the file is made empty with mode 600 first, then the token goes in over SFTP: it never appears
+    # on a command line (the remote shell's argv is visible in `ps` to every user of the machine)
+    target.remote.run(f"mkdir -p {wd}/jobs && (umask 077 && : > {wd}/jobs/{job}.token)")
+    with target.remote.conn.sftp().open(f"{target.remote.ep.workdir}/jobs/{job}.token", "w") as f:
+        f.write(token)
     argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
             "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
     target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": f"jobs/{job}.token"})

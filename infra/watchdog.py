@@ -92,7 +92,9 @@ def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:
     import shlex
 
     script = installer(config)
-    path = f"/tmp/mnist-cloud-autostop-install-{config.tag.replace(':', '-').replace('+', '-')}.sh"
+    # mktemp creates it (O_EXCL, mode 600, ours): no other user of a shared host can plant or swap
+    # the script that root then runs, as they could with a predictable /tmp name
+    path = remote.run("mktemp /tmp/mnist-cloud-autostop.XXXXXXXX").stdout.strip()
     sftp = remote.conn.sftp()  # Fabric caches this client: do not close it
     with sftp.open(path, "w") as f:
         f.write(script)

@@ -79,7 +79,11 @@ def main() -> int:
     deadline = time.time() + 60
     while not os.path.exists(args.pid_file) and time.time() < deadline:
         time.sleep(0.2)
-    pid = int(open(args.pid_file).read().strip())
+    try:
+        pid = int(open(args.pid_file).read().strip())
+    except (OSError, ValueError) as e:
+        print(f"spot-watch: no trainer pid in {args.pid_file} after 60 s ({e}); not watching", flush=True)
+        return 1
     imds = Imds(args.imds)
     print(f"spot-watch: watching pid {pid} via {args.imds} every {args.interval:g}s", flush=True)
     while alive(pid):

@@ -188,6 +188,16 @@ Trainer flags:
 """
 
 
+def global_aws(rest: list[str], args) -> list[str]:
+    """`mnist-cloud --region R --profile P train ...`: the global options, handed to a pass-through
+    command as if typed after it (one typed after it wins)."""
+    for key in ("region", "profile"):
+        value = getattr(args, key, None)
+        if value is not None and not any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
+            rest = [f"--{key}", value, *rest]
+    return rest
+
+
 def cmd_train(rest: list[str]) -> int:
     from infra.targets import pop_option
 
@@ -490,12 +500,13 @@ def cmd_down(args) -> int:
         if alive:
             confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
         report = down(aws, args.name, log=say)
-    if not (report.terminated or report.security_groups or report.key_pairs):
+    if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
+            or report.placement_groups):
         say(f"nothing to delete{'' if args.all else f' for {args.name!r}'}")
         return 0
     say(f"deleted: {len(report.terminated)} instance(s) {' '.join(report.terminated)}; "
         f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
-        f"{len(report.volumes)} detached volume(s)")
+        f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
     return 0
 
 
@@ -662,9 +673,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         if args.command == "train":
-            return cmd_train(rest)
+            return cmd_train(global_aws(rest, args))
         if args.command == "sweep":
-            return cmd_sweep(rest)
+            return cmd_sweep(global_aws(rest, args))
         if args.command in TRAINER_COMMANDS:
             return LocalTarget().run([args.command, *rest])
         if rest:

@@ -197,9 +197,12 @@ def describe_ami(aws: Aws, ami: str) -> dict:
 # ---------------------------------------------------------------------------------- network and keys
 def normalize_cidr(text: str) -> str:
     try:
-        return str(ipaddress.ip_network(text, strict=False))
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise UserError(f"--ssh-cidr {text!r} is not a CIDR; use your address like 203.0.113.7/32") from None
+    if network.version != 4:  # the rule is written as an IPv4 range; the default VPC has no IPv6 anyway
+        raise UserError(f"--ssh-cidr {text!r} is IPv6; give your public IPv4 address, like 203.0.113.7/32")
+    return str(network)
 
 
 def detect_public_ip(url: str | None = None, timeout: float = 5.0) -> str:

@@ -85,6 +85,7 @@ ROWS = [
     ("train on an unknown name", ["train", "--on", "ghost"], {}, "unknown name 'ghost'"),
     ("--ssh-cidr that isn't a CIDR", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "10.0.0.300/8"], {},
      "is not a CIDR"),
+    ("an IPv6 --ssh-cidr", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "2001:db8::1/128"], {}, "is IPv6"),
     ("an unknown model", ["train", "--model", "resnet152"], {}, "unknown model 'resnet152'"),
     ("negative epochs", ["train", "--epochs", "-3"], {}, "--epochs must be at least 1"),
     ("a target above 100", ["train", "--target", "100.5"], {}, "--target"),

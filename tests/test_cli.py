@@ -111,6 +111,7 @@ def test_help_texts(mnist_cloud):
     (["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
     (["evaluate", "/nonexistent/best.pt"], ["does not exist"]),
     (["predict"], ["required"]),
+    (["train", "--train-limit", "1", "--no-progress"], ["make no batch of 128", "--batch-size"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(mnist_cloud, mnist_dir, tmp_path, args, needles):
     proc = run_cli([*mnist_cloud, *args], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
@@ -165,3 +166,12 @@ def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
     code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_global_region_and_profile_reach_pass_through_commands():
+    from infra.cli import build_parser, global_aws
+
+    args, rest = build_parser().parse_known_args(["--region", "eu-west-1", "--profile", "work", "train", "--on", "x"])
+    assert global_aws(rest, args) == ["--profile", "work", "--region", "eu-west-1", "--on", "x"]
+    args, rest = build_parser().parse_known_args(["--region", "eu-west-1", "train", "--region", "us-west-2"])
+    assert global_aws(rest, args) == ["--region", "us-west-2"]  # the one typed after the command wins

@@ -482,6 +482,10 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
     model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints
     optimizer = make_optimizer(cfg, model)
     steps = steps_in_epoch(len(data.train), cfg.batch_size, cfg.max_steps, dist.world)
+    if steps == 0:
+        raise UserError(f"{len(data.train)} training images make no batch of {cfg.batch_size}"
+                        f"{f' over {dist.world} processes' if dist.active else ''}: "
+                        "use a smaller --batch-size or a larger --train-limit")
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
     step_model = torch.compile(wrapped) if cfg.compile else wrapped
 

@@ -24,3 +24,10 @@ def test_quick_start_is_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert quick_start_commands()[1] in ci.splitlines()
+
+
+def test_no_placeholder_is_left_where_a_measured_table_belongs():
+    """Every figure in the README comes from a command in the repo: no template token survives."""
+    text = (REPO / "README.md").read_text()
+    leftovers = re.findall(r"\b[A-Z]{3,}_(?:SECTION|TABLE|RESULTS?|TODO)\b|\bTODO\b|\bTBD\b", text)
+    assert not leftovers, leftovers

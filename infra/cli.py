@@ -191,9 +191,11 @@ Trainer flags:
 def global_aws(rest: list[str], args) -> list[str]:
     """`mnist-cloud --region R --profile P train ...`: the global options, handed to a pass-through
     command as if typed after it (one typed after it wins)."""
+    from infra.targets import has_option
+
     for key in ("region", "profile"):
         value = getattr(args, key, None)
-        if value is not None and not any(a == f"--{key}" or a.startswith(f"--{key}=") for a in rest):
+        if value is not None and not has_option(rest, f"--{key}"):
             rest = [f"--{key}", value, *rest]
     return rest
 
@@ -251,11 +253,12 @@ def cmd_sweep(rest: list[str]) -> int:
     from pathlib import Path
 
     from infra import sweep
+    from infra.targets import has_option
 
     parser = sweep_parser()
     args, trainer_args = parser.parse_known_args(rest)
     for flag in ("--seed", "--run-id", "--out-dir", "--resume"):
-        if any(a == flag or a.startswith(flag + "=") for a in trainer_args):
+        if has_option(trainer_args, flag):
             raise UserError(f"{flag} is set by the sweep itself; use --seeds / --name / --to")
     seeds = []
     for s in sweep.parse_list(args.seeds, "--seeds"):

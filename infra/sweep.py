@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import queue
 import re
 import statistics
@@ -133,9 +134,7 @@ def run_remote(names: list[str], points: list[Point], trainer_args: list[str], r
                         log(f"[{where}] {run_id}: {p.config} seed {p.seed}" + (" (retry)" if p.attempts > 1 else ""))
                     started = time.monotonic()
                     target.run([*trainer_args, *p.args], run_id, py, env=env)
-                    while target.remote.job_state(run_id)[0] == "running":
-                        time.sleep(2)
-                    _, exit_code = target.remote.job_state(run_id)
+                    _, exit_code = target.wait_finished(run_id, timeout=math.inf)
                     p.seconds, p.where = time.monotonic() - started, where
                     if exit_code == 0:
                         target.pull(run_id, runs, log=lambda m: None)

@@ -288,19 +288,14 @@ def pop_all(args: list[str], flag: str) -> tuple[list[str], list[str]]:
 
 
 def pop_option(args: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """Take `--flag VALUE` / `--flag=VALUE` out of a pass-through argument list."""
-    out, value, skip = [], None, False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if a == flag and i + 1 < len(args):
-            value, skip = args[i + 1], True
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-        else:
-            out.append(a)
-    return value, out
+    """Take `--flag VALUE` / `--flag=VALUE` out of a pass-through argument list (the last one wins)."""
+    values, rest = pop_all(args, flag)
+    return (values[-1] if values else None), rest
+
+
+def has_option(args: list[str], flag: str) -> bool:
+    """Whether a pass-through argument list sets `--flag` (as `--flag VALUE` or `--flag=VALUE`)."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def env_python() -> str | None:

@@ -10,7 +10,7 @@ test created itself (`moto_server`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -63,16 +63,35 @@ def aws_env(tmp_path, **extra) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1") -> Iterator[str]:
+def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: Sequence = ()) -> Iterator[str]:
     """A moto server on 127.0.0.1 (yields its URL). Its instances' public IPs come from `public_ip`:
     loopback unless the test hands out addresses of its own network namespaces, so that even a
-    command that tries to reach an instance can never leave this machine."""
+    command that tries to reach an instance can never leave this machine. Every key pair it creates
+    or imports is authorized on each of `key_hosts` (SSH test hosts), as EC2 installs it on an instance."""
     import pytest
-    from moto.ec2.models import elastic_network_interfaces
+    from moto.ec2.models import elastic_network_interfaces, key_pairs
     from moto.server import ThreadedMotoServer
 
     patches = pytest.MonkeyPatch()
     patches.setattr(elastic_network_interfaces, "random_public_ip", public_ip)
+    if key_hosts:
+        original_create = key_pairs.KeyPairBackend.create_key_pair
+        original_import = key_pairs.KeyPairBackend.import_key_pair
+
+        def create_and_install(self, *args, **kwargs):
+            pair = original_create(self, *args, **kwargs)
+            for h in key_hosts:
+                h.authorize(pair.material_public)
+            return pair
+
+        def import_and_install(self, key_name, public_key_material, *args, **kwargs):
+            pair = original_import(self, key_name, public_key_material, *args, **kwargs)
+            for h in key_hosts:
+                h.authorize(public_key_material)
+            return pair
+
+        patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
+        patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -108,32 +108,10 @@ def host(tmp_path_factory):
 def moto(host):
     """A moto server on 127.0.0.1 whose instances' public IP is the SSH test host, and whose key
     pairs are installed on that host the way EC2 installs them on an instance."""
-    from moto.ec2.models import elastic_network_interfaces, key_pairs
-    from moto.server import ThreadedMotoServer
+    from cloud import moto_server
 
-    patches = pytest.MonkeyPatch()
-    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: host.addr)
-    original_create = key_pairs.KeyPairBackend.create_key_pair
-    original_import = key_pairs.KeyPairBackend.import_key_pair
-
-    def create_and_install(self, *args, **kwargs):
-        pair = original_create(self, *args, **kwargs)
-        host.authorize(pair.material_public)
-        return pair
-
-    def import_and_install(self, key_name, public_key_material, *args, **kwargs):
-        pair = original_import(self, key_name, public_key_material, *args, **kwargs)
-        host.authorize(public_key_material)
-        return pair
-
-    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
-    patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    h, p = server.get_host_and_port()
-    yield f"http://{h}:{p}"
-    server.stop()
-    patches.undo()
+    with moto_server(lambda: host.addr, key_hosts=[host]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

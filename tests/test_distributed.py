@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import aws_env, seed_dlami
+from cloud import aws_env, moto_server, seed_dlami
 from conftest import REPO, run_cli
 from sshhost import tools_available
 
@@ -83,9 +83,6 @@ def cluster(tmp_path_factory):
     reason = tools_available()
     if reason:
         pytest.skip(reason)
-    from moto.ec2.models import elastic_network_interfaces, key_pairs
-    from moto.server import ThreadedMotoServer
-
     from sshhost import Bridge, SSHTestHost, ensure_user, remove_user
 
     work = tmp_path_factory.mktemp("cluster")
@@ -93,31 +90,16 @@ def cluster(tmp_path_factory):
     shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
     bridge = Bridge()
     hosts = [SSHTestHost(work / f"node{i}", index=i, bridge=bridge) for i in range(2)]
-    patches = pytest.MonkeyPatch()
-    addresses = iter([h.addr for h in hosts])
-    patches.setattr(elastic_network_interfaces, "random_public_ip", lambda: next(addresses))
-    original_create = key_pairs.KeyPairBackend.create_key_pair
-
-    def create_and_install(self, *args, **kwargs):
-        pair = original_create(self, *args, **kwargs)
-        for h in hosts:
-            h.authorize(pair.material_public)
-        return pair
-
-    patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    addresses = iter([h.addr for h in hosts])  # node 0's instance gets the first host, node 1's the second
     try:
         bridge.create()
         for h in hosts:
             h.create_namespace()
             h.start()
-        server.start()
-        host, port = server.get_host_and_port()
-        seed_dlami()
-        yield {"hosts": hosts, "home": home, "endpoint": f"http://{host}:{port}"}
+        with moto_server(lambda: next(addresses), key_hosts=hosts) as endpoint:
+            seed_dlami()
+            yield {"hosts": hosts, "home": home, "endpoint": endpoint}
     finally:
-        server.stop()
-        patches.undo()
         for h in hosts:
             h.teardown()
         bridge.delete()

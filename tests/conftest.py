@@ -30,6 +30,20 @@ def _find_mnist() -> Path | None:
     return None
 
 
+def pytest_collection_modifyitems(config, items):
+    """`cuda` and `mps` tests run where that device exists, and are reported as skipped elsewhere."""
+    import torch
+
+    from trainer.device import mps_available
+
+    missing = {"cuda": None if torch.cuda.is_available() else "no CUDA GPU visible to torch",
+               "mps": None if mps_available() else "no Apple MPS device"}
+    for item in items:
+        for mark, why in missing.items():
+            if why and item.get_closest_marker(mark):
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     path = _find_mnist()

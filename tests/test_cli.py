@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, assert_user_error, run_cli
 
-TINY = ["--epochs", "1", "--train-limit", "3072", "--no-progress"]
+TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "3072", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

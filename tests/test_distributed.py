@@ -16,7 +16,7 @@ from cloud import aws_env, moto_server, seed_dlami
 from conftest import REPO, run_cli
 from sshhost import tools_available
 
-TINY = ["--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
+TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
         "--no-report"]
 
 

@@ -23,7 +23,7 @@ from sshhost import tools_available
 pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
 
 # ~5 s epochs on 2 CPU cores: long enough to interrupt in the middle
-LONG = ["--epochs", "3", "--train-limit", "6144", "--eval-limit", "500", "--no-report"]
+LONG = ["--device", "cpu", "--epochs", "3", "--train-limit", "6144", "--eval-limit", "500", "--no-report"]
 
 
 def load_script(name: str):

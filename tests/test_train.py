@@ -19,7 +19,7 @@ TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed"}
 
 def small(tmp_path, mnist_dir, **overrides) -> TrainConfig:
     base = dict(data_dir=str(mnist_dir), out_dir=str(tmp_path / "runs"), train_limit=4096, eval_limit=2000,
-                epochs=2, batch_size=128, progress=False, threads=2, report=False)
+                epochs=2, batch_size=128, progress=False, threads=2, report=False, device="cpu")  # CPU-exact
     return TrainConfig(**{**base, **overrides})
 
 
@@ -144,7 +144,7 @@ def test_sigterm_mid_epoch_checkpoints_fast_and_resume_is_exact(tmp_path, mnist_
     import sys
     import time
 
-    args = ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path / "runs"), "--train-limit", "6144",
+    args = ["--device", "cpu", "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path / "runs"), "--train-limit", "6144",
             "--eval-limit", "500", "--epochs", "2", "--no-progress", "--no-report", "--threads", "2"]
     fit(small(tmp_path, mnist_dir, run_id="straight", train_limit=6144, eval_limit=500, epochs=2))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args, "--run-id", "spot"],

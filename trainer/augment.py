@@ -66,9 +66,20 @@ def affine_matrices(cfg: AugmentConfig, n: int, gen: torch.Generator, device: to
     return m
 
 
+_CORNERS: dict[str, torch.Tensor] = {}
+
+
+def _corners(device: torch.device) -> torch.Tensor:
+    """The image's four corners in normalized coordinates, made once per device (not per step)."""
+    key = str(device)
+    if key not in _CORNERS:
+        _CORNERS[key] = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], device=device)
+    return _CORNERS[key]
+
+
 def perspective_matrices(cfg: AugmentConfig, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """[n, 3, 3] homographies that move each corner inward by up to `perspective_scale`, with probability p."""
-    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], device=device)
+    corners = _corners(device)
     jitter = torch.rand(n, 4, 2, generator=gen, device=device) * cfg.perspective_scale
     moved = corners - corners.sign() * jitter  # inward, like torchvision's RandomPerspective
     apply = torch.rand(n, generator=gen, device=device) < cfg.perspective
@@ -82,7 +93,9 @@ def perspective_matrices(cfg: AugmentConfig, n: int, gen: torch.Generator, devic
     rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
     a = torch.cat([rows_u, rows_v], dim=1)  # [n, 8, 8]
     b = torch.cat([u, v], dim=1)  # [n, 8]
-    h = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+    # solve_ex: solve() checks for singular systems with a host sync every step; these never are
+    # (four distinct corners, each moved by less than half the side)
+    h = torch.linalg.solve_ex(a, b.unsqueeze(-1))[0].squeeze(-1)
     return torch.cat([h, torch.ones(n, 1, device=device)], dim=1).view(n, 3, 3)
 
 

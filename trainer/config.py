@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cyclic", "step", "plateau", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -64,9 +65,17 @@ class TrainConfig:
     max_steps: int | None = knob(None, "cap the batches per epoch (smoke tests)")
     # hardware
     device: str = knob("auto", "auto picks cuda, then mps, then cpu", choices=DEVICES)
-    amp: str = knob("auto", "mixed precision: auto = on for CUDA only", choices=SWITCHES)
+    amp: str = knob("auto", "mixed precision: on = bf16 on CPU and CUDA sm80+, fp16 with a loss scaler on older "
+                    "GPUs (a T4) and MPS; auto = off (fp32), since these small nets are launch-bound",
+                    choices=SWITCHES)
     channels_last: str = knob("auto", "channels-last memory format: auto = on for CPU and CUDA", choices=SWITCHES)
-    compile: bool = knob(False, "torch.compile the model (pays off on CUDA for long runs)")
+    compile: bool = knob(False, "torch.compile the training step; the last partial batch of an epoch is dropped "
+                         "so shapes stay static, and compile time is reported apart from epoch time")
+    compile_mode: str = knob("default", "torch.compile mode (with --compile)", choices=COMPILE_MODES)
+    cuda_graph: bool = knob(False, "experimental, CUDA only: capture the whole training step (gather, augment, "
+                            "forward, backward, SGD) as one CUDA graph replayed every step")
+    deterministic: bool = knob(False, "deterministic algorithms (cuDNN benchmark off): the same numbers on a rerun "
+                               "on the same device; across devices a seed gives the same recipe, not the same bits")
     threads: int | None = knob(None, "CPU threads for torch (default: torch's choice)")
     eval_batch_size: int = knob(1000, "batch size for validation and test")
     # output
@@ -117,6 +126,13 @@ class TrainConfig:
                 raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
+        if self.compile_mode != "default" and not self.compile:
+            raise bad("compile-mode", "needs --compile")
+
+    @property
+    def static_shapes(self) -> bool:
+        """Every batch the same size: compiled or graph-captured steps recompile on a ragged last batch."""
+        return self.compile or self.cuda_graph
 
 
 def _flag(name: str) -> str:

@@ -47,7 +47,10 @@ class Dist:
 
     def init(self, device: torch.device) -> None:
         if self.active and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":  # binds this rank's GPU: NCCL never guesses, barrier() needs no device
+                dist.init_process_group(backend="nccl", device_id=device)
+            else:
+                dist.init_process_group(backend="gloo")
 
     def shutdown(self) -> None:
         if self.active and dist.is_initialized():
@@ -59,16 +62,20 @@ class Dist:
             return model
         # SyncBatchNorm where it matters and where it runs: across GPUs, whose per-GPU batches are small.
         # (PyTorch implements it for GPUs only; on CPU/gloo each rank normalizes over its own slice.)
-        if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # SyncBatchNorm keeps the running statistics equal on every rank: broadcasting rank 0's
+            # buffers before every forward would be one more collective per step for nothing
+            return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(model)
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         if not self.active:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        # float32 (MPS and some backends have no float64); counts stay exact below 2**24 images
+        t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return [type(v)(round(s)) if isinstance(v, int) else s for v, s in zip(values, t.tolist())]
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True if any rank says so: every rank then stops at the same step (else DDP would hang)."""

@@ -170,27 +170,17 @@ def plot_accuracy(run: Run, out: Path) -> bytes:
 
 def lr_curve(run: Run) -> tuple[list[float], list[float]]:
     """(x in epochs, lr) per step, by replaying the run's own scheduler; per epoch for epoch-wise schedules."""
-    import torch
-
     from trainer.config import from_dict
-    from trainer.train import make_optimizer, make_scheduler, steps_in_epoch
+    from trainer.train import epoch_steps, schedule_table
 
     cfg = from_dict(run.cfg)
     train_n = (run.config.get("data") or {}).get("train")
     if not train_n or cfg.schedule in ("step", "plateau", "none"):
         return [r["epoch"] for r in run.rows], [r["lr"] for r in run.rows]
     world = (run.config.get("distributed") or {}).get("world_size", 1)
-    steps = steps_in_epoch(train_n, cfg.batch_size, cfg.max_steps, world)
-    model = torch.nn.Linear(1, 1)
-    optimizer = make_optimizer(cfg, model)
-    scheduler, _ = make_scheduler(cfg, optimizer, steps)
-    xs, lrs = [], []
-    for i in range(cfg.epochs * steps):
-        xs.append(i / steps)
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return xs, lrs
+    steps = epoch_steps(cfg, train_n, world)
+    lrs, _ = schedule_table(cfg, steps)
+    return [i / steps for i in range(len(lrs))], lrs
 
 
 def plot_lr(run: Run, out: Path) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from trainer.augment import augment
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import DeviceData, Split, load_mnist, make_splits, normalize
+from trainer import device as dev
+from trainer.device import device_name, resolve_device
 from trainer.distributed import Dist
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
@@ -38,39 +42,12 @@ from trainer.summary import format_table, layer_table
 # On resume, everything comes from the run's config.json except these: flags about this invocation,
 # and flags that may differ on the machine it continues on (taken only when given).
 INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
-RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size"}
+RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size", "amp", "channels_last", "compile_mode",
+                       "deterministic"}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------- environment
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: MPS is not available on this machine; use --device auto or cpu")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple MPS"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def git_state() -> dict[str, Any]:
     """The code's commit and whether the tree was dirty; $MNIST_CLOUD_GIT_SHA when synced without .git."""
     def git(*args: str) -> str | None:
@@ -110,14 +87,23 @@ def use_switch(value: str, default: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------- optimization
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device_type: str = "cpu") -> torch.optim.Optimizer:
     params = model.parameters()
+    fused = {"fused": True} if dev.fused_optimizer(device_type) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay, **fused)
+        if fused and cfg.momentum > 0:
+            # Fused SGD makes its momentum buffers with empty_like at the first step, and a first step
+            # that a GradScaler skips (an fp16 overflow, common at the initial scale) leaves them
+            # uninitialized: start them at zero, which (no dampening) is what the first step would do.
+            for group in sgd.param_groups:
+                for p in group["params"]:
+                    sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -140,6 +126,25 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return None, False
 
 
+def schedule_table(cfg: TrainConfig, steps: int) -> tuple[list[float], list[float]]:
+    """(lr, momentum) of every optimizer step of the run, by replaying the run's own scheduler."""
+    optimizer = make_optimizer(cfg, torch.nn.Linear(1, 1))
+    scheduler, per_step = make_scheduler(cfg, optimizer, steps)
+    group = optimizer.param_groups[0]
+    lrs, moms = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no optimizer runs here
+        for _ in range(cfg.epochs):
+            for _ in range(steps):
+                lrs.append(group["lr"])
+                moms.append(group.get("momentum", 0.0))
+                if scheduler is not None and per_step:
+                    scheduler.step()
+            if scheduler is not None and not per_step:
+                scheduler.step()
+    return lrs, moms
+
+
 @dataclass
 class Engine:
     """What one step needs besides the model: device, precision, memory format, RNG."""
@@ -151,6 +156,14 @@ class Engine:
     scaler: torch.amp.GradScaler | None
     dist: Dist = field(default_factory=Dist)
     aug_generator: torch.Generator | None = None  # augmentation: per rank (defaults to `generator`)
+    compile_pending: bool = False  # torch.compile compiles at the first step; that step is timed apart
+
+    def sync(self) -> None:
+        """Wait for the device (timing); the CPU never runs ahead of itself."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
 
     @property
     def aug_gen(self) -> torch.Generator:
@@ -165,12 +178,22 @@ class Engine:
         return normalize(images).contiguous(memory_format=self.memory_format)
 
 
-def steps_in_epoch(n: int, batch_size: int, max_steps: int | None, world: int = 1) -> int:
-    if world > 1:  # every rank must take every step: no ragged last batch
+def steps_in_epoch(n: int, batch_size: int, max_steps: int | None, world: int = 1, drop_last: bool = False) -> int:
+    if world > 1 or drop_last:  # every rank takes every step / static shapes: no ragged last batch
         steps = n // batch_size
     else:
         steps = n // batch_size + (1 if n % batch_size >= 2 else 0)  # a last batch of 1 would break BatchNorm
     return min(steps, max_steps) if max_steps else steps
+
+
+def epoch_steps(cfg: TrainConfig, n: int, world: int = 1) -> int:
+    """Steps per epoch of a run with this config (the report replays the schedule with it)."""
+    return steps_in_epoch(n, cfg.batch_size, cfg.max_steps, world, drop_last=cfg.static_shapes)
+
+
+# Under DDP, agreeing on a stop signal is an all-reduce and a host sync: ask every this many steps,
+# at the same step on every rank (a SIGTERM still checkpoints within a second).
+STOP_CHECK_EVERY = 16
 
 
 @dataclass
@@ -185,10 +208,12 @@ class EpochProgress:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0  # the first compiled step, kept out of `seconds`
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "perm": self.perm.cpu(), "step": self.step, "loss_sum": self.loss_sum,
-                "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
+                "correct": self.correct, "seen": self.seen, "seconds": self.seconds,
+                "compile_seconds": self.compile_seconds}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochProgress":
@@ -227,19 +252,22 @@ class StopFlag:
 
 def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, cfg: TrainConfig, engine: Engine,
                     progress: EpochProgress, show_progress: bool, stop: StopFlag | None = None) -> bool:
-    """Train `progress.epoch` from `progress.step` on; True if the epoch finished, False if stopped."""
+    """Train `progress.epoch` from `progress.step` on; True if the epoch finished, False if stopped.
+
+    Nothing in the step waits for the device: per-step losses go into a float32 buffer on the
+    device (MPS has no float64) and are summed on the host once, at the end."""
     model.train()
     n = len(split)
     world, rank = engine.dist.world, engine.dist.rank
-    steps = steps_in_epoch(n, cfg.batch_size, cfg.max_steps, world)
+    steps = epoch_steps(cfg, n, world)
     local = cfg.batch_size // world
     aug = cfg.augment_config()
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=engine.generator, device=engine.device)
     perm = progress.perm
-    loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
+    losses = torch.zeros(steps, device=engine.device)  # mean loss of each step
+    sizes: list[int] = []  # images in each step (known on the host)
     correct = torch.zeros((), device=engine.device, dtype=torch.long)
-    seen = 0
     bar = None
     if show_progress:
         from tqdm import tqdm
@@ -247,8 +275,9 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
         bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch}/{cfg.epochs}", unit="batch",
                    leave=False, file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
+    first = progress.step
     finished = True
-    for step in range(progress.step, steps):
+    for step in range(first, steps):
         idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         if world > 1:  # this rank's slice of the global batch
             idx = idx[rank * local:(rank + 1) * local]
@@ -261,36 +290,43 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
         optimizer.zero_grad(set_to_none=True)
         if engine.scaler is not None:
             engine.scaler.scale(loss).backward()
-            engine.scaler.step(optimizer)
+            engine.scaler.step(optimizer)  # a fused optimizer skips the inf check's host sync
             engine.scaler.update()
         else:
             loss.backward()
             optimizer.step()
         if per_step:
             scheduler.step()
-        loss_sum += loss.detach().double() * y.shape[0]
+        losses[step - first] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
-        seen += y.shape[0]
-        if bar is not None and (step % 20 == 0 or step == steps - 1):
-            rate = seen / max(time.perf_counter() - start, 1e-9)
-            done = progress.seen + seen
-            bar.set_postfix(loss=f"{(progress.loss_sum + loss_sum.item()) / done:.4f}",
+        sizes.append(y.shape[0])
+        if engine.compile_pending:  # the first call compiled the step: report it apart from training time
+            engine.sync()
+            progress.compile_seconds += time.perf_counter() - start
+            engine.compile_pending = False
+            start = time.perf_counter()
+        if bar is not None and (step % 20 == 0 or step == steps - 1):  # a sync, but only for a terminal
+            done = progress.seen + sum(sizes)
+            loss_sum = (losses[:len(sizes)] * torch.tensor(sizes, device=engine.device)).sum().item()
+            bar.set_postfix(loss=f"{(progress.loss_sum + loss_sum) / done:.4f}",
                             acc=f"{100 * (progress.correct + correct.item()) / done:.2f}%",
-                            img_s=f"{rate:,.0f}", refresh=False)
+                            img_s=f"{sum(sizes) / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
             bar.update(step + 1 - bar.n)
-        if engine.dist.any(bool(stop), engine.device):  # all ranks stop at the same step
-            progress.step = step + 1
-            finished = progress.step >= steps
-            break
+        last = step + 1 == steps
+        if world == 1 or last or (step + 1) % STOP_CHECK_EVERY == 0:
+            if engine.dist.any(bool(stop), engine.device):  # all ranks stop at the same step
+                progress.step = step + 1
+                finished = last
+                break
     else:
         progress.step = steps
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    engine.sync()
     if bar is not None:
         bar.close()
-    progress.loss_sum += loss_sum.item()
+    # summed on the host in double precision, the same whether or not the epoch was split by a resume
+    progress.loss_sum += sum(l * b for l, b in zip(losses[:len(sizes)].tolist(), sizes))
     progress.correct += int(correct.item())
-    progress.seen += seen
+    progress.seen += sum(sizes)
     progress.seconds += time.perf_counter() - start
     return finished
 
@@ -333,26 +369,42 @@ def log_line(row: dict[str, Any], best_val: float | None) -> str:
 
     return (f"Epoch: {row['epoch']} | Train Loss: {row['train_loss']:.4f} | Train Acc: {row['train_acc']:.2f}% | "
             f"Val Loss: {num(row['val_loss'])} | Val Acc: {pct(row['val_acc'])} | Best Val Acc: {pct(best_val)} | "
-            f"Test Acc: {row['test_acc']:.2f}% | LR: {row['lr']:.4g} | {row['seconds']:.1f}s")
+            f"Test Acc: {row['test_acc']:.2f}% | LR: {row['lr']:.4g} | {row['seconds']:.1f}s"
+            + (f" (+{row['compile_seconds']:.1f}s compile)" if row.get("compile_seconds") else ""))
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+# Random streams, for re-seeding a resume on another kind of device (trainer/device.py).
+STREAM_BATCHES, STREAM_AUGMENT, STREAM_ACCELERATOR = 1, 2, 3
+
+
 def rng_state(engine: Engine) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "generator": engine.generator.get_state().cpu()}
+    """Every random state of this process, each tagged with its device type."""
+    state = {"torch": torch.get_rng_state(), "generator": dev.generator_state(engine.generator)}
     if engine.aug_generator is not None:
-        state["aug_generator"] = engine.aug_generator.get_state().cpu()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["aug_generator"] = dev.generator_state(engine.aug_generator)
+    accelerator = dev.accelerator_rng_state(engine.device)
+    if accelerator is not None:
+        state["accelerator"] = accelerator
     return state
 
 
-def restore_rng(state: dict[str, Any], engine: Engine) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    engine.generator.set_state(state["generator"].cpu())
-    if engine.aug_generator is not None and "aug_generator" in state:
-        engine.aug_generator.set_state(state["aug_generator"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+def restore_rng(state: dict[str, Any], engine: Engine, seed: int, epoch: int, step: int) -> None:
+    """Restore `rng_state`; a state from another kind of device is re-seeded from (seed, epoch, step)
+    instead, with a one-line note, so that a GPU run resumes on a laptop and back."""
+    torch.set_rng_state(state["torch"].cpu())  # the CPU generator: the same on every machine
+    reseed = functools.partial(dev.derived_seed, seed, epoch, step)
+    ok = dev.restore_generator(engine.generator, state["generator"], reseed(STREAM_BATCHES))
+    if engine.aug_generator is not None:
+        ok &= dev.restore_generator(engine.aug_generator, state.get("aug_generator"), reseed(STREAM_AUGMENT))
+    accelerator = state.get("accelerator")
+    if accelerator is None and state.get("cuda"):  # older checkpoints: every GPU's state, as a list
+        index = engine.device.index or 0
+        accelerator = {"device": "cuda", "state": state["cuda"][index]} if index < len(state["cuda"]) else None
+    ok &= dev.restore_accelerator_rng(engine.device, accelerator, reseed(STREAM_ACCELERATOR))
+    if not ok:
+        saved = state["generator"].get("device") if isinstance(state["generator"], dict) else None
+        dev.warn_reseeded(saved, engine.device, seed, epoch, step)
 
 
 def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConfig, epoch: int,
@@ -379,7 +431,7 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
     }
 
 
-def load_resume_checkpoint(run: "rd.RunDir", device: torch.device) -> tuple[dict[str, Any], str]:
+def load_resume_checkpoint(run: "rd.RunDir") -> tuple[dict[str, Any], str]:
     """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
 
     A damaged last.pt (a crash mid-write on a filesystem without atomic rename, a truncated copy)
@@ -390,7 +442,7 @@ def load_resume_checkpoint(run: "rd.RunDir", device: torch.device) -> tuple[dict
         if not path.exists():
             continue
         try:
-            ckpt = load_checkpoint(path, map_location=device)
+            ckpt = load_checkpoint(path)  # on the CPU: load_state_dict moves it to the device
         except UserError as e:
             print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
             continue
@@ -465,33 +517,35 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
     use_cl = use_switch(cfg.channels_last, device.type in ("cpu", "cuda"))
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
-    amp_dtype = None
-    if use_switch(cfg.amp, device.type == "cuda"):
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            amp_dtype = torch.bfloat16
+    dev.configure_backends(device, cfg.deterministic)
+    amp_dtype = dev.amp_dtype(device.type, cfg.amp, dev.capability(device))
+    if cfg.cuda_graph:
+        from trainer.graphstep import check_supported
+
+        check_supported(cfg, dist.world, amp_dtype)
     engine = Engine(
         device=device, amp_dtype=amp_dtype, memory_format=memory_format,
         generator=torch.Generator(device=device).manual_seed(cfg.seed + 10_000),  # batch order + augmentation
-        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        scaler=torch.amp.GradScaler(device.type) if dev.needs_grad_scaler(amp_dtype) else None,
         dist=dist,
         aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
+        compile_pending=cfg.compile,
     )
     wrapped = dist.wrap(model, device)
     model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints
-    optimizer = make_optimizer(cfg, model)
-    steps = steps_in_epoch(len(data.train), cfg.batch_size, cfg.max_steps, dist.world)
+    optimizer = make_optimizer(cfg, model, device.type)
+    steps = epoch_steps(cfg, len(data.train), dist.world)
     if steps == 0:
         raise UserError(f"{len(data.train)} training images make no batch of {cfg.batch_size}"
                         f"{f' over {dist.world} processes' if dist.active else ''}: "
                         "use a smaller --batch-size or a larger --train-limit")
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    step_model = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
 
     start_epoch, best_val, best_epoch, stale, partial = 1, None, None, 0, None
     if cfg.resume:
-        ckpt, source = load_resume_checkpoint(run, device) if dist.main else (None, None)
+        # on the CPU, then to every rank: a map_location of rank 0's GPU would land every rank's copy there
+        ckpt, source = load_resume_checkpoint(run) if dist.main else (None, None)
         ckpt, source = dist.broadcast((ckpt, source), device)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -500,7 +554,8 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         if engine.scaler is not None and ckpt.get("scaler_state"):
             engine.scaler.load_state_dict(ckpt["scaler_state"])
         ranks = ckpt.get("rng_ranks")
-        restore_rng(ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"], engine)
+        restore_rng(ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"], engine, cfg.seed,
+                    ckpt["epoch"] + 1, (ckpt.get("partial") or {}).get("step", 0))
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
         stale = ckpt.get("stale", 0)
         if ckpt.get("partial"):
@@ -545,6 +600,12 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             f"{f' x {dist.world} processes' if dist.active else ''}  |  "
             f"train/val/test: {len(data.train)}/{len(data.val) if data.val else 0}/{len(data.test)}", flush=True)
 
+    static = None
+    if cfg.cuda_graph:
+        from trainer.graphstep import StaticStep
+
+        static = StaticStep(step_model, optimizer, cfg, engine, data.train, steps)  # after a resume's load
+
     show_progress = cfg.progress and sys.stderr.isatty()
     run_started = time.perf_counter()
     epoch_rows = run.read_epochs() if run is not None else []
@@ -584,8 +645,14 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             t0 = time.perf_counter()
             progress = partial if partial and partial.epoch == epoch else EpochProgress(epoch)
             partial = None
-            if not train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine, progress,
-                                   show_progress, stop):
+            if static is not None:
+                from trainer.graphstep import train_epoch_static
+
+                finished = train_epoch_static(static, scheduler, per_step, progress, stop)
+            else:
+                finished = train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine,
+                                           progress, show_progress, stop)
+            if not finished:
                 sums = dist.sum([progress.loss_sum, progress.correct, progress.seen], device)
                 state = {**progress.state(), "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
                 save(epoch - 1, improved=False, partial_state=state)
@@ -593,6 +660,9 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             train = epoch_stats(progress, engine)
             val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
             test_loss, test_acc = evaluate(model, data.test, engine, cfg.eval_batch_size)
+            # rank 0's numbers on every rank: on CPUs each rank's BatchNorm statistics differ a little,
+            # and ranks that disagreed about --target or --patience would hang the next collective
+            val_loss, val_acc, test_loss, test_acc = dist.broadcast((val_loss, val_acc, test_loss, test_acc), device)
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None and not per_step:
                 scheduler.step(val_acc) if cfg.schedule == "plateau" else scheduler.step()
@@ -603,9 +673,11 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                 stale += 1
             row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
                    "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-                   "seconds": time.perf_counter() - t0, "train_seconds": train["seconds"],
+                   "seconds": time.perf_counter() - t0 - progress.compile_seconds, "train_seconds": train["seconds"],
                    "img_per_s": train["img_per_s"],
                    "elapsed": elapsed_before + time.perf_counter() - run_started}
+            if progress.compile_seconds:
+                row["compile_seconds"] = progress.compile_seconds
             save(epoch, improved)
             if dist.main:
                 run.append_metrics(row)

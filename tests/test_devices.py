@@ -1,0 +1,367 @@
+"""The devices users have, proved where they can be: MPS's lack of float64 under a dispatch mode on the
+CPU, CUDA- and MPS-shaped RNG states forged into checkpoints, and the CUDA policy (AMP dtype, fused
+optimizer, cuDNN, compile shapes) as pure functions called with the device facts as arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import fit
+
+
+def small(tmp_path, mnist_dir, **overrides) -> TrainConfig:
+    base = dict(data_dir=str(mnist_dir), out_dir=str(tmp_path / "runs"), train_limit=1024, eval_limit=300,
+                epochs=2, batch_size=128, progress=False, threads=2, report=False, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def epochs(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+# ---------------------------------------------------------------------------------- MPS: no float64
+class NoFloat64(TorchDispatchMode):
+    """MPS has no float64: fail on any op that makes one, as an MPS run would at that op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                raise AssertionError(f"{func} made a float64 tensor; MPS has no float64")
+        return out
+
+
+def float64_tensors(obj, path="") -> list[str]:
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.dtype == torch.float64 else []
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in float64_tensors(v, f"{path}/{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in float64_tensors(v, f"{path}[{i}]")]
+    return []
+
+
+def test_no_float64_tensor_in_train_evaluate_checkpoint_resume_report_predict(tmp_path, mnist_dir):
+    from trainer.inference import load_model, predict, test_accuracy
+    from trainer.report import write_report
+
+    with NoFloat64():
+        stopped = fit(small(tmp_path, mnist_dir, run_id="f", stop_after=1, rotate=10, perspective=0.5, crop=0.5,
+                            brightness=0.2, contrast=0.2, label_smoothing=0.1))
+        assert stopped["status"] == "stopped"
+        run_dir = tmp_path / "runs" / "f"
+        result = fit(TrainConfig(resume=str(run_dir), progress=False, report=True),
+                     explicit={"resume", "progress", "report"})
+        assert result["status"] == "completed" and result["epochs"] == 2
+        model, _ = load_model(run_dir, torch.device("cpu"))
+        _, acc, n = test_accuracy(model, str(mnist_dir), torch.device("cpu"))
+        assert n == 10000 and 0 < acc <= 100
+        assert predict(model, torch.zeros(1, 28, 28, dtype=torch.uint8), torch.device("cpu")).shape == (10,)
+        write_report(run_dir)
+    # what a checkpoint carries to an MPS machine must load there too
+    for name in ("last.pt", "best.pt"):
+        assert float64_tensors(load_checkpoint(run_dir / name)) == [], name
+
+
+def test_the_float64_guard_catches_float64():
+    """The guard itself must be able to fail."""
+    with pytest.raises(AssertionError, match="float64"):
+        with NoFloat64():
+            torch.zeros(3).double().sum()
+
+
+# ---------------------------------------------------------------------------------- resume across devices
+def _forge(ckpt_path, **rng):
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt["rng"].update(rng)
+    save_checkpoint(ckpt_path, {k: v for k, v in ckpt.items() if k != "format"})
+
+
+CUDA_STATE = {"device": "cuda", "state": torch.arange(16, dtype=torch.uint8)}  # seed + offset: 16 bytes
+
+
+@pytest.mark.parametrize("forged", [
+    pytest.param(dict(generator=CUDA_STATE, accelerator=CUDA_STATE), id="cuda-run"),
+    pytest.param(dict(generator={"device": "mps", "state": torch.zeros(44, dtype=torch.uint8)}), id="mps-run"),
+    # before states carried their device: a bare 16-byte CUDA state, and every GPU of an 8-GPU machine
+    pytest.param(dict(generator=torch.arange(16, dtype=torch.uint8),
+                      cuda=[torch.arange(16, dtype=torch.uint8)] * 8), id="legacy-cuda-run"),
+])
+def test_a_gpu_run_resumes_on_the_cpu_reseeded_and_repeatable(tmp_path, mnist_dir, capfd, forged):
+    import shutil
+
+    fit(small(tmp_path, mnist_dir, run_id="gpu", stop_after=1))
+    run_dir = tmp_path / "runs" / "gpu"
+    _forge(run_dir / "last.pt", **forged)
+    shutil.copytree(run_dir, tmp_path / "runs" / "again")
+    capfd.readouterr()
+    first = fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume", "progress"})
+    err = capfd.readouterr().err
+    assert first["status"] == "completed" and first["epochs"] == 2
+    notes = [l for l in err.splitlines() if "random state" in l]
+    assert len(notes) == 1 and "re-seeded from (seed 1, epoch 2, step 0)" in notes[0], err
+    # the re-seeding is a function of (seed, epoch, step): the same resume twice gives the same run
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), progress=False), explicit={"resume", "progress"})
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in {"seconds", "train_seconds", "img_per_s", "elapsed"}}
+                          for r in rows]
+    assert strip(epochs(run_dir)) == strip(epochs(tmp_path / "runs" / "again"))
+
+
+def test_a_cpu_state_restores_exactly_and_a_foreign_one_reseeds():
+    from trainer.device import derived_seed, generator_state, restore_generator
+
+    gen = torch.Generator().manual_seed(5)
+    saved = generator_state(gen)
+    assert saved["device"] == "cpu" and saved["state"].numel() == 5056
+    expected = torch.rand(3, generator=gen)
+    fresh = torch.Generator().manual_seed(99)
+    assert restore_generator(fresh, saved, fallback_seed=1) is True
+    assert torch.equal(torch.rand(3, generator=fresh), expected)
+    # a CUDA-shaped state cannot be set on a CPU generator: re-seeded, deterministically
+    assert restore_generator(fresh, CUDA_STATE, fallback_seed=derived_seed(1, 2, 3, 4)) is False
+    assert torch.equal(torch.rand(3, generator=fresh),
+                       torch.rand(3, generator=torch.Generator().manual_seed(derived_seed(1, 2, 3, 4))))
+    assert len({derived_seed(1, e, s, k) for e in range(3) for s in range(3) for k in range(3)}) == 27
+
+
+def test_checkpoints_record_each_generators_device(tmp_path, mnist_dir):
+    fit(small(tmp_path, mnist_dir, run_id="r", epochs=1))
+    rng = load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["rng"]
+    assert rng["generator"]["device"] == "cpu" and "cuda" not in rng and "accelerator" not in rng
+
+
+# ---------------------------------------------------------------------------------- CUDA policy, as pure functions
+@pytest.mark.parametrize("device_type,amp,cap,expected", [
+    ("cuda", "auto", (8, 0), None),  # fp32 unless asked: these nets are launch-bound
+    ("cuda", "on", (7, 5), torch.float16),  # a T4: bf16 only emulated
+    ("cuda", "on", (8, 0), torch.bfloat16),  # A100
+    ("cuda", "on", (8, 6), torch.bfloat16),  # A10G
+    ("cuda", "on", (9, 0), torch.bfloat16),  # H100
+    ("mps", "on", None, torch.float16),
+    ("mps", "auto", None, None),
+    ("cpu", "on", None, torch.bfloat16),
+    ("cpu", "off", None, None),
+])
+def test_amp_dtype_follows_the_hardware(device_type, amp, cap, expected):
+    from trainer.device import amp_dtype, needs_grad_scaler
+
+    assert amp_dtype(device_type, amp, cap) == expected
+    assert needs_grad_scaler(expected) == (expected == torch.float16)
+
+
+def test_fused_optimizer_on_cuda_only():
+    from trainer.device import fused_optimizer
+    from trainer.train import make_optimizer
+
+    assert fused_optimizer("cuda") and not fused_optimizer("cpu") and not fused_optimizer("mps")
+    model = torch.nn.Linear(2, 2)
+    for name in ("sgd", "adam", "adamw"):
+        assert not make_optimizer(TrainConfig(optimizer=name), model, "cpu").defaults.get("fused")
+
+
+def test_cudnn_benchmark_unless_deterministic():
+    from trainer.device import configure_backends
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    try:
+        configure_backends(torch.device("cuda"), deterministic=False)
+        assert cudnn.benchmark and not cudnn.deterministic
+        configure_backends(torch.device("cuda"), deterministic=True)
+        assert not cudnn.benchmark and cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # ops without a deterministic kernel warn
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+
+
+def test_static_shapes_drop_the_last_partial_batch():
+    from trainer.train import epoch_steps
+
+    assert epoch_steps(TrainConfig(), 50000) == 391  # 390 full batches and one of 80
+    assert epoch_steps(TrainConfig(compile=True), 50000) == 390
+    assert epoch_steps(TrainConfig(cuda_graph=True), 50000) == 390
+
+
+def test_compile_keeps_one_graph_and_reports_compile_time_apart(tmp_path, mnist_dir, monkeypatch):
+    """1,000 images = 7 batches of 128 and one of 104: a ragged batch would compile a second graph.
+    (Dynamo's graph count does not depend on the backend: aot_eager keeps this test fast.)"""
+    import torch._dynamo.utils as dynamo_utils
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
+        model, backend="aot_eager", dynamic=dynamic))
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    fit(small(tmp_path, mnist_dir, run_id="c", train_limit=1000, compile=True))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    rows = epochs(tmp_path / "runs" / "c")
+    assert rows[0]["compile_seconds"] > 0 and "compile_seconds" not in rows[1]
+    log = [l for l in (tmp_path / "runs" / "c" / "train.log").read_text().splitlines() if l.startswith("Epoch:")]
+    assert "s compile)" in log[0] and "compile" not in log[1]
+
+
+def test_distributed_stop_check_is_every_n_steps_on_every_rank(tmp_path, mnist_dir):
+    """Agreeing on a stop is an all-reduce + host sync: not every step, and at the same steps on all ranks."""
+    from trainer.data import load_mnist, make_splits
+    from trainer.distributed import Dist
+    from trainer.models import build_model
+    from trainer.train import STOP_CHECK_EVERY, Engine, EpochProgress, train_one_epoch
+
+    asked = []
+
+    class TwoRanks(Dist):
+        def any(self, flag, device):
+            asked.append(len(progress_steps))
+            return flag
+
+    cfg = small(tmp_path, mnist_dir, train_limit=4096)
+    data = make_splits(load_mnist(mnist_dir), 0, 1, torch.device("cpu"), 4096)
+    model = build_model("net8k")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    progress_steps = []
+    model.register_forward_hook(lambda *a: progress_steps.append(1))
+    engine = Engine(device=torch.device("cpu"), amp_dtype=None, memory_format=torch.contiguous_format,
+                    generator=torch.Generator().manual_seed(0), scaler=None, dist=TwoRanks(rank=0, world=2))
+    assert train_one_epoch(model, data.train, opt, None, False, cfg, engine, EpochProgress(1), False)
+    assert 4096 // 128 == 32 and asked == [STOP_CHECK_EVERY, 2 * STOP_CHECK_EVERY]
+
+
+def test_fused_sgd_survives_a_first_step_the_grad_scaler_skips():
+    """fp16 often overflows at the GradScaler's initial scale, so the first step is skipped. Fused SGD
+    (what CUDA gets; its CPU kernel behaves the same) would leave its momentum uninitialized then."""
+    from trainer.train import make_optimizer
+
+    torch.manual_seed(0)
+    fused_model, plain_model = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = TrainConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    fused, plain = make_optimizer(cfg, fused_model, "cuda"), make_optimizer(cfg, plain_model, "cpu")
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    x = torch.randn(8, 4)
+    # step 1: an overflow; the scaler hands the fused kernel found_inf=1 and it skips the update
+    fused_model(x).sum().backward()
+    fused.grad_scale, fused.found_inf = torch.tensor(65536.0), torch.ones(())
+    junk = [torch.full_like(p, 1e30) for p in fused_model.parameters()]  # what uninitialized memory may hold
+    del junk
+    fused.step()
+    fused.grad_scale = fused.found_inf = None
+    for model, opt in ((fused_model, fused), (plain_model, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the --cuda-graph step, eagerly
+def test_static_sgd_is_torch_sgd_with_device_scalars():
+    """The capturable update reads lr and momentum from device tensors by a device step counter."""
+    from trainer.graphstep import StaticSGD
+
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(2, 3, 3)
+    ref.load_state_dict(ours.state_dict())
+    lrs, moms = [0.01, 0.05, 0.1, 0.07, 0.02], [0.95, 0.9, 0.85, 0.88, 0.93]  # OneCycle moves both
+    for nesterov in (True, False):
+        opt = torch.optim.SGD(ours.parameters(), lr=lrs[0], momentum=moms[0], nesterov=nesterov, weight_decay=5e-4)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=lrs[0], momentum=moms[0], nesterov=nesterov,
+                                  weight_decay=5e-4)
+        step = torch.zeros((), dtype=torch.long)
+        sgd = StaticSGD(opt, torch.tensor(lrs), torch.tensor(moms), step)
+        for i in range(len(lrs)):
+            x = torch.randn(4, 2, 6, 6)
+            for model in (ours, ref):
+                model.zero_grad()
+                model(x).pow(2).mean().backward()
+            sgd.step()
+            ref_opt.param_groups[0].update(lr=lrs[i], momentum=moms[i])
+            ref_opt.step()
+        assert int(step) == len(lrs)
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        # the momentum lives in the real optimizer's state: checkpoints stay torch's own format
+        assert all(torch.allclose(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"], atol=1e-6)
+                   for a, b in zip(ours.parameters(), ref.parameters()))
+
+
+def test_static_batch_gather_is_the_permutation_slice():
+    from trainer.graphstep import gather_batch
+
+    images, labels = torch.arange(50).view(50, 1, 1, 1).to(torch.uint8), torch.arange(50)
+    perm = torch.randperm(50)
+    order = perm[:48].view(4, 12)
+    for step in range(4):
+        x, y = gather_batch(images, labels, order, torch.tensor(step))
+        assert torch.equal(y, perm[step * 12:(step + 1) * 12]) and torch.equal(x.flatten().long(), y)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step", "cyclic"])
+def test_schedule_table_is_the_lr_the_trainer_used(tmp_path, mnist_dir, schedule):
+    from trainer.train import epoch_steps, schedule_table
+
+    cfg = small(tmp_path, mnist_dir, run_id=schedule, epochs=3, max_steps=5, eval_limit=100, schedule=schedule)
+    fit(cfg)
+    rows = epochs(tmp_path / "runs" / schedule)
+    steps = epoch_steps(cfg, 1024)
+    lrs, moms = schedule_table(cfg, steps)
+    assert len(lrs) == len(moms) == 3 * steps
+    # a row's lr is the optimizer's after the epoch's steps: the lr of the next epoch's first step
+    for row in rows[:-1]:
+        assert lrs[row["epoch"] * steps] == pytest.approx(row["lr"], rel=1e-12)
+
+
+def test_cuda_graph_flag_on_the_cpu_runs_the_static_step_like_the_eager_one(tmp_path, mnist_dir):
+    """Off CUDA --cuda-graph runs the same static step without capture: same batches, same schedule,
+    the same augmentation draws; only the optimizer's rounding differs."""
+    common = dict(train_limit=2048, eval_limit=1000, rotate=10)
+    fit(small(tmp_path, mnist_dir, run_id="eager", **common))
+    fit(small(tmp_path, mnist_dir, run_id="static", cuda_graph=True, stop_after=1, **common))
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "static"), progress=False), explicit={"resume", "progress"})
+    eager, static = epochs(tmp_path / "runs" / "eager"), epochs(tmp_path / "runs" / "static")
+    assert [r["epoch"] for r in static] == [1, 2]
+    for a, b in zip(eager, static):
+        assert a["lr"] == b["lr"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)
+        assert abs(a["val_acc"] - b["val_acc"]) < 5
+    assert static[-1]["val_acc"] > 30  # it learns (2 short epochs)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(optimizer="adam", lr=0.003), "--optimizer sgd only"),
+    (dict(schedule="plateau"), "schedule plateau"),
+    (dict(compile=True), "pick one"),
+])
+def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, mnist_dir, overrides, message):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        fit(small(tmp_path, mnist_dir, cuda_graph=True, **overrides))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
+    """scripts/gpu_bench.py is for a GPU; on the CPU with --quick it still runs end to end, so it is
+    ready the day a GPU is lent."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "scripts/gpu_bench.py", "--device", "cpu", "--quick", "--seeds", "1",
+                           "--variants", "fp32,graph", "--data-dir", str(mnist_dir), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"fp32", "graph"} <= rows.keys() and "failed" not in proc.stdout
+    assert "not a measurement" in proc.stdout
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["fp32", "graph"] and all(r["train_s"] > 0 for r in results)

@@ -1,0 +1,195 @@
+"""`--cuda-graph`: the whole training step, batch gather to SGD update, as one CUDA graph.
+
+An MNIST net this small is launch-bound on a GPU: ~120 kernel launches per step, each a few
+microseconds of work, so the step time is Python and launch overhead. Captured once, a step is one
+`graph.replay()`. For that, nothing in the step may depend on the host:
+- the epoch's permutation sits in a static [steps, B] buffer; the step index is a device tensor and
+  the batch is gathered with `index_select` inside the graph;
+- the learning rate and momentum of every step of the run are precomputed by replaying the
+  scheduler (`schedule_table`), and the step reads its row by the device step counter;
+- SGD is written with `torch._foreach_*` ops on device scalars (`StaticSGD`), since torch's SGD takes
+  its momentum as a Python float and OneCycle changes it every step;
+- per-step losses and the correct count go into device buffers, read once per epoch.
+
+Off CUDA the same step runs eagerly, which is how the CPU tests cover every part of it. This path
+has not been measured on a GPU yet, so it is opt-in (see README, "GPU").
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.augment import augment
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
+
+
+def check_supported(cfg: TrainConfig, world: int, amp_dtype: torch.dtype | None) -> None:
+    if cfg.optimizer != "sgd":
+        raise UserError(f"--cuda-graph supports --optimizer sgd only, got {cfg.optimizer}")
+    if cfg.schedule == "plateau":
+        raise UserError("--cuda-graph needs a schedule fixed in advance; --schedule plateau reads validation")
+    if world > 1:
+        raise UserError("--cuda-graph runs in one process; drop torchrun/--gpus, or drop --cuda-graph")
+    if amp_dtype == torch.float16:
+        raise UserError("--cuda-graph cannot capture fp16's loss scaler; use --amp off, or a GPU with bf16 (sm80+)")
+    if cfg.compile:
+        raise UserError("--cuda-graph and --compile are two ways to the same end; pick one")
+
+
+class StaticSGD:
+    """torch.optim.SGD's update (weight decay, momentum, Nesterov, no dampening) with the learning
+    rate and momentum read from device tensors, so that it can be captured. It works on the
+    momentum buffers of a real `torch.optim.SGD`, whose state_dict therefore stays the checkpoint."""
+
+    def __init__(self, optimizer: torch.optim.SGD, lr: torch.Tensor, momentum: torch.Tensor,
+                 global_step: torch.Tensor):
+        group = optimizer.param_groups[0]
+        self.params = [p for p in group["params"] if p.requires_grad]
+        self.weight_decay = group["weight_decay"]
+        self.nesterov = group["nesterov"]
+        self.lr, self.momentum, self.global_step = lr, momentum, global_step
+        for p in self.params:  # zero momentum is what SGD's first step amounts to (no dampening)
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.buffers = [optimizer.state[p]["momentum_buffer"] for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        at = self.global_step.view(1)
+        lr = self.lr.index_select(0, at).squeeze(0)
+        mom = self.momentum.index_select(0, at).squeeze(0)
+        grads = [p.grad for p in self.params]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+        torch._foreach_mul_(self.buffers, mom)
+        torch._foreach_add_(self.buffers, grads)
+        update = torch._foreach_add(grads, torch._foreach_mul(self.buffers, mom)) if self.nesterov else self.buffers
+        torch._foreach_sub_(self.params, torch._foreach_mul(update, lr))
+        self.global_step += 1
+
+
+def gather_batch(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor,
+                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row `step` (a device scalar) of `order` [steps, B] picks the batch: no host index involved."""
+    idx = order.index_select(0, step.view(1)).view(-1)
+    return images.index_select(0, idx), labels.index_select(0, idx)
+
+
+class StaticStep:
+    """The training step over static buffers; `run()` replays its CUDA graph, or runs it eagerly off CUDA."""
+
+    def __init__(self, model, optimizer, cfg: TrainConfig, engine, split, steps: int):
+        device = engine.device
+        self.model, self.optimizer, self.cfg, self.engine, self.split = model, optimizer, cfg, engine, split
+        self.steps = steps
+        self.aug = cfg.augment_config()
+        from trainer.train import schedule_table
+
+        lrs, moms = schedule_table(cfg, steps)
+        self.global_step = torch.zeros((), dtype=torch.long, device=device)
+        self.step_in_epoch = torch.zeros((), dtype=torch.long, device=device)
+        self.sgd = StaticSGD(optimizer, torch.tensor(lrs, device=device), torch.tensor(moms, device=device),
+                             self.global_step)
+        self.order = torch.zeros(steps, cfg.batch_size, dtype=torch.long, device=device)
+        self.losses = torch.zeros(steps, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: Any = None
+        self.eager_steps = 0
+        self.capture_seconds = 0.0
+
+    def _step(self) -> None:
+        engine, cfg = self.engine, self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        images, y = gather_batch(self.split.images, self.split.labels, self.order, self.step_in_epoch)
+        x = engine.prepare(augment(images.float().div_(255.0), self.aug, engine.aug_gen))
+        with engine.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        self.sgd.step()
+        self.losses.index_copy_(0, self.step_in_epoch.view(1), loss.detach().float().view(1))
+        self.correct += (logits.argmax(1) == y).sum()
+        self.step_in_epoch += 1
+
+    def start_epoch(self, perm: torch.Tensor, epoch: int, first: int) -> None:
+        self.order.copy_(perm[:self.steps * self.cfg.batch_size].view(self.steps, -1))
+        self.step_in_epoch.fill_(first)
+        self.global_step.fill_((epoch - 1) * self.steps + first)
+        self.losses.zero_()
+        self.correct.zero_()
+
+    def run(self) -> None:
+        if self.engine.device.type != "cuda":
+            self._step()
+            return
+        if self.graph is None and self.eager_steps < WARMUP_STEPS:
+            self._warmup_step()
+            return
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+    def _warmup_step(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.eager_steps += 1
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():  # needed up to torch 2.11; newer versions register it themselves
+            warnings.simplefilter("ignore")
+            graph.register_generator_state(self.engine.aug_gen)  # augmentation draws from its own generator
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
+        with torch.cuda.graph(graph):
+            self._step()
+        torch.cuda.synchronize()
+        self.graph = graph
+        self.capture_seconds = time.perf_counter() - start
+
+
+def train_epoch_static(static: StaticStep, scheduler, per_step: bool, progress, stop) -> bool:
+    """`train_one_epoch` for --cuda-graph: the same EpochProgress bookkeeping, one replay per step."""
+    engine, cfg = static.engine, static.cfg
+    static.model.train()
+    if progress.perm is None:
+        progress.perm = torch.randperm(len(static.split), generator=engine.generator, device=engine.device)
+    first = progress.step
+    static.start_epoch(progress.perm, progress.epoch, first)
+    start = time.perf_counter()
+    finished = True
+    for step in range(first, static.steps):
+        static.run()
+        if stop:
+            progress.step = step + 1
+            finished = progress.step >= static.steps
+            break
+    else:
+        progress.step = static.steps
+    engine.sync()
+    taken = progress.step - first
+    progress.loss_sum += sum(l * cfg.batch_size for l in static.losses[first:progress.step].tolist())
+    progress.correct += int(static.correct.item())
+    progress.seen += taken * cfg.batch_size
+    progress.seconds += time.perf_counter() - start - static.capture_seconds
+    progress.compile_seconds += static.capture_seconds
+    static.capture_seconds = 0.0
+    if scheduler is not None and per_step:  # the host's scheduler follows, for logs and checkpoints
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(taken):
+                scheduler.step()
+    return finished

@@ -234,6 +234,47 @@ def test_distributed_stop_check_is_every_n_steps_on_every_rank(tmp_path, mnist_d
     assert 4096 // 128 == 32 and asked == [STOP_CHECK_EVERY, 2 * STOP_CHECK_EVERY]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_cpu_runs_optimizer_state_fits_a_cuda_runs_fused_optimizer(optimizer):
+    """A checkpoint carries its machine's optimizer flags and layouts; the resuming machine's win.
+    (CUDA gets fused optimizers; their CPU kernels stand in for them here.)"""
+    from trainer.train import load_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(optimizer=optimizer, lr=0.01)
+    saved_model = torch.nn.Conv2d(3, 4, 3)  # the laptop: contiguous, not fused
+    saved = make_optimizer(cfg, saved_model, "cpu")
+    saved_model(torch.randn(2, 3, 5, 5)).sum().backward()
+    saved.step()
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)  # the GPU box: channels-last, fused
+    model.load_state_dict(saved_model.state_dict())
+    fused = make_optimizer(cfg, model, "cuda")
+    load_optimizer_state(fused, saved.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    for p in model.parameters():
+        for name, value in fused.state[p].items():
+            if value.shape == p.shape:
+                assert value.stride() == p.stride(), name
+    # what the GradScaler does with a fused optimizer: refused by a group that lost its fused flag
+    model(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).sum().backward()
+    fused.grad_scale, fused.found_inf = torch.tensor(1.0), torch.zeros(())
+    fused.step()
+    fused.grad_scale = fused.found_inf = None
+    saved_model(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mps_amp_needs_torch_2_8():
+    from trainer.device import amp_dtype, torch_version
+    from trainer.errors import UserError
+
+    assert amp_dtype("mps", "on", version=(2, 8)) == torch.float16
+    with pytest.raises(UserError, match="needs torch 2.8"):
+        amp_dtype("mps", "on", version=(2, 7))
+    assert amp_dtype("mps", "auto", version=(2, 4)) is None
+    assert torch_version("2.14.1+cu130") == (2, 14) and torch_version("2.11.0a0") == (2, 11)
+
+
 def test_fused_sgd_survives_a_first_step_the_grad_scaler_skips():
     """fp16 often overflows at the GradScaler's initial scale, so the first step is skipped. Fused SGD
     (what CUDA gets; its CPU kernel behaves the same) would leave its momentum uninitialized then."""

@@ -62,7 +62,13 @@ def capability(device: torch.device) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------- precision
-def amp_dtype(device_type: str, amp: str, capability: tuple[int, int] | None = None) -> torch.dtype | None:
+def torch_version(text: str | None = None) -> tuple[int, int]:
+    major, minor = (text or torch.__version__).split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def amp_dtype(device_type: str, amp: str, capability: tuple[int, int] | None = None,
+              version: tuple[int, int] | None = None) -> torch.dtype | None:
     """The autocast dtype for `--amp` on this device, or None for plain fp32.
 
     `auto` is fp32 everywhere: these nets are launch-bound, not FLOP-bound, and autocast adds cast
@@ -74,6 +80,10 @@ def amp_dtype(device_type: str, amp: str, capability: tuple[int, int] | None = N
     if device_type == "cuda":
         return torch.bfloat16 if capability is not None and capability[0] >= 8 else torch.float16
     if device_type == "mps":
+        version = version or torch_version()
+        if version < (2, 8):  # MPS autocast came in 2.5, its loss scaler's kernels in 2.8
+            raise UserError(f"--amp on for MPS needs torch 2.8 or newer (fp16 loss scaling); this is torch "
+                            f"{version[0]}.{version[1]}: upgrade torch, or use --amp off")
         return torch.float16
     return torch.bfloat16
 
@@ -94,9 +104,9 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     for repeatable ones. Under --deterministic the ops that have no deterministic CUDA kernel
     (adaptive_avg_pool2d's backward, for one) warn instead of failing."""
     if deterministic:
-        # cuBLAS reads this before its first handle: deterministic workspaces
+        # cuBLAS (torch < 2.10) reads this before its first handle: deterministic workspaces
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
@@ -162,7 +172,7 @@ def restore_accelerator_rng(device: torch.device, saved: Any, fallback_seed: int
 
 
 def warn_reseeded(saved_on: str | None, device: torch.device, seed: int, epoch: int, step: int) -> None:
-    where = f"on {saved_on}" if saved_on else "on another device"
+    where = f"on {saved_on}" if saved_on and saved_on != device.type else "on another device or process count"
     print(f"note: the checkpoint's random state was saved {where}; continuing on {device.type} with random "
           f"draws re-seeded from (seed {seed}, epoch {epoch}, step {step}): the same recipe, not bit-for-bit "
           "the same numbers", file=sys.stderr, flush=True)

@@ -111,7 +111,7 @@ class StaticStep:
         self.optimizer.zero_grad(set_to_none=True)
         images, y = gather_batch(self.split.images, self.split.labels, self.order, self.step_in_epoch)
         x = engine.prepare(augment(images.float().div_(255.0), self.aug, engine.aug_gen))
-        with engine.autocast():
+        with engine.autocast(cache=False):  # autocast's weight cache must not outlive a graph capture
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         loss.backward()

@@ -106,6 +106,24 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device_type: str = "cpu")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A checkpoint's optimizer state, fitted to this machine's optimizer. The saved param groups carry
+    the saving device's flags (a CPU run's fused=None would turn CUDA's fused SGD into one that the
+    GradScaler feeds arguments it refuses) and its state tensors the saved memory layout (a
+    channels-last momentum buffer against a contiguous parameter makes a fused kernel go wrong)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        for p in group["params"]:
+            for name, value in optimizer.state[p].items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    optimizer.state[p][name] = torch.empty_like(p).copy_(value)
+                elif name == "step" and group.get("fused") and torch.is_tensor(value):
+                    optimizer.state[p][name] = value.to(device=p.device, dtype=torch.float32)
+
+
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """(scheduler or None, True if it steps per batch)."""
     sgd = cfg.optimizer == "sgd"
@@ -156,7 +174,7 @@ class Engine:
     scaler: torch.amp.GradScaler | None
     dist: Dist = field(default_factory=Dist)
     aug_generator: torch.Generator | None = None  # augmentation: per rank (defaults to `generator`)
-    compile_pending: bool = False  # torch.compile compiles at the first step; that step is timed apart
+    compile_pending: int = 0  # steps that compile (or record CUDA graphs) under torch.compile: timed apart
 
     def sync(self) -> None:
         """Wait for the device (timing); the CPU never runs ahead of itself."""
@@ -169,10 +187,10 @@ class Engine:
     def aug_gen(self) -> torch.Generator:
         return self.aug_generator or self.generator
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images).contiguous(memory_format=self.memory_format)
@@ -189,6 +207,14 @@ def steps_in_epoch(n: int, batch_size: int, max_steps: int | None, world: int = 
 def epoch_steps(cfg: TrainConfig, n: int, world: int = 1) -> int:
     """Steps per epoch of a run with this config (the report replays the schedule with it)."""
     return steps_in_epoch(n, cfg.batch_size, cfg.max_steps, world, drop_last=cfg.static_shapes)
+
+
+def compile_steps(cfg: TrainConfig) -> int:
+    """Steps whose time is compilation: the first; with CUDA graphs (reduce-overhead, max-autotune)
+    torch.compile warms up and records on the next two as well."""
+    if not cfg.compile:
+        return 0
+    return 3 if cfg.compile_mode in ("reduce-overhead", "max-autotune") else 1
 
 
 # Under DDP, agreeing on a stop signal is an all-reduce and a host sync: ask every this many steps,
@@ -300,10 +326,10 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
         losses[step - first] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
         sizes.append(y.shape[0])
-        if engine.compile_pending:  # the first call compiled the step: report it apart from training time
+        if engine.compile_pending:  # this step compiled (or recorded): report it apart from training time
             engine.sync()
             progress.compile_seconds += time.perf_counter() - start
-            engine.compile_pending = False
+            engine.compile_pending -= 1
             start = time.perf_counter()
         if bar is not None and (step % 20 == 0 or step == steps - 1):  # a sync, but only for a terminal
             done = progress.seen + sum(sizes)
@@ -391,17 +417,20 @@ def rng_state(engine: Engine) -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any], engine: Engine, seed: int, epoch: int, step: int) -> None:
     """Restore `rng_state`; a state from another kind of device is re-seeded from (seed, epoch, step)
-    instead, with a one-line note, so that a GPU run resumes on a laptop and back."""
+    instead, with a one-line note, so that a GPU run resumes on a laptop and back. The per-rank
+    streams (augmentation, dropout) take the rank into their seed."""
     torch.set_rng_state(state["torch"].cpu())  # the CPU generator: the same on every machine
+    rank = engine.dist.rank
     reseed = functools.partial(dev.derived_seed, seed, epoch, step)
     ok = dev.restore_generator(engine.generator, state["generator"], reseed(STREAM_BATCHES))
     if engine.aug_generator is not None:
-        ok &= dev.restore_generator(engine.aug_generator, state.get("aug_generator"), reseed(STREAM_AUGMENT))
+        ok &= dev.restore_generator(engine.aug_generator, state.get("aug_generator"),
+                                    reseed(STREAM_AUGMENT + 16 * rank))
     accelerator = state.get("accelerator")
     if accelerator is None and state.get("cuda"):  # older checkpoints: every GPU's state, as a list
         index = engine.device.index or 0
         accelerator = {"device": "cuda", "state": state["cuda"][index]} if index < len(state["cuda"]) else None
-    ok &= dev.restore_accelerator_rng(engine.device, accelerator, reseed(STREAM_ACCELERATOR))
+    ok &= dev.restore_accelerator_rng(engine.device, accelerator, reseed(STREAM_ACCELERATOR + 16 * rank))
     if not ok:
         saved = state["generator"].get("device") if isinstance(state["generator"], dict) else None
         dev.warn_reseeded(saved, engine.device, seed, epoch, step)
@@ -529,7 +558,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         scaler=torch.amp.GradScaler(device.type) if dev.needs_grad_scaler(amp_dtype) else None,
         dist=dist,
         aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
-        compile_pending=cfg.compile,
+        compile_pending=compile_steps(cfg),
     )
     wrapped = dist.wrap(model, device)
     model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints
@@ -548,14 +577,20 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         ckpt, source = load_resume_checkpoint(run) if dist.main else (None, None)
         ckpt, source = dist.broadcast((ckpt, source), device)
         model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
+        load_optimizer_state(optimizer, ckpt["optimizer_state"])
         if scheduler is not None and ckpt["scheduler_state"] is not None:
             scheduler.load_state_dict(ckpt["scheduler_state"])
         if engine.scaler is not None and ckpt.get("scaler_state"):
             engine.scaler.load_state_dict(ckpt["scaler_state"])
+        elif ckpt.get("scaler_state") and dist.main:
+            print(f"note: this run was saved with fp16 loss scaling and continues in "
+                  f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'} (--amp auto is fp32; "
+                  "--amp on on a GPU before sm80 keeps fp16)", file=sys.stderr, flush=True)
         ranks = ckpt.get("rng_ranks")
-        restore_rng(ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"], engine, cfg.seed,
-                    ckpt["epoch"] + 1, (ckpt.get("partial") or {}).get("step", 0))
+        rng = ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"]
+        if dist.active and rng is ckpt["rng"]:  # another number of processes: rank 0's per-rank streams
+            rng = {**rng, "aug_generator": None, "accelerator": None}  # would repeat on every rank: re-seed
+        restore_rng(rng, engine, cfg.seed, ckpt["epoch"] + 1, (ckpt.get("partial") or {}).get("step", 0))
         start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
         stale = ckpt.get("stale", 0)
         if ckpt.get("partial"):

@@ -175,3 +175,19 @@ def test_global_region_and_profile_reach_pass_through_commands():
     assert global_aws(rest, args) == ["--profile", "work", "--region", "eu-west-1", "--on", "x"]
     args, rest = build_parser().parse_known_args(["--region", "eu-west-1", "train", "--region", "us-west-2"])
     assert global_aws(rest, args) == ["--region", "us-west-2"]  # the one typed after the command wins
+
+
+@pytest.mark.parametrize("argv,lr,scaled", [
+    ([], 0.1, False),
+    (["--batch-size", "512"], 0.4, True),  # linear rule: the LR tuned at 128, times 512/128
+    (["--batch-size", "64"], 0.05, True),
+    (["--batch-size", "512", "--lr", "0.2"], 0.2, False),  # a typed LR is the user's
+    (["--batch-size", "512", "--optimizer", "adam"], 0.1, False),  # the linear rule is SGD's
+    (["--resume", "runs/x", "--batch-size", "512"], 0.1, False),  # a resumed run keeps its saved config
+])
+def test_batch_size_scales_the_recipes_learning_rate(argv, lr, scaled, capsys):
+    from trainer.cli import parse_train_args
+
+    args, _ = parse_train_args(argv)
+    assert args.lr == pytest.approx(lr)
+    assert ("scales the peak learning rate" in capsys.readouterr().err) == scaled

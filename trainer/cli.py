@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from trainer.errors import UserError
@@ -44,20 +45,41 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
     for key, value in spec.recipe.items():
         if key not in explicit:
             setattr(args, key, value)
+    scale_lr_to_batch(args, explicit)
 
 
-def cmd_train(argv: list[str]) -> int:
-    from trainer.config import from_namespace
-    from trainer.train import fit
+def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
+    """The recipes' learning rates are tuned at batch 128. A larger batch takes fewer steps per epoch,
+    and at the same LR it learns less (measured in README, "GPU and Apple silicon"): with SGD, a typed
+    --batch-size and no typed --lr scale the LR linearly."""
+    from trainer.config import REFERENCE_BATCH
 
-    parser = train_parser()
-    args = parser.parse_args(argv)
+    if "batch_size" not in explicit or "lr" in explicit or args.optimizer != "sgd" or args.batch_size == REFERENCE_BATCH:
+        return
+    scaled = args.lr * args.batch_size / REFERENCE_BATCH
+    if os.environ.get("RANK", "0") == "0":  # one note under torchrun, not one per rank
+            print(f"note: --batch-size {args.batch_size} scales the peak learning rate {args.lr:g} (tuned at batch "
+              f"{REFERENCE_BATCH}) to {scaled:g}; pass --lr to set it yourself", file=sys.stderr)
+    args.lr = scaled
+
+
+def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The train flags with the model's recipe applied, and the set of flags the user typed."""
+    args = train_parser().parse_args(argv)
     # Which flags were typed (argparse can't tell a default from an explicit value).
     explicit_parser = train_parser()
     for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(explicit_parser.parse_args(argv)))
     apply_recipe(args, explicit)
+    return args, explicit
+
+
+def cmd_train(argv: list[str]) -> int:
+    from trainer.config import from_namespace
+    from trainer.train import fit
+
+    args, explicit = parse_train_args(argv)
     if args.dry_run:
         args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
         if "run_id" not in explicit:

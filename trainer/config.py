@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cyclic", "step", "plateau", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
+REFERENCE_BATCH = 128  # the batch size the recipes' learning rates were tuned at
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -30,7 +31,8 @@ class TrainConfig:
     # model and schedule
     model: str = knob("net8k", "model name from `mnist-cloud models`")
     epochs: int = knob(15, "number of epochs")
-    batch_size: int = knob(128, "training batch size")
+    batch_size: int = knob(REFERENCE_BATCH, "training batch size; with SGD and no --lr, the recipe's learning rate "
+                           f"is scaled by batch/{REFERENCE_BATCH} (the linear rule)")
     optimizer: str = knob("sgd", "optimizer", choices=OPTIMIZERS)
     lr: float = knob(0.1, "peak learning rate (the max of OneCycle/Cyclic, the start of Step/plateau)")
     momentum: float = knob(0.9, "SGD momentum (OneCycle cycles it between 0.85 and this)")

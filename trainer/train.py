@@ -36,7 +36,7 @@ from trainer.device import device_name, resolve_device
 from trainer.distributed import Dist
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
-from trainer.models import build_model, count_params, get_spec
+from trainer.models import count_params, get_spec
 from trainer.summary import format_table, layer_table
 
 # On resume, everything comes from the run's config.json except these: flags about this invocation,

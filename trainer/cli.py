@@ -58,7 +58,7 @@ def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
         return
     scaled = args.lr * args.batch_size / REFERENCE_BATCH
     if os.environ.get("RANK", "0") == "0":  # one note under torchrun, not one per rank
-            print(f"note: --batch-size {args.batch_size} scales the peak learning rate {args.lr:g} (tuned at batch "
+        print(f"note: --batch-size {args.batch_size} scales the peak learning rate {args.lr:g} (tuned at batch "
               f"{REFERENCE_BATCH}) to {scaled:g}; pass --lr to set it yourself", file=sys.stderr)
     args.lr = scaled
 

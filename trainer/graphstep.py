@@ -56,10 +56,9 @@ class StaticSGD:
         self.weight_decay = group["weight_decay"]
         self.nesterov = group["nesterov"]
         self.lr, self.momentum, self.global_step = lr, momentum, global_step
-        for p in self.params:  # zero momentum is what SGD's first step amounts to (no dampening)
-            state = optimizer.state[p]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        from trainer.train import zero_momentum_buffers
+
+        zero_momentum_buffers(optimizer)
         self.buffers = [optimizer.state[p]["momentum_buffer"] for p in self.params]
 
     @torch.no_grad()

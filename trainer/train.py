@@ -96,14 +96,21 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device_type: str = "cpu")
         if fused and cfg.momentum > 0:
             # Fused SGD makes its momentum buffers with empty_like at the first step, and a first step
             # that a GradScaler skips (an fp16 overflow, common at the initial scale) leaves them
-            # uninitialized: start them at zero, which (no dampening) is what the first step would do.
-            for group in sgd.param_groups:
-                for p in group["params"]:
-                    sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # uninitialized
+            zero_momentum_buffers(sgd)
         return sgd
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def zero_momentum_buffers(sgd: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer where it has none: with no dampening, SGD's first
+    step from zero is the same as the one that creates the buffer."""
+    for group in sgd.param_groups:
+        for p in group["params"]:
+            if sgd.state[p].get("momentum_buffer") is None:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -1,19 +1,18 @@
 """The only module that imports boto3.
 
-It owns the session (region, profile, the standard credential chain and $AWS_ENDPOINT_URL), retries
-the named transient errors with backoff, and turns every AWS failure into one line that says what
-to do. Everything above it deals in plain dicts and CloudError.
+It owns the session (region, profile, the standard credential chain and $AWS_ENDPOINT_URL), lets
+botocore's `standard` retry mode retry throttling and transient failures, and turns every AWS failure
+into one line that says what to do. Everything above it deals in plain dicts and CloudError.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.parsers import ResponseParserError
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -22,28 +21,37 @@ from botocore.exceptions import (
     NoRegionError,
     PartialCredentialsError,
     ProfileNotFound,
-    WaiterError,
 )
+from botocore.parsers import ResponseParserError
 
 from infra.errors import UserError
 
-# Retried with exponential backoff; anything else is raised at once.
+T = TypeVar("T")
+
+# Total attempts per call (the first one included), unless AWS_MAX_ATTEMPTS or the profile's
+# max_attempts says otherwise. botocore's client-config `max_attempts` would count retries only.
+MAX_ATTEMPTS = 6
+# Codes that may go away by themselves: a wait polls again on them (after botocore's own retries gave up).
 TRANSIENT_CODES = {
     "RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
     "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout",
+    "RequestExpired", "ExpiredToken", "ExpiredTokenException",  # refreshable credentials renew on the next call
 }
-MAX_ATTEMPTS = 6
+# EC2 is eventually consistent: a group or key pair we have just created can be "not found" for a few seconds.
+SETTLE_SECONDS = 30.0
 
 NO_CREDENTIALS = ("no AWS credentials found: run `aws configure`, set AWS_PROFILE or --profile, "
                   "or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
 class CloudError(UserError):
-    """An AWS failure, already reduced to one actionable line. `code` is AWS's error code."""
+    """An AWS failure, already reduced to one actionable line. `code` is AWS's error code (or botocore's
+    exception name); `transient` says whether asking again later may succeed."""
 
-    def __init__(self, message: str, code: str = ""):
+    def __init__(self, message: str, code: str = "", transient: bool = False):
         super().__init__(message)
         self.code = code
+        self.transient = transient
 
 
 def explain(code: str, message: str, operation: str) -> str:
@@ -62,13 +70,35 @@ def explain(code: str, message: str, operation: str) -> str:
         return f"{message} (--ami must be an AMI id in this region)"
     if code == "InvalidKeyPair.NotFound":
         return f"{message}: create it, or drop --key-name to let mnist-cloud make one"
+    if code in ("RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException"):
+        return (f"AWS throttled {operation} ({code}) through every retry: wait a minute and run the command "
+                "again; it picks up where it stopped")
     return f"AWS {operation} failed: {code}: {message}"
 
 
-class Aws:
-    """A boto3 session plus retrying, error-translating calls."""
+def translate(e: Exception, operation: str) -> UserError:
+    """A boto3/botocore exception -> one line (CloudError, or UserError for missing settings)."""
+    if isinstance(e, ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        message = e.response.get("Error", {}).get("Message", str(e))
+        return CloudError(explain(code, message, operation), code, transient=code in TRANSIENT_CODES)
+    if isinstance(e, NoCredentialsError):
+        return UserError(NO_CREDENTIALS)
+    if isinstance(e, NoRegionError):
+        return UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    if isinstance(e, EndpointConnectionError):
+        return CloudError(f"cannot reach AWS at {e.kwargs.get('endpoint_url')}: check the network and --region",
+                          "EndpointConnectionError", transient=True)
+    # e.g. a dropped connection, a read timeout, an answer botocore cannot parse
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CloudError(f"AWS {operation} failed: {first}", type(e).__name__, transient=True)
 
-    def __init__(self, region: str | None = None, profile: str | None = None, sleep: Callable = time.sleep):
+
+class Aws:
+    """A boto3 session plus error-translating calls and deadline-bounded waits."""
+
+    def __init__(self, region: str | None = None, profile: str | None = None, sleep: Callable = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         try:
             self.session = boto3.Session(profile_name=profile, region_name=region)
         except ProfileNotFound:
@@ -89,42 +119,45 @@ class Aws:
         if credentials is None:
             raise UserError(NO_CREDENTIALS)
         self._sleep = sleep
+        self._clock = clock
         self._clients: dict[str, Any] = {}
-        # botocore's own retries are off: we retry exactly the transient codes, with our backoff.
-        self._config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+        # botocore's standard mode retries throttling, 5xx and connection errors with jittered backoff and a
+        # retry quota; AWS_MAX_ATTEMPTS (or max_attempts in the profile) overrides our number of attempts.
+        retries: dict[str, Any] = {"mode": "standard"}
+        if self.session._session.get_config_variable("max_attempts") is None:
+            retries["total_max_attempts"] = MAX_ATTEMPTS
+        self._config = Config(retries=retries, connect_timeout=10, read_timeout=60)
 
     def client(self, service: str):
         if service not in self._clients:
             self._clients[service] = self.session.client(service, config=self._config)
         return self._clients[service]
 
-    def call(self, service: str, operation: str, **kwargs) -> dict:
-        """client.<operation>(**kwargs), retrying transient errors; raises CloudError otherwise."""
+    def call(self, service: str, operation: str, settle: tuple[str, ...] = (), **kwargs) -> dict:
+        """client.<operation>(**kwargs); raises CloudError. `settle`: error codes that only mean "not visible
+        yet" because we have just created the resource; the call is repeated on them for SETTLE_SECONDS."""
         method = getattr(self.client(service), operation)
-        return self.retrying(lambda: method(**kwargs), f"{service}:{operation}")
+        name = f"{service}:{operation}"
+        if not settle:
+            return self.translating(lambda: method(**kwargs), name)
 
-    def retrying(self, fn: Callable[[], Any], operation: str) -> Any:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        def attempt():
             try:
-                return fn()
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                message = e.response.get("Error", {}).get("Message", str(e))
-                if code in TRANSIENT_CODES and attempt < MAX_ATTEMPTS:
-                    self._sleep(min(20.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
-                    continue
-                raise CloudError(explain(code, message, operation), code) from None
-            except NoCredentialsError:
-                raise UserError(NO_CREDENTIALS) from None
-            except NoRegionError:
-                raise UserError("no AWS region: pass --region or set AWS_DEFAULT_REGION") from None
-            except EndpointConnectionError as e:
-                raise CloudError(f"cannot reach AWS at {e.kwargs.get('endpoint_url')}: check the network "
-                                 "and --region", "EndpointConnectionError") from None
-            except (BotoCoreError, ResponseParserError) as e:  # e.g. an answer botocore cannot parse
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CloudError(f"AWS {operation} failed: {first}", type(e).__name__) from None
-        raise AssertionError("unreachable")
+                return self.translating(lambda: method(**kwargs), name)
+            except CloudError as e:
+                if e.code in settle:
+                    return None
+                raise
+
+        # only the settle codes are asked again: botocore has already spent the call's retries on the rest
+        return self.wait(f"{name} to see what was just created", attempt, timeout=SETTLE_SECONDS, delay=2,
+                         last=lambda: self.translating(lambda: method(**kwargs), name), poll_on_transient=False)
+
+    def translating(self, fn: Callable[[], T], operation: str) -> T:
+        try:
+            return fn()
+        except (ClientError, BotoCoreError, ResponseParserError) as e:
+            raise translate(e, operation) from None
 
     def paginate(self, service: str, operation: str, key: str, **kwargs) -> list:
         """Every item under `key` across all pages."""
@@ -133,13 +166,30 @@ class Aws:
         def collect():
             return [item for page in paginator.paginate(**kwargs) for item in page.get(key, [])]
 
-        return self.retrying(collect, f"{service}:{operation}")
+        return self.translating(collect, f"{service}:{operation}")
 
-    def wait(self, service: str, waiter: str, what: str, delay: int = 5, max_attempts: int = 120, **kwargs) -> None:
-        """A boto3 waiter, with a one-line error when it gives up."""
-        try:
-            self.client(service).get_waiter(waiter).wait(WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts},
-                                                         **kwargs)
-        except WaiterError as e:
-            raise CloudError(f"gave up waiting for {what} ({e.last_response.get('Error', {}).get('Message') or e})",
-                             "WaiterError") from None
+    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 600, delay: float = 5,
+             last: Callable[[], T] | None = None, poll_on_transient: bool = True) -> T:
+        """Call check() every `delay` s until it returns something other than None, and return that.
+
+        A transient CloudError (network, read timeout, throttling, expired token) only means "ask again";
+        any other error ends the wait at once. At the deadline, `last()` gets one final try if given
+        (its own error is then the answer), else one line says what we were waiting for."""
+        deadline = self._clock() + timeout
+        problem = ""
+        while True:
+            try:
+                result = check()
+                if result is not None:
+                    return result
+            except CloudError as e:
+                if not (e.transient and poll_on_transient):
+                    raise
+                problem = f" (last error: {e})"
+            if self._clock() >= deadline:
+                break
+            self._sleep(max(0.0, min(delay, deadline - self._clock())))
+        if last is not None:
+            return last()
+        raise CloudError(f"gave up after {timeout:.0f} s waiting for {what}{problem}; run the command again to "
+                         "continue", "WaitTimeout")

@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Terminate (not just stop) every instance of NAME, then delete its security group "
                                    "and any key pair mnist-cloud created for it. --all sweeps every name you own.")
     p.add_argument("name", nargs="?")
-    p.add_argument("--all", action="store_true", help="every resource tagged as yours")
+    p.add_argument("--all", action="store_true", help="every resource tagged as yours (an assumed role's "
+                   "earlier sessions count as you)")
+    p.add_argument("--any-owner", action="store_true",
+                   help="with --all: also resources tagged by OTHER people or roles of this account")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     return parser
 
@@ -386,14 +389,16 @@ def cmd_launch(args) -> int:
     def wait_ssh(inst):
         if args.no_wait_ssh:
             return
-        from infra.remote import Endpoint, Remote
+        from infra.remote import Endpoint, Remote, pinned_keys
         from infra.state import State
 
         host = State().get(args.name)
         ep = Endpoint(name=args.name, host=inst.public_ip, user=host.user, key_path=host.key_path,
                       alias=inst.instance_id)
-        # the first connection is checked against the fingerprints the instance printed at boot, if any
-        with Remote(ep, expected_fingerprints=console_fingerprints(aws, inst.instance_id) or None) as remote:
+        # the first connection is checked against the fingerprints the instance printed at boot (polled for,
+        # since cloud-init prints them late); a key pinned by an earlier connection is checked instead
+        expected = None if pinned_keys(inst.instance_id) else console_fingerprints(aws, inst.instance_id, log=say)
+        with Remote(ep, expected_fingerprints=expected or None) as remote:
             remote.wait_ready(timeout=600, log=say)
         say(f"SSH is up on {inst.public_ip}")
 
@@ -494,8 +499,14 @@ def cmd_down(args) -> int:
 
     if args.all == bool(args.name):
         raise UserError("give a NAME, or --all")
+    if args.any_owner and not args.all:
+        raise UserError("--any-owner goes with --all")
     aws = session(args)
-    if args.all:
+    if args.all and args.any_owner:
+        confirm("Terminate every mnist-cloud instance in this account and region, INCLUDING OTHER PEOPLE'S, "
+                "and delete their groups and keys?", args.yes)
+        report = down_all(aws, log=say, any_owner=True)
+    elif args.all:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
         report = down_all(aws, log=say)
     else:

@@ -31,7 +31,14 @@ ALIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
                   "InsufficientSpotInstanceCapacity", "Unsupported"}
 DLAMI_SSM_ROOT = "/aws/service/deeplearning/ami"
-DLAMI_NAME_PATTERN = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu *)*"
+DLAMI_NAME_PATTERNS = {  # describe-images fallback, by architecture
+    "x86_64": "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu *)*",
+    "arm64": "Deep Learning ARM64 AMI OSS Nvidia Driver GPU PyTorch * (Ubuntu *)*",
+}
+# Families the PyTorch DLAMIs no longer support: the release notes of every PyTorch 2.6 to 2.11 DLAMI list
+# "supported_ec2_instances: G4dn, G5, G6, Gr6, G6e, P4, P4de, P5, P5e, P5en, P6-B200" (ARM64: G5g, P6e-GB200),
+# with no P2/P3 (K80, V100) or G3 (M60); the CUDA 13 builds dropped those GPUs.
+DLAMI_UNSUPPORTED = {"p2": "K80", "p3": "V100", "p3dn": "V100", "g3": "M60", "g3s": "M60"}
 IP_SERVICE = "https://checkip.amazonaws.com"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,38}$")
 DEFAULT_USER = "ubuntu"  # the Deep Learning AMI's login
@@ -64,6 +71,7 @@ class Instance:
     zone: str | None
     owner: str | None
     tags: dict = field(default_factory=dict)
+    subnet_id: str | None = None
 
     @property
     def uptime_hours(self) -> float:
@@ -96,6 +104,7 @@ def instance_from(desc: dict) -> Instance:
         zone=desc.get("Placement", {}).get("AvailabilityZone"),
         owner=tags.get(TAG_OWNER),
         tags=tags,
+        subnet_id=desc.get("SubnetId"),
     )
 
 
@@ -108,6 +117,20 @@ def tag_list(name: str, owner: str, extra: dict | None = None) -> list[dict]:
 def caller_identity(aws: Aws) -> str:
     """The owner recorded on everything we create: the caller's IAM ARN."""
     return aws.call("sts", "get_caller_identity")["Arn"]
+
+
+def owner_key(arn: str | None) -> str:
+    """The part of an owner ARN that names who owns: the role of an assumed-role ARN, the ARN itself otherwise.
+
+    botocore names each assumed-role session `botocore-session-<epoch>`, so
+    arn:aws:sts::ACCT:assumed-role/ROLE/SESSION changes with every command; it compares as
+    arn:aws:sts::ACCT:assumed-role/ROLE (tags written with a full session ARN included)."""
+    m = re.match(r"^(arn:[^:]+:sts::\d+:assumed-role/[^/]+)/", arn or "")
+    return m.group(1) if m else (arn or "")
+
+
+def same_owner(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and owner_key(a) == owner_key(b)
 
 
 def find_instances(aws: Aws, name: str | None = None, include_terminated: bool = False) -> list[Instance]:
@@ -128,6 +151,55 @@ def describe_instance(aws: Aws, instance_id: str) -> Instance:
             raise UserError(f"no instance {instance_id} in {aws.region}; check the id and --region") from None
         raise
     return instance_from(reservations[0]["Instances"][0])
+
+
+# ---------------------------------------------------------------------------------- waits
+# Our own polls, not botocore's waiters: instance_terminated gives up on `pending` or `stopping`, and a
+# waiter ends in a traceback on a dropped connection. aws.wait polls again on those, up to a deadline.
+KMS_HINT = ("; a common cause is default EBS encryption with a KMS key you may not use: allow kms:CreateGrant, "
+            "kms:Decrypt and kms:GenerateDataKeyWithoutPlaintext on it (README, IAM section)")
+
+
+def launch_failure(desc: dict) -> str:
+    """One line for an instance that ended while starting, with EC2's StateReason."""
+    reason = desc.get("StateReason") or {}
+    code, message = reason.get("Code") or "no code", reason.get("Message") or "EC2 gave no reason"
+    hint = KMS_HINT if code == "Client.InternalError" or re.search(r"kms|encrypt", message, re.IGNORECASE) else ""
+    return (f"{desc['InstanceId']} went from pending to {desc['State']['Name']}: {code}: {message}{hint}; "
+            "`mnist-cloud down NAME` tidies up")
+
+
+def wait_for_state(aws: Aws, ids: list[str], wanted: str, what: str, timeout: float = 900,
+                   delay: float = 5) -> list[dict]:
+    """Poll until every instance is `wanted` (running, stopped or terminated); their descriptions.
+
+    Waiting for `running`, an instance that ends instead is an error that says why (StateReason)."""
+    def check():
+        try:
+            descs = [i for r in aws.call("ec2", "describe_instances", InstanceIds=ids)["Reservations"]
+                     for i in r["Instances"]]
+        except CloudError as e:
+            if not e.code.startswith("InvalidInstanceID"):
+                raise
+            # not visible yet right after the launch; long gone when we wait for its end
+            return [] if wanted == "terminated" else None
+        for d in descs:
+            if wanted == "running" and d["State"]["Name"] in ("shutting-down", "terminated"):
+                raise CloudError(launch_failure(d), "LaunchFailed")
+        return descs if all(d["State"]["Name"] == wanted for d in descs) else None
+
+    return aws.wait(what, check, timeout=timeout, delay=delay)
+
+
+def wait_status_ok(aws: Aws, instance_id: str, timeout: float = 900, delay: float = 10) -> None:
+    """Poll until EC2's instance and system status checks pass."""
+    def check():
+        statuses = aws.call("ec2", "describe_instance_status", InstanceIds=[instance_id])["InstanceStatuses"]
+        passed = statuses and all(s.get("InstanceStatus", {}).get("Status") == "ok"
+                                  and s.get("SystemStatus", {}).get("Status", "ok") == "ok" for s in statuses)
+        return True if passed else None
+
+    aws.wait(f"{instance_id}'s status checks", check, timeout=timeout, delay=delay)
 
 
 @dataclass
@@ -156,10 +228,26 @@ def instance_type_info(aws: Aws, instance_type: str) -> InstanceTypeInfo:
                             t.get("VCpuInfo", {}).get("DefaultVCpus", 0), gpus)
 
 
+def check_dlami_supports(instance_type: str) -> None:
+    """Refuse, in one line, a family that no current PyTorch DLAMI supports (see DLAMI_UNSUPPORTED)."""
+    family = instance_type.split(".")[0]
+    if family in DLAMI_UNSUPPORTED:
+        raise UserError(f"{instance_type} ({DLAMI_UNSUPPORTED[family]}) is not supported by the current PyTorch "
+                        "Deep Learning AMIs (CUDA 13); pick g4dn, g5, g6 or p4d, or pass --ami with an image built "
+                        "for it")
+
+
+def pytorch_version(name: str) -> tuple[int, ...]:
+    """(2, 12) from a DLAMI name or SSM path ('... PyTorch 2.12 ...', 'pytorch-2.12-...'); () if none."""
+    m = re.search(r"pytorch[ -](\d+)\.(\d+)", name, re.IGNORECASE)
+    return tuple(int(x) for x in m.groups()) if m else ()
+
+
 def resolve_dlami(aws: Aws, architecture: str = "x86_64", log: Log = print) -> tuple[str, str]:
     """(ami id, why): the newest PyTorch Deep Learning AMI on Ubuntu.
 
-    SSM public parameters first, taking the highest PyTorch version; then describe_images by name."""
+    SSM public parameters first, then describe_images by name; both take the highest PyTorch version,
+    then the newest."""
     pattern = re.compile(r"/([^/]*pytorch-(\d+)\.(\d+)[^/]*ubuntu-(\d+)\.(\d+)[^/]*)/latest/ami-id$")
     try:
         params = aws.paginate("ssm", "get_parameters_by_path", "Parameters",
@@ -177,14 +265,22 @@ def resolve_dlami(aws: Aws, architecture: str = "x86_64", log: Log = print) -> t
         version, _, ami_type, ami = max(candidates)
         return ami, f"newest PyTorch DLAMI in SSM: {ami_type} (PyTorch {version[0]}.{version[1]})"
     images = aws.call("ec2", "describe_images", Owners=["amazon"], Filters=[
-        {"Name": "name", "Values": [DLAMI_NAME_PATTERN]},
+        {"Name": "name", "Values": [DLAMI_NAME_PATTERNS.get(architecture, DLAMI_NAME_PATTERNS["x86_64"])]},
         {"Name": "architecture", "Values": [architecture]},
         {"Name": "state", "Values": ["available"]},
     ])["Images"]
     if not images:
         raise UserError(f"no PyTorch Deep Learning AMI found in {aws.region}; pass --ami ami-...")
-    newest = max(images, key=lambda i: i.get("CreationDate", ""))
+    newest = max(images, key=lambda i: (pytorch_version(i.get("Name", "")), i.get("CreationDate", "")))
     return newest["ImageId"], f"newest Amazon image named {newest.get('Name')!r} (SSM had none)"
+
+
+def root_snapshot_gb(image: dict) -> int | None:
+    """Size of the AMI's root snapshot: the smallest root volume EC2 accepts."""
+    for mapping in image.get("BlockDeviceMappings", []):
+        if mapping.get("DeviceName") == image.get("RootDeviceName") and "Ebs" in mapping:
+            return mapping["Ebs"].get("VolumeSize")
+    return None
 
 
 def describe_ami(aws: Aws, ami: str) -> dict:
@@ -224,11 +320,29 @@ def default_vpc(aws: Aws) -> str:
     return vpcs[0]["VpcId"]
 
 
-def default_subnets(aws: Aws, vpc_id: str) -> list[tuple[str, str]]:
-    """(availability zone, subnet id) of the default VPC, one per AZ, sorted by AZ."""
+def describe_default_subnets(aws: Aws, vpc_id: str) -> list[dict]:
+    """The default VPC's default subnets (one per AZ), sorted by AZ."""
     subnets = aws.call("ec2", "describe_subnets", Filters=[{"Name": "vpc-id", "Values": [vpc_id]},
                                                             {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
-    return sorted((s["AvailabilityZone"], s["SubnetId"]) for s in subnets)
+    return sorted(subnets, key=lambda s: s["AvailabilityZone"])
+
+
+def default_subnets(aws: Aws, vpc_id: str) -> list[tuple[str, str]]:
+    """(availability zone, subnet id) of the default VPC, one per AZ, sorted by AZ."""
+    return [(s["AvailabilityZone"], s["SubnetId"]) for s in describe_default_subnets(aws, vpc_id)]
+
+
+def with_network(call: dict, subnet: str | None, public_ip: bool) -> dict:
+    """run_instances arguments for one subnet. Where the subnet hands out no public IPv4 address
+    (MapPublicIpOnLaunch off), the network interface asks for one; EC2 then wants the subnet and the
+    groups on that interface, not at the top level."""
+    if not public_ip:
+        return dict(call, SubnetId=subnet) if subnet else call
+    interface = {"DeviceIndex": 0, "AssociatePublicIpAddress": True, "Groups": call["SecurityGroupIds"]}
+    if subnet:
+        interface["SubnetId"] = subnet
+    rest = {k: v for k, v in call.items() if k != "SecurityGroupIds"}
+    return dict(rest, NetworkInterfaces=[interface])
 
 
 def find_security_group(aws: Aws, name: str) -> dict | None:
@@ -266,7 +380,9 @@ def ensure_security_group(aws: Aws, name: str, owner: str, vpc_id: str, cidr: st
         aws.call("ec2", "revoke_security_group_ingress", GroupId=group_id, IpPermissions=stale)
     missing = [w for w in wanted if key(w) not in have]
     if missing:
-        aws.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=missing)
+        # a group created a moment ago may still be "not found" (EC2 is eventually consistent)
+        aws.call("ec2", "authorize_security_group_ingress", GroupId=group_id, IpPermissions=missing,
+                 settle=("InvalidGroup.NotFound",) if group is None else ())
     log(f"security group {group_id} ({resource_prefix(name)}): SSH (22) from {cidr} only"
         + ("; all traffic between the cluster's own members" if cluster else ""))
     return group_id
@@ -416,9 +532,14 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     if spec.ami:
         ami, why = spec.ami, "--ami"
     else:
+        check_dlami_supports(spec.instance_type)
         ami, why = resolve_dlami(aws, info.architecture, log)
     image = describe_ami(aws, ami)
     log(f"AMI {ami} ({image.get('Name', '?')}): {why}")
+    snapshot_gb = root_snapshot_gb(image)
+    if snapshot_gb and spec.disk_gb < snapshot_gb:
+        raise UserError(f"--disk-gb {spec.disk_gb} is smaller than the root snapshot of AMI {ami} ({snapshot_gb} GB); "
+                        f"use --disk-gb {snapshot_gb} or more")
     key = ensure_key_pair(aws, spec.name, owner, log, spec.key_name, spec.key_path, spec.public_key)
     vpc = default_vpc(aws)
     group_id = ensure_security_group(aws, spec.name, owner, vpc, cidr, log, cluster=spec.nodes > 1)
@@ -444,7 +565,9 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
             params["Placement"] = {"GroupName": placement}
         if spec.user_data:
             params["UserData"] = spec.user_data
-        inst = instance_from(_run_with_fallback(aws, spec, params, vpc, log))
+        # a cluster placement group lives in one zone: later nodes go into node 0's subnet
+        pin = launched[0].subnet_id if launched else None
+        inst = instance_from(_run_with_fallback(aws, spec, params, vpc, log, pin=pin))
         launched.append(inst)
         if node == 0:
             _record(state, inst, key, aws.region)  # before waiting: a Ctrl-C from here on still leaves a record
@@ -473,13 +596,18 @@ def _shutdown_behavior(spec: LaunchSpec, spot: bool) -> str:
     return "terminate" if spot or spec.autostop_action == "terminate" else "stop"
 
 
-def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log) -> dict:
-    """run_instances: spot in each AZ in turn, then on demand (saying so); capacity errors only."""
-    zones = default_subnets(aws, vpc)
+def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log, pin: str | None = None) -> dict:
+    """run_instances: spot in each AZ in turn, then on demand (saying so); capacity errors only.
+    `pin`: the only subnet to use (a cluster's later nodes)."""
+    subnets = [s for s in describe_default_subnets(aws, vpc) if pin in (None, s["SubnetId"])]
+    zones = [(s["AvailabilityZone"], s["SubnetId"]) for s in subnets]
+    private = {s["SubnetId"] for s in subnets if not s.get("MapPublicIpOnLaunch", True)}
+    # EC2 picks the zone when no subnet is named; not when pinned, nor when a subnet gives no public address
+    anywhere = not zones or not (pin or private)
     plans: list[tuple[bool, str | None, str | None]] = []
     if spec.spot:
         plans += [(True, zone, subnet) for zone, subnet in zones] or [(True, None, None)]
-    plans += [(False, None, None)] + [(False, zone, subnet) for zone, subnet in zones]
+    plans += [(False, None, None)] * anywhere + [(False, zone, subnet) for zone, subnet in zones]
     last_error = None
     for i, (spot, zone, subnet) in enumerate(plans):
         if spec.spot and not spot and (i == 0 or plans[i - 1][0]):
@@ -488,13 +616,14 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
                 f"{hourly_price(spec.instance_type) or '?'} $/h")
         call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec, spot),
                     ClientToken=f"mnist-cloud-{uuid.uuid4().hex}")
-        if subnet:
-            call["SubnetId"] = subnet
+        call = with_network(call, subnet, subnet in private)
         if spot:
             call["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
                 "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
         try:
-            return aws.call("ec2", "run_instances", **call)["Instances"][0]
+            # the group and key pair were created or found just now: "not found" is EC2 catching up
+            return aws.call("ec2", "run_instances", settle=("InvalidGroup.NotFound", "InvalidKeyPair.NotFound"),
+                            **call)["Instances"][0]
         except CloudError as e:
             if e.code not in CAPACITY_CODES:
                 raise
@@ -508,11 +637,10 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
 
 def _wait_up(aws: Aws, spec: LaunchSpec, instance_id: str, key: KeyInfo, log: Log, state: State,
              wait_ready: Callable[[Instance], None] | None, record: bool = True) -> Instance:
-    aws.wait("ec2", "instance_running", f"{instance_id} to run", InstanceIds=[instance_id])
+    wait_for_state(aws, [instance_id], "running", f"{instance_id} to run")
     if spec.wait_status_checks:
         log("running; waiting for the EC2 status checks")
-        aws.wait("ec2", "instance_status_ok", f"{instance_id}'s status checks", delay=10, max_attempts=90,
-                 InstanceIds=[instance_id])
+        wait_status_ok(aws, instance_id)
     inst = describe_instance(aws, instance_id)
     if record:
         _record(state, inst, key, aws.region)
@@ -537,7 +665,7 @@ def _reuse(aws: Aws, spec: LaunchSpec, inst: Instance, cidr: str, owner: str, lo
             spec.key_path, spec.public_key, in_use=True)
     if inst.state == "stopping":
         log("waiting for it to finish stopping")
-        aws.wait("ec2", "instance_stopped", f"{inst.instance_id} to stop", InstanceIds=[inst.instance_id])
+        wait_for_state(aws, [inst.instance_id], "stopped", f"{inst.instance_id} to stop")
         inst.state = "stopped"
     if inst.state == "stopped":
         log("it was stopped; starting it")
@@ -571,7 +699,7 @@ def stop(aws: Aws, name: str, log: Log = print) -> Instance:
     else:
         log(f"{name} ({', '.join(i.instance_id for i in insts)}) is already stopped")
     ids = [i.instance_id for i in insts]
-    aws.wait("ec2", "instance_stopped", f"{name} to stop", InstanceIds=ids)
+    wait_for_state(aws, ids, "stopped", f"{name} to stop")
     return describe_instance(aws, ids[0])
 
 
@@ -583,7 +711,7 @@ def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, st
     ensure_security_group(aws, name, caller_identity(aws), default_vpc(aws), cidr, log, cluster=len(insts) > 1)
     stopping = [i.instance_id for i in insts if i.state == "stopping"]
     if stopping:
-        aws.wait("ec2", "instance_stopped", f"{name} to stop", InstanceIds=stopping)
+        wait_for_state(aws, stopping, "stopped", f"{name} to stop")
     stopped = [i.instance_id for i in insts if i.state in ("stopped", "stopping")]
     if stopped:
         aws.call("ec2", "start_instances", InstanceIds=stopped)
@@ -635,7 +763,7 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
     if ids:
         aws.call("ec2", "terminate_instances", InstanceIds=ids)
         log(f"terminating {', '.join(ids)}; waiting")
-        aws.wait("ec2", "instance_terminated", "termination", InstanceIds=ids)
+        wait_for_state(aws, ids, "terminated", "termination")
         report.terminated = ids
     # Root volumes go with their instance (DeleteOnTermination); sweep any that were left detached.
     for volume in aws.call("ec2", "describe_volumes", Filters=[{"Name": f"tag:{TAG_NAME}", "Values": [name]},
@@ -674,7 +802,7 @@ def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: 
     me = caller_identity(aws)
 
     def mine(tags: dict) -> bool:
-        return TAG_NAME in tags and (any_owner or tags.get(TAG_OWNER) == me)
+        return TAG_NAME in tags and (any_owner or same_owner(tags.get(TAG_OWNER), me))
 
     report = DownReport()
     names = {i.name for i in find_instances(aws) if mine(i.tags)}
@@ -750,17 +878,29 @@ def attach_host(target: str, name: str, key_path: str, log: Log = print, state: 
     return record
 
 
-def console_fingerprints(aws: Aws, instance_id: str) -> list[str]:
-    """SSH host key fingerprints the instance printed to its console at first boot (cloud-init), if any.
+FINGERPRINT_WAIT = 180.0  # cloud-init prints the host keys late in the first boot
 
-    Used to check the very first SSH connection; empty while the console output is not yet available."""
-    try:
+
+def console_fingerprints(aws: Aws, instance_id: str, timeout: float = FINGERPRINT_WAIT, delay: float = 10,
+                         log: Log = print) -> list[str]:
+    """SSH host key fingerprints the instance printed to its console at first boot (cloud-init).
+
+    Polls the console output until the fingerprint block appears (up to `timeout` s); used to check the very
+    first SSH connection. Empty, after saying so, when there is none: the first connection is then trust on
+    first use."""
+    def check():
         output = aws.call("ec2", "get_console_output", InstanceId=instance_id, Latest=True).get("Output") or ""
-    except CloudError:
+        block = re.search(r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+                          output, re.DOTALL)
+        return re.findall(r"SHA256:[A-Za-z0-9+/]+", block.group(1)) if block else None
+
+    try:
+        return aws.wait(f"{instance_id}'s host key fingerprints", check, timeout=timeout, delay=delay)
+    except CloudError as e:
+        why = f"no host key fingerprints on {instance_id}'s console after {timeout:.0f} s" \
+            if e.code == "WaitTimeout" else f"cannot read {instance_id}'s console ({e.code})"
+        log(f"note: {why}; trusting the host key on first use and pinning it from then on")
         return []
-    block = re.search(r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
-                      output, re.S)
-    return re.findall(r"SHA256:[A-Za-z0-9+/]+", block.group(1)) if block else []
 
 
 def set_autostop(aws: Aws, name: str, config, log: Log = print) -> Instance:

@@ -10,7 +10,11 @@ test created itself (`moto_server`).
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -62,12 +66,79 @@ def aws_env(tmp_path, **extra) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Fault:
+    action: str  # e.g. "RunInstances"
+    times: int  # how many matching requests get it
+    code: str = ""  # an EC2 error code to answer with; empty: drop the connection instead
+    status: int = 400
+    when: Callable[[dict], bool] = lambda query: True
+
+
+class Faults:
+    """What real EC2 does to a client now and then, injected into the in-process moto server: an error
+    answer (throttling, "not found" right after a create) or a dropped connection, for the next `times`
+    matching requests. Also records every request's parameters (`sent`), to assert on what was asked."""
+
+    def __init__(self):
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self.sent: dict[str, list[dict]] = defaultdict(list)
+        self.hits: dict[str, int] = defaultdict(int)
+
+    def fail(self, action: str, code: str, times: int = 1, status: int = 400, when=lambda query: True) -> None:
+        self._faults.append(Fault(action, times, code, status, when))
+
+    def drop(self, action: str, times: int = 1, when=lambda query: True) -> None:
+        self._faults.append(Fault(action, times, "", 0, when))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self.sent.clear()
+            self.hits.clear()
+
+    def take(self, action: str, query: dict) -> Fault | None:
+        with self._lock:
+            self.sent[action].append(query)
+            for fault in self._faults:
+                if fault.action == action and fault.times > 0 and fault.when(query):
+                    fault.times -= 1
+                    self.hits[action] += 1
+                    return fault
+        return None
+
+    def install(self, patches) -> None:
+        from moto.core.responses import BaseResponse
+
+        original = BaseResponse.call_action
+        faults = self
+
+        def call_action(response):
+            action = response._get_action()
+            fault = faults.take(action, {k: v[0] if isinstance(v, list) and len(v) == 1 else v
+                                         for k, v in response.querystring.items()})
+            if fault is None:
+                return original(response)
+            if not fault.code:  # the client sees the connection closed without an answer
+                sock = response.request.environ.get("werkzeug.socket")
+                sock.shutdown(socket.SHUT_RDWR)
+                return 500, {}, ""
+            body = (f"<Response><Errors><Error><Code>{fault.code}</Code><Message>injected by the test</Message>"
+                    "</Error></Errors><RequestID>fault</RequestID></Response>")
+            return fault.status, {"Content-Type": "text/xml"}, body
+
+        patches.setattr(BaseResponse, "call_action", call_action)
+
+
 @contextlib.contextmanager
-def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: Sequence = ()) -> Iterator[str]:
+def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: Sequence = (),
+                faults: Faults | None = None) -> Iterator[str]:
     """A moto server on 127.0.0.1 (yields its URL). Its instances' public IPs come from `public_ip`:
     loopback unless the test hands out addresses of its own network namespaces, so that even a
     command that tries to reach an instance can never leave this machine. Every key pair it creates
-    or imports is authorized on each of `key_hosts` (SSH test hosts), as EC2 installs it on an instance."""
+    or imports is authorized on each of `key_hosts` (SSH test hosts), as EC2 installs it on an instance.
+    `faults` (see Faults) makes it answer some requests the way a busy or flaky EC2 does."""
     import pytest
     from moto.ec2.models import elastic_network_interfaces, key_pairs
     from moto.server import ThreadedMotoServer
@@ -92,6 +163,8 @@ def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: S
 
         patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
         patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
+    if faults is not None:
+        faults.install(patches)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -1,0 +1,127 @@
+"""The real `mnist-cloud` against a moto server that misbehaves the way real EC2 and STS do now and then:
+throttling, a dropped connection in the middle of a wait, "not found" right after a create, and an
+assumed-role caller whose session name changes with every command."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from cloud import Faults, aws_env, seed_dlami
+from cloud import moto_server as cloud_moto_server
+from conftest import assert_user_error, run_cli
+from test_cloud_cli import ec2_client, ip_service  # noqa: F401 (a fixture)
+
+FAULTS = Faults()
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    with cloud_moto_server(faults=FAULTS) as url:  # public IPs are loopback: nothing here leaves the machine
+        yield url
+
+
+@pytest.fixture
+def cloud(moto_server, ip_service, tmp_path, mnist_cloud):  # noqa: F811
+    """cloud(*args, extra_env=...) runs mnist-cloud against a reset, DLAMI-seeded, fault-free moto server."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    FAULTS.clear()
+    env = aws_env(tmp_path, AWS_ENDPOINT_URL=moto_server, MNIST_CLOUD_IP_URL=ip_service)
+
+    def run(*args, extra_env=None):
+        if args and args[0] == "launch":
+            args = (*args, "--no-wait-ssh", "--no-wait-checks")
+        return run_cli([*mnist_cloud, *args], env_extra={**env, **(extra_env or {})}, cwd=tmp_path)
+
+    run.endpoint = moto_server
+    yield run
+    FAULTS.clear()
+
+
+def alive(endpoint, **creds) -> dict[str, str]:
+    """{name tag: state} of every instance that is not terminated."""
+    found = {}
+    for r in ec2_client(endpoint).describe_instances()["Reservations"]:
+        for i in r["Instances"]:
+            tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+            if i["State"]["Name"] != "terminated":
+                found[tags.get("mnist-cloud:name", "?")] = i["State"]["Name"]
+    return found
+
+
+# ---------------------------------------------------------------------------------- retries
+def test_throttled_calls_are_retried_by_botocore(cloud):
+    FAULTS.fail("RunInstances", "RequestLimitExceeded", times=2, status=503)
+    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "busy")
+    assert out.returncode == 0, out.stderr
+    assert FAULTS.hits["RunInstances"] == 2 and len(FAULTS.sent["RunInstances"]) == 3
+    assert alive(cloud.endpoint) == {"busy": "running"}
+
+
+def test_throttling_past_every_retry_is_one_line(cloud):
+    FAULTS.fail("RunInstances", "RequestLimitExceeded", times=10, status=503)
+    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "busy", extra_env={"AWS_MAX_ATTEMPTS": "2"})
+    assert_user_error(out, "throttled ec2:run_instances", "run the command again")
+    assert len(FAULTS.sent["RunInstances"]) == 2  # AWS_MAX_ATTEMPTS counts the first attempt too
+
+
+def test_a_dropped_connection_during_a_wait_polls_again(cloud):
+    # botocore's own retries are off (1 attempt), so the wait itself must survive the dropped connections
+    FAULTS.drop("DescribeInstances", times=2, when=lambda q: "InstanceId.1" in q)
+    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "flaky", extra_env={"AWS_MAX_ATTEMPTS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert FAULTS.hits["DescribeInstances"] == 2 and "ready: flaky" in out.stdout
+
+
+def test_not_found_right_after_a_create_is_waited_out(cloud):
+    FAULTS.fail("AuthorizeSecurityGroupIngress", "InvalidGroup.NotFound", times=2)
+    FAULTS.fail("RunInstances", "InvalidKeyPair.NotFound", times=1)
+    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "fresh")
+    assert out.returncode == 0, out.stderr
+    assert FAULTS.hits["AuthorizeSecurityGroupIngress"] == 2 and FAULTS.hits["RunInstances"] == 1
+    assert alive(cloud.endpoint) == {"fresh": "running"}
+
+
+# ---------------------------------------------------------------------------------- owners
+def assume(endpoint, session_name: str) -> dict[str, str]:
+    """Temporary credentials of role `trainer`, as a new botocore session would get them."""
+    import boto3
+
+    kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+              aws_secret_access_key="testing")
+    iam = boto3.client("iam", **kw)
+    try:
+        iam.create_role(RoleName="trainer", AssumeRolePolicyDocument="{}")
+    except iam.exceptions.EntityAlreadyExistsException:
+        pass
+    creds = boto3.client("sts", **kw).assume_role(RoleArn="arn:aws:iam::123456789012:role/trainer",
+                                                   RoleSessionName=session_name)["Credentials"]
+    return {"AWS_ACCESS_KEY_ID": creds["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": creds["SessionToken"]}
+
+
+def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(cloud):
+    first, second = assume(cloud.endpoint, "botocore-session-1"), assume(cloud.endpoint, "botocore-session-2")
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "monday", extra_env=first).returncode == 0
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "tuesday", extra_env=second).returncode == 0
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "colleague").returncode == 0  # an IAM user
+    owners = {name: state for name, state in alive(cloud.endpoint).items()}
+    assert set(owners) == {"monday", "tuesday", "colleague"}
+
+    third = assume(cloud.endpoint, "botocore-session-3")
+    down = cloud("down", "--all", "--yes", extra_env=third)
+    assert down.returncode == 0, down.stderr
+    assert "2 instance(s)" in down.stdout
+    assert alive(cloud.endpoint) == {"colleague": "running"}  # someone else's: left alone
+
+    assert_user_error(cloud("down", "--all", "--any-owner", extra_env=third), "INCLUDING OTHER PEOPLE'S", "--yes")
+    assert alive(cloud.endpoint) == {"colleague": "running"}
+    everyone = cloud("down", "--all", "--any-owner", "--yes", extra_env=third)
+    assert everyone.returncode == 0 and "1 instance(s)" in everyone.stdout
+    assert alive(cloud.endpoint) == {}
+
+
+def test_any_owner_needs_all(cloud):
+    assert_user_error(cloud("down", "exp", "--any-owner", "--yes"), "--any-owner goes with --all")

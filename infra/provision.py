@@ -165,7 +165,8 @@ def launch_failure(desc: dict) -> str:
     reason = desc.get("StateReason") or {}
     code, message = reason.get("Code") or "no code", reason.get("Message") or "EC2 gave no reason"
     hint = KMS_HINT if code == "Client.InternalError" or re.search(r"kms|encrypt", message, re.IGNORECASE) else ""
-    return (f"{desc['InstanceId']} went from pending to {desc['State']['Name']}: {code}: {message}{hint}; "
+    why = message if message.startswith(code) else f"{code}: {message}"  # EC2 often repeats the code
+    return (f"{desc['InstanceId']} went from pending to {desc['State']['Name']}: {why}{hint}; "
             "`mnist-cloud down NAME` tidies up")
 
 

@@ -292,3 +292,190 @@ def test_missing_credentials_region_and_unknown_region(tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(UserError, match="no AWS credentials"):
         Aws(region=REGION)
+
+
+# ---------------------------------------------------------------------------------- real EC2 semantics
+@pytest.mark.parametrize("tag,caller,same", [
+    ("arn:aws:sts::123456789012:assumed-role/trainer/botocore-session-1",
+     "arn:aws:sts::123456789012:assumed-role/trainer/botocore-session-2", True),
+    ("arn:aws:sts::123456789012:assumed-role/trainer/botocore-session-1",
+     "arn:aws:sts::123456789012:assumed-role/other/botocore-session-1", False),
+    ("arn:aws:sts::123456789012:assumed-role/trainer/s", "arn:aws:sts::999999999999:assumed-role/trainer/s", False),
+    ("arn:aws:iam::123456789012:user/alice", "arn:aws:iam::123456789012:user/alice", True),
+    ("arn:aws:iam::123456789012:user/alice", "arn:aws:iam::123456789012:user/bob", False),
+    (None, "arn:aws:iam::123456789012:user/alice", False),
+])
+def test_owners_compare_without_the_session_name(tag, caller, same):
+    assert P.same_owner(tag, caller) is same
+
+
+def _moto_instances():
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    return [i for r in backend.reservations.values() for i in r.instances]
+
+
+def test_down_waits_while_an_instance_is_still_stopping(aws, ec2, monkeypatch):
+    """EC2 finishes a stop before it terminates; botocore's terminated waiter gave up on `stopping`."""
+    from moto.ec2.models.instances import Instance
+    from moto.ec2.responses.instances import InstanceResponse
+
+    inst = launch(aws)
+    aws._sleep = lambda s: None
+    real_terminate, real_describe = Instance.terminate, InstanceResponse.describe_instances
+    later, polls = [], []
+
+    def terminate_later(self, *a, **kw):
+        self._state.name, self._state.code = "stopping", 64
+        later.append(lambda: real_terminate(self, *a, **kw))
+
+    def describe(self):
+        polls.append(1)
+        if later and len(polls) > 3:
+            later.pop()()
+        return real_describe(self)
+
+    monkeypatch.setattr(Instance, "terminate", terminate_later)
+    monkeypatch.setattr(InstanceResponse, "describe_instances", describe)
+    report = P.down(aws, "exp", log=lambda m: None)
+    assert report.terminated == [inst.instance_id] and not later
+    assert ec2.describe_instances(InstanceIds=[inst.instance_id])["Reservations"][0]["Instances"][0]["State"][
+        "Name"] == "terminated"
+
+
+def test_an_instance_that_dies_while_pending_says_why(aws, monkeypatch):
+    from moto.ec2.models.instances import StateReason
+    from moto.ec2.responses.instances import InstanceResponse
+
+    real_describe = InstanceResponse.describe_instances
+
+    def describe(self):  # EC2 could not create the encrypted root volume
+        for i in _moto_instances():
+            if i._state.name != "terminated":
+                i._state.name, i._state.code = "terminated", 48
+                i.state_reason = StateReason("Client.InternalError: Client error on launch", "Client.InternalError")
+        return real_describe(self)
+
+    aws._sleep = lambda s: None
+    monkeypatch.setattr(InstanceResponse, "describe_instances", describe)
+    with pytest.raises(CloudError, match=r"pending to terminated: Client.InternalError: Client error on launch; "
+                                         r"a common cause is default EBS encryption with a KMS key"):
+        launch(aws, wait_status_checks=False)
+
+
+def test_disk_smaller_than_the_ami_snapshot_is_one_line(aws, ec2):
+    with pytest.raises(UserError, match=r"--disk-gb 10 is smaller than the root snapshot of AMI .* \(15 GB\); "
+                                        r"use --disk-gb 15 or more"):
+        launch(aws, disk_gb=10)
+    assert _ours(ec2)[0] == []
+
+
+def test_cluster_nodes_launch_in_node_0s_subnet(aws, monkeypatch):
+    real_call = aws.call
+    tries = []
+
+    def first_zone_full(service, operation, **kwargs):  # node 0 ends up in the second zone
+        if operation == "run_instances":
+            tries.append(kwargs.get("SubnetId"))
+            if len(tries) <= 2:
+                raise CloudError("no capacity", "InsufficientInstanceCapacity")
+        return real_call(service, operation, **kwargs)
+
+    monkeypatch.setattr(aws, "call", first_zone_full)
+    monkeypatch.setattr(P, "ensure_placement_group", lambda *a, **k: None)  # moto has no DescribePlacementGroups
+    node0 = launch(aws, nodes=3, wait_status_checks=False)
+    subnets = {i.subnet_id for i in P.find_instances(aws, "exp")}
+    zones = P.default_subnets(aws, P.default_vpc(aws))
+    assert node0.subnet_id == zones[1][1] and subnets == {node0.subnet_id}
+
+
+def test_a_subnet_without_public_ips_gets_one_on_the_interface(aws, ec2, monkeypatch):
+    for _, subnet in P.default_subnets(aws, P.default_vpc(aws)):
+        ec2.modify_subnet_attribute(SubnetId=subnet, MapPublicIpOnLaunch={"Value": False})
+    real_call = aws.call
+    sent = []
+
+    def record(service, operation, **kwargs):
+        if operation == "run_instances":
+            sent.append(kwargs)
+        return real_call(service, operation, **kwargs)
+
+    monkeypatch.setattr(aws, "call", record)
+    inst = launch(aws, wait_status_checks=False)
+    assert inst.public_ip
+    [call] = sent
+    assert "SecurityGroupIds" not in call and "SubnetId" not in call
+    [interface] = call["NetworkInterfaces"]
+    assert interface["AssociatePublicIpAddress"] is True and interface["SubnetId"] and interface["Groups"]
+
+
+def _seed_image(ami, name, arch, created):
+    from datetime import datetime, timezone
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.amis import Ami
+
+    ec2 = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    ec2.amis[ami] = Ami(ec2, ami, name=name, owner_alias="amazon", owner_id="898082745236", architecture=arch,
+                        root_device_name="/dev/sda1", creation_date=datetime(*created, tzinfo=timezone.utc))
+
+
+def test_image_search_takes_the_highest_pytorch_then_the_newest_for_each_architecture(tmp_path, monkeypatch):
+    from moto import mock_aws
+
+    for k, v in aws_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        seed_dlami(ssm=False)  # PyTorch 2.12, built 2026-11-01
+        _seed_image("ami-0000000000000a290", "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.9 (Ubuntu 22.04) "
+                    "20261201", "x86_64", (2026, 12, 1))
+        _seed_image("ami-0000000000000b212", "Deep Learning ARM64 AMI OSS Nvidia Driver GPU PyTorch 2.12 "
+                    "(Ubuntu 24.04) 20261001", "arm64", (2026, 10, 1))
+        _seed_image("ami-0000000000000b209", "Deep Learning ARM64 AMI OSS Nvidia Driver GPU PyTorch 2.9 "
+                    "(Ubuntu 24.04) 20261115", "arm64", (2026, 11, 15))
+        aws = Aws()
+        assert P.resolve_dlami(aws, "x86_64")[0] == DLAMI_ID
+        assert P.resolve_dlami(aws, "arm64")[0] == "ami-0000000000000b212"
+
+
+def test_a_family_the_dlami_dropped_is_refused_unless_an_ami_is_given(aws, ec2):
+    with pytest.raises(UserError, match=r"p3dn.24xlarge \(V100\) is not supported .* pass --ami"):
+        launch(aws, instance_type="p3dn.24xlarge")
+    assert _ours(ec2)[0] == []
+    assert launch(aws, instance_type="p3dn.24xlarge", ami=DLAMI_ID, wait_status_checks=False).state == "running"
+
+
+FINGERPRINTS = ("-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 SHA256:abcDEF+/123 root@ip (ED25519)\n"
+                "-----END SSH HOST KEY FINGERPRINTS-----\n")
+
+
+def test_host_key_fingerprints_are_polled_for_until_cloud_init_prints_them(aws, monkeypatch):
+    from moto.ec2.responses import general
+
+    inst = launch(aws, wait_status_checks=False)
+    real, calls = general.General.get_console_output, []
+
+    def late_boot(self):
+        calls.append(1)
+        monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", "booting\n" + (FINGERPRINTS if len(calls) >= 3 else ""))
+        return real(self)
+
+    monkeypatch.setattr(general.General, "get_console_output", late_boot)
+    aws._sleep = lambda s: None
+    logs = []
+    assert P.console_fingerprints(aws, inst.instance_id, log=logs.append) == ["SHA256:abcDEF+/123"]
+    assert len(calls) == 3 and logs == []
+
+
+def test_no_fingerprints_says_trust_on_first_use(aws, monkeypatch):
+    from moto.ec2.responses import general
+
+    inst = launch(aws, wait_status_checks=False)
+    monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", "booting, no keys yet\n")
+    aws._sleep = lambda s: None
+    logs = []
+    assert P.console_fingerprints(aws, inst.instance_id, timeout=0.2, log=logs.append) == []
+    assert len(logs) == 1 and "trusting the host key on first use" in logs[0]

@@ -6,6 +6,8 @@ Whether an instance exists and what state it is in is always read live from EC2.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
@@ -99,12 +101,29 @@ class State:
     def all(self) -> list[Host]:
         return [Host(**raw) for raw in self._load()["hosts"].values()]
 
-    def put(self, host: Host) -> None:
-        data = self._load()
-        data["hosts"][host.name] = asdict(host)
+    @contextlib.contextmanager
+    def _locked(self):
+        """One writer at a time (two terminals, a sweep's workers): the read-modify-write of put/remove runs
+        under an exclusive flock on a lock file beside the state file. Readers need none: writes are atomic."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _save(self, data: dict) -> None:
         atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
 
+    def put(self, host: Host) -> None:
+        with self._locked():
+            data = self._load()
+            data["hosts"][host.name] = asdict(host)
+            self._save(data)
+
     def remove(self, name: str) -> None:
-        data = self._load()
-        if data["hosts"].pop(name, None) is not None:
-            atomic_write(self.path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
+        with self._locked():
+            data = self._load()
+            if data["hosts"].pop(name, None) is not None:
+                self._save(data)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-
 from cloud import Faults, aws_env, seed_dlami
 from cloud import moto_server as cloud_moto_server
 from conftest import assert_user_error, run_cli
@@ -40,7 +39,7 @@ def cloud(moto_server, ip_service, tmp_path, mnist_cloud):  # noqa: F811
     FAULTS.clear()
 
 
-def alive(endpoint, **creds) -> dict[str, str]:
+def alive(endpoint) -> dict[str, str]:
     """{name tag: state} of every instance that is not terminated."""
     found = {}
     for r in ec2_client(endpoint).describe_instances()["Reservations"]:
@@ -89,8 +88,8 @@ def assume(endpoint, session_name: str) -> dict[str, str]:
     """Temporary credentials of role `trainer`, as a new botocore session would get them."""
     import boto3
 
-    kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-              aws_secret_access_key="testing")
+    kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "testing",
+          "aws_secret_access_key": "testing"}
     iam = boto3.client("iam", **kw)
     try:
         iam.create_role(RoleName="trainer", AssumeRolePolicyDocument="{}")
@@ -107,8 +106,7 @@ def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(c
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "monday", extra_env=first).returncode == 0
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "tuesday", extra_env=second).returncode == 0
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "colleague").returncode == 0  # an IAM user
-    owners = {name: state for name, state in alive(cloud.endpoint).items()}
-    assert set(owners) == {"monday", "tuesday", "colleague"}
+    assert set(alive(cloud.endpoint)) == {"monday", "tuesday", "colleague"}
 
     third = assume(cloud.endpoint, "botocore-session-3")
     down = cloud("down", "--all", "--yes", extra_env=third)

@@ -149,7 +149,9 @@ class SSHTarget:
             if node == 0 and inst.public_ip != host.host:
                 host.host = inst.public_ip
                 State().put(host)
-            expected = None if pinned_keys(instance_id) else (console_fingerprints(aws, instance_id) or None)
+            # one look (timeout=0): a machine reached here first was launched with --no-wait-ssh, long booted
+            expected = None if pinned_keys(instance_id) else (
+                console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
             ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
                           alias=instance_id, workdir=f"mnist-cloud/{name}")
             targets.append(cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -131,13 +132,23 @@ class Faults:
         patches.setattr(BaseResponse, "call_action", call_action)
 
 
+def console_with_host_keys(hosts: Sequence) -> str:
+    """A first-boot console as cloud-init prints it, with the SSH test hosts' real host key fingerprints."""
+    prints = [subprocess.run(["ssh-keygen", "-l", "-f", str(h.dir / "ssh_host_ed25519_key.pub")], check=True,
+                             capture_output=True, text=True).stdout.strip() for h in hosts]
+    return ("[   12.3] cloud-init[1234]: Cloud-init v. 24.1 running 'modules:final'\n"
+            "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n" + "\n".join(prints) +
+            "\n-----END SSH HOST KEY FINGERPRINTS-----\n")
+
+
 @contextlib.contextmanager
 def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: Sequence = (),
                 faults: Faults | None = None) -> Iterator[str]:
     """A moto server on 127.0.0.1 (yields its URL). Its instances' public IPs come from `public_ip`:
     loopback unless the test hands out addresses of its own network namespaces, so that even a
     command that tries to reach an instance can never leave this machine. Every key pair it creates
-    or imports is authorized on each of `key_hosts` (SSH test hosts), as EC2 installs it on an instance.
+    or imports is authorized on each of `key_hosts` (SSH test hosts), as EC2 installs it on an instance,
+    and the instances' console shows those hosts' host key fingerprints, as cloud-init prints them.
     `faults` (see Faults) makes it answer some requests the way a busy or flaky EC2 does."""
     import pytest
     from moto.ec2.models import elastic_network_interfaces, key_pairs
@@ -163,6 +174,16 @@ def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: S
 
         patches.setattr(key_pairs.KeyPairBackend, "create_key_pair", create_and_install)
         patches.setattr(key_pairs.KeyPairBackend, "import_key_pair", import_and_install)
+        from moto.ec2.responses import general
+
+        original_console = general.General.get_console_output
+
+        def console_of_the_test_hosts(self):  # read at each request: a test may give a host a new key
+            general.SAMPLE_CONSOLE_OUTPUT = console_with_host_keys(key_hosts)
+            return original_console(self)
+
+        patches.setattr(general, "SAMPLE_CONSOLE_OUTPUT", general.SAMPLE_CONSOLE_OUTPUT)  # restored by undo()
+        patches.setattr(general.General, "get_console_output", console_of_the_test_hosts)
     if faults is not None:
         faults.install(patches)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

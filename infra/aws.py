@@ -150,8 +150,8 @@ class Aws:
                 raise
 
         # only the settle codes are asked again: botocore has already spent the call's retries on the rest
-        return self.wait(f"{name} to see what was just created", attempt, timeout=SETTLE_SECONDS, delay=2,
-                         last=lambda: self.translating(lambda: method(**kwargs), name), poll_on_transient=False)
+        return self._poll(f"{name} to see what was just created", attempt, timeout=SETTLE_SECONDS, delay=2,
+                          last=lambda: self.translating(lambda: method(**kwargs), name), poll_on_transient=False)
 
     def translating(self, fn: Callable[[], T], operation: str) -> T:
         try:
@@ -168,13 +168,18 @@ class Aws:
 
         return self.translating(collect, f"{service}:{operation}")
 
-    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 600, delay: float = 5,
-             last: Callable[[], T] | None = None, poll_on_transient: bool = True) -> T:
+    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 600, delay: float = 5) -> T:
         """Call check() every `delay` s until it returns something other than None, and return that.
 
         A transient CloudError (network, read timeout, throttling, expired token) only means "ask again";
-        any other error ends the wait at once. At the deadline, `last()` gets one final try if given
-        (its own error is then the answer), else one line says what we were waiting for."""
+        any other error ends the wait at once. At the deadline, one line says what we were waiting for."""
+        return self._poll(what, check, timeout, delay)
+
+    def _poll(self, what: str, check: Callable[[], T | None], timeout: float, delay: float,
+              last: Callable[[], T] | None = None, poll_on_transient: bool = True) -> T:
+        """The one poll loop with a deadline, behind wait() and call(settle=...). `poll_on_transient=False`:
+        only check() returning None means "ask again". At the deadline, `last()` gets one final try if given
+        (its own error is then the answer)."""
         deadline = self._clock() + timeout
         problem = ""
         while True:

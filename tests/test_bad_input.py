@@ -110,6 +110,12 @@ ROWS = [
      "could not detect your public IP"),
     ("negative autostop", ["autostop", "real", "-i", "-5"], {}, "0 or more"),
     ("a bad instance name", ["launch", "--instance", "g4dn.xlarge", "--name", "My_Box"], {}, "lowercase"),
+    ("a disk smaller than the AMI's snapshot", ["launch", "--instance", "g4dn.xlarge", "--name", "small",
+                                                "--disk-gb", "10", "--ssh-cidr", "192.0.2.1/32"], {},
+     "smaller than the root snapshot"),
+    ("a GPU the DLAMI dropped", ["launch", "--instance", "p3dn.24xlarge", "--name", "volta", "--ssh-cidr",
+                                "192.0.2.1/32"], {}, "is not supported by the current PyTorch"),
+    ("--any-owner without --all", ["down", "real", "--any-owner", "--yes"], {}, "--any-owner goes with --all"),
     ("resume a finished run", ["train", "--resume", "{root}/runs/done"], {}, "already finished"),
     ("an image that isn't one", ["predict", "{root}/runs/done", "{root}/broken.pt"], {}, "cannot decode"),
 ]

@@ -156,8 +156,10 @@ def describe_instance(aws: Aws, instance_id: str) -> Instance:
 # ---------------------------------------------------------------------------------- waits
 # Our own polls, not botocore's waiters: instance_terminated gives up on `pending` or `stopping`, and a
 # waiter ends in a traceback on a dropped connection. aws.wait polls again on those, up to a deadline.
+# The permissions come from the EBS user guide's "Requirements for Amazon EBS encryption".
 KMS_HINT = ("; a common cause is default EBS encryption with a KMS key you may not use: allow kms:CreateGrant, "
-            "kms:Decrypt and kms:GenerateDataKeyWithoutPlaintext on it (README, IAM section)")
+            "kms:Decrypt, kms:DescribeKey, kms:GenerateDataKeyWithoutPlaintext and kms:ReEncrypt* on it "
+            "(README, IAM section)")
 
 
 def launch_failure(desc: dict) -> str:

@@ -99,28 +99,34 @@ def user_homes() -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- acting
-def load_record(path: Path) -> tuple[dict, pwd.struct_passwd]:
-    """The job record and the user it belongs to; refused if anyone else could have written it."""
+def load_record(path: Path) -> tuple[dict, int]:
+    """The job record and the uid it belongs to; refused if anyone else could have written it."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
         raise ValueError(f"{path} is not a regular file that only its owner can write")
-    return json.loads(path.read_text()), pwd.getpwuid(st.st_uid)
+    return json.loads(path.read_text()), st.st_uid
 
 
-def as_user(user: pwd.struct_passwd) -> dict:
-    """subprocess arguments that run a command as `user` (the job's owner) in its login directory."""
-    env = {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name, "PATH": PATH, "LANG": "C.UTF-8"}
-    kwargs = {"cwd": user.pw_dir, "env": env}
-    if os.geteuid() == 0 and user.pw_uid != 0:
-        kwargs.update(user=user.pw_uid, group=user.pw_gid,
-                      extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
+def as_user(uid: int, home: Path) -> dict:
+    """subprocess arguments that run a command as the job's owner, from the home its work dir is in
+    (the commands start with `cd mnist-cloud/NAME`, as over SSH)."""
+    try:
+        user = pwd.getpwuid(uid)
+        name, gid = user.pw_name, user.pw_gid
+    except KeyError:
+        name, gid = str(uid), uid
+    env = {"HOME": str(home), "USER": name, "LOGNAME": name, "PATH": PATH, "LANG": "C.UTF-8"}
+    kwargs = {"cwd": str(home), "env": env}
+    if os.geteuid() == 0 and uid != 0:  # systemd and cron run the agent as root
+        kwargs.update(user=uid, group=gid, extra_groups=os.getgrouplist(name, gid))
     return kwargs
 
 
 def resume(workdir: Path, run_id: str, log) -> bool:
     jobs = workdir / "jobs"
     try:
-        record, user = load_record(jobs / f"{run_id}{JOB_SUFFIX}")
+        record, uid = load_record(jobs / f"{run_id}{JOB_SUFFIX}")
+        commands = record["resume"]
     except (OSError, ValueError, KeyError) as e:
         log(f"{run_id}: unreadable job record ({e}); not resumed")
         return False
@@ -130,12 +136,14 @@ def resume(workdir: Path, run_id: str, log) -> bool:
     except FileNotFoundError:
         log(f"{run_id}: another agent resumed it just now")
         return False
-    for command in record["resume"]:  # the trainer with --resume, then its spot watcher
-        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, **as_user(user))
+    home = workdir.parent.parent  # HOME/mnist-cloud/NAME
+    for command in commands:  # the trainer with --resume, then its spot watcher
+        out = subprocess.run(["bash", "-c", command], check=False, capture_output=True, text=True, timeout=120,
+                             **as_user(uid, home))
         if out.returncode != 0:
             log(f"{run_id}: `{command[:80]}` failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
             return False
-        log(f"{run_id}: started pid {out.stdout.strip()} as {user.pw_name}")
+        log(f"{run_id}: started pid {out.stdout.strip()} (uid {uid})")
     return True
 
 

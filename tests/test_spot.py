@@ -9,9 +9,6 @@ asked, as EC2 does; an interruption is EC2's stop of the instance with EC2's own
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -363,7 +360,11 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
         assert (work / "jobs" / "r.pid").read_text() == first_pid
 
         follow = cli("logs", "sp", "r", "-f", timeout=300)
-        assert follow.returncode == 0 and "finished with exit 0" in follow.stdout, follow.stdout + follow.stderr
+        jobs = work / "jobs"
+        assert follow.returncode == 0 and "finished with exit 0" in follow.stdout, (
+            follow.stdout[-600:] + follow.stderr + "\nAGENT:\n" + (root / "var/log/mnist-cloud-resume.log").read_text()
+            + "\nJOBS: " + " ".join(sorted(p.name for p in jobs.iterdir())) + "\nPID: " + (jobs / "r.pid").read_text()
+            + "\nWATCH: " + (jobs / "r.spot-watch.log").read_text()[-500:])
         assert "resuming" in follow.stdout  # the same console log, appended
         assert status(run_dir) == "completed"
         assert epochs_written(run_dir) == [1, 2, 3]  # every epoch exactly once, as without the interruption

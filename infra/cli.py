@@ -548,9 +548,9 @@ def cmd_autostop(args) -> int:
                             after_train=args.after_train, enabled=not args.cancel)
     host = State().get(args.name)
     if host is not None and host.kind == "ec2":
-        from infra.provision import set_autostop
+        from infra.provision import autostop_for, set_autostop
 
-        set_autostop(session(args), args.name, config, log=say)
+        config = autostop_for(set_autostop(session(args), args.name, config, log=say), config)
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)

@@ -841,13 +841,18 @@ def console_fingerprints(aws: Aws, instance_id: str) -> list[str]:
     return re.findall(r"SHA256:[A-Za-z0-9+/]+", block.group(1)) if block else []
 
 
+def autostop_for(inst: Instance, config):
+    """The autostop setting as EC2 will carry it out on this instance: a spot instance stops (see
+    _shutdown_behavior: terminating it would make its persistent request launch a new one)."""
+    return dataclasses.replace(config, action="stop") if inst.lifecycle == "spot" else config
+
+
 def set_autostop(aws: Aws, name: str, config, log: Log = print) -> Instance:
     """Record the autostop setting on the instance (tag) and make EC2's shutdown behaviour match it."""
     inst = only_instance(aws, name)
-    if inst.lifecycle == "spot" and config.action != "stop":
-        # see _shutdown_behavior: terminating it would make its persistent request launch a new one
+    if autostop_for(inst, config) != config:
         log(f"note: autostop on spot instance {name} stops it; `mnist-cloud down {name}` deletes it")
-        config = dataclasses.replace(config, action="stop")
+        config = autostop_for(inst, config)
     aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
              Attribute="instanceInitiatedShutdownBehavior", Value=config.action)
     aws.call("ec2", "create_tags", Resources=[inst.instance_id], Tags=[{"Key": TAG_AUTOSTOP, "Value": config.tag}])

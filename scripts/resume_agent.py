@@ -68,13 +68,14 @@ def run_status(workdir: Path, run_id: str) -> str | None:
 
 def job_alive(workdir: Path, run_id: str) -> bool:
     """Whether the job's wrapper process lives. A pid file from an earlier boot may name a process
-    that has since reused the number, so its command line must name the run too."""
+    that has since reused the number, so its command line must be the wrapper's: it ends by writing
+    jobs/RUN.exit (infra/remote.py detached_command)."""
     try:
         pid = int((workdir / "jobs" / f"{run_id}.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, ValueError):
         return False
-    return run_id in cmdline
+    return f"jobs/{run_id}.exit" in cmdline
 
 
 def candidates(workdir: Path) -> list[str]:

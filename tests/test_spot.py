@@ -374,6 +374,12 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
         log = (root / "var/log/mnist-cloud-resume.log").read_text()
         assert "r: resuming" not in boot().removeprefix(log)  # a later boot leaves the finished run alone
 
+        # autostop --down on a spot instance stops it, and everything that shows the setting says so
+        autostop = cli("autostop", "sp", "-i", "10", "--down")
+        assert autostop.returncode == 0 and "stops it" in autostop.stdout and "(10m:stop)" in autostop.stdout, (
+            autostop.stdout + autostop.stderr)
+        assert "10m:stop" in next(line for line in cli("status", "sp").stdout.splitlines() if line.startswith("sp "))
+
         spot_ec2.order.clear()
         down = cli("down", "sp", "--yes")
         assert down.returncode == 0, down.stdout + down.stderr

@@ -85,6 +85,15 @@ def test_agent_refuses_a_record_others_can_write(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def test_the_user_data_installs_the_agent_and_fits_ec2s_limit():
+    """EC2 refuses user data over 16 KB (raw, before base64); moto does not check it."""
+    from infra.watchdog import AutostopConfig, installer
+
+    script = installer(AutostopConfig(idle_minutes=30, after_train=True))
+    assert "mnist-cloud-resume.service" in script and "@reboot" in script
+    assert len(script.encode()) <= 16 * 1024, f"{len(script.encode())} bytes: gzip it, or trim the scripts"
+
+
 # ---------------------------------------------------------------------------------- EC2's spot requests in moto
 class SpotEC2:
     """Teaches the in-process moto what EC2 does with a spot run_instances, and records what was sent."""
@@ -358,6 +367,8 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
         first_pid = (work / "jobs" / "r.pid").read_text()
         assert "r: left alone, it is running" in boot().removeprefix(log)  # a second start of the unit
         assert (work / "jobs" / "r.pid").read_text() == first_pid
+        runs = cli("runs", "sp")
+        assert any(line.split()[:2] == ["r", "running"] for line in runs.stdout.splitlines()), runs.stdout
 
         follow = cli("logs", "sp", "r", "-f", timeout=300)
         jobs = work / "jobs"

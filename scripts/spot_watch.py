@@ -63,7 +63,7 @@ class Imds:
 
 def notice_path(pid_file: str) -> str:
     """jobs/RUN.pid -> jobs/RUN.spot-notice, the file the resume agent looks for."""
-    return (pid_file[:-len(".pid")] if pid_file.endswith(".pid") else pid_file) + ".spot-notice"
+    return pid_file.removesuffix(".pid") + ".spot-notice"
 
 
 def write_notice(path: str, notice: dict) -> None:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cloud import REGION, seed_dlami
 from conftest import REPO, assert_user_error, run_cli
 from sshhost import tools_available
@@ -183,9 +182,9 @@ def spot_ec2(monkeypatch):
 # ---------------------------------------------------------------------------------- our functions, moto in process
 @pytest.fixture
 def aws(tmp_path, monkeypatch):
+    from cloud import aws_env
     from moto import mock_aws
 
-    from cloud import aws_env
     from infra.aws import Aws
 
     for k, v in aws_env(tmp_path).items():
@@ -302,7 +301,6 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
     import urllib.request as u
 
     import boto3
-
     from test_reliability import FakeImds
 
     u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()

@@ -475,10 +475,11 @@ def _record_cluster(state: State, name: str, nodes: list[Instance]) -> None:
 SPOT_OPTIONS = {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
 
 
-def _shutdown_behavior(spec: LaunchSpec, spot: bool) -> str:
-    # A spot instance always stops on its own shutdown (autostop): terminating an instance of a
-    # persistent request makes EC2 open the request again and launch a fresh one, which bills.
-    return "stop" if spot else spec.autostop_action
+def _shutdown_behavior(spec: LaunchSpec) -> str:
+    # A spot launch always stops on its own shutdown (autostop): terminating an instance of a
+    # persistent request makes EC2 open the request again and launch a fresh one, which bills. Its
+    # on-demand fallback stops too, as the autostop tag (written before the launch) says.
+    return spec.autostop.action
 
 
 def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log) -> dict:
@@ -497,7 +498,7 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
             log(f"no spot capacity for {spec.instance_type} in any zone of {aws.region} "
                 f"({last_error.code if last_error else '?'}); falling back to ON-DEMAND at "
                 f"{hourly_price(spec.instance_type) or '?'} $/h")
-        call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec, spot),
+        call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec),
                     ClientToken=f"mnist-cloud-{uuid.uuid4().hex}")
         if subnet:
             call["SubnetId"] = subnet

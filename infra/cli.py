@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "your address; IMDSv2 is required; the root volume is encrypted gp3.")
     p.add_argument("--instance", required=True, metavar="TYPE", help="instance type, e.g. g4dn.xlarge")
     p.add_argument("--name", default=DEFAULT_NAME, help="name for the instance and its resources (default: %(default)s)")
-    p.add_argument("--spot", action="store_true", help="one-time spot instance; other zones, then on-demand, if none")
+    p.add_argument("--spot", action="store_true",
+                   help="spot instance: stops on interruption, and its runs resume when EC2 starts it again; "
+                        "other zones, then on-demand, if none")
     p.add_argument("--ami", help="AMI id (default: the newest PyTorch DLAMI, from SSM)")
     p.add_argument("--disk-gb", type=int, default=100, help="root volume size in GB (default: %(default)s)")
     p.add_argument("--key-name", help="use this existing EC2 key pair (default: create one for the name)")
@@ -384,7 +386,9 @@ def cmd_launch(args) -> int:
                       autostop_action="terminate" if args.down else "stop",
                       autostop_after_train=args.autostop_after_train,
                       wait_status_checks=not args.no_wait_checks, nodes=args.nodes)
-    if spec.autostop.enabled:  # cloud-init installs the watchdog at first boot: it works with the laptop closed
+    # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
+    # boot: both work with the laptop closed
+    if spec.autostop.enabled or spec.spot:
         spec.user_data = installer(spec.autostop)
     def wait_ssh(inst):
         if args.no_wait_ssh:
@@ -445,17 +449,22 @@ def _age(hours: float) -> str:
 
 
 def cmd_status(args) -> int:
-    from infra.provision import find_instances
+    from infra.provision import find_instances, spot_interruptions
     from infra.state import State
 
     state = State()
     ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
     needs_aws = not (args.name and ssh_hosts)
-    instances = find_instances(session(args), args.name) if needs_aws else []
+    aws = session(args) if needs_aws else None
+    instances = find_instances(aws, args.name) if needs_aws else []
+    interrupted = spot_interruptions(aws, instances) if needs_aws else {}
     rows = []
     for i in instances:
         cost = i.cost_so_far
-        rows.append([i.name, i.instance_id, i.instance_type, i.state, i.lifecycle, i.public_ip or "-",
+        shown = i.state
+        if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
+            shown = "interrupting" if i.state == "running" else "interrupted"
+        rows.append([i.name, i.instance_id, i.instance_type, shown, i.lifecycle, i.public_ip or "-",
                      _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop])
     for h in ssh_hosts:
         rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-"])
@@ -471,6 +480,11 @@ def cmd_status(args) -> int:
     widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
     for r in [header] + rows:
         say("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    for i in instances:
+        if i.instance_id in interrupted:
+            say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "
+                f"returns, and its interrupted runs resume by themselves: `mnist-cloud logs {i.name} -f` follows them. "
+                f"Until then only its disk bills")
     if any(r[3] == "gone" for r in rows):
         say("'gone': the instance no longer exists in EC2 (terminated outside mnist-cloud?); "
             "`mnist-cloud down NAME` tidies up")
@@ -481,7 +495,8 @@ def cmd_stop(args) -> int:
     from infra.provision import stop
 
     inst = stop(session(args), args.name, log=say)
-    say(f"{args.name} ({inst.instance_id}) is {inst.state}; its disk is kept. `mnist-cloud start {args.name}` "
+    paused = "; its spot request waits, and EC2 does not start it by itself" if inst.lifecycle == "spot" else ""
+    say(f"{args.name} ({inst.instance_id}) is {inst.state}; its disk is kept{paused}. `mnist-cloud start {args.name}` "
         f"resumes it, `mnist-cloud down {args.name}` deletes it")
     return 0
 
@@ -544,9 +559,9 @@ def cmd_autostop(args) -> int:
                             after_train=args.after_train, enabled=not args.cancel)
     host = State().get(args.name)
     if host is not None and host.kind == "ec2":
-        from infra.provision import set_autostop
+        from infra.provision import autostop_for, set_autostop
 
-        set_autostop(session(args), args.name, config, log=say)
+        config = autostop_for(set_autostop(session(args), args.name, config, log=say), config)
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)

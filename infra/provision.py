@@ -7,6 +7,7 @@ set at creation (TagSpecifications), so an interrupted launch never leaves somet
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -489,7 +490,8 @@ class LaunchSpec:
     def autostop(self):
         from infra.watchdog import AutostopConfig
 
-        return AutostopConfig(idle_minutes=self.autostop_minutes, action=self.autostop_action,
+        return AutostopConfig(idle_minutes=self.autostop_minutes,
+                              action="stop" if self.spot else self.autostop_action,  # see _shutdown_behavior
                               after_train=self.autostop_after_train,
                               enabled=bool(self.autostop_minutes or self.autostop_after_train))
 
@@ -594,9 +596,16 @@ def _record_cluster(state: State, name: str, nodes: list[Instance]) -> None:
     state.put(host)
 
 
-def _shutdown_behavior(spec: LaunchSpec, spot: bool) -> str:
-    # A one-time spot instance can only terminate on shutdown; otherwise follow the autostop action.
-    return "terminate" if spot or spec.autostop_action == "terminate" else "stop"
+# A persistent request with interruption behaviour "stop": an interruption stops the instance and keeps
+# its disk (last.pt), and EC2 starts it again when capacity returns. "stop" requires "persistent".
+SPOT_OPTIONS = {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+
+
+def _shutdown_behavior(spec: LaunchSpec) -> str:
+    # A spot launch always stops on its own shutdown (autostop): terminating an instance of a
+    # persistent request makes EC2 open the request again and launch a fresh one, which bills. Its
+    # on-demand fallback stops too, as the autostop tag (written before the launch) says.
+    return spec.autostop.action
 
 
 def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log, pin: str | None = None) -> dict:
@@ -611,18 +620,23 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
     if spec.spot:
         plans += [(True, zone, subnet) for zone, subnet in zones] or [(True, None, None)]
     plans += [(False, None, None)] * anywhere + [(False, zone, subnet) for zone, subnet in zones]
+    if spec.spot and spec.autostop_action == "terminate":
+        log("note: autostop on a spot instance stops it (terminating it would make its persistent request "
+            "launch a new one); `mnist-cloud down` deletes it")
     last_error = None
     for i, (spot, zone, subnet) in enumerate(plans):
         if spec.spot and not spot and (i == 0 or plans[i - 1][0]):
             log(f"no spot capacity for {spec.instance_type} in any zone of {aws.region} "
                 f"({last_error.code if last_error else '?'}); falling back to ON-DEMAND at "
                 f"{hourly_price(spec.instance_type) or '?'} $/h")
-        call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec, spot),
+        call = dict(params, InstanceInitiatedShutdownBehavior=_shutdown_behavior(spec),
                     ClientToken=f"mnist-cloud-{uuid.uuid4().hex}")
         call = with_network(call, subnet, subnet in private)
         if spot:
-            call["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
-                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+            call["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": SPOT_OPTIONS}
+            # the request carries the name too, so that `down` finds and cancels it even without its instance
+            call["TagSpecifications"] = params["TagSpecifications"] + [
+                {"ResourceType": "spot-instances-request", "Tags": params["TagSpecifications"][0]["Tags"]}]
         try:
             # the group and key pair were created or found just now: "not found" is EC2 catching up
             return aws.call("ec2", "run_instances", settle=("InvalidGroup.NotFound", "InvalidKeyPair.NotFound"),
@@ -691,10 +705,13 @@ def only_instance(aws: Aws, name: str) -> Instance:
 
 
 def stop(aws: Aws, name: str, log: Log = print) -> Instance:
+    """Stop every instance of a name. EC2 stops a spot instance only if a persistent request launched
+    it (as `launch --spot` does); its request is then disabled until `start`."""
     insts = alive_instances(aws, name)
     spot = [i.instance_id for i in insts if i.lifecycle == "spot"]
-    if spot:
-        raise UserError(f"{name} is a one-time spot instance, which cannot be stopped; `mnist-cloud down {name}`")
+    if any(r.get("InstanceId") in spot and r.get("Type") == "one-time" for r in spot_requests(aws, name, spot)):
+        raise UserError(f"{name} is a one-time spot instance (launched by an older mnist-cloud), which cannot be "
+                        f"stopped; `mnist-cloud down {name}`")
     running = [i.instance_id for i in insts if i.state not in ("stopped", "stopping")]
     if running:
         aws.call("ec2", "stop_instances", InstanceIds=running)
@@ -716,6 +733,11 @@ def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, st
     if stopping:
         wait_for_state(aws, stopping, "stopped", f"{name} to stop")
     stopped = [i.instance_id for i in insts if i.state in ("stopped", "stopping")]
+    interrupted = spot_interruptions(aws, [i for i in insts if i.instance_id in stopped])
+    if interrupted:  # EC2 refuses StartInstances for these
+        raise UserError(f"{name} was stopped by a spot interruption ({', '.join(sorted(set(interrupted.values())))}); "
+                        f"only EC2 can start it, when capacity returns, and its runs then resume by themselves. "
+                        f"`mnist-cloud status {name}` shows it")
     if stopped:
         aws.call("ec2", "start_instances", InstanceIds=stopped)
         log(f"starting {name} ({', '.join(stopped)}); waiting")
@@ -728,6 +750,62 @@ def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, st
     nodes = [_wait_up(aws, spec, inst.instance_id, key, log, state, wait_ready, record=(n == 0))
              for n, inst in enumerate(insts)]
     return nodes[0]
+
+
+# ---------------------------------------------------------------------------------- spot requests
+SPOT_OPEN_STATES = ["open", "active", "disabled"]  # not yet cancelled, closed or failed
+# StateReason of an instance EC2 stopped for a spot interruption (Server.SpotInstanceTermination is the
+# terminate behaviour's, which `launch --spot` no longer uses)
+SPOT_STOP_REASON = "Server.SpotInstanceShutdown"
+
+
+def spot_requests(aws: Aws, name: str, instance_ids: list[str]) -> list[dict]:
+    """The name's spot requests that are still open, active or disabled: by their tag, and by their
+    instance (a request launched by an older mnist-cloud carries no tag)."""
+    found = {}
+    filters = [{"Name": f"tag:{TAG_NAME}", "Values": [name]}]
+    if instance_ids:
+        filters.append({"Name": "instance-id", "Values": instance_ids})
+    for f in filters:
+        for r in aws.paginate("ec2", "describe_spot_instance_requests", "SpotInstanceRequests",
+                              Filters=[f, {"Name": "state", "Values": SPOT_OPEN_STATES}]):
+            found[r["SpotInstanceRequestId"]] = r
+    return list(found.values())
+
+
+def cancel_spot_requests(aws: Aws, name: str, instance_ids: list[str], log: Log) -> list[str]:
+    """Cancel the name's spot requests. A persistent request outlives its instance: left alone, it
+    launches a new one after `down` terminates this one, and that one bills."""
+    ids = [r["SpotInstanceRequestId"] for r in spot_requests(aws, name, instance_ids)]
+    if ids:
+        aws.call("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=ids)
+        log(f"cancelled spot request(s) {', '.join(ids)}")
+    return ids
+
+
+def spot_interruptions(aws: Aws, insts: list[Instance]) -> dict[str, str]:
+    """{instance id: why} for the spot instances EC2 has stopped for an interruption, or is about to.
+
+    The spot request's status code says it (instance-stopped-by-price, instance-stopped-no-capacity,
+    marked-for-stop; not instance-stopped-by-user), else the instance's StateReason."""
+    spot = [i for i in insts if i.lifecycle == "spot" and i.state != "terminated"]
+    if not spot:
+        return {}
+    why = {}
+    requests = aws.paginate("ec2", "describe_spot_instance_requests", "SpotInstanceRequests",
+                            Filters=[{"Name": "instance-id", "Values": [i.instance_id for i in spot]}])
+    for r in requests:
+        code = r.get("Status", {}).get("Code", "")
+        if code.startswith("marked-for-stop") or (code.startswith("instance-stopped-")
+                                                  and code != "instance-stopped-by-user"):
+            why[r["InstanceId"]] = code
+    stopped = [i.instance_id for i in spot if i.state in ("stopping", "stopped") and i.instance_id not in why]
+    if stopped:
+        for reservation in aws.paginate("ec2", "describe_instances", "Reservations", InstanceIds=stopped):
+            for desc in reservation["Instances"]:
+                if desc.get("StateReason", {}).get("Code") == SPOT_STOP_REASON:
+                    why[desc["InstanceId"]] = SPOT_STOP_REASON
+    return why
 
 
 @dataclass
@@ -763,6 +841,7 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
     alive = [i for i in find_instances(aws, name)]
     cluster = any(TAG_NODE in i.tags for i in find_instances(aws, name, include_terminated=True))
     ids = [i.instance_id for i in alive if i.state != "terminated"]
+    cancel_spot_requests(aws, name, ids, log)  # first: a persistent request would relaunch what we terminate
     if ids:
         aws.call("ec2", "terminate_instances", InstanceIds=ids)
         log(f"terminating {', '.join(ids)}; waiting")
@@ -906,13 +985,19 @@ def console_fingerprints(aws: Aws, instance_id: str, timeout: float = FINGERPRIN
         return []
 
 
+def autostop_for(inst: Instance, config):
+    """The autostop setting as EC2 will carry it out on this instance: a spot instance stops (see
+    _shutdown_behavior: terminating it would make its persistent request launch a new one)."""
+    return dataclasses.replace(config, action="stop") if inst.lifecycle == "spot" else config
+
+
 def set_autostop(aws: Aws, name: str, config, log: Log = print) -> Instance:
     """Record the autostop setting on the instance (tag) and make EC2's shutdown behaviour match it."""
     inst = only_instance(aws, name)
-    if inst.lifecycle == "spot" and config.action == "stop":
-        log("note: a one-time spot instance always terminates when it shuts down")
-    else:
-        aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
-                 Attribute="instanceInitiatedShutdownBehavior", Value=config.action)
+    if autostop_for(inst, config) != config:
+        log(f"note: autostop on spot instance {name} stops it; `mnist-cloud down {name}` deletes it")
+        config = autostop_for(inst, config)
+    aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
+             Attribute="instanceInitiatedShutdownBehavior", Value=config.action)
     aws.call("ec2", "create_tags", Resources=[inst.instance_id], Tags=[{"Key": TAG_AUTOSTOP, "Value": config.tag}])
     return describe_instance(aws, inst.instance_id)

@@ -466,6 +466,13 @@ class Remote:
 
         `env_files` maps variable -> file in the work dir to read it from, so that secrets such as a
         Jupyter token never appear on a command line (`ps`)."""
+        cmd = self.detached_command(argv, run_id, env, env_files, append)
+        return int(self.run(f"bash -c {shlex.quote(cmd)}").stdout.strip())
+
+    def detached_command(self, argv: list[str], run_id: str, env: dict[str, str] | None = None,
+                         env_files: dict[str, str] | None = None, append: bool = False) -> str:
+        """The bash command, run from the login directory, with which start_detached starts a job; it
+        prints the pid. A job record keeps it, so the machine can start the job again by itself."""
         job = shlex.quote(run_id)
         exports = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
         exports += [f'{k}="$(cat {shlex.quote(v)})"' for k, v in (env_files or {}).items()]
@@ -474,10 +481,27 @@ class Remote:
         # group is signalled it outlives the trainer long enough to record the trainer's exit code.
         inner = f"trap true TERM INT; {prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
         redirect = ">>" if append else ">"
-        cmd = (f"cd {shlex.quote(self.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && "
-               f"{{ setsid nohup sh -c {shlex.quote(inner)} {redirect} jobs/{job}.log 2>&1 < /dev/null & "
-               f"echo $! > jobs/{job}.pid; }} && cat jobs/{job}.pid")
-        return int(self.run(f"bash -c {shlex.quote(cmd)}").stdout.strip())
+        return (f"cd {shlex.quote(self.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && "
+                f"{{ setsid nohup sh -c {shlex.quote(inner)} {redirect} jobs/{job}.log 2>&1 < /dev/null & "
+                f"echo $! > jobs/{job}.pid; }} && cat jobs/{job}.pid")
+
+    def record_job(self, run_id: str, commands: list[str]) -> None:
+        """Write jobs/RUN.job.json: the commands (detached_command) that continue the run, for the agent
+        that resumes a spot-interrupted run at boot (scripts/resume_agent.py). It also clears the run's
+        spot notice: a run started from here again is no longer waiting for the machine to resume it.
+
+        The commands hold what the job's own command line already shows (`ps`), nothing more: the
+        file is mode 600 all the same."""
+        import json
+
+        jobs = posixpath.join(self._home(), self.ep.workdir, "jobs")
+        self.run(f"mkdir -p {shlex.quote(jobs)} && rm -f {shlex.quote(f'{jobs}/{run_id}.spot-notice')}")
+        path = f"{jobs}/{run_id}.job.json"
+        sftp = self.conn.sftp()  # Fabric caches this client: do not close it
+        with sftp.open(f"{path}.part", "w") as f:
+            f.write(json.dumps({"run_id": run_id, "workdir": self.ep.workdir, "resume": commands}, indent=1))
+        sftp.chmod(f"{path}.part", 0o600)
+        sftp.posix_rename(f"{path}.part", path)
 
     def job_state(self, run_id: str) -> tuple[str, int | None]:
         """("running" | "finished" | "unknown", exit code if finished)."""

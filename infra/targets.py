@@ -195,20 +195,30 @@ class SSHTarget:
         """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` (or `--resume runs/RUN`)
         detached; returns its pid. `launcher` runs it under torchrun instead (its arguments, without
         the python). On a spot instance a watcher goes with it (scripts/spot_watch.py)."""
-        where = ["--resume", f"runs/{run_id}"] if resume else ["--run-id", run_id, "--out-dir", "runs"]
-        trainer_args = ["train", *args, *where, "--no-progress"]
-        if launcher:
-            argv = [python, "-m", "torch.distributed.run", *launcher, "-m", "trainer", *trainer_args]
-        else:
-            argv = trainer_command(python, trainer_args)
-        pid = self.remote.start_detached(argv, run_id, env={"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})},
-                                         append=resume)
-        if self.lifecycle == "spot":
-            imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
-            poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
-            watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
-                     "--interval", poll]
-            self.remote.start_detached(watch, f"{run_id}.spot-watch")
+        env = {"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})}
+
+        def trainer_argv(extra: list[str], resume: bool) -> list[str]:
+            where = ["--resume", f"runs/{run_id}"] if resume else ["--run-id", run_id, "--out-dir", "runs"]
+            trainer_args = ["train", *extra, *where, "--no-progress"]
+            if launcher:
+                return [python, "-m", "torch.distributed.run", *launcher, "-m", "trainer", *trainer_args]
+            return trainer_command(python, trainer_args)
+
+        if self.lifecycle != "spot":
+            return self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+        imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
+        poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
+        watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
+                 "--interval", poll]
+        # What the instance runs by itself to continue this run once EC2 starts it again after an
+        # interruption (the saved config.json holds the run's flags). Not for a cluster: its nodes come
+        # back one by one, and the rendezvous needs them all.
+        if not launcher or "--standalone" in launcher:
+            self.remote.record_job(run_id, [
+                self.remote.detached_command(trainer_argv([], True), run_id, env=env, append=True),
+                self.remote.detached_command(watch, f"{run_id}.spot-watch")])
+        pid = self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+        self.remote.start_detached(watch, f"{run_id}.spot-watch")
         return pid
 
     def gpu_count(self, python: str) -> int:

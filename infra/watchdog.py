@@ -1,5 +1,6 @@
-"""Install the autostop watchdog (scripts/autostop.py) on a machine: as cloud-init user data at launch,
-or over SSH with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
+"""Install the autostop watchdog (scripts/autostop.py), and the agent that resumes spot-interrupted
+runs at boot (scripts/resume_agent.py), on a machine: as cloud-init user data at launch, or over SSH
+with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
 
 from __future__ import annotations
 
@@ -11,6 +12,24 @@ from infra.errors import UserError
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "autostop.py"
 SPOT_WATCH = Path(__file__).resolve().parent.parent / "scripts" / "spot_watch.py"
+RESUME_AGENT = Path(__file__).resolve().parent.parent / "scripts" / "resume_agent.py"
+
+# Once per boot: continue the runs a spot interruption stopped (scripts/resume_agent.py). The runs it
+# starts must outlive this oneshot service, so stopping the unit ends only the agent (KillMode=process).
+RESUME_UNIT = """[Unit]
+Description=mnist-cloud: resume the runs a spot interruption stopped
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+KillMode=process
+ExecStart=/usr/bin/python3 /usr/local/bin/mnist-cloud-resume
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 UNITS = {
     "mnist-cloud-autostop.service": """[Unit]
@@ -83,6 +102,27 @@ else
 mkdir -p "$ROOT/etc/cron.d"
 echo "* * * * * root MNIST_CLOUD_ROOT=$ROOT /usr/bin/python3 $ROOT/usr/local/bin/mnist-cloud-autostop >> $ROOT/var/log/mnist-cloud-autostop.log 2>&1" > "$ROOT/etc/cron.d/mnist-cloud-autostop"
 echo "mnist-cloud autostop: cron entry installed ({config.tag})"
+fi
+{resume_agent_installer()}"""
+
+
+def resume_agent_installer() -> str:
+    """Bash lines that install the resume agent and run it at every boot: a systemd unit, or a cron
+    @reboot entry without systemd. Part of installer(); $ROOT as there."""
+    source = read_source(RESUME_AGENT)
+    return f"""cat > "$ROOT/usr/local/bin/mnist-cloud-resume" <<'MNIST_CLOUD_SCRIPT'
+{source}MNIST_CLOUD_SCRIPT
+chmod 755 "$ROOT/usr/local/bin/mnist-cloud-resume"
+if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+cat > /etc/systemd/system/mnist-cloud-resume.service <<'MNIST_CLOUD_UNIT'
+{RESUME_UNIT}MNIST_CLOUD_UNIT
+systemctl daemon-reload
+systemctl enable mnist-cloud-resume.service >/dev/null 2>&1
+echo "mnist-cloud resume agent: systemd unit installed (runs at boot)"
+else
+mkdir -p "$ROOT/etc/cron.d"
+echo "@reboot root /usr/bin/python3 $ROOT/usr/local/bin/mnist-cloud-resume >> $ROOT/var/log/mnist-cloud-resume.log 2>&1" > "$ROOT/etc/cron.d/mnist-cloud-resume"
+echo "mnist-cloud resume agent: cron @reboot entry installed"
 fi
 """
 

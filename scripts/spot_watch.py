@@ -4,9 +4,11 @@
 Started next to the trainer on a spot instance by `mnist-cloud train --on`. Every 5 s it asks the
 instance metadata service (IMDSv2: PUT /latest/api/token, then GET
 /latest/meta-data/spot/instance-action with that token). The answer is 404 until AWS schedules the
-interruption, about two minutes ahead. Then it sends SIGTERM to the trainer's process group: the
-trainer finishes its step, writes last.pt and marks the run interrupted, and `mnist-cloud train --on
-NAME --resume RUN` continues it on a new instance.
+interruption, about two minutes ahead. Then it writes the notice to jobs/RUN.spot-notice and sends
+SIGTERM to the trainer's process group: the trainer finishes its step, writes last.pt and marks the
+run interrupted. EC2 then stops the instance (`launch --spot` asks for that), and when it starts it
+again the resume agent (scripts/resume_agent.py) continues every run that has a notice. Without the
+instance, `mnist-cloud train --on NAME --resume RUN` continues it on another one.
 
     spot_watch.py --pid-file jobs/RUN.pid [--imds http://169.254.169.254] [--interval 5]
 
@@ -59,6 +61,18 @@ class Imds:
             raise
 
 
+def notice_path(pid_file: str) -> str:
+    """jobs/RUN.pid -> jobs/RUN.spot-notice, the file the resume agent looks for."""
+    return pid_file.removesuffix(".pid") + ".spot-notice"
+
+
+def write_notice(path: str, notice: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**notice, "seen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f)
+    os.replace(tmp, path)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,6 +108,9 @@ def main() -> int:
             notice = None
         if notice:
             print(f"spot-watch: interruption notice {notice}; sending SIGTERM to the trainer", flush=True)
+            # first the notice, then the signal: whatever the trainer's exit, the run is marked as
+            # interrupted by EC2, not stopped by someone, and the machine resumes it at its next boot
+            write_notice(notice_path(args.pid_file), notice)
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:

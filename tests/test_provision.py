@@ -134,12 +134,13 @@ def test_relaunch_from_a_new_address_replaces_the_rule(aws, ec2):
     assert [[r["CidrIp"] for r in p["IpRanges"]] for p in group["IpPermissions"]] == [["198.51.100.4/32"]]
 
 
-def test_spot_launch_is_spot_and_terminates_on_shutdown(aws, ec2):
+def test_spot_launch_is_spot_and_stops_on_shutdown(aws, ec2):
     inst = launch(aws, spot=True)
     assert inst.lifecycle == "spot"
     behaviour = ec2.describe_instance_attribute(InstanceId=inst.instance_id,
                                                 Attribute="instanceInitiatedShutdownBehavior")
-    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    # a persistent request relaunches a terminated instance: its own shutdown (autostop) must stop it
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
 
 
 def test_spot_without_capacity_tries_every_zone_then_says_on_demand(aws, monkeypatch):

@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true", help="every resource tagged as yours")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--no-pull", action="store_true",
+                   help="refuse (exit 2, naming them) instead of pulling unpulled runs into runs/ first")
+    p.add_argument("--discard-runs", action="store_true",
+                   help="terminate even if the machine holds runs not pulled yet (they are deleted with it)")
     return parser
 
 
@@ -490,18 +494,38 @@ def cmd_start(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from infra.provision import down, down_all, find_instances
+    from infra.provision import (
+        TAG_OWNER,
+        caller_identity,
+        down,
+        down_all,
+        find_instances,
+    )
 
     if args.all == bool(args.name):
         raise UserError("give a NAME, or --all")
+    if args.no_pull and args.discard_runs:
+        raise UserError("--no-pull refuses when runs are unpulled, --discard-runs deletes them: give one")
     aws = session(args)
+    alive = [i for i in find_instances(aws, None if args.all else args.name)
+             if i.state not in ("terminated", "shutting-down")]
+    if args.all and not getattr(args, "any_owner", False):
+        me = caller_identity(aws)
+        alive = [i for i in alive if i.tags.get(TAG_OWNER) == me]
+    found = keep_runs(args, aws, alive)
     if args.all:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
-        report = down_all(aws, log=say)
+    elif alive:
+        confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
+    if found:
+        from pathlib import Path
+
+        from infra.unpulled import pull_all
+
+        pull_all(found, Path("runs"), log=say)
+    if args.all:
+        report = down_all(aws, log=say, **({"any_owner": True} if getattr(args, "any_owner", False) else {}))
     else:
-        alive = find_instances(aws, args.name)
-        if alive:
-            confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
         report = down(aws, args.name, log=say)
     if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
             or report.placement_groups):
@@ -511,6 +535,18 @@ def cmd_down(args) -> int:
         f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
         f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
     return 0
+
+
+def keep_runs(args, aws, alive) -> list:
+    """The unpulled runs on the instances `down` is about to terminate (to pull after the prompt), or a
+    one-line refusal; nothing with --discard-runs."""
+    from infra.unpulled import check, refuse
+
+    if args.discard_runs or not alive:
+        return []
+    found, problems = check(aws, alive, getattr(args, "region", None), getattr(args, "profile", None))
+    refuse(found, problems, pull=not args.no_pull)
+    return found
 
 
 def target_for(args):
@@ -575,14 +611,18 @@ def cmd_logs(args) -> int:
         run_id = args.run or target.latest_run()
         if args.run:
             target.check_run(run_id)
-        try:
-            target.logs(run_id, follow=args.follow)
-        except KeyboardInterrupt:
-            print(f"\nstopped streaming; {run_id} continues on {args.name}", file=sys.stderr)
-            return 130
-        state, code = target.remote.job_state(run_id)
-    if args.follow and state == "finished":
-        say(f"{run_id} finished with exit {code}; `mnist-cloud pull {args.name} {run_id}` fetches it")
+        if args.follow:  # to the end of the run, then pull it: what an attached `train --on` does
+            from pathlib import Path
+
+            from infra.runner import RemoteTrain, _follow
+
+            job = RemoteTrain(name=args.name, trainer_args=[], run_id=run_id, local_runs=Path("runs"))
+            code = _follow(target, job, log=say)
+            if code in (130, 255):  # detached from a run that goes on (Ctrl-C, lost connection)
+                return code
+            say(f"{run_id} finished with exit {code}")
+            return code
+        target.logs(run_id, follow=False)
     return 0
 
 

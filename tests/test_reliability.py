@@ -45,8 +45,14 @@ NOW = 100_000.0
     ("someone logged in", {"idle_minutes": 30}, {"last_active": 0}, False, 1, None),
     ("disabled", {"idle_minutes": 30, "enabled": False}, {"last_active": 0}, False, 0, None),
     ("zero minutes = never", {"idle_minutes": 0}, {"last_active": 0}, False, 0, None),
-    ("after a run ends", {"idle_minutes": 0, "after_train": True}, {"last_active": NOW - 10, "seen_trainer": True},
-     False, 0, "shutdown"),
+    ("after a run ends and the grace period", {"idle_minutes": 0, "after_train": True},
+     {"last_active": NOW - 3 * 60, "seen_trainer": True}, False, 0, "shutdown"),
+    ("a run just ended: grace period, time to pull it", {"idle_minutes": 0, "after_train": True},
+     {"last_active": NOW - 10, "seen_trainer": True}, False, 0, None),
+    ("a grace period shorter than 3 min is 3 min", {"idle_minutes": 0, "after_train": True, "grace_minutes": 0.5},
+     {"last_active": NOW - 60, "seen_trainer": True}, False, 0, None),
+    ("a longer grace period", {"idle_minutes": 0, "after_train": True, "grace_minutes": 10},
+     {"last_active": NOW - 5 * 60, "seen_trainer": True}, False, 0, None),
     ("after_train waits for a run", {"idle_minutes": 0, "after_train": True}, {"last_active": 0}, False, 0, None),
     ("after_train, run still going", {"idle_minutes": 0, "after_train": True}, {"seen_trainer": True}, True, 0, None),
 ])
@@ -60,9 +66,39 @@ def test_watchdog_decision(case, config, state, trainer, ptys, expected):
         assert new_state["seen_trainer"]
 
 
+# notty: SSH sessions without a terminal running a command (pull, sync); unpulled: runs not pulled yet
+@pytest.mark.parametrize("case,config,state,notty,unpulled,expected,says", [
+    ("a pull is running", {"idle_minutes": 30}, {"last_active": 0}, 1, [], None, "without a terminal"),
+    ("a pull during the grace period", {"idle_minutes": 0, "after_train": True},
+     {"last_active": 0, "seen_trainer": True}, 1, [], None, "without a terminal"),
+    ("terminate, all pulled", {"idle_minutes": 30, "action": "terminate"}, {"last_active": 0}, 0, [], "shutdown",
+     "idle for"),
+    ("terminate with unpulled runs: stop instead", {"idle_minutes": 30, "action": "terminate",
+                                                    "shutdown_behavior": "stop"},
+     {"last_active": 0}, 0, ["r1"], "shutdown", "stopping instead of terminating: 1 run(s) not pulled (r1)"),
+    ("terminate with unpulled runs, EC2 still set to terminate: stay up",
+     {"idle_minutes": 30, "action": "terminate"}, {"last_active": 0}, 0, ["r1", "r2"], None, "staying up"),
+    ("after_train, terminate, unpulled", {"idle_minutes": 0, "after_train": True, "action": "terminate",
+                                          "shutdown_behavior": "stop"},
+     {"last_active": NOW - 3 * 60, "seen_trainer": True}, 0, ["r1"], "shutdown", "stopping instead"),
+    ("stop: unpulled runs are safe on the disk", {"idle_minutes": 30}, {"last_active": 0}, 0, ["r1"], "shutdown",
+     "idle for"),
+    ("terminate wished, EC2 set to stop (runs were unpulled): says what happens",
+     {"idle_minutes": 30, "action": "terminate", "shutdown_behavior": "stop"}, {"last_active": 0}, 0, [],
+     "shutdown", "EC2 will stop it"),
+])
+def test_watchdog_decision_sessions_and_unpulled_runs(case, config, state, notty, unpulled, expected, says):
+    autostop = load_script("autostop")
+    action, new_state, reason = autostop.decide(NOW, config, state, False, 0, notty_sessions=notty,
+                                                unpulled=unpulled)
+    assert action == expected and says in reason, (case, reason)
+    if notty:
+        assert new_state["last_active"] == NOW  # a pull or sync resets the idle clock
+
+
 @pytest.mark.parametrize("old_state", [
     {"boot": "before-stop", "last_active": 0},  # stopped for days: not idle time of this boot
-    {"boot": "before-stop", "last_active": NOW - 60, "seen_trainer": True},  # a run of the last boot
+    {"boot": "before-stop", "last_active": NOW - 5 * 60, "seen_trainer": True},  # a run of the last boot
 ])
 def test_watchdog_forgets_the_state_of_an_earlier_boot(old_state):
     autostop = load_script("autostop")

@@ -1,0 +1,84 @@
+"""Before `down` terminates a machine: find the runs on it that were never pulled (or changed since
+their pull, see scripts/autostop.py's pull record) and pull them here, or refuse in one line.
+
+Terminating deletes the root volume, and with it every run on it: a run is never lost by `down`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.errors import UserError
+from infra.targets import SSHTarget
+
+
+@dataclass
+class Unpulled:
+    """What one name's machines hold that is not pulled yet."""
+
+    name: str
+    nodes: list[SSHTarget] = field(default_factory=list)
+    runs: dict[str, list[str]] = field(default_factory=dict)  # node label -> run ids
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted({r for runs in self.runs.values() for r in runs})
+
+
+def check(aws, instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
+    """([Unpulled] per name with unpulled runs, [why a name could not be checked]) for the live
+    instances about to be terminated."""
+    found, problems = [], []
+    for name in sorted({i.name for i in instances}):
+        mine = [i for i in instances if i.name == name]
+        not_running = [i for i in mine if i.state != "running"]
+        if not_running:
+            i = not_running[0]
+            problems.append(f"{name} is {i.state}, so its runs cannot be checked (`mnist-cloud start {name}`, "
+                            "then down again pulls them)")
+            continue
+        try:
+            nodes = SSHTarget.resolve_cluster(name, region, profile)
+            item = Unpulled(name, nodes)
+            for node in nodes:
+                runs = node.unpulled_runs()
+                if runs:
+                    item.runs[node.label] = runs
+        except UserError as e:
+            problems.append(f"{name} cannot be checked ({str(e).split(';')[0]})")
+            continue
+        if item.runs:
+            found.append(item)
+        else:
+            close(item)
+    return found, problems
+
+
+def refuse(found: list[Unpulled], problems: list[str], pull: bool) -> None:
+    """One line, and nothing terminated, when a run could be lost: a machine could not be checked,
+    or it holds unpulled runs and we may not pull them (--no-pull)."""
+    held = [] if pull else [f"{u.name} holds unpulled run(s) {', '.join(u.run_ids)} (`mnist-cloud pull {u.name} RUN`, "
+                             "or down without --no-pull pulls them)" for u in found]
+    if held or problems:
+        for u in found:
+            close(u)
+        raise UserError(f"not terminating, runs could be lost: {'; '.join(held + problems)}; "
+                        "or add --discard-runs to delete them with the instance")
+
+
+def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
+    """Pull every unpulled run into local_runs (as `mnist-cloud pull` does)."""
+    for item in found:
+        try:
+            for node in item.nodes:
+                for run_id in item.runs.get(node.label, []):
+                    res = node.pull(run_id, local_runs, log=log)
+                    log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
+                        f"{Path(local_runs) / run_id}")
+        finally:
+            close(item)
+
+
+def close(item: Unpulled) -> None:
+    for node in item.nodes:
+        node.remote.close()

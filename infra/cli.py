@@ -512,11 +512,11 @@ def cmd_down(args) -> int:
     if args.all and not getattr(args, "any_owner", False):
         me = caller_identity(aws)
         alive = [i for i in alive if i.tags.get(TAG_OWNER) == me]
-    found = keep_runs(args, aws, alive)
     if args.all:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
     elif alive:
         confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
+    found = keep_runs(args, aws, alive)
     if found:
         from pathlib import Path
 
@@ -538,8 +538,8 @@ def cmd_down(args) -> int:
 
 
 def keep_runs(args, aws, alive) -> list:
-    """The unpulled runs on the instances `down` is about to terminate (to pull after the prompt), or a
-    one-line refusal; nothing with --discard-runs."""
+    """The unpulled runs on the instances `down` is about to terminate (to pull them), or a one-line
+    refusal; nothing with --discard-runs."""
     from infra.unpulled import check, refuse
 
     if args.discard_runs or not alive:

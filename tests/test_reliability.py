@@ -194,7 +194,7 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         wait_for(lambda: (remote_dir(host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
         assert not fired.exists()
 
-        # an interactive session (a pty) keeps it up; a tunnel-like session without one does not count
+        # an interactive session (a pty) keeps it up while used; a tunnel-like session without one does not count
         pty = subprocess.Popen([*remote.ssh_argv(tty=True), "-tt", remote.target(), "sleep 60"],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -203,11 +203,16 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
                 fired.unlink()
             install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # restart the clock
             assert "interactive session" in tick()
-            time.sleep(3.5)
+            time.sleep(1)
             assert "interactive session" in tick() and not fired.exists()
+            time.sleep(3)
+            # still open, but no input for longer than the idle time (its atime, as `w` reads it): idle
+            said = tick()
+            assert "-> shutdown" in said and fired.exists(), said
         finally:
             pty.kill()
             pty.wait()
+        fired.unlink()
         time.sleep(0.5)
         tick()
         time.sleep(3.5)

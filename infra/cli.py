@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
     p.add_argument("--autostop", type=float, default=30, metavar="MIN",
                    help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: %(default)s)")
-    p.add_argument("--autostop-after-train", action="store_true", help="also stop as soon as a run ends")
-    p.add_argument("--down", action="store_true", help="autostop terminates instead of stopping")
+    p.add_argument("--autostop-after-train", action="store_true",
+                   help="also stop 3 minutes after a run ends (time to pull it)")
+    p.add_argument("--down", action="store_true",
+                   help="autostop terminates instead of stopping (it stops while runs are not pulled)")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
     p.add_argument("--nodes", type=int, default=1, metavar="K",
@@ -115,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
     p = sub.add_parser("autostop", parents=aws, help="change when an instance stops itself (runs on the instance)",
-                       description="Idle = no trainer running and no interactive SSH session; a Jupyter tunnel "
-                                   "alone is not activity. The check runs on the instance every minute.")
+                       description="Idle = no trainer running, no interactive SSH session used within the idle "
+                                   "time, and no pull or sync; a Jupyter tunnel alone is not activity. The check "
+                                   "runs on the instance every minute.")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("-i", "--idle", type=float, metavar="MIN", help="idle minutes before stopping")
-    p.add_argument("--down", action="store_true", help="terminate instead of stop")
-    p.add_argument("--after-train", action="store_true", help="stop as soon as a run ends")
+    p.add_argument("--down", action="store_true", help="terminate instead of stop (stop while runs are not pulled)")
+    p.add_argument("--after-train", action="store_true", help="stop when a run ends, after the grace period")
+    p.add_argument("--grace", type=float, default=3, metavar="MIN",
+                   help="--after-train: minutes to wait after a run ends, 3 at least (default: %(default)s)")
     p.add_argument("--cancel", action="store_true", help="turn autostop off")
 
     p = sub.add_parser("setup", parents=aws, help="sync the code and run setup_ec2.sh on a machine (idempotent)")
@@ -524,7 +529,7 @@ def cmd_down(args) -> int:
 
         pull_all(found, Path("runs"), log=say)
     if args.all:
-        report = down_all(aws, log=say, **({"any_owner": True} if getattr(args, "any_owner", False) else {}))
+        report = down_all(aws, log=say, any_owner=getattr(args, "any_owner", False))
     else:
         report = down(aws, args.name, log=say)
     if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
@@ -565,8 +570,10 @@ def cmd_autostop(args) -> int:
         raise UserError("-i/--idle is minutes, 0 or more")
     if not args.cancel and args.idle is None and not args.after_train:
         raise UserError("give -i MIN, --after-train, or --cancel")
+    if args.grace < 3:
+        raise UserError("--grace is minutes after a run ends, 3 or more (time to pull the run)")
     config = AutostopConfig(idle_minutes=args.idle or 0, action="terminate" if args.down else "stop",
-                            after_train=args.after_train, enabled=not args.cancel)
+                            after_train=args.after_train, enabled=not args.cancel, grace_minutes=args.grace)
     host = State().get(args.name)
     if host is not None and host.kind == "ec2":
         from infra.provision import set_autostop
@@ -575,6 +582,8 @@ def cmd_autostop(args) -> int:
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)
+        if config.enabled:  # terminate: EC2 stops it instead while runs are not pulled
+            target.keep_runs_on_shutdown(unpulled=bool(target.unpulled_runs()))
     say(line or f"autostop on {args.name}: {config.tag}")
     return 0
 

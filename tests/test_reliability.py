@@ -219,9 +219,11 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         assert "-> shutdown" in tick() and fired.exists()
 
 
-def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto):
+def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, host):
     import boto3
 
+    for line in cli("runs", launched).stdout.splitlines()[1:]:  # earlier tests' runs: all pulled
+        assert cli("pull", launched, line.split()[0]).returncode == 0
     out = cli("autostop", launched, "-i", "10", "--down")
     assert out.returncode == 0, out.stderr
     ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
@@ -231,6 +233,17 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto):
     attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    # with a run not pulled yet, EC2 must stop it instead (the instance cannot change this itself)
+    run_dir = remote_dir(host) / "runs" / "unpulled-one"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    try:
+        assert cli("autostop", launched, "-i", "10", "--down").returncode == 0
+        attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+        assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+    finally:
+        (run_dir / "config.json").unlink()
+        run_dir.rmdir()
     assert cli("autostop", launched, "--cancel").returncode == 0
     assert " off" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
     assert_user_error(cli("autostop", launched), "-i MIN")

@@ -521,7 +521,7 @@ def cmd_down(args) -> int:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
     elif alive:
         confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
-    found = keep_runs(args, aws, alive)
+    found = keep_runs(args, alive)
     if found:
         from pathlib import Path
 
@@ -542,14 +542,14 @@ def cmd_down(args) -> int:
     return 0
 
 
-def keep_runs(args, aws, alive) -> list:
+def keep_runs(args, alive) -> list:
     """The unpulled runs on the instances `down` is about to terminate (to pull them), or a one-line
     refusal; nothing with --discard-runs."""
     from infra.unpulled import check, refuse
 
     if args.discard_runs or not alive:
         return []
-    found, problems = check(aws, alive, getattr(args, "region", None), getattr(args, "profile", None))
+    found, problems = check(alive, getattr(args, "region", None), getattr(args, "profile", None))
     refuse(found, problems, pull=not args.no_pull)
     return found
 

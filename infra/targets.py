@@ -263,19 +263,29 @@ class SSHTarget:
         into the watchdog's config, which then never shuts down into a terminate with unpulled runs."""
         if self.ec2 is None:
             return
-        aws, inst = self.ec2
+        inst = self.ec2[1]
         if inst.lifecycle == "spot" or not inst.autostop.endswith(":terminate"):
             return
         behavior = "stop" if unpulled else "terminate"
         if self.shutdown_behavior == behavior:
             return
+        # Ordered so that a failure half way leaves the safe pair: the watchdog believing "terminate"
+        # while EC2 would stop (it stays up), never believing "stop" while EC2 would terminate.
+        steps = [self._set_ec2_shutdown, self._tell_watchdog]
+        for step in steps if behavior == "stop" else reversed(steps):
+            step(behavior)
+        self.shutdown_behavior = behavior
+
+    def _set_ec2_shutdown(self, behavior: str) -> None:
+        aws, inst = self.ec2
         aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
                  Attribute="instanceInitiatedShutdownBehavior", Value=behavior)
+
+    def _tell_watchdog(self, behavior: str) -> None:
         sudo = "" if self.remote.run("id -u").stdout.strip() == "0" else "sudo -n "
         root = os.environ.get("MNIST_CLOUD_AGENT_ROOT")  # tests: the watchdog installed under a temp root
         env = f"env MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
         self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(read_source())} set-shutdown {behavior}")
-        self.shutdown_behavior = behavior
 
     def runs(self) -> list[dict]:
         return self.remote.list_runs()

@@ -25,7 +25,7 @@ class Unpulled:
         return sorted({r for runs in self.runs.values() for r in runs})
 
 
-def check(aws, instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
+def check(instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
     """([Unpulled] per name with unpulled runs, [why a name could not be checked]) for the live
     instances about to be terminated."""
     found, problems = [], []
@@ -37,14 +37,15 @@ def check(aws, instances, region: str | None = None, profile: str | None = None)
             problems.append(f"{name} is {i.state}, so its runs cannot be checked (`mnist-cloud start {name}`, "
                             "then down again pulls them)")
             continue
+        item = Unpulled(name)
         try:
-            nodes = SSHTarget.resolve_cluster(name, region, profile)
-            item = Unpulled(name, nodes)
-            for node in nodes:
+            item.nodes = SSHTarget.resolve_cluster(name, region, profile)
+            for node in item.nodes:
                 runs = node.unpulled_runs()
                 if runs:
                     item.runs[node.label] = runs
         except UserError as e:
+            close(item)
             problems.append(f"{name} cannot be checked ({str(e).split(';')[0]})")
             continue
         if item.runs:

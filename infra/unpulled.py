@@ -18,11 +18,11 @@ class Unpulled:
 
     name: str
     nodes: list[SSHTarget] = field(default_factory=list)
-    runs: dict[str, list[str]] = field(default_factory=dict)  # node label -> run ids
+    runs: dict[str, SSHTarget] = field(default_factory=dict)  # run id -> the node to pull it from
 
     @property
     def run_ids(self) -> list[str]:
-        return sorted({r for runs in self.runs.values() for r in runs})
+        return sorted(self.runs)
 
 
 def check(instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
@@ -40,10 +40,7 @@ def check(instances, region: str | None = None, profile: str | None = None) -> t
         item = Unpulled(name)
         try:
             item.nodes = SSHTarget.resolve_cluster(name, region, profile)
-            for node in item.nodes:
-                runs = node.unpulled_runs()
-                if runs:
-                    item.runs[node.label] = runs
+            item.runs = newest_unpulled(item.nodes)
         except UserError as e:
             close(item)
             problems.append(f"{name} cannot be checked ({str(e).split(';')[0]})")
@@ -53,6 +50,20 @@ def check(instances, region: str | None = None, profile: str | None = None) -> t
         else:
             close(item)
     return found, problems
+
+
+def newest_unpulled(nodes: list[SSHTarget]) -> dict[str, SSHTarget]:
+    """{run id: node} of the runs whose newest copy is unpulled. A resumed cluster run was pushed to
+    every node; the copy with the most epochs (rank 0's) is the run, the others are stale."""
+    unpulled = {node.label: set(node.unpulled_runs()) for node in nodes}
+    if len(nodes) == 1:
+        return {run_id: nodes[0] for run_id in unpulled[nodes[0].label]}
+    newest: dict[str, tuple[int, SSHTarget]] = {}
+    for node in nodes:
+        for run in node.runs():
+            if run["run_id"] not in newest or run["epochs"] > newest[run["run_id"]][0]:
+                newest[run["run_id"]] = (run["epochs"], node)
+    return {run_id: node for run_id, (_, node) in newest.items() if run_id in unpulled[node.label]}
 
 
 def refuse(found: list[Unpulled], problems: list[str], pull: bool) -> None:
@@ -71,11 +82,10 @@ def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
     """Pull every unpulled run into local_runs (as `mnist-cloud pull` does)."""
     for item in found:
         try:
-            for node in item.nodes:
-                for run_id in item.runs.get(node.label, []):
-                    res = node.pull(run_id, local_runs, log=log)
-                    log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
-                        f"{Path(local_runs) / run_id}")
+            for run_id, node in sorted(item.runs.items()):
+                res = node.pull(run_id, local_runs, log=log)
+                log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
+                    f"{Path(local_runs) / run_id}")
         finally:
             close(item)
 

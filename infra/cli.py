@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
     p.add_argument("--autostop", type=float, default=30, metavar="MIN",
                    help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: %(default)s)")
-    p.add_argument("--autostop-after-train", action="store_true", help="also stop as soon as a run ends")
-    p.add_argument("--down", action="store_true", help="autostop terminates instead of stopping")
+    p.add_argument("--autostop-after-train", action="store_true",
+                   help="also stop 3 minutes after a run ends (time to pull it)")
+    p.add_argument("--down", action="store_true",
+                   help="autostop terminates instead of stopping (it stops while runs are not pulled)")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
     p.add_argument("--nodes", type=int, default=1, metavar="K",
@@ -117,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
     p = sub.add_parser("autostop", parents=aws, help="change when an instance stops itself (runs on the instance)",
-                       description="Idle = no trainer running and no interactive SSH session; a Jupyter tunnel "
-                                   "alone is not activity. The check runs on the instance every minute.")
+                       description="Idle = no trainer running, no interactive SSH session used within the idle "
+                                   "time, and no pull or sync; a Jupyter tunnel alone is not activity. The check "
+                                   "runs on the instance every minute.")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("-i", "--idle", type=float, metavar="MIN", help="idle minutes before stopping")
-    p.add_argument("--down", action="store_true", help="terminate instead of stop")
-    p.add_argument("--after-train", action="store_true", help="stop as soon as a run ends")
+    p.add_argument("--down", action="store_true", help="terminate instead of stop (stop while runs are not pulled)")
+    p.add_argument("--after-train", action="store_true", help="stop when a run ends, after the grace period")
+    p.add_argument("--grace", type=float, default=3, metavar="MIN",
+                   help="--after-train: minutes to wait after a run ends, 3 at least (default: %(default)s)")
     p.add_argument("--cancel", action="store_true", help="turn autostop off")
 
     p = sub.add_parser("setup", parents=aws, help="sync the code and run setup_ec2.sh on a machine (idempotent)")
@@ -168,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--any-owner", action="store_true",
                    help="with --all: also resources tagged by OTHER people or roles of this account")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--no-pull", action="store_true",
+                   help="refuse (exit 2, naming them) instead of pulling unpulled runs into runs/ first")
+    p.add_argument("--discard-runs", action="store_true",
+                   help="terminate even if the machine holds runs not pulled yet (they are deleted with it)")
     return parser
 
 
@@ -510,24 +519,44 @@ def cmd_start(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from infra.provision import down, down_all, find_instances
+    from infra.provision import (
+        TAG_OWNER,
+        caller_identity,
+        down,
+        down_all,
+        find_instances,
+        same_owner,
+    )
 
     if args.all == bool(args.name):
         raise UserError("give a NAME, or --all")
     if args.any_owner and not args.all:
         raise UserError("--any-owner goes with --all")
+    if args.no_pull and args.discard_runs:
+        raise UserError("--no-pull refuses when runs are unpulled, --discard-runs deletes them: give one")
     aws = session(args)
+    alive = [i for i in find_instances(aws, None if args.all else args.name)
+             if i.state not in ("terminated", "shutting-down")]
+    if args.all and not args.any_owner:
+        me = caller_identity(aws)
+        alive = [i for i in alive if same_owner(i.tags.get(TAG_OWNER), me)]
     if args.all and args.any_owner:
         confirm("Terminate every mnist-cloud instance in this account and region, INCLUDING OTHER PEOPLE'S, "
                 "and delete their groups and keys?", args.yes)
-        report = down_all(aws, log=say, any_owner=True)
     elif args.all:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
-        report = down_all(aws, log=say)
+    elif alive:
+        confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
+    found = keep_runs(args, alive)
+    if found:
+        from pathlib import Path
+
+        from infra.unpulled import pull_all
+
+        pull_all(found, Path("runs"), log=say)
+    if args.all:
+        report = down_all(aws, log=say, any_owner=args.any_owner)
     else:
-        alive = find_instances(aws, args.name)
-        if alive:
-            confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
         report = down(aws, args.name, log=say)
     if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
             or report.placement_groups):
@@ -537,6 +566,18 @@ def cmd_down(args) -> int:
         f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
         f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
     return 0
+
+
+def keep_runs(args, alive) -> list:
+    """The unpulled runs on the instances `down` is about to terminate (to pull them), or a one-line
+    refusal; nothing with --discard-runs."""
+    from infra.unpulled import check, refuse
+
+    if args.discard_runs or not alive:
+        return []
+    found, problems = check(alive, getattr(args, "region", None), getattr(args, "profile", None))
+    refuse(found, problems, pull=not args.no_pull)
+    return found
 
 
 def target_for(args):
@@ -555,8 +596,10 @@ def cmd_autostop(args) -> int:
         raise UserError("-i/--idle is minutes, 0 or more")
     if not args.cancel and args.idle is None and not args.after_train:
         raise UserError("give -i MIN, --after-train, or --cancel")
+    if args.grace < 3:
+        raise UserError("--grace is minutes after a run ends, 3 or more (time to pull the run)")
     config = AutostopConfig(idle_minutes=args.idle or 0, action="terminate" if args.down else "stop",
-                            after_train=args.after_train, enabled=not args.cancel)
+                            after_train=args.after_train, enabled=not args.cancel, grace_minutes=args.grace)
     host = State().get(args.name)
     if host is not None and host.kind == "ec2":
         from infra.provision import autostop_for, set_autostop
@@ -565,6 +608,8 @@ def cmd_autostop(args) -> int:
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)
+        if config.enabled:  # terminate: EC2 stops it instead while runs are not pulled
+            target.keep_runs_on_shutdown(unpulled=bool(target.unpulled_runs()))
     say(line or f"autostop on {args.name}: {config.tag}")
     return 0
 
@@ -601,14 +646,18 @@ def cmd_logs(args) -> int:
         run_id = args.run or target.latest_run()
         if args.run:
             target.check_run(run_id)
-        try:
-            target.logs(run_id, follow=args.follow)
-        except KeyboardInterrupt:
-            print(f"\nstopped streaming; {run_id} continues on {args.name}", file=sys.stderr)
-            return 130
-        state, code = target.remote.job_state(run_id)
-    if args.follow and state == "finished":
-        say(f"{run_id} finished with exit {code}; `mnist-cloud pull {args.name} {run_id}` fetches it")
+        if args.follow:  # to the end of the run, then pull it: what an attached `train --on` does
+            from pathlib import Path
+
+            from infra.runner import RemoteTrain, _follow
+
+            job = RemoteTrain(name=args.name, trainer_args=[], run_id=run_id, local_runs=Path("runs"))
+            code = _follow(target, job, log=say)
+            if code in (130, 255):  # detached from a run that goes on (Ctrl-C, lost connection)
+                return code
+            say(f"{run_id} finished with exit {code}")
+            return code
+        target.logs(run_id, follow=False)
     return 0
 
 

@@ -31,6 +31,7 @@ from fabric import Config, Connection
 
 from infra.errors import UserError
 from infra.state import atomic_write, check_key_file, config_dir
+from infra.watchdog import read_source
 
 # Never synced: run outputs, caches, VCS data and anything that looks like a secret.
 SYNC_EXCLUDES = [
@@ -138,6 +139,7 @@ class TransferResult:
     changed: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # local files that differed and were overwritten
     kept: list[str] = field(default_factory=list)  # locally modified files set aside as .local-<time>
+    verified: dict[str, str] = field(default_factory=dict)  # pull: {path: sha256} here that match the machine
 
 
 class Remote:
@@ -408,6 +410,7 @@ class Remote:
                 continue
             raise UserError(f"pulled {rel} does not match the remote copy; run the pull again")
         result.replaced, result.kept = replaced, kept
+        result.verified = {rel: digest for rel, (digest, _, _) in after.items() if rel not in live}
         for k in kept:
             log(f"kept your local edit as {local_dir / k}")
         if replaced:
@@ -417,23 +420,32 @@ class Remote:
         return result
 
     def remote_stats(self, directory: str) -> dict[str, tuple[str, float, int]]:
-        """{relative path: (sha256, mtime, size)} under a remote directory."""
-        script = ("import hashlib, os, sys\n"
-                  "root = os.path.expanduser(sys.argv[1])\n"
-                  "for d, _, fs in os.walk(root):\n"
-                  "    for f in fs:\n"
-                  "        p = os.path.join(d, f)\n"
-                  "        if '.part-' in f or f.startswith('.') and '.tmp' in f: continue\n"
-                  "        st = os.stat(p)\n"
-                  "        print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), st.st_mtime, st.st_size,"
-                  " os.path.relpath(p, root))\n")
-        out = self.run(f"python3 -c {shlex.quote(script)} {shlex.quote(directory)}", warn=True).stdout
+        """{relative path: (sha256, mtime, size)} under a remote directory (temp files left out)."""
+        out = self.agent("stats", directory, warn=True).stdout
         stats = {}
         for line in out.splitlines():
             parts = line.split(" ", 3)
             if len(parts) == 4:
                 stats[parts[3]] = (parts[0], float(parts[1]), int(parts[2]))
         return stats
+
+    def agent(self, *args: str, warn: bool = False):
+        """Run the watchdog script's tool side on the machine (stdlib python3 there, nothing installed)."""
+        return self.run(f"python3 -c {shlex.quote(read_source())} {shlex.join(args)}", warn=warn)
+
+    # ------------------------------------------------------------------------------ the pull record
+    def record_pulled(self, run_id: str, verified: dict[str, str]) -> list[str]:
+        """Record on the machine which files of a run are pulled (those still matching `verified`);
+        returns the run's files left unrecorded (changed meanwhile: the run stays unpulled)."""
+        import json
+
+        return json.loads(self.agent("record", self.ep.workdir, run_id, json.dumps(verified)).stdout)
+
+    def unpulled_runs(self) -> list[str]:
+        """Runs on the machine with a file not pulled yet, or changed since its pull."""
+        import json
+
+        return json.loads(self.agent("unpulled", self.ep.workdir).stdout)
 
     def _sftp_down(self, remote_dir: str, local_dir: Path, remote: dict) -> TransferResult:
         sftp = self.conn.sftp()

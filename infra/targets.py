@@ -19,6 +19,7 @@ from pathlib import Path
 from infra.errors import UserError
 from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
 from infra.state import Host, State
+from infra.watchdog import read_source
 
 SETUP_SCRIPT = "setup_ec2.sh"
 PYTHON_MARKER = ".mnist-cloud-python"
@@ -95,6 +96,8 @@ class SSHTarget:
         self.remote = remote
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
+        self.shutdown_behavior: str | None = None  # as this object last set it
+        self.ec2 = None  # (Aws session, Instance) on EC2: to keep its shutdown behaviour safe for its runs
 
     def job_env(self) -> dict[str, str]:
         """What the trainer records about where it ran, for the report's header and cost."""
@@ -154,8 +157,10 @@ class SSHTarget:
                 console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
             ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
                           alias=instance_id, workdir=f"mnist-cloud/{name}")
-            targets.append(cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
-                               lifecycle=inst.lifecycle))
+            target = cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
+                         lifecycle=inst.lifecycle)
+            target.ec2 = (aws, inst)
+            targets.append(target)
         return targets
 
     # ---------------------------------------------------------------------------------- verbs
@@ -204,6 +209,7 @@ class SSHTarget:
                 return [python, "-m", "torch.distributed.run", *launcher, "-m", "trainer", *trainer_args]
             return trainer_command(python, trainer_args)
 
+        self.keep_runs_on_shutdown(unpulled=True)  # this run is unpulled until pulled
         if self.lifecycle != "spot":
             return self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
         imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
@@ -252,7 +258,46 @@ class SSHTarget:
             time.sleep(1)
 
     def pull(self, run_id: str, local_runs: Path, log=print) -> TransferResult:
-        return self.remote.pull(f"{self.remote.ep.workdir}/runs/{run_id}", Path(local_runs) / run_id, log=log)
+        """Bring runs/<run-id>/ here, then record on the machine which of its files are here now: a
+        run whose files all are is no longer "unpulled" (see scripts/autostop.py)."""
+        result = self.remote.pull(f"{self.remote.ep.workdir}/runs/{run_id}", Path(local_runs) / run_id, log=log)
+        self.remote.record_pulled(run_id, result.verified)
+        self.keep_runs_on_shutdown(unpulled=bool(self.unpulled_runs()))
+        return result
+
+    def unpulled_runs(self) -> list[str]:
+        return self.remote.unpulled_runs()
+
+    def keep_runs_on_shutdown(self, unpulled: bool) -> None:
+        """Autostop with terminate: EC2 must stop the instance, not terminate it, while it holds
+        unpulled runs. The instance cannot change its own shutdown behaviour (it holds no AWS
+        credentials), so we set it here, where a run starts and where runs are pulled, and write it
+        into the watchdog's config, which then never shuts down into a terminate with unpulled runs."""
+        if self.ec2 is None:
+            return
+        inst = self.ec2[1]
+        if inst.lifecycle == "spot" or not inst.autostop.endswith(":terminate"):
+            return
+        behavior = "stop" if unpulled else "terminate"
+        if self.shutdown_behavior == behavior:
+            return
+        # Ordered so that a failure half way leaves the safe pair: the watchdog believing "terminate"
+        # while EC2 would stop (it stays up), never believing "stop" while EC2 would terminate.
+        steps = [self._set_ec2_shutdown, self._tell_watchdog]
+        for step in steps if behavior == "stop" else reversed(steps):
+            step(behavior)
+        self.shutdown_behavior = behavior
+
+    def _set_ec2_shutdown(self, behavior: str) -> None:
+        aws, inst = self.ec2
+        aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
+                 Attribute="instanceInitiatedShutdownBehavior", Value=behavior)
+
+    def _tell_watchdog(self, behavior: str) -> None:
+        sudo = "" if self.remote.run("id -u").stdout.strip() == "0" else "sudo -n "
+        root = os.environ.get("MNIST_CLOUD_AGENT_ROOT")  # tests: the watchdog installed under a temp root
+        env = f"env MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
+        self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(read_source())} set-shutdown {behavior}")
 
     def runs(self) -> list[dict]:
         return self.remote.list_runs()

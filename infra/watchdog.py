@@ -5,7 +5,8 @@ with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import posixpath
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from infra.errors import UserError
@@ -56,9 +57,16 @@ WantedBy=timers.target
 @dataclass
 class AutostopConfig:
     idle_minutes: float = 30
-    action: str = "stop"  # "stop" or "terminate": what EC2 does on the instance's own shutdown
+    action: str = "stop"  # "stop" or "terminate": what the user wants on autostop
     after_train: bool = False
     enabled: bool = True
+    grace_minutes: float = 3  # after_train: wait this long after a run ends (3 at least), time to pull it
+    # What EC2 does on the instance's own shutdown, as mnist-cloud last set it (None: the action).
+    # The laptop keeps it at "stop" while runs are unpulled; the watchdog cannot change it itself.
+    shutdown_behavior: str | None = None
+    # Work dirs whose runs/ must be pulled before a terminate (globs; default: every name's, see
+    # scripts/autostop.py DEFAULT_WORK_DIRS)
+    work_dirs: list[str] = field(default_factory=list)
 
     @property
     def tag(self) -> str:
@@ -131,6 +139,8 @@ def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:
     """Upload and run the installer as root (sudo -n when not root). Returns its output line."""
     import shlex
 
+    if not config.work_dirs:  # where this name's runs are; the watchdog looks at every name's too
+        config = replace(config, work_dirs=[posixpath.join(remote.run('printf %s "$HOME"').stdout, remote.ep.workdir)])
     script = installer(config)
     # mktemp creates it (O_EXCL, mode 600, ours): no other user of a shared host can plant or swap
     # the script that root then runs, as they could with a predictable /tmp name

@@ -1,21 +1,36 @@
 #!/usr/bin/env python3
-"""mnist-cloud autostop: shut an idle instance down, so nothing idles on the bill.
+"""mnist-cloud autostop: shut an idle instance down, so nothing idles on the bill, and never destroy a
+run that was not pulled.
 
 Installed by `mnist-cloud launch` (cloud-init user data) or `mnist-cloud autostop` (over SSH) as
 /usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron). The timer
 lives on the instance, so the laptop may be closed.
 
-Idle means: no trainer running (`python -m trainer`, torchrun) and no interactive SSH session (a pty
-in /dev/pts). A Jupyter tunnel alone is not activity. After `idle_minutes` of that, it runs
-`shutdown -h now`; EC2 then stops or terminates the instance, per its shutdown behaviour, which
-mnist-cloud sets to match the autostop action. With `after_train`, it shuts down as soon as a run
-it has seen ends.
+Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session that was
+used within the idle time (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads
+it), and no SSH session without a terminal (a pull or a sync: sshd's `user@notty` process). A
+Jupyter tunnel alone is not activity. After `idle_minutes` of that, it runs `shutdown -h now`; EC2
+then stops or terminates the instance, per its InstanceInitiatedShutdownBehavior. With
+`after_train`, it shuts down `grace_minutes` after a run it has seen ends (time to pull it).
+
+Nothing on the instance may call the EC2 API (it holds no credentials), so it cannot choose between
+stop and terminate itself: the laptop sets the shutdown behaviour and writes it here
+(`shutdown_behavior` in the config). The laptop keeps it at `stop` while runs are not yet pulled.
+If the behaviour is `terminate` while unpulled runs exist (a run made without mnist-cloud), this
+watchdog does not shut down at all, and says so: a stopped-instead instance is what the user asked
+for, a terminated one would lose the runs.
+
+The same file is the record of pulls (`mnist-cloud pull` runs it with `record`/`unpulled`/`stats`):
+jobs/<run-id>.pulled.json in the work dir lists each file pulled, with its size, mtime and sha256.
+A run is unpulled when any of its files is missing from that record or has changed since.
 
 Python 3 standard library only: it runs with the system python3, before anything is installed.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -27,11 +42,18 @@ ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT") or "/")  # cron passes it empty o
 CONFIG = ROOT / "etc/mnist-cloud/autostop.json"
 STATE = ROOT / "var/lib/mnist-cloud/autostop-state.json"
 TRAINER_MARKERS = ("-m trainer", "torchrun", "trainer/__main__.py")
+MIN_GRACE_MINUTES = 3.0  # after a run ends: time for `logs -f` / `train --on` to pull it
+# where `mnist-cloud` keeps each name's work dir, under the login user's home (Endpoint.workdir)
+DEFAULT_WORK_DIRS = ["/home/*/mnist-cloud/*", "/root/mnist-cloud/*"]
 
 
 def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_sessions: int,
-           boot: str = "") -> tuple[str | None, dict, str]:
+           boot: str = "", notty_sessions: int = 0, unpulled: list[str] = ()) -> tuple[str | None, dict, str]:
     """(action or None, new state, reason). Pure: the whole policy, testable without a machine.
+
+    `pty_sessions` counts only terminals used within the idle time (see active_ptys); `notty_sessions`
+    counts SSH sessions without a terminal (pull, sync, rsync), which are activity too. `unpulled`
+    names runs not yet pulled: with action terminate, the instance stops instead.
 
     `boot` identifies this boot: the state file lives on the root volume and survives a stop/start,
     so a state from an earlier boot is dropped; otherwise a restarted instance would count its
@@ -49,15 +71,40 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
     if pty_sessions:
         state["last_active"] = now
         return None, state, f"{pty_sessions} interactive session(s)"
-    if config.get("after_train") and state.get("seen_trainer"):
-        return "shutdown", state, "the run ended (after_train)"
-    idle_minutes = float(config.get("idle_minutes", 30))
+    if notty_sessions:
+        state["last_active"] = now
+        return None, state, f"{notty_sessions} SSH session(s) without a terminal (a pull or sync)"
     idle_for = now - state["last_active"]
+    idle_minutes = float(config.get("idle_minutes", 30))
+    grace = max(MIN_GRACE_MINUTES, float(config.get("grace_minutes", MIN_GRACE_MINUTES)))
+    if config.get("after_train") and state.get("seen_trainer"):
+        if idle_for < grace * 60:
+            return None, state, f"the run ended {idle_for / 60:.1f} min ago; grace period {grace:g} min"
+        action, reason = shutdown(config, unpulled, "the run ended (after_train)")
+        return action, state, reason
     if idle_minutes > 0 and idle_for >= idle_minutes * 60:
-        return "shutdown", state, f"idle for {idle_for / 60:.1f} min (limit {idle_minutes:g})"
+        action, reason = shutdown(config, unpulled, f"idle for {idle_for / 60:.1f} min (limit {idle_minutes:g})")
+        return action, state, reason
     return None, state, f"idle for {idle_for / 60:.1f} min of {idle_minutes:g}"
 
 
+def shutdown(config: dict, unpulled: list[str], reason: str) -> tuple[str | None, str]:
+    """(action, reason) for a shutdown due now. EC2 does what its shutdown behaviour says, which the
+    laptop set (and wrote into our config); we cannot change it, only decide not to shut down."""
+    wanted = config.get("action", "stop")
+    behavior = config.get("shutdown_behavior") or wanted
+    if unpulled and wanted == "terminate":
+        names = ", ".join(sorted(unpulled)[:5]) + (" ..." if len(unpulled) > 5 else "")
+        if behavior == "terminate":
+            return None, (f"{reason}, but EC2 would terminate it and {len(unpulled)} run(s) are not pulled "
+                          f"({names}): staying up; `mnist-cloud pull` them or `mnist-cloud down` the name")
+        return "shutdown", f"{reason}; stopping instead of terminating: {len(unpulled)} run(s) not pulled ({names})"
+    if behavior != wanted:
+        return "shutdown", f"{reason} (EC2 will {behavior} it, as mnist-cloud last set it)"
+    return "shutdown", reason
+
+
+# ---------------------------------------------------------------------------------- activity
 def trainer_running(proc: Path = Path("/proc")) -> bool:
     me = os.getpid()
     for entry in proc.iterdir():
@@ -72,12 +119,58 @@ def trainer_running(proc: Path = Path("/proc")) -> bool:
     return False
 
 
-def pty_sessions(pts: Path = Path("/dev/pts")) -> int:
-    """Open pseudo-terminals: an interactive ssh (or tmux/screen) session holds one."""
+def active_ptys(now: float, idle_seconds: float, pts: Path = Path("/dev/pts")) -> int:
+    """Pseudo-terminals (an interactive ssh, tmux, screen) with input within `idle_seconds`. A
+    terminal's atime is its last input, as `w` reads it: a forgotten open shell does not count."""
+    count = 0
     try:
-        return sum(1 for p in pts.iterdir() if p.name.isdigit())
+        entries = list(pts.iterdir())
     except OSError:
         return 0
+    for p in entries:
+        if not p.name.isdigit():
+            continue
+        try:
+            if idle_seconds <= 0 or now - p.stat().st_atime < idle_seconds:
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def processes(proc: Path) -> dict[int, tuple[int, str, str]]:
+    """{pid: (parent pid, command line, network namespace)} of every process we can read."""
+    out = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            netns = os.readlink(entry / "ns" / "net")
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(entry.name)] = (ppid, cmdline, netns)
+    return out
+
+
+def notty_sessions(proc: Path = Path("/proc")) -> int:
+    """SSH sessions without a terminal that are doing something: sshd names such a session's
+    process `sshd: USER@notty` (`sshd-session: ...` from OpenSSH 9.8), and a pull or sync runs a
+    command under it (rsync, sftp-server, python3). A tunnel alone (Jupyter) runs none: not activity.
+    Only sessions of our own network namespace count, and never the one this check runs in."""
+    table = processes(proc)
+    me = int(os.readlink(proc / "self"))
+    mine = table.get(me, (0, "", ""))[2]
+    ancestors, pid = set(), me
+    while pid in table and pid not in ancestors:
+        ancestors.add(pid)
+        pid = table[pid][0]
+    parents = {ppid for ppid, _, _ in table.values()}
+    return sum(1 for pid, (_, cmdline, netns) in table.items()
+               if cmdline.startswith("sshd") and cmdline.endswith("@notty") and netns == mine
+               and pid not in ancestors and pid in parents)
 
 
 def boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
@@ -87,6 +180,71 @@ def boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
         return ""
 
 
+# ---------------------------------------------------------------------------------- the pull record
+def is_temp(name: str) -> bool:
+    """A write in progress (ours `.NAME.part-PID`, the trainer's `.NAME.tmpPID`): never part of a run."""
+    return ".part-" in name or (name.startswith(".") and ".tmp" in name)
+
+
+def file_stats(root: Path, with_hash: bool = False) -> dict[str, list]:
+    """{relative path: [size, mtime] (+ [sha256])} of the files under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if is_temp(f):
+                continue
+            path = os.path.join(d, f)
+            try:
+                st = os.stat(path)
+                row = [st.st_size, st.st_mtime]
+                if with_hash:
+                    with open(path, "rb") as fh:
+                        row.append(hashlib.file_digest(fh, "sha256").hexdigest() if hasattr(hashlib, "file_digest")
+                                   else hashlib.sha256(fh.read()).hexdigest())
+            except OSError:
+                continue
+            out[os.path.relpath(path, root)] = row
+    return out
+
+
+def record_path(workdir: Path, run_id: str) -> Path:
+    return Path(workdir) / "jobs" / f"{run_id}.pulled.json"
+
+
+def record_pulled(workdir: Path, run_id: str, verified: dict[str, str]) -> list[str]:
+    """Record the files of a run that the laptop holds, as {path: sha256} it verified. A file that
+    changed since (a live run) is left out, so the run stays unpulled. Returns what is unrecorded."""
+    now = file_stats(Path(workdir) / "runs" / run_id, with_hash=True)
+    files = {rel: row for rel, row in now.items() if verified.get(rel) == row[2]}
+    save(record_path(workdir, run_id), {"run_id": run_id, "pulled_at": time.time(), "files": files})
+    return sorted(set(now) - set(files))
+
+
+def unpulled_runs(workdirs: list[Path]) -> list[str]:
+    """Runs with a file that is not in their pull record, or has another size or mtime than recorded."""
+    out = []
+    for workdir in workdirs:
+        runs = Path(workdir) / "runs"
+        try:
+            run_ids = sorted(p.name for p in runs.iterdir() if p.is_dir())
+        except OSError:
+            continue
+        for run_id in run_ids:
+            record = load(record_path(workdir, run_id), {}).get("files", {})
+            current = file_stats(runs / run_id)
+            if any(record.get(rel, [None, None])[:2] != row for rel, row in current.items()):
+                out.append(run_id)
+    return out
+
+
+def work_dirs(config: dict) -> list[Path]:
+    """The config's work dirs (the one `mnist-cloud autostop` installed from) and every name's."""
+    found = [os.path.realpath(p) for pattern in [*config.get("work_dirs", []), *DEFAULT_WORK_DIRS]
+             for p in sorted(glob.glob(pattern))]
+    return [Path(p) for p in dict.fromkeys(found)]
+
+
+# ---------------------------------------------------------------------------------- files
 def load(path: Path, default: dict) -> dict:
     try:
         return json.loads(path.read_text())
@@ -96,23 +254,49 @@ def load(path: Path, default: dict) -> dict:
 
 def save(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def tool(argv: list[str]) -> int:
+    """The laptop's side of the pull record, run over SSH as `python3 -c SOURCE COMMAND ARGS`:
+    `stats DIR` (size, mtime, sha256 of each file), `record WORKDIR RUN JSON`, `unpulled WORKDIR`,
+    `set-shutdown stop|terminate` (as root: what EC2 now does on shutdown)."""
+    command, args = argv[0], argv[1:]
+    if command == "stats":
+        for rel, (size, mtime, digest) in file_stats(Path(os.path.expanduser(args[0])), with_hash=True).items():
+            print(digest, mtime, size, rel)
+    elif command == "record":
+        left = record_pulled(Path(os.path.expanduser(args[0])), args[1], json.loads(args[2]))
+        print(json.dumps(left))
+    elif command == "unpulled":
+        print(json.dumps(unpulled_runs([Path(os.path.expanduser(args[0]))])))
+    elif command == "set-shutdown":
+        config = load(CONFIG, {})
+        if config:  # no watchdog installed: nothing here acts on it
+            save(CONFIG, {**config, "shutdown_behavior": args[0]})
+    else:
+        print(f"unknown command {command!r}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main() -> int:
     config = load(CONFIG, {"enabled": False})
     state = load(STATE, {})
     now = time.time()
-    action, state, reason = decide(now, config, state, trainer_running(), pty_sessions(), boot_id())
-    save(STATE, state)
+    # a terminal counts when used within the idle time (the grace period, with after_train alone)
+    idle_seconds = float(config.get("idle_minutes", 30)) * 60 or MIN_GRACE_MINUTES * 60
+    action, new_state, reason = decide(now, config, state, trainer_running(), active_ptys(now, idle_seconds),
+                                       boot_id(), notty_sessions(), unpulled_runs(work_dirs(config)))
+    save(STATE, new_state or state)
     print(f"mnist-cloud-autostop: {reason}" + (f" -> {action}" if action else ""), flush=True)
     if action == "shutdown":
-        save(STATE, {**state, "fired_at": now})
+        save(STATE, {**(new_state or state), "fired_at": now})
         return subprocess.call(["shutdown", "-h", "now", "mnist-cloud autostop: " + reason])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool(sys.argv[1:]) if len(sys.argv) > 1 else main())

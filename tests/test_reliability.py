@@ -45,8 +45,14 @@ NOW = 100_000.0
     ("someone logged in", {"idle_minutes": 30}, {"last_active": 0}, False, 1, None),
     ("disabled", {"idle_minutes": 30, "enabled": False}, {"last_active": 0}, False, 0, None),
     ("zero minutes = never", {"idle_minutes": 0}, {"last_active": 0}, False, 0, None),
-    ("after a run ends", {"idle_minutes": 0, "after_train": True}, {"last_active": NOW - 10, "seen_trainer": True},
-     False, 0, "shutdown"),
+    ("after a run ends and the grace period", {"idle_minutes": 0, "after_train": True},
+     {"last_active": NOW - 3 * 60, "seen_trainer": True}, False, 0, "shutdown"),
+    ("a run just ended: grace period, time to pull it", {"idle_minutes": 0, "after_train": True},
+     {"last_active": NOW - 10, "seen_trainer": True}, False, 0, None),
+    ("a grace period shorter than 3 min is 3 min", {"idle_minutes": 0, "after_train": True, "grace_minutes": 0.5},
+     {"last_active": NOW - 60, "seen_trainer": True}, False, 0, None),
+    ("a longer grace period", {"idle_minutes": 0, "after_train": True, "grace_minutes": 10},
+     {"last_active": NOW - 5 * 60, "seen_trainer": True}, False, 0, None),
     ("after_train waits for a run", {"idle_minutes": 0, "after_train": True}, {"last_active": 0}, False, 0, None),
     ("after_train, run still going", {"idle_minutes": 0, "after_train": True}, {"seen_trainer": True}, True, 0, None),
 ])
@@ -60,9 +66,39 @@ def test_watchdog_decision(case, config, state, trainer, ptys, expected):
         assert new_state["seen_trainer"]
 
 
+# notty: SSH sessions without a terminal running a command (pull, sync); unpulled: runs not pulled yet
+@pytest.mark.parametrize("case,config,state,notty,unpulled,expected,says", [
+    ("a pull is running", {"idle_minutes": 30}, {"last_active": 0}, 1, [], None, "without a terminal"),
+    ("a pull during the grace period", {"idle_minutes": 0, "after_train": True},
+     {"last_active": 0, "seen_trainer": True}, 1, [], None, "without a terminal"),
+    ("terminate, all pulled", {"idle_minutes": 30, "action": "terminate"}, {"last_active": 0}, 0, [], "shutdown",
+     "idle for"),
+    ("terminate with unpulled runs: stop instead", {"idle_minutes": 30, "action": "terminate",
+                                                    "shutdown_behavior": "stop"},
+     {"last_active": 0}, 0, ["r1"], "shutdown", "stopping instead of terminating: 1 run(s) not pulled (r1)"),
+    ("terminate with unpulled runs, EC2 still set to terminate: stay up",
+     {"idle_minutes": 30, "action": "terminate"}, {"last_active": 0}, 0, ["r1", "r2"], None, "staying up"),
+    ("after_train, terminate, unpulled", {"idle_minutes": 0, "after_train": True, "action": "terminate",
+                                          "shutdown_behavior": "stop"},
+     {"last_active": NOW - 3 * 60, "seen_trainer": True}, 0, ["r1"], "shutdown", "stopping instead"),
+    ("stop: unpulled runs are safe on the disk", {"idle_minutes": 30}, {"last_active": 0}, 0, ["r1"], "shutdown",
+     "idle for"),
+    ("terminate wished, EC2 set to stop (runs were unpulled): says what happens",
+     {"idle_minutes": 30, "action": "terminate", "shutdown_behavior": "stop"}, {"last_active": 0}, 0, [],
+     "shutdown", "EC2 will stop it"),
+])
+def test_watchdog_decision_sessions_and_unpulled_runs(case, config, state, notty, unpulled, expected, says):
+    autostop = load_script("autostop")
+    action, new_state, reason = autostop.decide(NOW, config, state, False, 0, notty_sessions=notty,
+                                                unpulled=unpulled)
+    assert action == expected and says in reason, (case, reason)
+    if notty:
+        assert new_state["last_active"] == NOW  # a pull or sync resets the idle clock
+
+
 @pytest.mark.parametrize("old_state", [
     {"boot": "before-stop", "last_active": 0},  # stopped for days: not idle time of this boot
-    {"boot": "before-stop", "last_active": NOW - 60, "seen_trainer": True},  # a run of the last boot
+    {"boot": "before-stop", "last_active": NOW - 5 * 60, "seen_trainer": True},  # a run of the last boot
 ])
 def test_watchdog_forgets_the_state_of_an_earlier_boot(old_state):
     autostop = load_script("autostop")
@@ -158,7 +194,7 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         wait_for(lambda: (remote_dir(host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
         assert not fired.exists()
 
-        # an interactive session (a pty) keeps it up; a tunnel-like session without one does not count
+        # an interactive session (a pty) keeps it up while used; a tunnel-like session without one does not count
         pty = subprocess.Popen([*remote.ssh_argv(tty=True), "-tt", remote.target(), "sleep 60"],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -167,20 +203,27 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
                 fired.unlink()
             install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # restart the clock
             assert "interactive session" in tick()
-            time.sleep(3.5)
+            time.sleep(1)
             assert "interactive session" in tick() and not fired.exists()
+            time.sleep(3)
+            # still open, but no input for longer than the idle time (its atime, as `w` reads it): idle
+            said = tick()
+            assert "-> shutdown" in said and fired.exists(), said
         finally:
             pty.kill()
             pty.wait()
+        fired.unlink()
         time.sleep(0.5)
         tick()
         time.sleep(3.5)
         assert "-> shutdown" in tick() and fired.exists()
 
 
-def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto):
+def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, host):
     import boto3
 
+    for line in cli("runs", launched).stdout.splitlines()[1:]:  # earlier tests' runs: all pulled
+        assert cli("pull", launched, line.split()[0]).returncode == 0
     out = cli("autostop", launched, "-i", "10", "--down")
     assert out.returncode == 0, out.stderr
     ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
@@ -190,6 +233,17 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto):
     attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    # with a run not pulled yet, EC2 must stop it instead (the instance cannot change this itself)
+    run_dir = remote_dir(host) / "runs" / "unpulled-one"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    try:
+        assert cli("autostop", launched, "-i", "10", "--down").returncode == 0
+        attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+        assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+    finally:
+        (run_dir / "config.json").unlink()
+        run_dir.rmdir()
     assert cli("autostop", launched, "--cancel").returncode == 0
     assert " off" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
     assert_user_error(cli("autostop", launched), "-i MIN")

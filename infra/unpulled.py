@@ -1,0 +1,95 @@
+"""Before `down` terminates a machine: find the runs on it that were never pulled (or changed since
+their pull, see scripts/autostop.py's pull record) and pull them here, or refuse in one line.
+
+Terminating deletes the root volume, and with it every run on it: a run is never lost by `down`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.errors import UserError
+from infra.targets import SSHTarget
+
+
+@dataclass
+class Unpulled:
+    """What one name's machines hold that is not pulled yet."""
+
+    name: str
+    nodes: list[SSHTarget] = field(default_factory=list)
+    runs: dict[str, SSHTarget] = field(default_factory=dict)  # run id -> the node to pull it from
+
+    @property
+    def run_ids(self) -> list[str]:
+        return sorted(self.runs)
+
+
+def check(instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
+    """([Unpulled] per name with unpulled runs, [why a name could not be checked]) for the live
+    instances about to be terminated."""
+    found, problems = [], []
+    for name in sorted({i.name for i in instances}):
+        mine = [i for i in instances if i.name == name]
+        not_running = [i for i in mine if i.state != "running"]
+        if not_running:
+            i = not_running[0]
+            problems.append(f"{name} is {i.state}, so its runs cannot be checked (`mnist-cloud start {name}`, "
+                            "then down again pulls them)")
+            continue
+        item = Unpulled(name)
+        try:
+            item.nodes = SSHTarget.resolve_cluster(name, region, profile)
+            item.runs = newest_unpulled(item.nodes)
+        except UserError as e:
+            close(item)
+            problems.append(f"{name} cannot be checked ({str(e).split(';')[0]})")
+            continue
+        if item.runs:
+            found.append(item)
+        else:
+            close(item)
+    return found, problems
+
+
+def newest_unpulled(nodes: list[SSHTarget]) -> dict[str, SSHTarget]:
+    """{run id: node} of the runs whose newest copy is unpulled. A resumed cluster run was pushed to
+    every node; the copy with the most epochs (rank 0's) is the run, the others are stale."""
+    unpulled = {node.label: set(node.unpulled_runs()) for node in nodes}
+    if len(nodes) == 1:
+        return {run_id: nodes[0] for run_id in unpulled[nodes[0].label]}
+    newest: dict[str, tuple[int, SSHTarget]] = {}
+    for node in nodes:
+        for run in node.runs():
+            if run["run_id"] not in newest or run["epochs"] > newest[run["run_id"]][0]:
+                newest[run["run_id"]] = (run["epochs"], node)
+    return {run_id: node for run_id, (_, node) in newest.items() if run_id in unpulled[node.label]}
+
+
+def refuse(found: list[Unpulled], problems: list[str], pull: bool) -> None:
+    """One line, and nothing terminated, when a run could be lost: a machine could not be checked,
+    or it holds unpulled runs and we may not pull them (--no-pull)."""
+    held = [] if pull else [f"{u.name} holds unpulled run(s) {', '.join(u.run_ids)} (`mnist-cloud pull {u.name} RUN`, "
+                             "or down without --no-pull pulls them)" for u in found]
+    if held or problems:
+        for u in found:
+            close(u)
+        raise UserError(f"not terminating, runs could be lost: {'; '.join(held + problems)}; "
+                        "or add --discard-runs to delete them with the instance")
+
+
+def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
+    """Pull every unpulled run into local_runs (as `mnist-cloud pull` does)."""
+    for item in found:
+        try:
+            for run_id, node in sorted(item.runs.items()):
+                res = node.pull(run_id, local_runs, log=log)
+                log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
+                    f"{Path(local_runs) / run_id}")
+        finally:
+            close(item)
+
+
+def close(item: Unpulled) -> None:
+    for node in item.nodes:
+        node.remote.close()

@@ -169,6 +169,12 @@ def test_the_sha256_is_written_as_sha256sum_writes_it_and_travels_with_a_rename(
     assert not last.exists() and not checksum_path(last).exists()
     assert checksum_path(prev).read_text() == f"{digest}  prev.pt\n"
     assert load_checkpoint(prev)["epoch"] == 1
+    # the digest is carried, not recomputed: a file damaged before the rename stays damaged after it
+    save_checkpoint(last, real_state())
+    last.write_bytes(flip_bit(last.read_bytes(), 8 * 100))
+    move_checkpoint(last, prev)
+    with pytest.raises(UserError, match="prev.pt is corrupt or truncated"):
+        load_checkpoint(prev)
 
 
 def test_a_crash_before_the_new_sha256_lands_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):

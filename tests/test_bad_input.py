@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from cloud import aws_env, moto_server, seed_dlami
 from conftest import assert_user_error, run_cli
@@ -41,6 +42,11 @@ def _world(endpoint, tmp_path_factory, mnist_cloud, mnist_dir):
     raw = bytearray((corrupt / "t10k-images-idx3-ubyte.gz").read_bytes())
     (corrupt / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     (root / "broken.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    flipped = bytearray((root / "runs" / "done" / "best.pt").read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01  # one bit: torch.load alone would not notice
+    (root / "flipped.pt").write_bytes(bytes(flipped))
+    shutil.copy(root / "runs" / "done" / "best.pt.sha256", root / "flipped.pt.sha256")
+    torch.save(torch.nn.Linear(2, 2), root / "module.pt")  # a pickled model, not our checkpoint
     open_key = root / "open_key"
     open_key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
     open_key.chmod(0o644)
@@ -92,6 +98,10 @@ ROWS = [
     ("a missing data dir", ["train", "--data-dir", "{root}/no-such-dir"], {}, "is not a directory"),
     ("a corrupt IDX file", ["train", "--data-dir", "{root}/corrupt-data"], {}, "t10k-images-idx3-ubyte.gz"),
     ("a corrupt checkpoint", ["evaluate", "{root}/broken.pt"], {}, "corrupt or truncated"),
+    ("a checkpoint with one bit flipped", ["evaluate", "{root}/flipped.pt"], {},
+     "flipped.pt is corrupt or truncated (its sha256 does not match flipped.pt.sha256)"),
+    ("a pickled model, not a checkpoint", ["evaluate", "{root}/module.pt"], {},
+     "is not an mnist-cloud checkpoint torch can load (Unsupported global"),
     ("a key file with open permissions", ["attach", "--host", "me@127.0.0.1:{closed_port}", "--key",
                                           "{root}/open_key", "--name", "box"], {}, "chmod 600"),
     ("attach --host to a closed port", ["attach", "--host", "me@127.0.0.1:{closed_port}", "--key",

@@ -11,3 +11,12 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A missing, truncated or corrupt MNIST file."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, damaged, foreign. `problem` reads after the file's
+    name ("is corrupt or truncated (...)"), so that resume can say which file it skipped and why."""
+
+    def __init__(self, path, problem: str, advice: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"checkpoint {path} {problem}; {advice}")

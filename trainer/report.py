@@ -208,16 +208,12 @@ def test_predictions(run: Run) -> Predictions:
     """The run's newest model (last.pt) on the 10k test set."""
     import torch
 
-    from trainer.checkpoint import load_checkpoint
     from trainer.data import load_mnist, normalize
     from trainer.fetch import resolve_data_dir
-    from trainer.models import build_model
+    from trainer.inference import load_model
 
     ckpt_path = run.path / rd.LAST if (run.path / rd.LAST).exists() else run.path / rd.BEST
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt["model_name"])
-    model.load_state_dict(ckpt["model_state"])
-    model.eval()
+    model, _ = load_model(ckpt_path, torch.device("cpu"))  # checked, and weights that do not fit are one line
     data_dir = run.cfg.get("data_dir") or (run.config.get("data") or {}).get("dir")
     if data_dir and not Path(data_dir).is_dir():
         data_dir = None

@@ -28,13 +28,13 @@ from torch import nn
 
 from trainer import rundir as rd
 from trainer.augment import augment
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import DeviceData, Split, load_mnist, make_splits, normalize
 from trainer import device as dev
 from trainer.device import device_name, resolve_device
 from trainer.distributed import Dist
-from trainer.errors import UserError
+from trainer.errors import CheckpointError, UserError
 from trainer.fetch import resolve_data_dir
 from trainer.models import count_params, get_spec
 from trainer.summary import format_table, layer_table
@@ -467,28 +467,33 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
     }
 
 
+# what a resume reads without a default; a checkpoint lacking one is as unusable as a damaged one
+RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "best_val_acc", "best_epoch", "rng")
+
+
 def load_resume_checkpoint(run: "rd.RunDir") -> tuple[dict[str, Any], str]:
     """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
 
-    A damaged last.pt (a crash mid-write on a filesystem without atomic rename, a truncated copy)
-    is reported and skipped rather than ending the resume."""
-    found = []
+    Any damage (a flipped bit, a truncated copy, a file that is not ours) is reported in one line
+    with the file that was used instead, rather than ending the resume."""
+    found, skipped = [], []
     for name in (rd.LAST, rd.PREV, rd.BEST):
         path = run.file(name)
         if not path.exists():
+            skipped += [f"{name} is missing"] if name == rd.LAST else []
             continue
         try:
-            ckpt = load_checkpoint(path)  # on the CPU: load_state_dict moves it to the device
-        except UserError as e:
-            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+            ckpt = load_checkpoint(path, needs=RESUME_KEYS)  # on the CPU: load_state_dict moves it to the device
+        except CheckpointError as e:
+            skipped.append(f"{name} {e.problem}")
             continue
         found.append(((ckpt["epoch"], (ckpt.get("partial") or {}).get("step", 0)), name, ckpt))
     if not found:
         raise UserError(f"no usable checkpoint in {run.path} (last.pt, prev.pt and best.pt are missing or damaged); "
                         "start a new run")
     _, name, ckpt = max(found, key=lambda f: f[0])
-    if name != rd.LAST:
-        print(f"resuming from {name} (epoch {ckpt['epoch']}) because last.pt is missing or damaged",
+    if skipped:
+        print(f"warning: {'; '.join(skipped)}; resuming from {name} (epoch {ckpt['epoch']})",
               file=sys.stderr, flush=True)
     return ckpt, name
 
@@ -665,7 +670,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                                  partial=partial_state, rng_ranks=rng_ranks)
         # last.pt -> prev.pt first: if the new last.pt is ever damaged, resume still has the one before
         if run.file(rd.LAST).exists():
-            os.replace(run.file(rd.LAST), run.file(rd.PREV))
+            move_checkpoint(run.file(rd.LAST), run.file(rd.PREV))
         save_checkpoint(run.file(rd.LAST), state)
         if improved:
             save_checkpoint(run.file(rd.BEST), state)

@@ -384,7 +384,6 @@ def cmd_report(args) -> int:
 def cmd_launch(args) -> int:
     from infra.pricing import hourly_price
     from infra.provision import LaunchSpec, console_fingerprints, launch
-
     from infra.watchdog import installer
 
     if args.autostop < 0:

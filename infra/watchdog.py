@@ -4,6 +4,8 @@ with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field, replace
@@ -82,6 +84,16 @@ def read_source(path: Path = SCRIPT) -> str:
     return path.read_text()
 
 
+def write_script(dest: str, source: str) -> str:
+    """Bash lines that write `source` to `dest` (mode 755), gzipped and base64-encoded: EC2 takes at
+    most 16 KB of user data, and the two agents as plain text are more than that."""
+    packed = base64.encodebytes(gzip.compress(source.encode(), mtime=0)).decode()
+    return f"""base64 -d <<'MNIST_CLOUD_SCRIPT' | gunzip > "{dest}"
+{packed}MNIST_CLOUD_SCRIPT
+chmod 755 "{dest}"
+"""
+
+
 def installer(config: AutostopConfig) -> str:
     """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd).
 
@@ -94,10 +106,7 @@ def installer(config: AutostopConfig) -> str:
 set -e
 ROOT="${{MNIST_CLOUD_ROOT:-}}"
 mkdir -p "$ROOT/etc/mnist-cloud" "$ROOT/var/lib/mnist-cloud" "$ROOT/usr/local/bin" "$ROOT/var/log"
-cat > "$ROOT/usr/local/bin/mnist-cloud-autostop" <<'MNIST_CLOUD_SCRIPT'
-{source}MNIST_CLOUD_SCRIPT
-chmod 755 "$ROOT/usr/local/bin/mnist-cloud-autostop"
-cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
+{write_script("$ROOT/usr/local/bin/mnist-cloud-autostop", source)}cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
 {json.dumps(asdict(config))}
 MNIST_CLOUD_CONFIG
 rm -f "$ROOT/var/lib/mnist-cloud/autostop-state.json"  # the idle clock starts now
@@ -118,10 +127,7 @@ def resume_agent_installer() -> str:
     """Bash lines that install the resume agent and run it at every boot: a systemd unit, or a cron
     @reboot entry without systemd. Part of installer(); $ROOT as there."""
     source = read_source(RESUME_AGENT)
-    return f"""cat > "$ROOT/usr/local/bin/mnist-cloud-resume" <<'MNIST_CLOUD_SCRIPT'
-{source}MNIST_CLOUD_SCRIPT
-chmod 755 "$ROOT/usr/local/bin/mnist-cloud-resume"
-if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    return f"""{write_script("$ROOT/usr/local/bin/mnist-cloud-resume", source)}if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
 cat > /etc/systemd/system/mnist-cloud-resume.service <<'MNIST_CLOUD_UNIT'
 {RESUME_UNIT}MNIST_CLOUD_UNIT
 systemctl daemon-reload

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cloud import seed_dlami
 from conftest import REPO, assert_user_error
 from sshhost import tools_available

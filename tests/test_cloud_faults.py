@@ -109,14 +109,18 @@ def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(c
     assert set(alive(cloud.endpoint)) == {"monday", "tuesday", "colleague"}
 
     third = assume(cloud.endpoint, "botocore-session-3")
-    down = cloud("down", "--all", "--yes", extra_env=third)
+    # these instances have no SSH: down checks the earlier sessions' machines for unpulled runs, not the colleague's
+    refused = cloud("down", "--all", "--yes", extra_env=third)
+    assert refused.returncode == 2 and "monday cannot be checked" in refused.stderr
+    assert "tuesday cannot be checked" in refused.stderr and "colleague" not in refused.stderr
+    down = cloud("down", "--all", "--yes", "--discard-runs", extra_env=third)
     assert down.returncode == 0, down.stderr
     assert "2 instance(s)" in down.stdout
     assert alive(cloud.endpoint) == {"colleague": "running"}  # someone else's: left alone
 
     assert_user_error(cloud("down", "--all", "--any-owner", extra_env=third), "INCLUDING OTHER PEOPLE'S", "--yes")
     assert alive(cloud.endpoint) == {"colleague": "running"}
-    everyone = cloud("down", "--all", "--any-owner", "--yes", extra_env=third)
+    everyone = cloud("down", "--all", "--any-owner", "--yes", "--discard-runs", extra_env=third)
     assert everyone.returncode == 0 and "1 instance(s)" in everyone.stdout
     assert alive(cloud.endpoint) == {}
 

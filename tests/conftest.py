@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import shutil
@@ -81,6 +83,39 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path 
             timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def wait_for(predicate, timeout=180, step=0.1):
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def epochs_written(run_dir: Path) -> list[int]:
+    """The epoch numbers in a run's metrics.jsonl (event lines left out), [] before it exists."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
+
+
+@pytest.fixture
+def aws(tmp_path, monkeypatch):
+    """Our Aws session against moto in process, with the fake DLAMI seeded."""
+    from cloud import aws_env, seed_dlami
+    from moto import mock_aws
+
+    from infra.aws import Aws
+
+    for k, v in aws_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        seed_dlami()
+        yield Aws()
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

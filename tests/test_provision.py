@@ -17,17 +17,6 @@ CIDR = "203.0.113.7/32"
 
 
 @pytest.fixture
-def aws(tmp_path, monkeypatch):
-    from moto import mock_aws
-
-    for k, v in aws_env(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    with mock_aws():
-        seed_dlami()
-        yield Aws()
-
-
-@pytest.fixture
 def ec2(aws):
     return aws.client("ec2")
 

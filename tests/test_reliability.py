@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cloud import seed_dlami
-from conftest import REPO, assert_user_error
+from conftest import REPO, assert_user_error, epochs_written, wait_for
 from sshhost import tools_available
 
 pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
@@ -132,22 +132,6 @@ def launched(cli, moto):
 
 def remote_dir(host, name="rel") -> Path:
     return host.home / "mnist-cloud" / name
-
-
-def wait_for(predicate, timeout=180, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
-def epochs_written(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
 
 
 # ---------------------------------------------------------------------------------- the watchdog, for real

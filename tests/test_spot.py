@@ -9,12 +9,11 @@ asked, as EC2 does; an interruption is EC2's stop of the instance with EC2's own
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from cloud import REGION, seed_dlami
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, assert_user_error, epochs_written, run_cli, wait_for
 from sshhost import tools_available
 
 # ~3-5 s epochs on 2 shared CPU cores: long enough to interrupt the second one
@@ -180,20 +179,6 @@ def spot_ec2(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- our functions, moto in process
-@pytest.fixture
-def aws(tmp_path, monkeypatch):
-    from cloud import aws_env
-    from moto import mock_aws
-
-    from infra.aws import Aws
-
-    for k, v in aws_env(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    with mock_aws():
-        seed_dlami()
-        yield Aws()
-
-
 def launch_spot(aws, **kw):
     from infra import provision as P
 
@@ -267,22 +252,6 @@ def test_an_interrupted_instance_shows_as_interrupted_and_start_says_ec2_starts_
 
 # ---------------------------------------------------------------------------------- end to end: sshd + moto server
 pytestmark_ssh = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
-
-
-def wait_for(predicate, timeout=120, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
-def epochs_written(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
 
 
 def status(run_dir: Path) -> str | None:

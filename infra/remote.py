@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -437,14 +438,10 @@ class Remote:
     def record_pulled(self, run_id: str, verified: dict[str, str]) -> list[str]:
         """Record on the machine which files of a run are pulled (those still matching `verified`);
         returns the run's files left unrecorded (changed meanwhile: the run stays unpulled)."""
-        import json
-
         return json.loads(self.agent("record", self.ep.workdir, run_id, json.dumps(verified)).stdout)
 
     def unpulled_runs(self) -> list[str]:
         """Runs on the machine with a file not pulled yet, or changed since its pull."""
-        import json
-
         return json.loads(self.agent("unpulled", self.ep.workdir).stdout)
 
     def _sftp_down(self, remote_dir: str, local_dir: Path, remote: dict) -> TransferResult:
@@ -504,8 +501,6 @@ class Remote:
 
         The commands hold what the job's own command line already shows (`ps`), nothing more: the
         file is mode 600 all the same."""
-        import json
-
         jobs = posixpath.join(self._home(), self.ep.workdir, "jobs")
         self.run(f"mkdir -p {shlex.quote(jobs)} && rm -f {shlex.quote(f'{jobs}/{run_id}.spot-notice')}")
         path = f"{jobs}/{run_id}.job.json"
@@ -582,8 +577,6 @@ class Remote:
                   "    except Exception: pass\n"
                   "    row['alive'] = alive; row['mtime'] = os.path.getmtime(d)\n"
                   "    print(json.dumps(row))\n")
-        import json
-
         out = self.run(f"python3 -c {shlex.quote(script)} {shlex.quote(self.ep.workdir)}").stdout
         return [json.loads(l) for l in out.splitlines() if l.strip()]
 

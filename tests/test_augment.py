@@ -90,3 +90,25 @@ def test_large_batch_stays_on_its_device():
     x = batch(512)
     y = augment(x, ALL, gen())
     assert y.device == x.device and y.shape == (512, 1, 28, 28)
+
+
+@pytest.mark.parametrize("size", [24, 20])
+@pytest.mark.parametrize("knobs", [dict(), dict(rotate=1e-6), dict(perspective=1.0, perspective_scale=1e-7)])
+def test_input_size_is_the_centre_crop_at_the_same_pixel_scale(size, knobs):
+    """--input-size cuts the centre inside the one grid_sample: a (near-)identity warp gives exactly
+    the centre pixels, not the whole image shrunk to size x size."""
+    x = batch(4)
+    out = augment(x, AugmentConfig(input_size=size, **knobs), gen())
+    off = (28 - size) // 2
+    assert out.shape == (4, 1, size, size)
+    torch.testing.assert_close(out, x[..., off:off + size, off:off + size], atol=1e-5, rtol=0)
+
+
+def test_input_size_rotation_turns_about_the_image_centre():
+    """A 90-degree turn of the centre crop equals the centre crop of the turned image."""
+    x = batch(2)
+    cfg = AugmentConfig(rotate=90, input_size=20)
+    m = affine_matrices(cfg, 2, gen(), x.device)
+    full = warp(x, m, projective=False)
+    cut = warp(x, m, projective=False, size=20)
+    torch.testing.assert_close(cut, full[..., 4:24, 4:24], atol=1e-5, rtol=0)

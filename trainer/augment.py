@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.data import centre_crop
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -27,6 +29,7 @@ class AugmentConfig:
     contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
     crop: float = 0.0  # probability of a random square crop, resized back to 28x28 (seed 004)
     crop_size: float = 22 / 28  # smallest crop side, as a fraction of the image side
+    input_size: int = 28  # output side in pixels: the centre input_size x input_size of the warped image
 
     @property
     def geometric(self) -> bool:
@@ -127,9 +130,16 @@ def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
     return _BASE_GRIDS[key]
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool) -> torch.Tensor:
-    """Resample [n, c, h, w] images through per-image 3x3 output->input maps; outside is black (0)."""
+def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool, size: int | None = None) -> torch.Tensor:
+    """Resample [n, c, h, w] images through per-image 3x3 output->input maps; outside is black (0).
+
+    With `size` < w the output is the centre size x size pixels of the warp at the same pixel scale:
+    the crop is part of the one grid_sample, so a smaller input costs nothing extra."""
     n, _, h, w = images.shape
+    if size is not None and size != w:
+        shrink = torch.diag(torch.tensor([size / w, size / h, 1.0], device=images.device))
+        matrices = matrices @ shrink  # output coordinates span size/w of the input's [-1, 1]
+        h = w = size
     if not projective:  # affine only: the fused built-in is cheaper
         grid = F.affine_grid(matrices[:, :2, :], [n, 1, h, w], align_corners=False)
     else:
@@ -141,16 +151,18 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool) -> torc
 def augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Augment a float batch [n, c, h, w] of pixels in [0, 1]. With every knob at zero it returns `images`."""
     if not cfg.active:
-        return images
+        return centre_crop(images, cfg.input_size)
     n, device = images.shape[0], images.device
     out = images
-    if cfg.geometric:
+    if not cfg.geometric:
+        out = centre_crop(out, cfg.input_size)
+    else:
         m = affine_matrices(cfg, n, gen, device)
         if cfg.perspective:
             m = m @ perspective_matrices(cfg, n, gen, device)
         if cfg.crop:
             m = crop_matrices(cfg, n, gen, device) @ m
-        out = warp(out, m, projective=bool(cfg.perspective))
+        out = warp(out, m, projective=bool(cfg.perspective), size=cfg.input_size)
     if cfg.photometric:
         gain = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device).view(n, 1, 1, 1)
         contrast = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device).view(n, 1, 1, 1)

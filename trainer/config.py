@@ -60,6 +60,8 @@ class TrainConfig:
     contrast: float = knob(0.0, "contrast jitter, [1 - c, 1 + c] around the image mean")
     crop: float = knob(0.0, "probability of a random crop resized back to 28x28")
     crop_size: float = knob(22 / 28, "smallest crop side as a fraction of 28")
+    input_size: int = knob(28, "train and evaluate on the centre SxS pixels (even, 16-28), cut inside the "
+                           "augmentation's one grid_sample: MNIST digits sit in the centre 20x20")
     # stopping
     target: float | None = knob(None, "stop early once validation accuracy (%%) reaches this, e.g. 99.4")
     patience: int = knob(0, "stop after this many epochs without a better validation accuracy; 0 = never")
@@ -126,6 +128,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
+        if not 16 <= self.input_size <= 28 or self.input_size % 2:
+            raise bad("input-size", f"must be an even number of pixels from 16 to 28, got {self.input_size}")
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
         if self.compile_mode != "default" and not self.compile:

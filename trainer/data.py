@@ -200,6 +200,15 @@ def make_splits(
     )
 
 
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size pixels of [..., h, w] images (a view); MNIST digits sit in the centre 20x20."""
+    h, w = images.shape[-2:]
+    if size >= w and size >= h:
+        return images
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0, 1] float images -> normalized float32."""
     x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()

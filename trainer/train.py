@@ -30,7 +30,7 @@ from trainer import rundir as rd
 from trainer.augment import augment
 from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, from_dict
-from trainer.data import DeviceData, Split, load_mnist, make_splits, normalize
+from trainer.data import DeviceData, Split, centre_crop, load_mnist, make_splits, normalize
 from trainer import device as dev
 from trainer.device import device_name, resolve_device
 from trainer.distributed import Dist
@@ -182,6 +182,7 @@ class Engine:
     dist: Dist = field(default_factory=Dist)
     aug_generator: torch.Generator | None = None  # augmentation: per rank (defaults to `generator`)
     compile_pending: int = 0  # steps that compile (or record CUDA graphs) under torch.compile: timed apart
+    input_size: int = 28  # the centre crop every batch is cut to (training batches come cut from augment)
 
     def sync(self) -> None:
         """Wait for the device (timing); the CPU never runs ahead of itself."""
@@ -200,7 +201,7 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(images).contiguous(memory_format=self.memory_format)
+        return normalize(centre_crop(images, self.input_size)).contiguous(memory_format=self.memory_format)
 
 
 def steps_in_epoch(n: int, batch_size: int, max_steps: int | None, world: int = 1, drop_last: bool = False) -> int:
@@ -571,6 +572,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         dist=dist,
         aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
         compile_pending=compile_steps(cfg),
+        input_size=cfg.input_size,
     )
     wrapped = dist.wrap(model, device)
     model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints

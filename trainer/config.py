@@ -43,6 +43,8 @@ class TrainConfig:
     step_size: int = knob(5, "Step: epochs between LR drops")
     gamma: float = knob(0.1, "Step/plateau: LR multiplier at each drop")
     label_smoothing: float = knob(0.0, "label smoothing for the cross-entropy loss")
+    ema: float = knob(0.0, "decay of an exponential moving average of the weights and BN statistics, updated "
+                      "every step; > 0 delivers the EMA instead of the final weights (0 = off)")
     seed: int = knob(1, "random seed: weights, validation split, batch order, augmentation, dropout")
     # data
     data_dir: str | None = knob(None, "directory with the MNIST IDX files (else $MNIST_DATA_DIR, the cache, a download)")
@@ -81,7 +83,9 @@ class TrainConfig:
     deterministic: bool = knob(False, "deterministic algorithms (cuDNN benchmark off): the same numbers on a rerun "
                                "on the same device; across devices a seed gives the same recipe, not the same bits")
     threads: int | None = knob(None, "CPU threads for torch (default: torch's choice)")
-    eval_batch_size: int = knob(1000, "batch size for validation and test")
+    eval_batch_size: int = knob(256, "batch size for validation and test (256 is the fastest on a laptop CPU)")
+    test_every_epoch: bool = knob(False, "also evaluate the test set after every epoch, for the curves; the "
+                                  "delivered weights are always tested once, at the end")
     # output
     out_dir: str = knob("runs", "where run directories are created")
     run_id: str | None = knob(None, "run directory name (default: <time>-<model>-s<seed>)")
@@ -110,6 +114,8 @@ class TrainConfig:
             raise bad("weight-decay", f"must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label-smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise bad("ema", f"is a decay in [0, 1), e.g. 0.999; got {self.ema}")
         if self.target is not None and not 0 < self.target <= 100:
             raise bad("target", f"is a validation accuracy in percent, in (0, 100]; got {self.target}")
         if not 0 < self.pct_start < 1:

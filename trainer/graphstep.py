@@ -40,6 +40,8 @@ def check_supported(cfg: TrainConfig, world: int, amp_dtype: torch.dtype | None)
         raise UserError("--cuda-graph runs in one process; drop torchrun/--gpus, or drop --cuda-graph")
     if amp_dtype == torch.float16:
         raise UserError("--cuda-graph cannot capture fp16's loss scaler; use --amp off, or a GPU with bf16 (sm80+)")
+    if cfg.ema:
+        raise UserError("--cuda-graph does not keep an --ema yet; drop one of them")
     if cfg.compile:
         raise UserError("--cuda-graph and --compile are two ways to the same end; pick one")
 

@@ -4,10 +4,12 @@
     metrics.jsonl  one JSON line per epoch, each epoch exactly once (resume trims what it redoes)
     train.log      seed 000's human-readable line per epoch
     summary.txt    the layer table
-    best.pt        best validation accuracy so far
+    model.pt       the weights the run delivers (the final weights, or their EMA with --ema): what
+                   result.json, `evaluate RUN`, `predict`, the report and the sweep all read
+    best.pt        best validation accuracy so far (with a validation split; a resume fallback, not delivered)
     last.pt        the newest state: the end of the last epoch, or mid-epoch if interrupted
     prev.pt        the checkpoint before last.pt, in case last.pt is ever damaged
-    result.json    the final test accuracy, written when the run ends
+    result.json    the delivered weights' test (and validation) accuracy, written when the run ends
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from trainer.data import atomic_write_bytes
 from trainer.errors import UserError
 
 CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
-BEST, LAST, PREV = "best.pt", "last.pt", "prev.pt"
+BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
 
 
 def new_run_id(out_dir: Path, model: str, seed: int) -> str:

@@ -8,6 +8,7 @@ the test set is only ever reported.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import os
@@ -170,6 +171,32 @@ def schedule_table(cfg: TrainConfig, steps: int) -> tuple[list[float], list[floa
     return lrs, moms
 
 
+class WeightAverage:
+    """An exponential moving average of the weights and BatchNorm statistics, updated after every
+    step. The decay warms up as min(decay, (1 + n) / (10 + n)), so the first steps' random weights
+    fade fast instead of lingering in a short run's average."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        # the same tensor objects all run long: load_state_dict copies into them in place
+        self._mine = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        self._theirs = [t for t in model.state_dict().values() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._mine, self._theirs, 1.0 - decay)
+
+    def state(self) -> dict[str, Any]:
+        return {"model_state": self.model.state_dict(), "updates": self.updates}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model_state"])
+        self.updates = state["updates"]
+
+
 @dataclass
 class Engine:
     """What one step needs besides the model: device, precision, memory format, RNG."""
@@ -183,6 +210,7 @@ class Engine:
     aug_generator: torch.Generator | None = None  # augmentation: per rank (defaults to `generator`)
     compile_pending: int = 0  # steps that compile (or record CUDA graphs) under torch.compile: timed apart
     input_size: int = 28  # the centre crop every batch is cut to (training batches come cut from augment)
+    ema: WeightAverage | None = None  # updated after every optimizer step
 
     def sync(self) -> None:
         """Wait for the device (timing); the CPU never runs ahead of itself."""
@@ -331,6 +359,8 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
             optimizer.step()
         if per_step:
             scheduler.step()
+        if engine.ema is not None:
+            engine.ema.update()
         losses[step - first] = loss.detach()
         correct += (logits.argmax(1) == y).sum()
         sizes.append(y.shape[0])
@@ -403,7 +433,7 @@ def log_line(row: dict[str, Any], best_val: float | None) -> str:
 
     return (f"Epoch: {row['epoch']} | Train Loss: {row['train_loss']:.4f} | Train Acc: {row['train_acc']:.2f}% | "
             f"Val Loss: {num(row['val_loss'])} | Val Acc: {pct(row['val_acc'])} | Best Val Acc: {pct(best_val)} | "
-            f"Test Acc: {row['test_acc']:.2f}% | LR: {row['lr']:.4g} | {row['seconds']:.1f}s"
+            f"Test Acc: {pct(row['test_acc'])} | LR: {row['lr']:.4g} | {row['seconds']:.1f}s"
             + (f" (+{row['compile_seconds']:.1f}s compile)" if row.get("compile_seconds") else ""))
 
 
@@ -456,6 +486,7 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
         "scaler_state": engine.scaler.state_dict() if engine.scaler is not None else None,
+        "ema_state": engine.ema.state() if engine.ema is not None else None,
         "epoch": epoch,
         "best_val_acc": best_val,
         "best_epoch": best_epoch,
@@ -586,6 +617,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
     step_model = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
 
     start_epoch, best_val, best_epoch, stale, partial = 1, None, None, 0, None
+    engine.ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     if cfg.resume:
         # on the CPU, then to every rank: a map_location of rank 0's GPU would land every rank's copy there
         ckpt, source = load_resume_checkpoint(run) if dist.main else (None, None)
@@ -594,6 +626,8 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         load_optimizer_state(optimizer, ckpt["optimizer_state"])
         if scheduler is not None and ckpt["scheduler_state"] is not None:
             scheduler.load_state_dict(ckpt["scheduler_state"])
+        if engine.ema is not None:
+            engine.ema.load(ckpt["ema_state"])
         if engine.scaler is not None and ckpt.get("scaler_state"):
             engine.scaler.load_state_dict(ckpt["scaler_state"])
         elif ckpt.get("scaler_state") and dist.main:
@@ -708,14 +742,15 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                 return interrupted(stop, f"epoch {epoch} step {progress.step}")
             train = epoch_stats(progress, engine)
             val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
-            test_loss, test_acc = evaluate(model, data.test, engine, cfg.eval_batch_size)
+            test_loss, test_acc = (evaluate(model, data.test, engine, cfg.eval_batch_size) if cfg.test_every_epoch
+                                   else (None, None))
             # rank 0's numbers on every rank: on CPUs each rank's BatchNorm statistics differ a little,
             # and ranks that disagreed about --target or --patience would hang the next collective
             val_loss, val_acc, test_loss, test_acc = dist.broadcast((val_loss, val_acc, test_loss, test_acc), device)
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None and not per_step:
                 scheduler.step(val_acc) if cfg.schedule == "plateau" else scheduler.step()
-            improved = val_acc is None or best_val is None or val_acc > best_val
+            improved = val_acc is not None and (best_val is None or val_acc > best_val)
             if improved:
                 best_val, best_epoch, stale = val_acc, epoch, 0
             else:
@@ -755,6 +790,14 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                 say(f"early stop: {stop_reason}", flush=True)
                 break
 
+    # What the run delivers: the final weights, or their average. Its accuracy is the headline.
+    delivered = engine.ema.model if engine.ema is not None else model
+    if engine.ema is not None:
+        val_loss, val_acc = evaluate(delivered, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
+    if engine.ema is not None or test_acc is None:  # the final weights' test was skipped per epoch
+        test_loss, test_acc = evaluate(delivered, data.test, engine, cfg.eval_batch_size)
+    val_loss, val_acc, test_loss, test_acc = dist.broadcast((val_loss, val_acc, test_loss, test_acc), device)
+    weights = "ema" if engine.ema is not None else "final"
     result = {
         "status": "completed",
         "run_id": run.path.name if run else cfg.run_id,
@@ -763,8 +806,11 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         "params": params,
         "epochs": epoch,
         "stop_reason": stop_reason,
+        "weights": weights,
+        "delivered": rd.MODEL,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "val_acc": val_acc,
         "best_val_acc": best_val,
         "best_epoch": best_epoch,
         "seconds": run.read_epochs()[-1].get("elapsed") if run else None,
@@ -772,11 +818,15 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
     if not dist.main:
         dist.barrier()
         return result
+    raw = getattr(delivered, "_orig_mod", delivered)
+    save_checkpoint(run.file(rd.MODEL), {"model_name": cfg.model, "model_state": raw.state_dict(), "weights": weights,
+                                         "epoch": epoch, "config": dataclasses.asdict(cfg)})
     rd.write_json(run.file(rd.RESULT), result)
     run.update_config(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    run.log(f"Test accuracy: {test_acc:.2f}% (final model, epoch {epoch})")
-    say(f"test accuracy: {test_acc:.2f}% (final model, epoch {epoch}; best val {best_val if best_val is None else f'{best_val:.2f}%'} "
-        f"at epoch {best_epoch})  |  {run.path}", flush=True)
+    what = f"{'EMA of the' if weights == 'ema' else 'final'} weights, epoch {epoch}"
+    run.log(f"Test accuracy: {test_acc:.2f}% ({what}, in {rd.MODEL})")
+    val = "" if val_acc is None else f"; val {val_acc:.2f}%"
+    say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {run.path}", flush=True)
     if cfg.report:
         write_run_report(run)
     dist.barrier()

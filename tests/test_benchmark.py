@@ -164,7 +164,7 @@ def test_end_to_end_tiny_run(tmp_path, mnist_dir):
     cmd = [sys.executable, "scripts/benchmark.py", "--seeds", "3", "--recipes", "net8k", "--seed-pipeline", "skip",
            "--data-dir", str(mnist_dir), "--out", str(tmp_path / "b"),
            "--extra", "--epochs 1 --train-limit 512 --eval-limit 256 --max-steps 2 --threads 1 --no-report"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     (run,) = report["runs"]

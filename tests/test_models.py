@@ -95,4 +95,27 @@ def test_model_recipe_fills_only_the_flags_not_typed():
     assert (ns.rotate, ns.translate, ns.scale) == (5.0, 0.1, 0.1)
     ns = argparse.Namespace(model="net8k", rotate=7.0, translate=0.0, scale=0.0, resume=None)
     apply_recipe(ns, explicit=set())
-    assert (ns.rotate, ns.translate, ns.scale) == (7.0, 0.0, 0.0)  # net8k's recipe is the defaults
+    assert (ns.rotate, ns.translate, ns.scale) == (7.0, 0.0, 0.0)  # net8k's recipe keeps the default augmentation
+
+
+@pytest.mark.parametrize("model,recipe", [(m, r) for m, spec in REGISTRY.items() for r in spec.recipes])
+def test_named_recipe_sets_its_flags_and_a_typed_flag_wins(model, recipe):
+    from trainer.cli import parse_train_args
+
+    flags = REGISTRY[model].recipe(recipe)
+    args, _ = parse_train_args(["--model", model, "--recipe", recipe])
+    assert {k: getattr(args, k) for k in flags} == flags
+    key = next(iter(flags))
+    typed = 3 if isinstance(flags[key], int) else 0.03
+    args, _ = parse_train_args(["--model", model, "--recipe", recipe, "--" + key.replace("_", "-"), str(typed)])
+    assert getattr(args, key) == typed
+
+
+def test_the_fast_and_default_recipes_of_net8k_differ_and_a_missing_recipe_is_a_user_error():
+    from trainer.cli import parse_train_args
+
+    default, _ = parse_train_args([])
+    fast, _ = parse_train_args(["--recipe", "fast"])
+    assert fast.epochs < default.epochs and default.input_size == fast.input_size == 24
+    with pytest.raises(UserError, match="model seed001 has no recipe 'fast'; choose one of: default"):
+        parse_train_args(["--model", "seed001", "--recipe", "fast"])

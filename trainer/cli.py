@@ -36,13 +36,13 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
-    """A model's measured recipe (ModelSpec.recipe) fills in the flags the user did not type."""
+    """A model's measured recipe (ModelSpec.recipes[--recipe]) fills in the flags the user did not type."""
     from trainer.models import REGISTRY
 
     spec = REGISTRY.get(getattr(args, "model", None) or "")
     if spec is None or getattr(args, "resume", None):  # a resumed run keeps its saved config
         return
-    for key, value in spec.recipe.items():
+    for key, value in spec.recipe(getattr(args, "recipe", "default")).items():
         if key not in explicit:
             setattr(args, key, value)
     scale_lr_to_batch(args, explicit)

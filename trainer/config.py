@@ -30,6 +30,8 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 class TrainConfig:
     # model and schedule
     model: str = knob("net8k", "model name from `mnist-cloud models`")
+    recipe: str = knob("default", "the model's named recipe: flag defaults measured for it (`mnist-cloud models "
+                       "--summary` lists them); flags you type win. net8k: default (accuracy first) or fast")
     epochs: int = knob(15, "number of epochs")
     batch_size: int = knob(REFERENCE_BATCH, "training batch size; with SGD and no --lr, the recipe's learning rate "
                            f"is scaled by batch/{REFERENCE_BATCH} (the linear rule)")

@@ -135,9 +135,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """(scheduler or None, True if it steps per batch)."""
     sgd = cfg.optimizer == "sgd"
+    if cfg.schedule in ("onecycle", "cyclic") and cfg.epochs * steps_per_epoch < 4:
+        return None, False  # a smoke run of a step or three: OneCycle cannot split it into phases
     if cfg.schedule == "onecycle":
+        # at least two warm-up steps: OneCycleLR divides by (warm-up steps - 1)
+        pct_start = min(max(cfg.pct_start, 2.5 / (cfg.epochs * steps_per_epoch)), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start,
+            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=pct_start,
             div_factor=10.0, final_div_factor=100.0, cycle_momentum=sgd and cfg.momentum > 0,
             base_momentum=min(0.85, cfg.momentum), max_momentum=cfg.momentum), True
     if cfg.schedule == "cyclic":

@@ -217,3 +217,14 @@ def test_val_size_zero_trains_on_60k_and_logs_na(tmp_path, mnist_dir):
     assert json.loads((run_dir / "config.json").read_text())["data"]["train"] == 4096  # train_limit applies
     assert "Val Acc: n/a" in (run_dir / "train.log").read_text()
     assert result["best_val_acc"] is None
+
+
+@pytest.mark.parametrize("epochs,steps", [(1, 1), (1, 3), (2, 2), (1, 5)])
+def test_onecycle_on_a_run_of_a_few_steps(epochs, steps):
+    """OneCycleLR divides by (warm-up steps - 1): a smoke run of 2 epochs x 2 steps used to raise
+    ZeroDivisionError. Every step still gets a finite learning rate."""
+    from trainer.config import TrainConfig
+    from trainer.train import schedule_table
+
+    lrs, _ = schedule_table(TrainConfig(epochs=epochs), steps)
+    assert len(lrs) == epochs * steps and all(0 < lr <= 0.1 + 1e-9 for lr in lrs)

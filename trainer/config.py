@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.augment import AugmentConfig
 from trainer.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -20,6 +19,36 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
 REFERENCE_BATCH = 128  # the batch size the recipes' learning rates were tuned at
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The knobs trainer.augment reads, a subset of TrainConfig. It lives here, not in augment.py, because
+    this module must not import torch: `python -m trainer` checks its flags before torch's 3 s import."""
+
+    rotate: float = 0.0  # max degrees, uniform in [-rotate, rotate]
+    translate: float = 0.0  # max shift as a fraction of the image side
+    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
+    shear: float = 0.0  # max degrees of x-shear
+    perspective: float = 0.0  # probability of a perspective warp
+    perspective_scale: float = 0.2  # how far each corner may move, as a fraction of the half-side
+    brightness: float = 0.0  # multiply by uniform [1 - b, 1 + b]
+    contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
+    crop: float = 0.0  # probability of a random square crop, resized back to 28x28 (seed 004)
+    crop_size: float = 22 / 28  # smallest crop side, as a fraction of the image side
+    input_size: int = 28  # output side in pixels: the centre input_size x input_size of the warped image
+
+    @property
+    def geometric(self) -> bool:
+        return any((self.rotate, self.translate, self.scale, self.shear, self.perspective, self.crop))
+
+    @property
+    def photometric(self) -> bool:
+        return bool(self.brightness or self.contrast)
+
+    @property
+    def active(self) -> bool:
+        return self.geometric or self.photometric
 
 
 def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:

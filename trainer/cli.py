@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from trainer.config import REFERENCE_BATCH, add_arguments, from_namespace  # stdlib only, like this module
+from trainer.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
 from trainer.errors import UserError
 
 COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")
@@ -97,7 +97,11 @@ def cmd_models(argv: list[str]) -> int:
     p = Parser(prog="python -m trainer models", description="List the model zoo with parameters counted from code.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--summary", metavar="MODEL", help="print the layer table of one model")
+    p.add_argument("--input-size", type=int, default=28, metavar="S",
+                   help="count MACs and output shapes for SxS images, as `train --input-size S` sees them "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
+    check_input_size(args.input_size)
     from trainer.models import REGISTRY, count_params, structure_flags
     from trainer.summary import count_macs, format_table, layer_table
 
@@ -105,13 +109,19 @@ def cmd_models(argv: list[str]) -> int:
         from trainer.models import get_spec
 
         spec = get_spec(args.summary)
-        print(format_table(layer_table(spec.build()), title=f"{spec.name}: {spec.description}"))
+        print(format_table(layer_table(spec.build(), args.input_size), title=f"{spec.name}: {spec.description}"))
         return 0
+    def macs(model) -> int | None:
+        try:
+            return count_macs(model, args.input_size)
+        except UserError:  # too small for this model (its fixed-size pooling): listed, with no MACs
+            return None
+
     rows = []
     for spec in REGISTRY.values():
         model = spec.build()
         params = count_params(model)
-        rows.append({"name": spec.name, "params": params, "macs": count_macs(model),
+        rows.append({"name": spec.name, "params": params, "macs": macs(model),
                      "budget": spec.budget, "within_budget": None if spec.budget is None else params < spec.budget,
                      **structure_flags(model), "origin": spec.origin, "description": spec.description,
                      "note": spec.note})
@@ -125,11 +135,14 @@ def cmd_models(argv: list[str]) -> int:
     print(f"{'model':16} {'params':>7} {'MACs':>10}  {'budget':>7}  {'BN':3} {'Drop':4} {'GAP':3} {'FC':3}  origin / description")
     for r in rows:
         budget = "-" if r["budget"] is None else f"<{r['budget'] // 1000}k"
-        print(f"{r['name']:16} {r['params']:>7,} {r['macs']:>10,}  {budget:>7}  {yn(r['batchnorm']):3} "
+        macs = "-" if r["macs"] is None else f"{r['macs']:,}"
+        print(f"{r['name']:16} {r['params']:>7,} {macs:>10}  {budget:>7}  {yn(r['batchnorm']):3} "
               f"{yn(r['dropout']):4} {yn(r['gap']):3} {yn(r['fc']):3}  {r['origin']}: {r['description']}")
         if r["note"]:
             print(f"{'':16} note: {r['note']}")
-    print("params and MACs (per 28x28 image) are counted from the code; `--summary MODEL` shows the layer table")
+    size = f"{args.input_size}x{args.input_size} image" + ("; - where the model cannot take it"
+                                                           if any(r["macs"] is None for r in rows) else "")
+    print(f"params and MACs (per {size}) are counted from the code; `--summary MODEL` shows the layer table")
     return 0
 
 
@@ -146,11 +159,11 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    from trainer.inference import load_model, test_accuracy
+    from trainer.inference import load_model, test_accuracy, trained_input_size
 
     device = _device(args.device)
     model, ckpt = load_model(args.weights, device)
-    loss, acc, n = test_accuracy(model, args.data_dir, device)
+    loss, acc, n = test_accuracy(model, args.data_dir, device, input_size=trained_input_size(ckpt))
     if args.json:
         print(json.dumps({"weights": args.weights, "model": ckpt["model_name"], "epoch": ckpt.get("epoch"),
                           "test_acc": acc, "test_loss": loss, "images": n}))
@@ -167,12 +180,12 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    from trainer.inference import load_model, predict, read_image, to_mnist
+    from trainer.inference import load_model, predict, read_image, to_mnist, trained_input_size
 
     device = _device(args.device)
-    model, _ = load_model(args.weights, device)
+    model, ckpt = load_model(args.weights, device)
     for path in args.images:
-        probs = predict(model, to_mnist(read_image(path)), device)
+        probs = predict(model, to_mnist(read_image(path)), device, trained_input_size(ckpt))
         digit = int(probs.argmax())
         if args.json:
             print(json.dumps({"image": path, "digit": digit, "probabilities": [round(float(p), 6) for p in probs]}))

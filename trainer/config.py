@@ -157,8 +157,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
-        if not 16 <= self.input_size <= 28 or self.input_size % 2:
-            raise bad("input-size", f"must be an even number of pixels from 16 to 28, got {self.input_size}")
+        check_input_size(self.input_size)
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
         if self.compile_mode != "default" and not self.compile:
@@ -168,6 +167,12 @@ class TrainConfig:
     def static_shapes(self) -> bool:
         """Every batch the same size: compiled or graph-captured steps recompile on a ragged last batch."""
         return self.compile or self.cuda_graph
+
+
+def check_input_size(size: int) -> None:
+    """--input-size (train, and `models --summary`): even, so that the centre crop of 28 is centred."""
+    if not 16 <= size <= 28 or size % 2:
+        raise UserError(f"--input-size must be an even number of pixels from 16 to 28, got {size}")
 
 
 def _flag(name: str) -> str:

@@ -61,22 +61,29 @@ def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
     args.lr = scaled
 
 
-def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
-    """The train flags with the model's recipe applied, and the set of flags the user typed."""
+def typed_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The train flags as typed (defaults for the rest), and the set of flags the user typed."""
     args = train_parser().parse_args(argv)
     # Which flags were typed (argparse can't tell a default from an explicit value).
     explicit_parser = train_parser()
     for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(explicit_parser.parse_args(argv)))
-    if not args.resume:  # a resumed run's config is read from its run directory, and checked in fit()
-        from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+    return args, explicit
+
+
+def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The train flags with the model's recipe applied, and the set of flags the user typed."""
+    args, explicit = typed_train_args(argv)
     apply_recipe(args, explicit)
     return args, explicit
 
 
 def cmd_train(argv: list[str]) -> int:
-    args, explicit = parse_train_args(argv)
+    args, explicit = typed_train_args(argv)
+    if not args.resume:  # a resumed run's config is read from its run directory, and checked in fit()
+        from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+    apply_recipe(args, explicit)  # fit() validates again: the recipe's values too
     if args.dry_run:
         args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
         if "run_id" not in explicit:

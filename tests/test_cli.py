@@ -168,6 +168,58 @@ def test_infra_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+# Run trainer.cli.main in a fresh interpreter, then fail (a traceback, exit 1) if torch was imported.
+_MAIN_WITHOUT_TORCH = """
+import sys
+from trainer.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:  # --help
+    rc = e.code
+assert 'torch' not in sys.modules, 'torch was imported'
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),  # train is the default command
+    (["train", "--input-size", "27"], "--input-size must be an even number"),
+    (["train", "--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
+    (["train", "--optimizer", "lion"], "invalid choice: 'lion'"),
+    (["train", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["models", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["evaluate"], "required: weights"),
+    (["predict", "x.pt"], "required: images"),
+    (["report"], "required: run"),
+    (["data", "--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_are_rejected_before_torch_is_imported(args, needle):
+    """torch takes ~3 s to import: a typo must not wait for it (it used to: validate() ran inside fit())."""
+    proc = subprocess.run([sys.executable, "-c", _MAIN_WITHOUT_TORCH, *args], capture_output=True, text=True, cwd=REPO)
+    assert_user_error(proc, needle)
+
+
+@pytest.mark.parametrize("command", ["train", "models", "evaluate", "predict", "data", "report", "compare"])
+def test_help_needs_no_torch(command):
+    proc = subprocess.run([sys.executable, "-c", _MAIN_WITHOUT_TORCH, command, "--help"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: python -m trainer {command}" in proc.stdout
+
+
+def test_mnist_cloud_train_rejects_a_bad_flag_before_torch_is_imported(mnist_cloud, tmp_path):
+    """`mnist-cloud train` runs `python -m trainer train` here; Python's import log of both processes
+    (PYTHONPROFILEIMPORTTIME goes to their stderr) must name no torch module."""
+    proc = run_cli([*mnist_cloud, "train", "--epochs", "0"], env_extra={"PYTHONPROFILEIMPORTTIME": "1"}, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == "error: --epochs must be at least 1, got 0"
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "trainer.cli" in imported  # the log is there, and it covers the trainer process
+    assert not [m for m in imported if m.split(".")[0] == "torch"]
+
+
 def test_global_region_and_profile_reach_pass_through_commands():
     from infra.cli import build_parser, global_aws
 

@@ -9,39 +9,12 @@ batch. Photometric jitter is two broadcast multiplies. All randomness comes from
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from trainer.config import AugmentConfig  # torch-free, for the CLI; importable from here as before
 from trainer.data import centre_crop
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    rotate: float = 0.0  # max degrees, uniform in [-rotate, rotate]
-    translate: float = 0.0  # max shift as a fraction of the image side
-    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
-    shear: float = 0.0  # max degrees of x-shear
-    perspective: float = 0.0  # probability of a perspective warp
-    perspective_scale: float = 0.2  # how far each corner may move, as a fraction of the half-side
-    brightness: float = 0.0  # multiply by uniform [1 - b, 1 + b]
-    contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
-    crop: float = 0.0  # probability of a random square crop, resized back to 28x28 (seed 004)
-    crop_size: float = 22 / 28  # smallest crop side, as a fraction of the image side
-    input_size: int = 28  # output side in pixels: the centre input_size x input_size of the warped image
-
-    @property
-    def geometric(self) -> bool:
-        return any((self.rotate, self.translate, self.scale, self.shear, self.perspective, self.crop))
-
-    @property
-    def photometric(self) -> bool:
-        return bool(self.brightness or self.contrast)
-
-    @property
-    def active(self) -> bool:
-        return self.geometric or self.photometric
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:

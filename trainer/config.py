@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.augment import AugmentConfig
 from trainer.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -20,6 +19,36 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
 REFERENCE_BATCH = 128  # the batch size the recipes' learning rates were tuned at
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The knobs trainer.augment reads, a subset of TrainConfig. It lives here, not in augment.py, because
+    this module must not import torch: `python -m trainer` checks its flags before torch's 3 s import."""
+
+    rotate: float = 0.0  # max degrees, uniform in [-rotate, rotate]
+    translate: float = 0.0  # max shift as a fraction of the image side
+    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
+    shear: float = 0.0  # max degrees of x-shear
+    perspective: float = 0.0  # probability of a perspective warp
+    perspective_scale: float = 0.2  # how far each corner may move, as a fraction of the half-side
+    brightness: float = 0.0  # multiply by uniform [1 - b, 1 + b]
+    contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
+    crop: float = 0.0  # probability of a random square crop, resized back to 28x28 (seed 004)
+    crop_size: float = 22 / 28  # smallest crop side, as a fraction of the image side
+    input_size: int = 28  # output side in pixels: the centre input_size x input_size of the warped image
+
+    @property
+    def geometric(self) -> bool:
+        return any((self.rotate, self.translate, self.scale, self.shear, self.perspective, self.crop))
+
+    @property
+    def photometric(self) -> bool:
+        return bool(self.brightness or self.contrast)
+
+    @property
+    def active(self) -> bool:
+        return self.geometric or self.photometric
 
 
 def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -136,8 +165,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
-        if not 16 <= self.input_size <= 28 or self.input_size % 2:
-            raise bad("input-size", f"must be an even number of pixels from 16 to 28, got {self.input_size}")
+        check_input_size(self.input_size)
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
         if self.compile_mode != "default" and not self.compile:
@@ -147,6 +175,12 @@ class TrainConfig:
     def static_shapes(self) -> bool:
         """Every batch the same size: compiled or graph-captured steps recompile on a ragged last batch."""
         return self.compile or self.cuda_graph
+
+
+def check_input_size(size: int) -> None:
+    """--input-size (train, and `models --summary`): even, so that the centre crop of 28 is centred."""
+    if not 16 <= size <= 28 or size % 2:
+        raise UserError(f"--input-size must be an even number of pixels from 16 to 28, got {size}")
 
 
 def _flag(name: str) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 
 from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint
-from trainer.data import load_mnist, make_splits, normalize
+from trainer.data import centre_crop, load_mnist, make_splits, normalize
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
 from trainer.models import build_model
@@ -36,12 +36,23 @@ def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, di
     return model.to(device).eval(), ckpt
 
 
+def trained_input_size(ckpt: dict) -> int:
+    """The image side the checkpoint's model was trained on (`--input-size`); 28 for checkpoints saved
+    before that flag existed. Evaluated on any other size, its accuracy would be a different number."""
+    return int((ckpt.get("config") or {}).get("input_size", 28))
+
+
+def model_input(images: torch.Tensor, input_size: int) -> torch.Tensor:
+    """uint8 [n, 1, 28, 28] -> what the net saw in training: the centre crop, normalized (as Engine.prepare)."""
+    return normalize(centre_crop(images, input_size))
+
+
 @torch.inference_mode()
 def test_accuracy(model: nn.Module, data_dir: str | None, device: torch.device,
-                  batch_size: int = 1000) -> tuple[float, float, int]:
-    """(loss, accuracy %, number of images) on the 10k MNIST test set."""
+                  batch_size: int = 1000, input_size: int = 28) -> tuple[float, float, int]:
+    """(loss, accuracy %, number of images) on the 10k MNIST test set, seen as input_size x input_size."""
     data = make_splits(load_mnist(resolve_data_dir(data_dir)), val_size=0, seed=0, device=device)
-    logits = torch.cat([model(normalize(data.test.images[i:i + batch_size]))
+    logits = torch.cat([model(model_input(data.test.images[i:i + batch_size], input_size))
                         for i in range(0, len(data.test), batch_size)])
     loss = F.cross_entropy(logits, data.test.labels).item()
     acc = 100.0 * (logits.argmax(1) == data.test.labels).float().mean().item()
@@ -100,7 +111,7 @@ def to_mnist(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Class probabilities [10] for one [1, 28, 28] uint8 image."""
-    logits = model(normalize(image[None].to(device)))
+def predict(model: nn.Module, image: torch.Tensor, device: torch.device, input_size: int = 28) -> torch.Tensor:
+    """Class probabilities [10] for one [1, 28, 28] uint8 image, seen as input_size x input_size."""
+    logits = model(model_input(image[None].to(device), input_size))
     return logits.softmax(1)[0].cpu()

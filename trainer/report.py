@@ -208,19 +208,20 @@ def test_predictions(run: Run) -> Predictions:
     """The run's newest model (last.pt) on the 10k test set."""
     import torch
 
-    from trainer.data import load_mnist, normalize
+    from trainer.data import load_mnist
     from trainer.fetch import resolve_data_dir
-    from trainer.inference import load_model
+    from trainer.inference import load_model, model_input, trained_input_size
 
     ckpt_path = run.path / rd.LAST if (run.path / rd.LAST).exists() else run.path / rd.BEST
-    model, _ = load_model(ckpt_path, torch.device("cpu"))  # checked, and weights that do not fit are one line
+    model, ckpt = load_model(ckpt_path, torch.device("cpu"))  # checked, and weights that do not fit are one line
+    size = trained_input_size(ckpt)
     data_dir = run.cfg.get("data_dir") or (run.config.get("data") or {}).get("dir")
     if data_dir and not Path(data_dir).is_dir():
         data_dir = None
     mnist = load_mnist(resolve_data_dir(data_dir))
     images, labels = mnist.test_images, mnist.test_labels.long()
     with torch.inference_mode():
-        probs = torch.cat([model(normalize(images[i:i + 1000].unsqueeze(1))).softmax(1)
+        probs = torch.cat([model(model_input(images[i:i + 1000].unsqueeze(1), size)).softmax(1)
                            for i in range(0, len(labels), 1000)])
     return Predictions(images, labels, probs, ckpt_path.name)
 

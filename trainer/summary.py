@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.errors import UserError
+
 
 @dataclass
 class LayerRow:
@@ -25,8 +27,9 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
-def layer_table(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> list[LayerRow]:
-    """One row per leaf module, in execution order, for a single input image."""
+def layer_table(model: nn.Module, input_size: int = 28) -> list[LayerRow]:
+    """One row per leaf module, in execution order, for a single input_size x input_size image (a run
+    with --input-size S sees the centre SxS pixels: every conv's output, and its MACs, shrink with it)."""
     rows: list[LayerRow] = []
     hooks = []
 
@@ -46,7 +49,15 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28))
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(input_shape, device=device))
+            model(torch.zeros(1, 1, input_size, input_size, device=device))
+    except RuntimeError as e:
+        if input_size == 28:  # every model takes MNIST's own size: this is a bug, keep its traceback
+            raise
+        # e.g. seed001's fixed 4x4 average pool needs 28 px; this is the run's first forward, so the
+        # user hears it before any training
+        raise UserError(f"this model cannot take {input_size}x{input_size} images ({str(e).splitlines()[0]}); "
+                        "try a larger --input-size (every model takes 28) or another model (`python -m trainer models "
+                        f"--input-size {input_size}` lists those that fit)") from None
     finally:
         model.train(was_training)
         for h in hooks:
@@ -54,9 +65,9 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28))
     return rows
 
 
-def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates of one 28x28 image through the convs and linears."""
-    return sum(r.macs for r in layer_table(model))
+def count_macs(model: nn.Module, input_size: int = 28) -> int:
+    """Multiply-accumulates of one input_size x input_size image through the convs and linears."""
+    return sum(r.macs for r in layer_table(model, input_size))
 
 
 def format_table(rows: list[LayerRow], title: str = "") -> str:

@@ -588,7 +588,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
 
     model = spec.build()
     params = count_params(model)
-    summary = format_table(layer_table(model), title=f"{cfg.model}: {spec.description}")
+    summary = format_table(layer_table(model, cfg.input_size), title=f"{cfg.model}: {spec.description}")
     if dist.active:
         torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout masks; DDP syncs the weights
     use_cl = use_switch(cfg.channels_last, device.type in ("cpu", "cuda"))
@@ -667,7 +667,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             "run_id": cfg.run_id,
             "status": "running",
             "config": dataclasses.asdict(cfg),
-            "model": {"name": cfg.model, "params": params, "macs": sum(r.macs for r in layer_table(model))},
+            "model": {"name": cfg.model, "params": params, "macs": sum(r.macs for r in layer_table(model, cfg.input_size))},
             "git": git_state(),
             "torch": torch.__version__,
             "python": platform.python_version(),

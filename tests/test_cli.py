@@ -230,11 +230,12 @@ def test_global_region_and_profile_reach_pass_through_commands():
 
 
 @pytest.mark.parametrize("argv,lr,scaled", [
-    ([], 0.1, False),
-    (["--batch-size", "512"], 0.4, True),  # linear rule: the LR tuned at 128, times 512/128
-    (["--batch-size", "64"], 0.05, True),
-    (["--batch-size", "512", "--lr", "0.2"], 0.2, False),  # a typed LR is the user's
-    (["--batch-size", "512", "--optimizer", "adam"], 0.1, False),  # the linear rule is SGD's
+    ([], 0.2, False),  # net8k's recipe: peak 0.2 at batch 128
+    (["--batch-size", "512"], 0.8, True),  # linear rule: the LR tuned at 128, times 512/128
+    (["--batch-size", "64"], 0.1, True),
+    (["--model", "seed001", "--batch-size", "512"], 0.4, True),  # no recipe LR: the default 0.1, scaled
+    (["--batch-size", "512", "--lr", "0.3"], 0.3, False),  # a typed LR is the user's
+    (["--batch-size", "512", "--optimizer", "adam"], 0.1, False),  # the recipe's LR and the linear rule are SGD's
     (["--resume", "runs/x", "--batch-size", "512"], 0.1, False),  # a resumed run keeps its saved config
 ])
 def test_batch_size_scales_the_recipes_learning_rate(argv, lr, scaled, capsys):

@@ -43,6 +43,8 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
     if spec is None or getattr(args, "resume", None):  # a resumed run keeps its saved config
         return
     for key, value in spec.recipe(getattr(args, "recipe", "default")).items():
+        if key == "lr" and getattr(args, "optimizer", "sgd") != "sgd":
+            continue  # an SGD peak; Adam's scale is another
         if key not in explicit:
             setattr(args, key, value)
     scale_lr_to_batch(args, explicit)

@@ -17,7 +17,8 @@ from infra.targets import LocalTarget
 # Commands that are `python -m trainer <command> ...` run here, flags passed through untouched.
 TRAINER_COMMANDS = {
     "models": "list the model zoo: params and MACs counted from code, BN/Dropout/GAP/FC",
-    "evaluate": "test accuracy of a checkpoint or run directory: mnist-cloud evaluate runs/<id>/best.pt",
+    "evaluate": "test accuracy of the weights a run delivers (its model.pt), or of a checkpoint: "
+                "mnist-cloud evaluate runs/<id>",
     "predict": "classify digit images: mnist-cloud predict WEIGHTS IMAGE.png [...]",
     "data": "find or fetch MNIST into the user cache, verify it, and print where it is",
     "compare": "compare runs: table here, overlaid curves in compare.html: mnist-cloud compare RUN RUN...",

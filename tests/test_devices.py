@@ -66,7 +66,7 @@ def test_no_float64_tensor_in_train_evaluate_checkpoint_resume_report_predict(tm
         assert predict(model, torch.zeros(1, 28, 28, dtype=torch.uint8), torch.device("cpu")).shape == (10,)
         write_report(run_dir)
     # what a checkpoint carries to an MPS machine must load there too
-    for name in ("last.pt", "best.pt"):
+    for name in ("last.pt", "best.pt", "model.pt"):
         assert float64_tensors(load_checkpoint(run_dir / name)) == [], name
 
 

@@ -17,7 +17,8 @@ from infra.targets import LocalTarget
 # Commands that are `python -m trainer <command> ...` run here, flags passed through untouched.
 TRAINER_COMMANDS = {
     "models": "list the model zoo: params and MACs counted from code, BN/Dropout/GAP/FC",
-    "evaluate": "test accuracy of a checkpoint or run directory: mnist-cloud evaluate runs/<id>/best.pt",
+    "evaluate": "test accuracy of the weights a run delivers (its model.pt), or of a checkpoint: "
+                "mnist-cloud evaluate runs/<id>",
     "predict": "classify digit images: mnist-cloud predict WEIGHTS IMAGE.png [...]",
     "data": "find or fetch MNIST into the user cache, verify it, and print where it is",
     "compare": "compare runs: table here, overlaid curves in compare.html: mnist-cloud compare RUN RUN...",
@@ -667,14 +668,21 @@ def cmd_runs(args) -> int:
     if not runs:
         say(f"no runs on {args.name} yet")
         return 0
-    say(f"{'RUN':40} {'STATUS':11} {'EPOCHS':>6} {'TEST ACC':>8}")
+    for line in runs_table(runs):
+        say(line)
+    return 0
+
+
+def runs_table(runs: list[dict]) -> list[str]:
+    """`mnist-cloud runs`: TEST ACC is result.json's, the weights the run delivers (WEIGHTS: final or ema)."""
+    lines = [f"{'RUN':40} {'STATUS':11} {'EPOCHS':>6} {'TEST ACC':>8} {'WEIGHTS':7}"]
     for r in runs:
         status = "running" if r["alive"] else (r["status"] or "?")
         if not r["alive"] and status == "running":
             status = "died"  # config says running but no process: killed, or the machine rebooted
         acc = f"{r['test_acc']:.2f}%" if isinstance(r.get("test_acc"), (int, float)) else "-"
-        say(f"{r['run_id']:40} {status:11} {r['epochs']:>6} {acc:>8}")
-    return 0
+        lines.append(f"{r['run_id']:40} {status:11} {r['epochs']:>6} {acc:>8} {r.get('weights') or '-':7}".rstrip())
+    return lines
 
 
 def cmd_pull(args) -> int:

@@ -6,12 +6,12 @@
     python scripts/gpu_bench.py --device cpu --quick                 # a smoke test of the script itself
 
 Each (variant, seed) is a fresh `python -m trainer train` process on the full 15-epoch default recipe.
-From its metrics.jsonl it reports:
+From its metrics.jsonl and result.json it reports:
 - train s: the 15 epochs' training steps (no evaluation, no process start, no data load);
-- epochs s: the same plus the per-epoch validation and test evaluation;
+- epochs s: the same plus the per-epoch validation (and test, only with --test-every-epoch);
 - compile s: torch.compile's compilation or the CUDA graph's capture, reported apart;
 - s/epoch: the median training time of one epoch;
-- test %: the final test accuracy of the delivered (final) weights; min and median over seeds.
+- test %: result.json's test accuracy, of the weights the run delivers (model.pt); min and median over seeds.
 Figures come only from the machine it ran on; the header names the GPU and the torch version.
 Run it alone on the machine: it measures wall time.
 """
@@ -71,7 +71,7 @@ def run_variant(variant: str, seed: int, args, out: Path) -> dict:
             "epochs_s": sum(r["seconds"] for r in rows),
             "compile_s": sum(r.get("compile_seconds", 0.0) for r in rows),
             "epoch_s": statistics.median(r["train_seconds"] for r in rows),
-            "test_acc": rows[-1]["test_acc"], "process_s": wall}
+            "test_acc": json.loads((out / run_id / "result.json").read_text())["test_acc"], "process_s": wall}
 
 
 def table(results: list[dict], variants: list[str]) -> str:

@@ -8,7 +8,8 @@ Every configuration runs the same `python -m trainer train` with the same *globa
 same number of optimizer steps and the same schedule); N processes split the machine's cores
 between them (`--threads` per process = cores / N), so the comparison is at equal hardware.
 It prints a markdown table: seconds per epoch (training only, median over epochs), training img/s,
-and the final test accuracy (min / median over seeds). Run it alone on the machine: it measures time.
+and the delivered weights' test accuracy, from result.json (min / median over seeds). Run it alone on the
+machine: it measures time.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run(procs: int, seed: int, args, out: Path) -> dict:
     return {"procs": procs, "threads": threads, "seed": seed, "epochs": len(rows),
             "train_seconds": statistics.median(r["train_seconds"] for r in rows),
             "img_per_s": statistics.median(r["img_per_s"] for r in rows),
-            "final_test": rows[-1]["test_acc"], "wall": wall}
+            "test_acc": json.loads((out / run_id / "result.json").read_text())["test_acc"], "wall": wall}
 
 
 def main() -> int:
@@ -69,7 +70,7 @@ def main() -> int:
 
     print(f"\n{args.model}, {args.train_limit:,} training images, global batch {args.batch_size}, "
           f"{args.epochs} epochs, {os.cpu_count()} cores, seeds {args.seeds}:\n")
-    print("| processes x threads | s/epoch (train) | img/s | speed-up | final test min / median |")
+    print("| processes x threads | s/epoch (train) | img/s | speed-up | test min / median |")
     print("|---|---|---|---|---|")
     base = None
     for n in dict.fromkeys(r["procs"] for r in results):
@@ -77,7 +78,7 @@ def main() -> int:
         secs = statistics.median(r["train_seconds"] for r in rows)
         ips = statistics.median(r["img_per_s"] for r in rows)
         base = base or secs
-        accs = [r["final_test"] for r in rows]
+        accs = [r["test_acc"] for r in rows]
         print(f"| {n} x {rows[0]['threads']} | {secs:.1f} | {ips:,.0f} | {base / secs:.2f}x | "
               f"{min(accs):.2f}% / {statistics.median(accs):.2f}% |")
     print(f"\nruns and scaling.json in {out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,23 @@ TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "3072", "--no-progr
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir, mnist_cloud):
-    """One real `mnist-cloud train` run, evaluated on the full 10k test set."""
+    """One real `mnist-cloud train` run (a validation split, so best.pt too), tested on the full 10k test set."""
     work = tmp_path_factory.mktemp("cli")
     proc = run_cli([*mnist_cloud, "train", *TINY, "--train-limit", "8192", "--epochs", "2", "--run-id", "tiny"],
                    env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=work)
     assert proc.returncode == 0, proc.stderr
     return work / "runs" / "tiny", proc
+
+
+@pytest.fixture(scope="module")
+def trained_ema(tmp_path_factory, mnist_dir, mnist_cloud):
+    """A run that delivers the EMA of its weights, without a validation split (so no best.pt)."""
+    work = tmp_path_factory.mktemp("cli-ema")
+    proc = run_cli([*mnist_cloud, "train", *TINY, "--train-limit", "1024", "--epochs", "2", "--threads", "1",
+                    "--ema", "0.9", "--val-size", "0", "--no-report", "--run-id", "ema"],
+                   env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    return work / "runs" / "ema", proc
 
 
 def test_train_runs_the_trainer_and_writes_the_run_dir(trained):
@@ -33,18 +45,53 @@ def test_train_runs_the_trainer_and_writes_the_run_dir(trained):
     assert result["status"] == "completed" and result["test_acc"] > 90
 
 
-def test_evaluate_reproduces_the_runs_test_accuracy(trained, mnist_cloud, mnist_dir):
+@pytest.mark.parametrize("which, weights, label", [("trained", "final", "final weights"),
+                                                   ("trained_ema", "ema", "EMA weights")])
+def test_evaluate_a_run_is_its_delivered_weights_and_reproduces_result_json(request, mnist_cloud, mnist_dir,
+                                                                            which, weights, label):
+    run_dir, _ = request.getfixturevalue(which)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["weights"] == weights and result["delivered"] == "model.pt"
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    proc = run_cli([*mnist_cloud, "evaluate", str(run_dir), "--json"], env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["checkpoint"] == str(run_dir / "model.pt") and out["weights"] == weights
+    assert out["images"] == 10000 and out["epoch"] == result["epochs"] == 2
+    # the same weights on the same 10k images in the same batches: the very number the run reported
+    assert out["test_acc"] == result["test_acc"]
+    assert out["test_loss"] == pytest.approx(result["test_loss"], rel=1e-5)
+    text = run_cli([*mnist_cloud, "evaluate", str(run_dir)], env_extra=env)
+    assert text.returncode == 0, text.stderr
+    assert f"{label}, epoch 2 (model.pt): test accuracy {result['test_acc']:.2f}%" in text.stdout
+
+
+def test_evaluate_an_explicit_checkpoint_is_that_checkpoint(trained, mnist_cloud, mnist_dir):
     run_dir, _ = trained
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    best = max(rows, key=lambda r: r["val_acc"])
+    result = json.loads((run_dir / "result.json").read_text())
     proc = run_cli([*mnist_cloud, "evaluate", str(run_dir / "best.pt"), "--json"],
                    env_extra={"MNIST_DATA_DIR": str(mnist_dir)})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["images"] == 10000 and out["epoch"] == best["epoch"]
-    assert abs(out["test_acc"] - best["test_acc"]) < 1e-6  # same weights, same 10k images, same number
-    text = run_cli([*mnist_cloud, "evaluate", str(run_dir)], env_extra={"MNIST_DATA_DIR": str(mnist_dir)})
-    assert text.returncode == 0 and f"{best['test_acc']:.2f}%" in text.stdout
+    assert out["epoch"] == result["best_epoch"] and out["weights"] is None and out["images"] == 10000
+
+
+def test_ema_run_without_validation_has_no_best_checkpoint(trained_ema):
+    run_dir, _ = trained_ema
+    result = json.loads((run_dir / "result.json").read_text())
+    assert not (run_dir / "best.pt").exists() and (run_dir / "model.pt").is_file()
+    assert result["val_acc"] is None and result["best_val_acc"] is None
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_run_without_model_pt_names_the_checkpoints_to_pass(trained, mnist_cloud, tmp_path, command):
+    run_dir, _ = trained
+    old = tmp_path / "old-run"  # as an unfinished run, or one an older version made, leaves it
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("model.pt*"))
+    args = [str(old)] + ([str(tmp_path / "digit.png")] if command == "predict" else [])
+    assert_user_error(run_cli([*mnist_cloud, command, *args]),
+                      f"{old} has no delivered weights (model.pt) yet", "not finished", "older version",
+                      f"pass {old / 'last.pt'} (or best.pt) explicitly")
 
 
 def test_predict_reads_png_digits(trained, mnist_cloud, mnist_dir, tmp_path):

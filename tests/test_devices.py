@@ -66,7 +66,7 @@ def test_no_float64_tensor_in_train_evaluate_checkpoint_resume_report_predict(tm
         assert predict(model, torch.zeros(1, 28, 28, dtype=torch.uint8), torch.device("cpu")).shape == (10,)
         write_report(run_dir)
     # what a checkpoint carries to an MPS machine must load there too
-    for name in ("last.pt", "best.pt"):
+    for name in ("last.pt", "best.pt", "model.pt"):
         assert float64_tensors(load_checkpoint(run_dir / name)) == [], name
 
 
@@ -406,3 +406,5 @@ def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
     assert "not a measurement" in proc.stdout
     results = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
     assert [r["variant"] for r in results] == ["fp32", "graph"] and all(r["train_s"] > 0 for r in results)
+    for r in results:  # the delivered weights' number, as the run reported it (per-epoch test is null)
+        assert r["test_acc"] == json.loads((tmp_path / f"gpu-{r['variant']}-s1" / "result.json").read_text())["test_acc"]

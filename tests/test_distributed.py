@@ -53,9 +53,10 @@ def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     # same steps (64 images per rank x 2 = the global batch of 128), same schedule
     assert [r["lr"] for r in a] == pytest.approx([r["lr"] for r in b])
     # different dropout/augmentation draws, per-rank BatchNorm on CPU: close, not identical
-    assert abs(a[-1]["test_acc"] - b[-1]["test_acc"]) < 1.5, (a[-1], b[-1])
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (one, two))  # the delivered weights' test
+    assert abs(ra["test_acc"] - rb["test_acc"]) < 1.5, (ra, rb)
     assert b[-1]["train_loss"] == pytest.approx(a[-1]["train_loss"], rel=0.25)
-    assert b[-1]["test_acc"] > 95
+    assert rb["test_acc"] > 95
 
 
 def test_only_rank_zero_writes(one_and_two):

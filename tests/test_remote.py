@@ -58,7 +58,10 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
     assert config["status"] == "completed" and config["git"]["sha"] is None  # the copy has no .git
 
     runs = cli("runs", launched)
-    assert runs.returncode == 0 and "remote1" in runs.stdout and "completed" in runs.stdout
+    assert runs.returncode == 0, runs.stdout + runs.stderr
+    line = next(l for l in runs.stdout.splitlines() if l.startswith("remote1 "))
+    result = json.loads((local / "result.json").read_text())  # the delivered weights' test accuracy
+    assert line.split()[1:] == ["completed", "1", f"{result['test_acc']:.2f}%", "final"], line
     logs = cli("logs", launched, "remote1")
     assert logs.returncode == 0 and "Epoch: 1 |" in logs.stdout
 
@@ -254,6 +257,36 @@ def test_sweep_on_the_instance_pulls_every_run(cli, launched, code, mnist_dir, h
 def test_down_after_remote_work(cli, launched):
     out = cli("down", launched, "--yes")
     assert out.returncode == 0 and "1 instance(s)" in out.stdout
+
+
+def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
+    """The script list_runs runs on the machine, run here on a forged workdir: test accuracy and weights
+    come from result.json (per-epoch test is null without --test-every-epoch)."""
+    from infra.cli import runs_table
+    from infra.remote import LIST_RUNS
+
+    def forge(run_id, status, result=None):
+        d = tmp_path / "runs" / run_id
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"status": status}))
+        (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": None}) + "\n"
+                                         + json.dumps({"event": "resumed"}) + "\n"
+                                         + json.dumps({"epoch": 2, "test_acc": 12.5}) + "\n")
+        if result is not None:
+            (d / "result.json").write_text(json.dumps(result))
+
+    forge("a-ema", "completed", {"test_acc": 99.45, "weights": "ema"})
+    forge("b-old", "completed", {"test_acc": 98.5})  # an older version's result.json: the final weights
+    forge("c-gone", "running")  # no result yet, and no process: it died
+    out = subprocess.run([sys.executable, "-c", LIST_RUNS, str(tmp_path)], capture_output=True, text=True, check=True)
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    assert [(r["run_id"], r["epochs"], r["test_acc"], r["weights"], r["alive"]) for r in rows] == [
+        ("a-ema", 2, 99.45, "ema", False), ("b-old", 2, 98.5, "final", False), ("c-gone", 2, None, None, False)]
+    lines = runs_table(rows)
+    assert lines[0].split() == ["RUN", "STATUS", "EPOCHS", "TEST", "ACC", "WEIGHTS"]
+    assert [l.split() for l in lines[1:]] == [["a-ema", "completed", "2", "99.45%", "ema"],
+                                              ["b-old", "completed", "2", "98.50%", "final"],
+                                              ["c-gone", "died", "2", "-", "-"]]
 
 
 def test_sftp_fallback_syncs_and_pulls_the_same(host, code, tmp_path, monkeypatch):

@@ -63,7 +63,16 @@ def small_run(tmp_path, mnist_dir, run_id, **overrides):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, mnist_dir):
+    """The defaults: a validation split, the test set evaluated once at the end (per-epoch test is null)."""
     return small_run(tmp_path_factory.mktemp("report"), mnist_dir, "done")
+
+
+@pytest.fixture(scope="module")
+def delivered_ema(tmp_path_factory, mnist_dir):
+    """A run whose delivered weights differ from last.pt's (their EMA) and that sees 24x24 centre crops,
+    tested on the full 10k test set, like the report's confusion matrix."""
+    return small_run(tmp_path_factory.mktemp("report-ema"), mnist_dir, "ema", ema=0.9, input_size=24, val_size=0,
+                     eval_limit=None)
 
 
 def test_report_is_written_with_plots(finished):
@@ -80,42 +89,89 @@ def test_report_renders_offline_with_every_plot_and_the_right_numbers(browser, f
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # no network at all
 
     rows = [json.loads(l) for l in (finished / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((finished / "result.json").read_text())
     field = lambda name: page.locator(f'[data-field="{name}"]').inner_text()
-    assert field("final test acc") == f"{rows[-1]['test_acc']:.2f}%"
-    assert field("best test acc") == f"{max(r['test_acc'] for r in rows):.2f}%"
+    # the headline is result.json's: the delivered weights, tested once at the end
+    assert field("test accuracy") == f"{result['test_acc']:.2f}%"
+    assert field("delivered") == "final weights, epoch 2"
+    assert field("val accuracy") == f"{result['val_acc']:.2f}%"
     assert field("epochs") == f"{len(rows)} / 2"
-    assert field("99.40% reached") == "not reached"  # 2 epochs on 2k images
+    # no per-epoch test without --test-every-epoch: nothing to peek at
+    assert field("first epoch with test >= 99.40% (peeking, not a decision)") == "n/a"
+    assert page.locator('[data-field="best test acc"]').count() == 0  # a max over epochs of test is a peek
     config = json.loads((finished / "config.json").read_text())
     assert field("params") == f"{config['model']['params']:,}"
     table = page.evaluate("[...document.querySelectorAll('#epochs tr')].slice(1).map(r => "
                           "[...r.cells].map(c => c.innerText))")
     assert [int(r[0]) for r in table] == [r["epoch"] for r in rows]
-    assert [r[6] for r in table] == [f"{r['test_acc']:.2f}" for r in rows]
+    assert [r[4] for r in table] == [f"{r['val_acc']:.2f}" for r in rows]
+    assert [(r[5], r[6]) for r in table] == [("-", "-")] * len(rows)  # null per-epoch test
     text = page.inner_text("body")
     assert config["git"]["sha"] is None or config["git"]["sha"][:12] in text
     assert "Partial report" not in text and "torch" in text
     page.close()
 
 
+def test_confusion_matrix_is_the_delivered_weights_at_their_input_size(delivered_ema):
+    from trainer.report import load_run, test_predictions
+
+    result = json.loads((delivered_ema / "result.json").read_text())
+    assert result["weights"] == "ema"
+    pred = test_predictions(load_run(delivered_ema))
+    assert pred.checkpoint == "model.pt" and len(pred.labels) == 10_000
+    errors = int((pred.probs.argmax(1) != pred.labels).sum())
+    # exactly the mistakes behind result.json's number (not last.pt's final weights, not uncropped 28x28 images)
+    assert errors == round(10_000 - 100 * result["test_acc"]), (errors, result["test_acc"])
+
+
+def test_report_names_the_delivered_weights(browser, delivered_ema):
+    page, _ = open_page(browser, delivered_ema / "report.html")
+    field = lambda name: page.locator(f'[data-field="{name}"]').inner_text()
+    result = json.loads((delivered_ema / "result.json").read_text())
+    assert field("test accuracy") == f"{result['test_acc']:.2f}%" and field("delivered") == "EMA weights, epoch 2"
+    assert field("val accuracy") == "-"  # no validation split
+    images = page.evaluate("[...document.images].map(i => i.dataset.plot)")
+    assert "confusion" in images and "worst" in images
+    page.close()
+
+
 def test_partial_run_gets_a_partial_report(browser, tmp_path, mnist_dir):
     run = small_run(tmp_path, mnist_dir, "half", epochs=3, stop_after=1)
     page, _ = open_page(browser, run / "report.html")
-    assert "Partial report" in page.inner_text("body") and "stopped after 1 of 3 epochs" in page.inner_text("body")
+    text = page.inner_text("body")
+    assert "Partial report" in text and "stopped after 1 of 3 epochs" in text
+    # no model.pt yet: no confusion matrix from some other checkpoint, and it says why
+    assert "confusion matrix and mistakes skipped: they come from the delivered weights (model.pt)" in text
+    assert page.locator('[data-field="test accuracy"]').inner_text() == "-"
+    assert page.locator('[data-field="delivered"]').inner_text() == "not delivered yet"
     page.close()
 
 
 def test_report_regenerates_and_compare_overlays(browser, tmp_path, mnist_dir, finished, mnist_cloud):
-    other = small_run(tmp_path, mnist_dir, "other", model="seed002-gap", epochs=1, report=False)
+    other = small_run(tmp_path, mnist_dir, "other", model="seed002-gap", epochs=1, report=False, test_every_epoch=True)
     assert not (other / "report.html").exists()
     env = {"MNIST_DATA_DIR": str(mnist_dir)}
     made = run_cli([*mnist_cloud, "report", str(other)], env_extra=env)
     assert made.returncode == 0, made.stderr
     assert (other / "report.html").exists()
+    page, _ = open_page(browser, other / "report.html")
+    rows = [json.loads(l) for l in (other / "metrics.jsonl").read_text().splitlines()]
+    table = page.evaluate("[...document.querySelectorAll('#epochs tr')].slice(1).map(r => "
+                          "[...r.cells].map(c => c.innerText))")
+    assert [r[6] for r in table] == [f"{r['test_acc']:.2f}" for r in rows]  # --test-every-epoch fills them
+    assert page.locator('[data-field="first epoch with test >= 99.40% (peeking, not a decision)"]').inner_text() \
+        == "not reached"  # 1 epoch on 2k images
+    page.close()
     out = tmp_path / "cmp.html"
     cmp = run_cli([*mnist_cloud, "compare", str(finished), str(other), "--out", str(out)])
     assert cmp.returncode == 0, cmp.stderr
     header = cmp.stdout.splitlines()[0].split()
-    assert header[:4] == ["run", "model", "params", "epochs"]
+    assert header[:6] == ["run", "model", "params", "epochs", "test", "delivered"] and "best" not in header
+    assert "test>=99.40% (peek)" in cmp.stdout.splitlines()[0]
+    for run, peek in ((finished, "n/a"), (other, "not reached")):
+        line = next(l for l in cmp.stdout.splitlines() if l.startswith(run.name + " "))
+        result = json.loads((run / "result.json").read_text())
+        assert f"{result['test_acc']:.2f}%" in line and "final weights, epoch" in line and peek in line, line
     assert "net8k" in cmp.stdout and "seed002-gap" in cmp.stdout
     page, requests = open_page(browser, out)
     images = page.evaluate("[...document.images].map(i => i.naturalWidth)")
@@ -123,6 +179,14 @@ def test_report_regenerates_and_compare_overlays(browser, tmp_path, mnist_dir, f
     assert page.locator("#compare tr").count() == 3
     assert all(u.startswith(("file:", "data:")) for u in requests)
     page.close()
+
+
+def test_compare_draws_no_test_curve_without_per_epoch_test(tmp_path, finished, delivered_ema):
+    from trainer.report import write_compare
+
+    write_compare([finished, delivered_ema], tmp_path / "cmp.html")
+    assert sorted(p.name for p in tmp_path.glob("cmp-*.png")) == ["cmp-train_loss.png", "cmp-val_acc.png",
+                                                                "cmp-val_loss.png"]
 
 
 def test_report_bad_input(tmp_path, mnist_cloud, finished):

@@ -14,14 +14,20 @@ from conftest import assert_user_error, run_cli
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "300", "--no-report"]
 
 
-def final_test_acc(run_dir) -> float:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "event" not in r][-1]["test_acc"]
+def epochs(run_dir) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+def delivered_test_acc(run_dir) -> float:
+    """The run's own headline: its delivered weights' test accuracy."""
+    return json.loads((run_dir / "result.json").read_text())["test_acc"]
 
 
 def test_local_grid_summarizes_every_config_over_its_seeds(tmp_path, mnist_cloud, mnist_dir):
+    # EMA weights are delivered, and per-epoch test is on (for the peek column)
     out = run_cli([*mnist_cloud, "sweep", "--local", "--seeds", "1,2", "--model", "net8k,seed001", *TINY,
-                   "--data-dir", str(mnist_dir), "--name", "grid", "--to", "runs"], cwd=tmp_path)
+                   "--ema", "0.9", "--test-every-epoch", "--data-dir", str(mnist_dir), "--name", "grid", "--to", "runs"],
+                  cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "grid: 4 run(s) = 2 model(s) x 1 setting(s) x 2 seed(s)" in out.stdout
     summary = json.loads((tmp_path / "runs" / "grid.json").read_text())
@@ -33,11 +39,13 @@ def test_local_grid_summarizes_every_config_over_its_seeds(tmp_path, mnist_cloud
         runs = [tmp_path / "runs" / p["run_id"] for p in points if p["config"] == model]
         seeds = {json.loads((r / "config.json").read_text())["config"]["seed"] for r in runs}
         assert seeds == {1, 2}  # each seed really reached its trainer
-        accs = [final_test_acc(r) for r in runs]
+        accs = [delivered_test_acc(r) for r in runs]
         line = next(l for l in out.stdout.splitlines() if l.startswith(model + " "))
-        # min, median and max of what the runs themselves wrote, not of anything the sweep made up
-        assert f"{min(accs):.2f}%" in line and f"{statistics.median(accs):.2f}%" in line
-        assert f"{max(accs):.2f}%" in line and "2/2" in line
+        # min, median and max of what the runs themselves reported, not of anything the sweep made up
+        cells = line.split()
+        assert cells[1:6] == ["2/2", "ema", f"{min(accs):.2f}%", f"{statistics.median(accs):.2f}%",
+                              f"{max(accs):.2f}%"], line
+        assert cells[6:8] == ["not", "reached"], line  # the peek, from per-epoch test: 1 epoch on 1k images
     assert (tmp_path / "runs" / "grid.html").stat().st_size > 10_000  # the compare report over all four
 
 
@@ -51,6 +59,10 @@ def test_a_failing_value_is_retried_once_then_reported(tmp_path, mnist_cloud, mn
     assert "retrying once" in out.stdout and "1 run(s) failed twice" in out.stdout
     line = next(l for l in out.stdout.splitlines() if l.startswith("lr=-1 "))
     assert "0/1 (1 failed)" in line
+    ok = tmp_path / "runs" / points["lr=0.05"]["run_id"]
+    cells = next(l for l in out.stdout.splitlines() if l.startswith("lr=0.05 ")).split()
+    # no per-epoch test (the default): the delivered number, and no peek at all
+    assert cells[1:4] == ["1/1", "final", f"{delivered_test_acc(ok):.2f}%"] and cells[6] == "n/a", cells
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -84,3 +96,33 @@ def test_estimate_counts_every_run_on_every_slot():
     hours, usd = estimate(points, ["--epochs", "10"], ["g4dn.xlarge", "g4dn.xlarge"], slots=2, epoch_seconds=9)
     assert hours == pytest.approx(8 * 10 * 9 / 3600 / 2)
     assert usd == pytest.approx(hours * 2 * 0.526)
+
+
+def _forged_run(root, run_id, result, test_per_epoch):
+    d = root / run_id
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"status": "completed", "config": {}}))
+    rows = [{"epoch": e, "test_acc": t, "elapsed": 10.0 * e} for e, t in enumerate(test_per_epoch, 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "result.json").write_text(json.dumps(result))
+
+
+def test_summary_is_the_delivered_weights_not_the_last_epochs_test(tmp_path):
+    from infra.sweep import Point, summarize, table
+
+    # EMA delivered (99.45) while the last epoch's final weights tested 99.30 (with --test-every-epoch);
+    # a default run has no per-epoch test at all
+    _forged_run(tmp_path, "a1", {"test_acc": 99.45, "weights": "ema"}, [99.1, 99.41, 99.30])
+    _forged_run(tmp_path, "a2", {"test_acc": 99.35, "weights": "ema"}, [98.9, 99.2, 99.33])
+    _forged_run(tmp_path, "b1", {"test_acc": 99.20, "weights": "final"}, [None, None])
+    points = [Point("a", 1, [], "a1", status="completed"), Point("a", 2, [], "a2", status="completed"),
+              Point("b", 1, [], "b1", status="completed"), Point("b", 2, [], "b2", status="failed")]
+    a, b = summarize(points, tmp_path)
+    assert (a.accs, a.weights, a.epochs_to_target) == ([99.45, 99.35], ["ema", "ema"], [2, None])
+    assert (b.accs, b.weights, b.epochs_to_target, b.failed) == ([99.20], ["final"], [], 1)
+    lines = table([a, b]).splitlines()
+    assert lines[0].split()[:6] == ["config", "runs", "delivered", "min", "test", "median"]
+    assert "first epoch test>=99.40% (peek, median)" in lines[0]
+    assert lines[1].split()[:9] == ["a", "2/2", "ema", "99.35%", "99.40%", "99.45%", "2", "(1/2", "reached)"]
+    assert lines[2].split()[:7] == ["b", "1/2", "(1", "failed)", "final", "99.20%", "99.20%"]
+    assert lines[2].split()[8] == "n/a"  # nothing to peek at: not "not reached"

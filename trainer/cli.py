@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from trainer.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
 from trainer.errors import UserError
@@ -27,8 +28,8 @@ class Parser(argparse.ArgumentParser):
 
 def train_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m trainer train", description="Train a model from the zoo on MNIST. "
-               "Writes runs/<run-id>/ with config.json, metrics.jsonl, train.log, summary.txt, best.pt, last.pt "
-               "and result.json.")
+               "Writes runs/<run-id>/ with config.json, metrics.jsonl, train.log, summary.txt, last.pt, "
+               "best.pt (with a validation split), and at the end model.pt (the delivered weights) and result.json.")
     add_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="smoke test: 1 epoch of 2 batches, 512 eval images, in a throwaway run dir")
@@ -163,28 +164,37 @@ def _device(name: str):
 
 def cmd_evaluate(argv: list[str]) -> int:
     p = Parser(prog="python -m trainer evaluate", description="Test accuracy of a checkpoint on the 10k MNIST test set.")
-    p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
+    p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("--data-dir", help="directory with the MNIST IDX files (default: as for training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    from trainer.inference import load_model, test_accuracy, trained_input_size
+    from trainer.inference import load_model, resolve_weights, test_accuracy, trained_input_size
 
     device = _device(args.device)
-    model, ckpt = load_model(args.weights, device)
-    loss, acc, n = test_accuracy(model, args.data_dir, device, input_size=trained_input_size(ckpt))
+    path = resolve_weights(args.weights)
+    model, ckpt = load_model(path, device)
+    # the run's own eval batch: the same batches as its result.json's test, so the same bits
+    batch = (ckpt.get("config") or {}).get("eval_batch_size", 256)
+    loss, acc, n = test_accuracy(model, args.data_dir, device, batch_size=batch, input_size=trained_input_size(ckpt))
     if args.json:
-        print(json.dumps({"weights": args.weights, "model": ckpt["model_name"], "epoch": ckpt.get("epoch"),
-                          "test_acc": acc, "test_loss": loss, "images": n}))
+        print(json.dumps({"checkpoint": str(path), "weights": ckpt.get("weights"), "model": ckpt["model_name"],
+                          "epoch": ckpt.get("epoch"), "test_acc": acc, "test_loss": loss, "images": n}))
     else:
-        print(f"{ckpt['model_name']} (epoch {ckpt.get('epoch')}): test accuracy {acc:.2f}% "
+        print(f"{ckpt['model_name']}, {describe_weights(ckpt, path)}: test accuracy {acc:.2f}% "
               f"({round(acc * n / 100)}/{n}), loss {loss:.4f}")
     return 0
 
 
+def describe_weights(ckpt: dict, path: Path) -> str:
+    """'EMA weights, epoch 15 (model.pt)' for delivered weights; 'last.pt, epoch 3' for any other checkpoint."""
+    kind = {"final": "final weights", "ema": "EMA weights"}.get(ckpt.get("weights"))
+    return f"{kind}, epoch {ckpt.get('epoch')} ({path.name})" if kind else f"{path.name}, epoch {ckpt.get('epoch')}"
+
+
 def cmd_predict(argv: list[str]) -> int:
     p = Parser(prog="python -m trainer predict", description="Classify digit images (PNG or JPEG).")
-    p.add_argument("weights", help="a .pt checkpoint, or a run directory (uses its best.pt)")
+    p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("images", nargs="+", help="image files; any size, dark-on-light or light-on-dark")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")

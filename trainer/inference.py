@@ -17,10 +17,15 @@ from trainer.models import build_model
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best.pt)."""
+    """A checkpoint file, or a run directory: the weights it delivers (its model.pt), the same ones
+    its result.json reports. Never best.pt or last.pt by default: those are a resume's, not the run's answer."""
     path = Path(path)
     if path.is_dir():
-        path = path / rd.BEST
+        delivered = path / rd.MODEL
+        if not delivered.is_file():
+            raise UserError(f"{path} has no delivered weights ({rd.MODEL}) yet: the run has not finished, or an "
+                            f"older version made it; pass {path / rd.LAST} (or {rd.BEST}) explicitly")
+        return delivered
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a .pt checkpoint or a run directory")
     return path

@@ -127,7 +127,8 @@ def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = 
             f"mnist-cloud train --on {name} --resume {run_id}")
     elif result_file.exists():
         result = json.loads(result_file.read_text())
-        log(f"final test accuracy {result['test_acc']:.2f}% | {pulled.files} file(s) pulled into "
+        weights = "EMA of the weights" if result.get("weights") == "ema" else "final weights"
+        log(f"test accuracy {result['test_acc']:.2f}% ({weights}, model.pt) | {pulled.files} file(s) pulled into "
             f"{job.local_runs / run_id}")
     else:
         log(f"{run_id} ended with exit {code}; partial results pulled into {job.local_runs / run_id}")

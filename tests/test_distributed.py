@@ -146,7 +146,7 @@ def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
               "--epochs", "2", "--train-limit", "4096", "--eval-limit", "1000", "--data-dir", str(mnist_dir),
               "--run-id", "duo-run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "rendezvous at" in out.stdout and "final test accuracy" in out.stdout
+    assert "rendezvous at" in out.stdout and "test accuracy" in out.stdout and "(final weights, model.pt)" in out.stdout
     config = json.loads((code / "runs" / "duo-run" / "config.json").read_text())
     assert config["distributed"]["world_size"] == 2 and config["status"] == "completed"
     assert len(epochs(code / "runs" / "duo-run")) == 2

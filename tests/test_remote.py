@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,7 +50,7 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
     assert out.returncode == 0, out.stdout + out.stderr
     assert "synced" in out.stdout and "setting up e2e" in out.stdout
     assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance
-    assert "final test accuracy" in out.stdout
+    assert re.search(r"test accuracy \d+\.\d\d% \(final weights, model.pt\)", out.stdout), out.stdout
     local = code / "runs" / "remote1"
     remote = host.home / "mnist-cloud" / "e2e" / "runs" / "remote1"
     assert (local / "result.json").exists() and (local / "best.pt").exists()

@@ -244,7 +244,7 @@ def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, fresh, ho
         assert json.loads((root / "etc/mnist-cloud/autostop.json").read_text())["shutdown_behavior"] == "stop"
         follow = cli("logs", "keep5", "keep5-run", "-f")
         assert follow.returncode == 0, follow.stdout + follow.stderr
-        assert "final test accuracy" in follow.stdout and (code / "runs" / "keep5-run" / "result.json").exists()
+        assert "(final weights, model.pt)" in follow.stdout and (code / "runs" / "keep5-run" / "result.json").exists()
         assert shutdown_behavior(fresh, "keep5") == "terminate"  # all pulled: terminate is safe again
         assert json.loads((root / "etc/mnist-cloud/autostop.json").read_text())["shutdown_behavior"] == "terminate"
 

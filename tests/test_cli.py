@@ -21,7 +21,8 @@ TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "3072", "--no-progr
 def trained(tmp_path_factory, mnist_dir, mnist_cloud):
     """One real `mnist-cloud train` run (a validation split, so best.pt too), tested on the full 10k test set."""
     work = tmp_path_factory.mktemp("cli")
-    proc = run_cli([*mnist_cloud, "train", *TINY, "--train-limit", "8192", "--epochs", "2", "--run-id", "tiny"],
+    proc = run_cli([*mnist_cloud, "train", *TINY, "--train-limit", "8192", "--epochs", "2", "--val-size", "10000",
+                    "--run-id", "tiny"],
                    env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=work)
     assert proc.returncode == 0, proc.stderr
     return work / "runs" / "tiny", proc

@@ -42,10 +42,10 @@ def _world(endpoint, tmp_path_factory, mnist_cloud, mnist_dir):
     raw = bytearray((corrupt / "t10k-images-idx3-ubyte.gz").read_bytes())
     (corrupt / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     (root / "broken.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
-    flipped = bytearray((root / "runs" / "done" / "best.pt").read_bytes())
+    flipped = bytearray((root / "runs" / "done" / "model.pt").read_bytes())
     flipped[len(flipped) // 2] ^= 0x01  # one bit: torch.load alone would not notice
     (root / "flipped.pt").write_bytes(bytes(flipped))
-    shutil.copy(root / "runs" / "done" / "best.pt.sha256", root / "flipped.pt.sha256")
+    shutil.copy(root / "runs" / "done" / "model.pt.sha256", root / "flipped.pt.sha256")
     torch.save(torch.nn.Linear(2, 2), root / "module.pt")  # a pickled model, not our checkpoint
     open_key = root / "open_key"
     open_key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")

@@ -53,7 +53,7 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
     assert re.search(r"test accuracy \d+\.\d\d% \(final weights, model.pt\)", out.stdout), out.stdout
     local = code / "runs" / "remote1"
     remote = host.home / "mnist-cloud" / "e2e" / "runs" / "remote1"
-    assert (local / "result.json").exists() and (local / "best.pt").exists()
+    assert (local / "result.json").exists() and (local / "model.pt").exists()
     assert tree_hashes(local) == tree_hashes(remote)  # the pulled run dir is the remote one, byte for byte
     config = json.loads((local / "config.json").read_text())
     assert config["status"] == "completed" and config["git"]["sha"] is None  # the copy has no .git

@@ -766,12 +766,12 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                    "elapsed": elapsed_before + time.perf_counter() - run_started}
             if progress.compile_seconds:
                 row["compile_seconds"] = progress.compile_seconds
-            save(epoch, improved)
-            if dist.main:
+            if dist.main:  # the row before the checkpoint: a kill between them redoes the epoch, never loses its row
                 run.append_metrics(row)
                 line = log_line(row, best_val)
                 run.log(line)
                 say(line, flush=True)
+            save(epoch, improved)
             if dist.any(bool(stop), device) and epoch < cfg.epochs:  # signalled during evaluation: epoch saved
                 return interrupted(stop, f"the end of epoch {epoch}")
 

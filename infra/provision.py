@@ -11,7 +11,6 @@ import dataclasses
 import ipaddress
 import os
 import re
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -818,19 +817,26 @@ class DownReport:
     placement_groups: list[str] = field(default_factory=list)
 
 
+GROUP_RELEASE_WAIT = 60.0  # a terminated instance's network interface can hold its group for a while
+
+
 def _delete_group(aws: Aws, group_id: str, log: Log) -> bool:
-    """Delete a security group; its instances' network interfaces may take a moment to let go."""
-    for attempt in range(12):
+    """Delete a security group; False when it was already gone. Its instances' network interfaces may take
+    a moment to let go (DependencyViolation): polled through aws.wait, so a group that stays in use ends
+    in one line at the deadline, and `down` run again carries on from there."""
+    def check():
         try:
             aws.call("ec2", "delete_security_group", GroupId=group_id)
             return True
         except CloudError as e:
             if e.code == "InvalidGroup.NotFound":
                 return False
-            if e.code != "DependencyViolation" or attempt == 11:
-                raise
-            time.sleep(5)
-    return False
+            if e.code == "DependencyViolation":
+                return None
+            raise
+
+    return aws.wait(f"security group {group_id} to be released by its network interfaces (DependencyViolation)",
+                    check, timeout=GROUP_RELEASE_WAIT, delay=5)
 
 
 def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> DownReport:

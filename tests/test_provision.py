@@ -256,6 +256,142 @@ def test_botocore_standard_retries_are_configured(aws, monkeypatch):
     assert Aws().client("ec2").meta.config.retries["total_max_attempts"] == 2
 
 
+class FakeTime:
+    """Aws's clock and sleep: time passes only when Aws sleeps, and a loop that would never end fails the test
+    after `limit` sleeps instead of hanging it."""
+
+    def __init__(self, limit: int = 1000):
+        self.now, self.sleeps, self.limit = 0.0, [], limit
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        assert len(self.sleeps) <= self.limit, "the loop did not end"
+        self.now += seconds
+
+
+def assert_one_line(err: Exception) -> None:
+    """What the CLI prints for it: a UserError (one line on stderr, exit 2), not a traceback."""
+    assert isinstance(err, UserError) and str(err) and "\n" not in str(err), repr(err)
+
+
+def test_throttling_backs_off_longer_each_time_then_says_so_in_one_line(aws, monkeypatch):
+    """Our retries are botocore's standard mode: each wait before a retry is longer than the one before
+    (jitter pinned to its maximum), MAX_ATTEMPTS requests in all, then one line. A constant delay fails this."""
+    import types
+
+    import botocore.endpoint
+    from botocore.retries import standard
+    from cloud import Faults
+
+    from infra.aws import MAX_ATTEMPTS
+
+    real_init = standard.ExponentialBackoff.__init__
+    monkeypatch.setattr(standard.ExponentialBackoff, "__init__",
+                        lambda self, **kw: real_init(self, **{**kw, "random": lambda: 1.0}))
+    sleeps = []
+    monkeypatch.setattr(botocore.endpoint, "time", types.SimpleNamespace(sleep=sleeps.append))
+    faults = Faults()
+    faults.install(monkeypatch)
+    faults.fail("DescribeInstances", "RequestLimitExceeded", times=100, status=503)
+    with pytest.raises(CloudError) as err:
+        P.find_instances(Aws(), "exp")  # a client made after the patches
+    assert_one_line(err.value)
+    assert err.value.code == "RequestLimitExceeded" and "throttled ec2:describe_instances" in str(err.value)
+    assert "run the command again" in str(err.value)
+    assert len(faults.sent["DescribeInstances"]) == MAX_ATTEMPTS and len(sleeps) == MAX_ATTEMPTS - 1 >= 3, sleeps
+    assert all(later > earlier for earlier, later in zip(sleeps, sleeps[1:])), sleeps
+    assert sleeps[-1] >= 8 * sleeps[0], sleeps  # exponential, not a creep
+
+
+def test_a_wait_polls_every_delay_until_its_deadline_then_says_what_it_waited_for(aws):
+    """aws.wait is a fixed-interval poll (like botocore's waiters; the backoff is inside each call, above).
+    It ends at its deadline, on the injected clock, in one line naming the last transient error."""
+    t = FakeTime()
+    slow = Aws(sleep=t.sleep, clock=t.clock)
+    checks = []
+
+    def throttled():
+        checks.append(t.now)
+        raise CloudError(explain("Throttling", "", "ec2:describe_instances"), "Throttling", transient=True)
+
+    with pytest.raises(CloudError) as err:
+        slow.wait("i-123 to run", throttled, timeout=22, delay=5)
+    assert_one_line(err.value)
+    assert err.value.code == "WaitTimeout" and str(err.value).startswith("gave up after 22 s waiting for i-123 to run")
+    assert "last error: AWS throttled" in str(err.value) and "run the command again" in str(err.value)
+    assert t.sleeps == [5, 5, 5, 5, 2] and checks == [0, 5, 10, 15, 20, 22]  # the last sleep stops at the deadline
+
+    denied = FakeTime()
+    with pytest.raises(CloudError, match="AWS denied"):  # not transient: no second look
+        Aws(sleep=denied.sleep, clock=denied.clock).wait("x", lambda: (_ for _ in ()).throw(
+            CloudError(explain("UnauthorizedOperation", "", "ec2:x"), "UnauthorizedOperation")), timeout=60)
+    assert denied.sleeps == []
+
+
+def test_not_found_right_after_a_create_settles_then_the_last_answer_is_the_error(aws, monkeypatch):
+    """call(settle=...) asks again for SETTLE_SECONDS, then one last time; that answer's line is the error."""
+    from infra.aws import SETTLE_SECONDS
+
+    t = FakeTime()
+    slow = Aws(sleep=t.sleep, clock=t.clock)
+    tries = []
+
+    def never_visible(**kwargs):
+        tries.append(t.now)
+        raise _client_error("InvalidGroup.NotFound")
+
+    monkeypatch.setattr(slow.client("ec2"), "authorize_security_group_ingress", never_visible)
+    with pytest.raises(CloudError) as err:
+        slow.call("ec2", "authorize_security_group_ingress", settle=("InvalidGroup.NotFound",), GroupId="sg-1")
+    assert_one_line(err.value)
+    assert err.value.code == "InvalidGroup.NotFound" and "authorize_security_group_ingress failed" in str(err.value)
+    assert t.now == SETTLE_SECONDS and tries[-2:] == [SETTLE_SECONDS, SETTLE_SECONDS]  # the deadline, then the last try
+    assert len(tries) == SETTLE_SECONDS / 2 + 2
+
+
+def _group_in_use(aws, monkeypatch, times):
+    """delete_security_group answers DependencyViolation `times` times (the instance's interface lets go late)."""
+    real_call = aws.call
+    refused = []
+
+    def in_use(service, operation, **kwargs):
+        if operation == "delete_security_group" and len(refused) < times:
+            refused.append(kwargs["GroupId"])
+            raise CloudError(explain("DependencyViolation", "resource has a dependent object", operation),
+                             "DependencyViolation")
+        return real_call(service, operation, **kwargs)
+
+    monkeypatch.setattr(aws, "call", in_use)
+    return refused
+
+
+def test_down_waits_for_a_security_group_still_in_use(aws, ec2, monkeypatch):
+    launch(aws)
+    t = FakeTime()
+    aws._sleep, aws._clock = t.sleep, t.clock
+    refused = _group_in_use(aws, monkeypatch, times=3)
+    report = P.down(aws, "exp", log=lambda m: None)
+    assert len(refused) == 3 and report.security_groups == refused[:1]
+    assert _ours(ec2) == ([], [], [], [])
+
+
+def test_a_security_group_that_stays_in_use_ends_down_in_one_line(aws, ec2, monkeypatch):
+    launch(aws)
+    t = FakeTime()
+    aws._sleep, aws._clock = t.sleep, t.clock
+    refused = _group_in_use(aws, monkeypatch, times=10_000)
+    with pytest.raises(CloudError) as err:
+        P.down(aws, "exp", log=lambda m: None)
+    assert_one_line(err.value)
+    assert err.value.code == "WaitTimeout" and f"after {P.GROUP_RELEASE_WAIT:.0f} s" in str(err.value)
+    assert f"security group {refused[0]}" in str(err.value) and "run the command again" in str(err.value)
+    assert t.now == P.GROUP_RELEASE_WAIT and len(refused) == P.GROUP_RELEASE_WAIT / 5 + 1
+    assert _ours(ec2)[0] == [] and len(_ours(ec2)[1]) == 1  # terminated; the group is left for the next `down`
+
+
 def test_other_errors_are_not_retried(aws):
     calls = []
 

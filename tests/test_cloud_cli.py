@@ -65,6 +65,32 @@ def ec2_client(endpoint):
                         aws_secret_access_key="testing")
 
 
+def started_hours_ago(endpoint, name: str, hours: float) -> None:
+    """Move the launch time of `name`'s instance back, in the moto server's own backend (it runs in this
+    process), so `status` sees an instance that has been up for `hours`."""
+    from datetime import timedelta
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    tagged = [{"Name": "tag:mnist-cloud:name", "Values": [name]}]
+    [iid] = [i["InstanceId"] for r in ec2_client(endpoint).describe_instances(Filters=tagged)["Reservations"]
+             for i in r["Instances"]]
+    inst = ec2_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_instance(iid)
+    inst.launch_time -= timedelta(hours=hours)
+
+
+def status_row(cloud, name: str, extra_env=None) -> dict[str, str]:
+    """`mnist-cloud status NAME`'s row, by column."""
+    out = cloud("status", name, extra_env=extra_env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = lines[0].replace("COST SO FAR", "COST").split()
+    [row] = [l.split() for l in lines[1:] if l.startswith(name + " ")]
+    assert len(row) == len(header), lines
+    return dict(zip(header, row))
+
+
 def test_launch_status_stop_start_down(cloud):
     out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
     assert out.returncode == 0, out.stderr
@@ -75,17 +101,22 @@ def test_launch_status_stop_start_down(cloud):
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_text().splitlines()[1] not in out.stdout + out.stderr
 
-    status = cloud("status")
-    assert status.returncode == 0, status.stderr
-    line = next(l for l in status.stdout.splitlines() if l.startswith("exp1"))
-    assert "g4dn.xlarge" in line and "running" in line and "on-demand" in line and "$" in line and "30m:stop" in line
+    # cost so far = hours up x the hourly price: here from the user's prices.json, at a price no table has
+    prices = cloud.home.parent / "prices.json"
+    prices.write_text(json.dumps({"g4dn.xlarge": 1.234}))
+    started_hours_ago(cloud.endpoint, "exp1", 10)
+    row = status_row(cloud, "exp1", extra_env={"MNIST_CLOUD_PRICES": str(prices)})
+    assert row["TYPE"] == "g4dn.xlarge" and row["STATE"] == "running" and row["LIFECYCLE"] == "on-demand"
+    assert row["UPTIME"] == "10h00m" and row["COST"] == f"${10 * 1.234:.2f}" == "$12.34"
+    assert row["AUTOSTOP"] == "30m:stop"
 
     again = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
     assert again.returncode == 0 and "already exists" in again.stdout
     assert len([l for l in cloud("ls").stdout.splitlines() if l.startswith("exp1")]) == 1
 
     assert cloud("stop", "exp1").returncode == 0
-    assert "stopped" in next(l for l in cloud("status", "exp1").stdout.splitlines() if l.startswith("exp1"))
+    stopped = status_row(cloud, "exp1")
+    assert stopped["STATE"] == "stopped" and stopped["UPTIME"] == "-" and stopped["COST"] == "$0.00"  # disk only
     started = cloud("start", "exp1")
     assert started.returncode == 0 and "running" in started.stdout
 
@@ -103,8 +134,11 @@ def test_launch_status_stop_start_down(cloud):
 def test_spot_launch_and_down_all(cloud):
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "a", "--spot").returncode == 0
     assert cloud("launch", "--instance", "g5.xlarge", "--name", "b", "--ssh-cidr", "192.0.2.1/32").returncode == 0
-    status = cloud("status").stdout
-    assert "spot" in next(l for l in status.splitlines() if l.startswith("a "))
+    assert status_row(cloud, "a")["LIFECYCLE"] == "spot"
+    # without prices.json: the built-in table, us-east-1's on-demand list price of a g5.xlarge ($1.006/h)
+    started_hours_ago(cloud.endpoint, "b", 3)
+    b = status_row(cloud, "b")
+    assert b["UPTIME"] == "3h00m" and b["COST"] == f"${3 * 1.006:.2f}" == "$3.02"
     down = cloud("down", "--all", "--yes", "--discard-runs")  # no SSH here to check them for runs
     assert down.returncode == 0 and "2 instance(s)" in down.stdout
     ec2 = ec2_client(cloud.endpoint)

@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cloud import aws_env, moto_server, seed_dlami
 from conftest import REPO, run_cli
 from sshhost import tools_available
+from trainer.checkpoint import load_checkpoint
 
 TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
         "--no-report"]
+TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed", "compile_seconds"}
 
 
 def torchrun(nproc: int, args: list[str], tmp_path: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
@@ -32,16 +35,27 @@ def epochs(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
 
 
+def without_timing(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in epochs(run_dir)]
+
+
 @pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory, mnist_dir):
+def two_processes(tmp_path_factory, mnist_dir):
+    """TINY on 2 processes, uninterrupted: what the 1-process run and the distributed resume are held to."""
     tmp = tmp_path_factory.mktemp("ddp")
-    single = subprocess.run([sys.executable, "-m", "trainer", "train", *TINY, "--run-id", "one", "--data-dir",
-                             str(mnist_dir), "--out-dir", str(tmp / "runs"), "--threads", "2"],
-                            capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert single.returncode == 0, single.stderr
     double = torchrun(2, [*TINY, "--run-id", "two"], tmp, mnist_dir)
     assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-3000:]
-    return tmp / "runs" / "one", tmp / "runs" / "two", double
+    return tmp / "runs" / "two", double
+
+
+@pytest.fixture(scope="module")
+def one_and_two(two_processes, mnist_dir):
+    two, double = two_processes
+    single = subprocess.run([sys.executable, "-m", "trainer", "train", *TINY, "--run-id", "one", "--data-dir",
+                             str(mnist_dir), "--out-dir", str(two.parent), "--threads", "2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert single.returncode == 0, single.stderr
+    return two.parent / "one", two, double
 
 
 def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
@@ -66,7 +80,9 @@ def test_only_rank_zero_writes(one_and_two):
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def test_distributed_resume(tmp_path, mnist_dir):
+def test_distributed_resume(two_processes, tmp_path, mnist_dir):
+    """Stopped after epoch 1 of 3 on 2 processes and resumed on 2: the same run as the uninterrupted one."""
+    straight, _ = two_processes
     first = torchrun(2, [*TINY, "--run-id", "r", "--stop-after", "1"], tmp_path, mnist_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt_world = subprocess.run([sys.executable, "-c", "import torch,sys; c=torch.load(sys.argv[1], weights_only=True);"
@@ -75,7 +91,17 @@ def test_distributed_resume(tmp_path, mnist_dir):
     assert ckpt_world.stdout.split() == ["2", "2"]  # every rank's RNG state is in the checkpoint
     second = torchrun(2, ["--resume", str(tmp_path / "runs" / "r"), "--no-progress"], tmp_path, mnist_dir)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert [r["epoch"] for r in epochs(tmp_path / "runs" / "r")] == [1, 2, 3]
+    split = tmp_path / "runs" / "r"
+    assert [r["epoch"] for r in epochs(split)] == [1, 2, 3]
+    # Bit-for-bit, as one process's resume is (test_train.py): the same 2 ranks, each with 1 thread,
+    # restore their own RNG streams, and gloo's all-reduce of 2 gradients is a single a + b, the same
+    # sum in either order. A resume that dropped the weights, the optimizer state or a rank's RNG differs.
+    assert without_timing(split) == without_timing(straight)
+    delivered = [load_checkpoint(d / "model.pt")["model_state"] for d in (straight, split)]
+    assert delivered[0].keys() == delivered[1].keys()
+    assert all(torch.equal(delivered[0][k], delivered[1][k]) for k in delivered[0]), "model.pt differs"
+    results = [json.loads((d / "result.json").read_text()) for d in (straight, split)]
+    assert results[1]["test_acc"] == results[0]["test_acc"]
 
 
 # ---------------------------------------------------------------------------------- a two-node cluster

@@ -216,13 +216,59 @@ def test_bad_config_is_refused_before_any_work(tmp_path, mnist_dir, field, value
     assert not (tmp_path / "runs").exists()  # nothing was created
 
 
-@pytest.mark.parametrize("optimizer,schedule", [("adam", "step"), ("adamw", "cyclic"), ("sgd", "none"),
-                                                ("sgd", "plateau")])
+# What each (optimizer, schedule) must leave behind, worked out by hand rather than by replaying the
+# trainer's own make_scheduler (a replay would agree with a trainer that ignored --schedule). 2 epochs of
+# 8 steps (1,024 images / 128); a row's "lr" is the optimizer's at the end of its epoch: after the
+# epoch's steps of a per-step schedule, before a per-epoch schedule steps. "next" is what last.pt holds:
+# the learning rate of the next step.
+#   step (step_size 1, gamma 0.1): lr, then lr/10; the next epoch would get lr/100
+#   cyclic (base lr/10, up over 2 epochs = 16 steps): half-way up after epoch 1, the peak after epoch 2
+#   none: lr throughout; plateau (patience 2): no drop within 2 epochs, but its state is the plateau's
+SCHEDULE_CASES = {
+    ("adam", "step"): {"lr": 0.003, "rows": [1.0, 0.1], "next": 0.01},
+    ("adamw", "cyclic"): {"lr": 0.003, "rows": [0.1 + 0.9 * 0.5, 1.0], "next": 1.0},
+    ("sgd", "none"): {"lr": 0.05, "rows": [1.0, 1.0], "next": 1.0},
+    ("sgd", "plateau"): {"lr": 0.05, "rows": [1.0, 1.0], "next": 1.0},
+}
+
+
+@pytest.mark.parametrize("optimizer,schedule", list(SCHEDULE_CASES))
 def test_optimizers_and_schedules_run(tmp_path, mnist_dir, optimizer, schedule):
-    lr = 0.003 if optimizer.startswith("adam") else 0.05
-    result = fit(small(tmp_path, mnist_dir, optimizer=optimizer, schedule=schedule, lr=lr, epochs=1,
-                       train_limit=1024, eval_limit=500, label_smoothing=0.1))
+    case = SCHEDULE_CASES[optimizer, schedule]
+    lr = case["lr"]
+    result = fit(small(tmp_path, mnist_dir, optimizer=optimizer, schedule=schedule, lr=lr, epochs=2, step_size=1,
+                       gamma=0.1, train_limit=1024, eval_limit=500, label_smoothing=0.1, run_id="o"))
     assert result["status"] == "completed" and 0 <= result["test_acc"] <= 100
+    run_dir = tmp_path / "runs" / "o"
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (config["optimizer"], config["schedule"]) == (optimizer, schedule)
+
+    # the schedule: the learning rate each epoch trained at, and the one the next epoch would start at
+    rows = _epochs(run_dir)
+    assert [r["lr"] for r in rows] == pytest.approx([lr * f for f in case["rows"]], rel=1e-9)
+    last = load_checkpoint(run_dir / "last.pt")
+    group = last["optimizer_state"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(lr * case["next"], rel=1e-9)
+    sched = last["scheduler_state"]
+    if schedule == "none":
+        assert sched is None
+    elif schedule == "step":
+        assert (sched["step_size"], sched["gamma"], sched["last_epoch"]) == (1, 0.1, 2)
+    elif schedule == "cyclic":
+        assert sched["total_size"] == 32 and sched["mode"] == "triangular2" and sched["last_epoch"] == 16
+    else:  # plateau: fed the validation accuracy, maximized
+        assert (sched["mode"], sched["patience"], sched["factor"]) == ("max", 2, 0.1)
+        assert sched["best"] == max(r["val_acc"] for r in rows)
+
+    # the optimizer: Adam's two moments, or SGD's momentum buffer; AdamW's weight decay decoupled
+    states = last["optimizer_state"]["state"].values()
+    if optimizer == "sgd":
+        assert all(s.keys() == {"momentum_buffer"} for s in states)
+        assert group["momentum"] == 0.9 and group["nesterov"] is True
+    else:
+        assert all({"exp_avg", "exp_avg_sq", "step"} <= s.keys() for s in states)
+        assert "momentum" not in group and group["decoupled_weight_decay"] is (optimizer == "adamw")
+    assert group["weight_decay"] == 5e-4
 
 
 def test_val_size_zero_trains_on_60k_and_logs_na(tmp_path, mnist_dir):

@@ -1,8 +1,9 @@
 """A real OpenSSH server standing in for an EC2 instance: inside a network namespace the test creates,
 on port 22 of its own address (10.77.N.2), reached from here over a veth pair.
 
-It logs in `ubuntu` (the Deep Learning AMI's user), added for the session as a uid-0 alias with its
-home in the test's temp dir, so the "instance" can read the test venv and the local MNIST files.
+It logs in `ubuntu` (the Deep Learning AMI's user), added as a uid-0 alias, so the "instance" can
+read the test venv and the local MNIST files. Each host is a machine of its own: its own network,
+PID and mount namespaces, its own terminals, and its own home for `ubuntu` (see start_machine).
 Nothing here talks to anything but the namespace's own address.
 """
 
@@ -12,10 +13,22 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
+USER = "ubuntu"  # the Deep Learning AMI's login
+# PID 1 of a test host. Like systemd on an instance it reaps the orphans it inherits (a detached job's
+# wrapper shell): a zombie would still answer `kill -0`, and the job would look alive forever.
+INIT = """# mnist-cloud-test-init
+import os, time
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        time.sleep(0.1)
+"""
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,9 +92,17 @@ class SSHTestHost:
         else:
             self.subnet = f"10.77.{(os.getpid() + index) % 200 + 20}"
             self.addr = f"{self.subnet}.2"
+        # the login's home on this machine: bind-mounted over `ubuntu`'s home inside the machine's own
+        # mount namespace, so every test host (each node of a cluster, each concurrent test session)
+        # has its own ~ even though they share one login
+        self.home = self.dir / "home"
+        self.home.mkdir(exist_ok=True)
         self.authorized_keys = self.dir / "authorized_keys"
         self.authorized_keys.touch()
         self.proc: subprocess.Popen | None = None
+        self.sshd_pid = 0
+        self.init: subprocess.Popen | None = None
+        self.init_pid = 0
 
     # ---------------------------------------------------------------------------------- network
     def create_namespace(self) -> None:
@@ -132,22 +153,63 @@ Subsystem sftp internal-sftp
 SetEnv MNIST_CLOUD_ROOT={self.dir}/root
 """)
         Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, SSHD, "-D", "-f", str(config),
-                                      "-E", str(self.dir / "sshd.log")], start_new_session=True)
+        self.start_machine()
+        self.proc = subprocess.Popen([*self.inside(), SSHD, "-D", "-f", str(config), "-E", str(self.dir / "sshd.log")],
+                                     start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if sh("ip", "netns", "exec", self.ns, "bash", "-c", f"exec 3<>/dev/tcp/{self.addr}/22", check=False).returncode == 0:
+            if self.exec(f"exec 3<>/dev/tcp/{self.addr}/22", shell="bash").returncode == 0:
+                self.sshd_pid = _child_of(self.proc.pid)  # nsenter forks: sshd is its child
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()}")
             time.sleep(0.1)
         raise RuntimeError("sshd did not start listening")
 
+    def start_machine(self) -> None:
+        """The machine's own process table and terminals: an init (INIT) as PID 1 of a new
+        PID namespace with its own /proc and a private devpts instance, so what runs on the "instance"
+        (and what the watchdog sees in /proc and /dev/pts) is only what the tests started there, never
+        the processes or terminals of the machine running the tests. Its processes outlive sshd, as on
+        an instance; stopping the init ends them all, as a shutdown does."""
+        import pwd
+        import shlex
+
+        if self.init and self.init.poll() is None:
+            return
+        login_home = pwd.getpwnam(USER).pw_dir
+        Path(login_home).mkdir(parents=True, exist_ok=True)
+        private = (f"mount --bind {shlex.quote(str(self.home))} {shlex.quote(login_home)}"
+                   " && mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts"
+                   f" && mount --bind /dev/pts/ptmx /dev/ptmx && exec {shlex.quote(sys.executable)} -c {shlex.quote(INIT)}")
+        self.init = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--pid", "--fork", "--mount-proc",
+                                      "sh", "-c", private], start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pid = _child_of(self.init.pid)
+            if pid and "mnist-cloud-test-init" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                self.init_pid = pid
+                return
+            if self.init.poll() is not None:
+                raise RuntimeError("could not make the test host's PID namespace (unshare --pid --mount-proc)")
+            time.sleep(0.05)
+        raise RuntimeError("the test host's init did not start")
+
+    def inside(self) -> list[str]:
+        """argv prefix that runs a command on the "instance": its network, PID and mount namespaces."""
+        return ["nsenter", "-t", str(self.init_pid), "-n", "-p", "-m"]
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=10)
         self.proc = None
+
+    def stop_machine(self) -> None:
+        if self.init and self.init.poll() is None:
+            os.killpg(self.init.pid, signal.SIGKILL)  # PID 1 gone: the kernel ends the namespace's processes
+            self.init.wait(timeout=10)
+        self.init = None
 
     def restart_with_new_host_key(self) -> None:
         self.stop()
@@ -162,16 +224,35 @@ SetEnv MNIST_CLOUD_ROOT={self.dir}/root
 
     def kill_connections(self) -> None:
         """Drop every SSH session (the connection dies; processes started with setsid live on)."""
-        if self.proc:
-            sh("pkill", "-TERM", "-P", str(self.proc.pid), check=False)
+        if self.sshd_pid:
+            sh("pkill", "-TERM", "-P", str(self.sshd_pid), check=False)
 
-    def exec(self, command: str) -> subprocess.CompletedProcess:
-        """Run a command inside the namespace (as if on the instance's console)."""
-        return sh("ip", "netns", "exec", self.ns, "sh", "-c", command, check=False)
+    def limit_rate(self, rate: str | None) -> None:
+        """Cap what the machine sends (e.g. "4mbit"), so a transfer is still under way when a test
+        interrupts it; None lifts the cap."""
+        if rate:
+            sh("ip", "netns", "exec", self.ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate,
+               "burst", "32kbit", "latency", "400ms")
+        else:
+            sh("ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+    def exec(self, command: str, shell: str = "sh") -> subprocess.CompletedProcess:
+        """Run a command on the "instance" (as if on its console)."""
+        return sh(*self.inside(), shell, "-c", command, check=False)
 
     def teardown(self) -> None:
         self.stop()
+        self.stop_machine()
         self.delete_namespace()
+
+
+def _child_of(pid: int) -> int:
+    """The first child process of `pid`, or 0."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0
+    return int(children[0]) if children else 0
 
 
 def tools_available() -> str | None:

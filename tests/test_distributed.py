@@ -110,11 +110,10 @@ def cluster(tmp_path_factory):
     reason = tools_available()
     if reason:
         pytest.skip(reason)
-    from sshhost import Bridge, SSHTestHost, ensure_user, remove_user
+    from sshhost import USER, Bridge, SSHTestHost, ensure_user
 
     work = tmp_path_factory.mktemp("cluster")
-    home, created = ensure_user("ubuntu", work / "home-ubuntu")
-    shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
+    ensure_user(USER, work / "home-ubuntu")
     bridge = Bridge()
     hosts = [SSHTestHost(work / f"node{i}", index=i, bridge=bridge) for i in range(2)]
     addresses = iter([h.addr for h in hosts])  # node 0's instance gets the first host, node 1's the second
@@ -125,14 +124,11 @@ def cluster(tmp_path_factory):
             h.start()
         with moto_server(lambda: next(addresses), key_hosts=hosts) as endpoint:
             seed_dlami()
-            yield {"hosts": hosts, "home": home, "endpoint": endpoint}
+            yield {"hosts": hosts, "endpoint": endpoint}  # each node its own home: host.home
     finally:
         for h in hosts:
             h.teardown()
         bridge.delete()
-        shutil.rmtree(home / "mnist-cloud", ignore_errors=True)
-        if created:
-            remove_user("ubuntu")
 
 
 def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
@@ -150,7 +146,7 @@ def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
             def text(b):
                 return (b.decode() if isinstance(b, bytes) else b or "")[-4000:]
             logs = "".join(f"\n--- {f}\n{f.read_text()[-3000:]}"
-                           for f in sorted((cluster["home"] / "mnist-cloud").glob("*/jobs/*.log")))
+                           for h in cluster["hosts"] for f in sorted((h.home / "mnist-cloud").glob("*/jobs/*.log")))
             raise AssertionError(f"{args[0]} timed out\n{text(e.stdout)}\n{text(e.stderr)}{logs}") from None
 
     out = cli("launch", "--instance", "g4dn.12xlarge", "--nodes", "2", "--name", "duo", "--ssh-cidr", "192.0.2.7/32")

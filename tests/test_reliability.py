@@ -19,9 +19,6 @@ import pytest
 
 from cloud import seed_dlami
 from conftest import REPO, assert_user_error, epochs_written, wait_for
-from sshhost import tools_available
-
-pytestmark = pytest.mark.skipif(tools_available() is not None, reason=str(tools_available()))
 
 # ~5 s epochs on 2 CPU cores: long enough to interrupt in the middle
 LONG = ["--device", "cpu", "--epochs", "3", "--train-limit", "6144", "--eval-limit", "500", "--no-report"]
@@ -138,7 +135,9 @@ def remote_dir(host, name="rel") -> Path:
 # ---------------------------------------------------------------------------------- the watchdog, for real
 def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir, env):
     """The real script on the test host, a fake `shutdown` on PATH: it fires after the idle time, and
-    never while a run or an interactive (pty) session is alive."""
+    never while a run or an interactive (pty) session is alive. The test host has its own PID
+    namespace and terminals, so nothing else on this machine counts; idle time is made by backdating
+    the watchdog's state file and the terminal's last input, not by sleeping."""
     from infra.remote import Endpoint, Remote
     from infra.state import State
     from infra.watchdog import AutostopConfig, install_over_ssh
@@ -149,12 +148,21 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
     fired = tmp_path / "shutdown-called"
     (fakebin / "shutdown").write_text(f"#!/bin/sh\necho \"$@\" >> {fired}\n")
     (fakebin / "shutdown").chmod(0o755)
+    state_file = root / "var/lib/mnist-cloud/autostop-state.json"
+
+    def backdate(minutes: float) -> None:
+        """As if the last activity the watchdog saw was `minutes` ago."""
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "last_active": time.time() - minutes * 60}))
+
+    def ptys() -> list[str]:
+        return [p for p in host.exec("ls /dev/pts").stdout.split() if p.isdigit()]
 
     os.environ["MNIST_CLOUD_HOME"] = env["MNIST_CLOUD_HOME"]
     h = State().get(launched)
     ep = Endpoint(name=launched, host=h.host, user=h.user, key_path=h.key_path, alias=h.instance_id)
     with Remote(ep) as remote:
-        out = install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # 3 s
+        out = install_over_ssh(remote, AutostopConfig(idle_minutes=30), root=str(root))
         assert "cron entry installed" in out
         assert (root / "etc/cron.d/mnist-cloud-autostop").read_text().startswith("* * * * * root")
         check = (f"MNIST_CLOUD_ROOT={root} PATH={fakebin}:$PATH python3 {root}/usr/local/bin/mnist-cloud-autostop")
@@ -163,44 +171,45 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
             return remote.run(check).stdout
 
         assert "idle for" in tick() and not fired.exists()  # the first look starts the clock
-        time.sleep(3.5)
+        backdate(29)
+        assert "-> shutdown" not in tick() and not fired.exists()
+        backdate(31)
         assert "-> shutdown" in tick() and fired.read_text().startswith("-h now")
 
         # a training run keeps it up
         fired.unlink()
-        install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))
+        install_over_ssh(remote, AutostopConfig(idle_minutes=30), root=str(root))
         start = cli("train", "--on", launched, *LONG, "--epochs", "2", "--data-dir", str(mnist_dir),
                     "--run-id", "busy", "--detach")
         assert start.returncode == 0, start.stderr
         wait_for(lambda: "a trainer is running" in tick(), timeout=60, step=0.5)
-        for _ in range(4):
-            time.sleep(1)
-            assert "a trainer is running" in tick()
+        backdate(60)
+        assert "a trainer is running" in tick() and not fired.exists()
         wait_for(lambda: (remote_dir(host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
         assert not fired.exists()
 
         # an interactive session (a pty) keeps it up while used; a tunnel-like session without one does not count
+        assert ptys() == []
         pty = subprocess.Popen([*remote.ssh_argv(tty=True), "-tt", remote.target(), "sleep 60"],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: any(p.name.isdigit() for p in Path("/dev/pts").iterdir()), timeout=30)
-            if fired.exists():
-                fired.unlink()
-            install_over_ssh(remote, AutostopConfig(idle_minutes=0.05), root=str(root))  # restart the clock
+            wait_for(lambda: ptys(), timeout=30)
+            install_over_ssh(remote, AutostopConfig(idle_minutes=30), root=str(root))  # restart the clock
             assert "interactive session" in tick()
-            time.sleep(1)
+            backdate(60)
             assert "interactive session" in tick() and not fired.exists()
-            time.sleep(3)
             # still open, but no input for longer than the idle time (its atime, as `w` reads it): idle
+            for name in ptys():
+                assert host.exec(f"touch -a -d @{int(time.time()) - 31 * 60} /dev/pts/{name}").returncode == 0
+            backdate(31)
             said = tick()
             assert "-> shutdown" in said and fired.exists(), said
         finally:
             pty.kill()
             pty.wait()
         fired.unlink()
-        time.sleep(0.5)
         tick()
-        time.sleep(3.5)
+        backdate(31)
         assert "-> shutdown" in tick() and fired.exists()
 
 
@@ -218,6 +227,14 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, ho
     attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    # what the watchdog on the machine will read (sshd gives sessions MNIST_CLOUD_ROOT=<host dir>/root)
+    installed = host.dir / "root" / "etc" / "mnist-cloud" / "autostop.json"
+
+    def on_machine() -> dict:
+        return json.loads(installed.read_text())
+
+    assert {k: on_machine()[k] for k in ("enabled", "idle_minutes", "action")} == {
+        "enabled": True, "idle_minutes": 10, "action": "terminate"}
     # with a run not pulled yet, EC2 must stop it instead (the instance cannot change this itself)
     run_dir = remote_dir(host) / "runs" / "unpulled-one"
     run_dir.mkdir(parents=True)
@@ -226,11 +243,13 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, ho
         assert cli("autostop", launched, "-i", "10", "--down").returncode == 0
         attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
         assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+        assert on_machine()["action"] == "terminate" and on_machine()["shutdown_behavior"] == "stop"
     finally:
         (run_dir / "config.json").unlink()
         run_dir.rmdir()
     assert cli("autostop", launched, "--cancel").returncode == 0
     assert " off" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    assert on_machine()["enabled"] is False
     assert_user_error(cli("autostop", launched), "-i MIN")
 
 
@@ -270,12 +289,10 @@ def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched,
     assert start.returncode == 0, start.stderr
     run_dir = remote_dir(host) / "runs" / "killed"
     wait_for(lambda: epochs_written(run_dir) == [1])  # epoch 2 under way (how far depends on the CPU)
-    # the trainer itself, not its wrapper shell (which must live on to record the exit code)
-    pids = subprocess.run(["pgrep", "-f", r"^\S*python\S* -m trainer train .*--run-id killed"],
-                          capture_output=True, text=True)
-    assert pids.stdout.split(), "trainer process not found"
-    for pid in pids.stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
+    # the trainer itself, not its wrapper shell (which must live on to record the exit code); looked
+    # up on the machine, so a run of the same name elsewhere on this computer is never touched
+    killed = host.exec(r"pkill -KILL -e -f '^\S*python\S* -m trainer train .*--run-id killed'")
+    assert killed.returncode == 0 and "killed" in killed.stdout, "trainer process not found"
     wait_for(lambda: (remote_dir(host) / "jobs" / "killed.exit").exists(), timeout=30)
     assert (remote_dir(host) / "jobs" / "killed.exit").read_text().strip() == "137"
     done = max(epochs_written(run_dir))  # the last epoch whose row was written before the kill
@@ -392,60 +409,90 @@ def test_resume_on_a_new_instance_pushes_the_local_run(cli, launched, host, code
 
 
 def test_4_interrupted_pull_leaves_no_half_file(cli, launched, host, code, mnist_cloud, env):
+    """A pull killed mid-file: never a half file under the real name, and the next pull removes the
+    temp file the killed one left (the project's own cleanup: rsync does not) and completes."""
     run_dir = remote_dir(host) / "runs" / "killed"
     big = run_dir / "big.bin"
-    with open(big, "wb") as f:
-        f.write(os.urandom(400 * 1024 * 1024))
+    big.write_bytes(os.urandom(6 * 1024 * 1024))
+    local = code / "runs" / "killed"
+    host.limit_rate("4mbit")  # 6 MiB take about 12 s: the kill below always lands mid-file
     try:
-        local = code / "runs" / "killed"
         proc = subprocess.Popen([*mnist_cloud, "pull", launched, "killed"], cwd=code, env={**os.environ, **env},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        wait_for(lambda: any(p.name.startswith(".big.bin") for p in local.iterdir()) or proc.poll() is not None,
-                 timeout=60, step=0.01)
+
+        def temp_files() -> list[Path]:
+            return [p for p in local.iterdir() if p.name.startswith(".big.bin.")] if local.is_dir() else []
+
+        wait_for(lambda: temp_files() and temp_files()[0].stat().st_size > 0, timeout=60, step=0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        left = temp_files()
+        assert left and left[0].stat().st_size < big.stat().st_size  # killed mid-file: its temp file stays
         assert not (local / "big.bin").exists()  # never a half file under its real name
-        again = cli("pull", launched, "killed")
-        assert again.returncode == 0, again.stderr
-        assert (local / "big.bin").stat().st_size == big.stat().st_size
+    finally:
+        host.limit_rate(None)
+    again = cli("pull", launched, "killed")
+    assert again.returncode == 0, again.stderr
+    try:
+        assert (local / "big.bin").read_bytes() == big.read_bytes()
+        assert temp_files() == []  # the leftover was cleaned up, not kept beside the real file
     finally:
         big.unlink()
-        for p in (code / "runs" / "killed").glob("*big.bin*"):
+        for p in local.glob("*big.bin*"):
             p.unlink()
 
 
-def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch):
-    from moto import mock_aws
-
+def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch, moto):
+    # against the module's moto server, not mock_aws(): that would reset the backends the server
+    # shares, and every later test in the module would find its instance gone
     from cloud import aws_env
     from infra import provision as P
     from infra.aws import Aws
     from infra.state import State
 
-    for k, v in aws_env(tmp_path).items():
+    for k, v in aws_env(tmp_path, AWS_ENDPOINT_URL=moto).items():
         monkeypatch.setenv(k, v)
-    with mock_aws():
-        seed_dlami()
-        aws = Aws()
+    aws = Aws()
 
-        def interrupted(*args, **kwargs):
-            raise KeyboardInterrupt  # the user hits Ctrl-C while we wait for the instance
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the user hits Ctrl-C while we wait for the instance
 
-        real_wait = aws.wait
-        aws.wait = interrupted
-        with pytest.raises(KeyboardInterrupt):
-            P.launch(aws, P.LaunchSpec(name="ctrlc", instance_type="g4dn.xlarge", ssh_cidr="192.0.2.1/32"),
-                     log=lambda m: None)
-        aws.wait = real_wait
-        ec2 = aws.client("ec2")
-        instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
-        assert len(instances) == 1
-        assert {t["Key"]: t["Value"] for t in instances[0]["Tags"]}["mnist-cloud:name"] == "ctrlc"  # tagged at birth
-        assert State().get("ctrlc").instance_id == instances[0]["InstanceId"]
-        report = P.down(aws, "ctrlc", log=lambda m: None)
-        assert report.terminated == [instances[0]["InstanceId"]]
-        assert [i["State"]["Name"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == ["terminated"]
+    real_wait = aws.wait
+    aws.wait = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        P.launch(aws, P.LaunchSpec(name="ctrlc", instance_type="g4dn.xlarge", ssh_cidr="192.0.2.1/32"),
+                 log=lambda m: None)
+    aws.wait = real_wait
+    ec2 = aws.client("ec2")
+    instances = [i for r in ec2.describe_instances(Filters=[{"Name": "tag:mnist-cloud:name", "Values": ["ctrlc"]}])
+                 ["Reservations"] for i in r["Instances"]]
+    assert len(instances) == 1
+    assert {t["Key"]: t["Value"] for t in instances[0]["Tags"]}["mnist-cloud:name"] == "ctrlc"  # tagged at birth
+    assert State().get("ctrlc").instance_id == instances[0]["InstanceId"]
+    report = P.down(aws, "ctrlc", log=lambda m: None)
+    assert report.terminated == [instances[0]["InstanceId"]]
+    assert ec2.describe_instances(InstanceIds=[instances[0]["InstanceId"]])["Reservations"][0]["Instances"][0][
+        "State"]["Name"] == "terminated"
 
 
-def test_down_last(cli, launched):
-    assert cli("down", launched, "--yes").returncode == 0
+def test_down_terminates_and_removes_what_launch_made(cli, launched, moto):
+    """Its own machine, so it holds whatever order the tests run in; `down` must make it disappear."""
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+                       aws_secret_access_key="t")
+    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "gone", "--ssh-cidr", "192.0.2.10/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    tagged = [{"Name": "tag:mnist-cloud:name", "Values": ["gone"]}]
+    [iid] = [i["InstanceId"] for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]]
+    assert ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]
+    assert ec2.describe_key_pairs(Filters=tagged)["KeyPairs"]
+    down = cli("down", "gone", "--yes")
+    assert down.returncode == 0, down.stdout + down.stderr
+    state = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    assert state == "terminated"
+    assert not ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]
+    assert not ec2.describe_key_pairs(Filters=tagged)["KeyPairs"]
+    assert "gone" not in cli("status").stdout
+    # the module's machine is untouched
+    assert any(l.startswith(launched) and "running" in l for l in cli("status", launched).stdout.splitlines())

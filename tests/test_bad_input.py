@@ -131,6 +131,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,args,env,needle", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input(world, mnist_cloud, what, args, env, needle):
     args = [a.format(root=world["root"], closed_port=world["closed_port"], busy_port=world["busy_port"])

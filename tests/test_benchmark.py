@@ -159,6 +159,7 @@ def test_an_existing_run_dir_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "benchmark.json").exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run(tmp_path, mnist_dir):
     """The real script and the real trainer, one seed of one recipe, two steps."""
     cmd = [sys.executable, "scripts/benchmark.py", "--seeds", "3", "--recipes", "net8k", "--seed-pipeline", "skip",

@@ -39,6 +39,7 @@ def trained_ema(tmp_path_factory, mnist_dir, mnist_cloud):
     return work / "runs" / "ema", proc
 
 
+@pytest.mark.slow
 def test_train_runs_the_trainer_and_writes_the_run_dir(trained):
     run_dir, proc = trained
     assert "Epoch: 2 | Train Loss:" in proc.stdout and "test accuracy:" in proc.stdout
@@ -48,6 +49,7 @@ def test_train_runs_the_trainer_and_writes_the_run_dir(trained):
 
 @pytest.mark.parametrize("which, weights, label", [("trained", "final", "final weights"),
                                                    ("trained_ema", "ema", "EMA weights")])
+@pytest.mark.slow
 def test_evaluate_a_run_is_its_delivered_weights_and_reproduces_result_json(request, mnist_cloud, mnist_dir,
                                                                             which, weights, label):
     run_dir, _ = request.getfixturevalue(which)
@@ -121,6 +123,7 @@ def test_predict_reads_png_digits(trained, mnist_cloud, mnist_dir, tmp_path):
     assert correct >= 10, (correct, [p["digit"] for p in preds], labels)
 
 
+@pytest.mark.slow
 def test_models_lists_the_zoo_with_counted_params(mnist_cloud):
     proc = run_cli([*mnist_cloud, "models"])
     assert proc.returncode == 0, proc.stderr
@@ -133,6 +136,7 @@ def test_models_lists_the_zoo_with_counted_params(mnist_cloud):
     assert net8k["macs"] > 0
 
 
+@pytest.mark.slow
 def test_dry_run_is_a_quick_smoke_test(mnist_cloud, mnist_dir, tmp_path):
     proc = run_cli([*mnist_cloud, "train", "--dry-run"], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -161,6 +165,7 @@ def test_help_texts(mnist_cloud):
     (["predict"], ["required"]),
     (["train", "--train-limit", "1", "--no-progress"], ["make no batch of 128", "--batch-size"]),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(mnist_cloud, mnist_dir, tmp_path, args, needles):
     proc = run_cli([*mnist_cloud, *args], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
     assert_user_error(proc, *needles)
@@ -178,6 +183,7 @@ def test_corrupt_data_file_is_one_line_and_exit_2(mnist_cloud, mnist_dir, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_one_line_and_exit_2(mnist_cloud, tmp_path):
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
@@ -187,6 +193,7 @@ def test_corrupt_checkpoint_is_one_line_and_exit_2(mnist_cloud, tmp_path):
     assert_user_error(run_cli([*mnist_cloud, "evaluate", str(plain)]), "not an mnist-cloud checkpoint")
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_one_line_and_exit_2(trained, mnist_cloud, tmp_path):
     run_dir, _ = trained
     bad = tmp_path / "x.png"

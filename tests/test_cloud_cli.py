@@ -91,6 +91,7 @@ def status_row(cloud, name: str, extra_env=None) -> dict[str, str]:
     return dict(zip(header, row))
 
 
+@pytest.mark.slow
 def test_launch_status_stop_start_down(cloud):
     out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
     assert out.returncode == 0, out.stderr
@@ -131,6 +132,7 @@ def test_launch_status_stop_start_down(cloud):
     assert "nothing to delete" in cloud("down", "exp1", "--yes").stdout
 
 
+@pytest.mark.slow
 def test_spot_launch_and_down_all(cloud):
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "a", "--spot").returncode == 0
     assert cloud("launch", "--instance", "g5.xlarge", "--name", "b", "--ssh-cidr", "192.0.2.1/32").returncode == 0
@@ -149,6 +151,7 @@ def test_spot_launch_and_down_all(cloud):
     assert ec2.describe_key_pairs(Filters=tagged)["KeyPairs"] == []
 
 
+@pytest.mark.slow
 def test_terminated_behind_our_back(cloud):
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "gone", "--ssh-cidr", "192.0.2.1/32").returncode == 0
     ec2 = ec2_client(cloud.endpoint)

@@ -66,6 +66,7 @@ def test_throttling_past_every_retry_is_one_line(cloud):
     assert len(FAULTS.sent["RunInstances"]) == 2  # AWS_MAX_ATTEMPTS counts the first attempt too
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_during_a_wait_polls_again(cloud):
     # botocore's own retries are off (1 attempt), so the wait itself must survive the dropped connections
     FAULTS.drop("DescribeInstances", times=2, when=lambda q: "InstanceId.1" in q)
@@ -74,6 +75,7 @@ def test_a_dropped_connection_during_a_wait_polls_again(cloud):
     assert FAULTS.hits["DescribeInstances"] == 2 and "ready: flaky" in out.stdout
 
 
+@pytest.mark.slow
 def test_not_found_right_after_a_create_is_waited_out(cloud):
     FAULTS.fail("AuthorizeSecurityGroupIngress", "InvalidGroup.NotFound", times=2)
     FAULTS.fail("RunInstances", "InvalidKeyPair.NotFound", times=1)
@@ -101,6 +103,7 @@ def assume(endpoint, session_name: str) -> dict[str, str]:
             "AWS_SESSION_TOKEN": creds["SessionToken"]}
 
 
+@pytest.mark.slow
 def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(cloud):
     first, second = assume(cloud.endpoint, "botocore-session-1"), assume(cloud.endpoint, "botocore-session-2")
     assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "monday", extra_env=first).returncode == 0

@@ -48,6 +48,7 @@ def float64_tensors(obj, path="") -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_no_float64_tensor_in_train_evaluate_checkpoint_resume_report_predict(tmp_path, mnist_dir):
     from trainer.inference import load_model, predict, test_accuracy
     from trainer.report import write_report
@@ -94,6 +95,7 @@ CUDA_STATE = {"device": "cuda", "state": torch.arange(16, dtype=torch.uint8)}  #
     pytest.param(dict(generator=torch.arange(16, dtype=torch.uint8),
                       cuda=[torch.arange(16, dtype=torch.uint8)] * 8), id="legacy-cuda-run"),
 ])
+@pytest.mark.slow
 def test_a_gpu_run_resumes_on_the_cpu_reseeded_and_repeatable(tmp_path, mnist_dir, capfd, forged):
     import shutil
 
@@ -131,6 +133,7 @@ def test_a_cpu_state_restores_exactly_and_a_foreign_one_reseeds():
     assert len({derived_seed(1, e, s, k) for e in range(3) for s in range(3) for k in range(3)}) == 27
 
 
+@pytest.mark.slow
 def test_checkpoints_record_each_generators_device(tmp_path, mnist_dir):
     fit(small(tmp_path, mnist_dir, run_id="r", epochs=1))
     rng = load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["rng"]
@@ -190,6 +193,7 @@ def test_static_shapes_drop_the_last_partial_batch():
     assert epoch_steps(TrainConfig(cuda_graph=True), 50000) == 390
 
 
+@pytest.mark.slow
 def test_compile_keeps_one_graph_and_reports_compile_time_apart(tmp_path, mnist_dir, monkeypatch):
     """1,000 images = 7 batches of 128 and one of 104: a ragged batch would compile a second graph.
     (Dynamo's graph count does not depend on the backend: aot_eager keeps this test fast.)"""
@@ -208,6 +212,7 @@ def test_compile_keeps_one_graph_and_reports_compile_time_apart(tmp_path, mnist_
     assert "s compile)" in log[0] and "compile" not in log[1]
 
 
+@pytest.mark.slow
 def test_distributed_stop_check_is_every_n_steps_on_every_rank(tmp_path, mnist_dir):
     """Agreeing on a stop is an all-reduce + host sync: not every step, and at the same steps on all ranks."""
     from trainer.data import load_mnist, make_splits
@@ -345,6 +350,7 @@ def test_static_batch_gather_is_the_permutation_slice():
         assert torch.equal(y, perm[step * 12:(step + 1) * 12]) and torch.equal(x.flatten().long(), y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["onecycle", "step", "cyclic"])
 def test_schedule_table_is_the_lr_the_trainer_used(tmp_path, mnist_dir, schedule):
     from trainer.train import epoch_steps, schedule_table
@@ -360,6 +366,7 @@ def test_schedule_table_is_the_lr_the_trainer_used(tmp_path, mnist_dir, schedule
         assert lrs[row["epoch"] * steps] == pytest.approx(row["lr"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_cuda_graph_flag_on_the_cpu_runs_the_static_step_like_the_eager_one(tmp_path, mnist_dir):
     """Off CUDA --cuda-graph runs the same static step without capture: same batches, same schedule,
     the same augmentation draws; only the optimizer's rounding differs."""
@@ -389,6 +396,7 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, mnist_dir, override
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
     """scripts/gpu_bench.py is for a GPU; on the CPU with --quick it still runs end to end, so it is
     ready the day a GPU is lent."""

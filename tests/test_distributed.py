@@ -58,6 +58,7 @@ def one_and_two(two_processes, mnist_dir):
     return two.parent / "one", two, double
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     one, two, proc = one_and_two
     a, b = epochs(one), epochs(two)
@@ -80,6 +81,7 @@ def test_only_rank_zero_writes(one_and_two):
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_distributed_resume(two_processes, tmp_path, mnist_dir):
     """Stopped after epoch 1 of 3 on 2 processes and resumed on 2: the same run as the uninterrupted one."""
     straight, _ = two_processes
@@ -131,6 +133,7 @@ def cluster(tmp_path_factory):
         bridge.delete()
 
 
+@pytest.mark.slow
 def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
     import boto3
 

@@ -214,6 +214,7 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         assert "-> shutdown" in tick() and fired.exists()
 
 
+@pytest.mark.slow
 def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, host):
     import boto3
 
@@ -269,6 +270,7 @@ def test_launch_installs_the_watchdog_by_user_data(cli, launched, moto):
 
 
 # ---------------------------------------------------------------------------------- fault injection
+@pytest.mark.slow
 def test_1_ssh_connection_killed_mid_training(cli, launched, host, mnist_cloud, code, env, mnist_dir):
     proc = subprocess.Popen([*mnist_cloud, "train", "--on", launched, *LONG, "--data-dir", str(mnist_dir),
                              "--run-id", "cut"], cwd=code, env={**os.environ, **env},
@@ -285,6 +287,7 @@ def test_1_ssh_connection_killed_mid_training(cli, launched, host, mnist_cloud, 
     assert epochs_written(code / "runs" / "cut") == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched, host, code, mnist_dir):
     start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "killed", "--detach")
     assert start.returncode == 0, start.stderr
@@ -347,6 +350,7 @@ class FakeImds:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, code, mnist_dir, mnist_cloud, env):
     imds = FakeImds(f"{host.subnet}.1")
     try:
@@ -395,6 +399,7 @@ def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, cod
         cli("down", "spot", "--yes")
 
 
+@pytest.mark.slow
 def test_resume_on_a_new_instance_pushes_the_local_run(cli, launched, host, code, mnist_dir):
     """The instance is gone (here: its work dir wiped), the laptop still has the run: it goes up first."""
     start = cli("train", "--on", launched, *LONG, "--epochs", "2", "--data-dir", str(mnist_dir),

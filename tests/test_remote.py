@@ -43,6 +43,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, mnist_dir):
     out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -107,6 +108,7 @@ def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched,
         cli("sync", launched)
 
 
+@pytest.mark.slow
 def test_remote_exit_status_becomes_ours(cli, launched, mnist_dir):
     out = cli("train", "--on", launched, "--model", "nope", "--data-dir", str(mnist_dir))
     assert out.returncode == 2
@@ -137,16 +139,23 @@ def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir, host):
     assert "pulled 0 file(s)" in again.stdout  # incremental
 
 
-def test_pull_keeps_a_locally_edited_file(cli, launched, code):
-    local = code / "runs" / "remote1" / "train.log"
-    local.write_text("my notes\n")
-    out = cli("pull", launched, "remote1")
+def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
+    remote = host.home / "mnist-cloud" / "e2e" / "runs" / "edited"  # its own run: needs no other test first
+    remote.mkdir(parents=True)
+    (remote / "config.json").write_text('{"run_id": "edited", "status": "completed"}')
+    (remote / "train.log").write_text("Epoch: 1 | Train Loss: 0.1\n")
+    os.utime(remote / "train.log", (time.time() - 3600,) * 2)  # written an hour ago
+    assert cli("pull", launched, "edited").returncode == 0
+    local = code / "runs" / "edited" / "train.log"
+    local.write_text("my notes\n")  # edited here since
+    out = cli("pull", launched, "edited")
     assert out.returncode == 0 and "kept your local edit" in out.stdout and "replaced 1 local file" in out.stdout
     kept = list(local.parent.glob("train.log.local-*"))
     assert len(kept) == 1 and kept[0].read_text() == "my notes\n"
     assert "Epoch: 1" in local.read_text()
 
 
+@pytest.mark.slow
 def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host):
     proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -232,6 +241,7 @@ def test_changed_host_key_is_refused(cli, launched, host):
     assert cli("runs", launched).returncode == 0  # re-pinned after the user said so
 
 
+@pytest.mark.slow
 def test_attach_host_runs_the_same_flow(cli, host, code, mnist_dir, tmp_path):
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -252,6 +262,7 @@ def test_attach_host_closed_port_records_nothing(cli, tmp_path, host):
     assert (cli.home / "state.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_sweep_on_the_instance_pulls_every_run(cli, launched, code, mnist_dir, host):
     out = cli("sweep", "--on", launched, "--seeds", "1,2", *TINY, "--no-report", "--data-dir", str(mnist_dir),
               "--name", "rsweep")

@@ -75,6 +75,7 @@ def delivered_ema(tmp_path_factory, mnist_dir):
                      eval_limit=None)
 
 
+@pytest.mark.slow
 def test_report_is_written_with_plots(finished):
     assert (finished / "report.html").is_file()
     assert sorted(p.name for p in (finished / "plots").glob("*.png")) == [
@@ -112,6 +113,7 @@ def test_report_renders_offline_with_every_plot_and_the_right_numbers(browser, f
     page.close()
 
 
+@pytest.mark.slow
 def test_confusion_matrix_is_the_delivered_weights_at_their_input_size(delivered_ema):
     from trainer.report import load_run, test_predictions
 
@@ -147,6 +149,7 @@ def test_partial_run_gets_a_partial_report(browser, tmp_path, mnist_dir):
     page.close()
 
 
+@pytest.mark.slow
 def test_report_regenerates_and_compare_overlays(browser, tmp_path, mnist_dir, finished, mnist_cloud):
     other = small_run(tmp_path, mnist_dir, "other", model="seed002-gap", epochs=1, report=False, test_every_epoch=True)
     assert not (other / "report.html").exists()
@@ -189,6 +192,7 @@ def test_compare_draws_no_test_curve_without_per_epoch_test(tmp_path, finished, 
                                                                 "cmp-val_loss.png"]
 
 
+@pytest.mark.slow
 def test_report_bad_input(tmp_path, mnist_cloud, finished):
     assert_user_error(run_cli([*mnist_cloud, "report", str(tmp_path / "missing")]), "does not exist")
     (tmp_path / "empty").mkdir()

@@ -53,6 +53,7 @@ def run_setup(work: Path, env_dir: Path, bin_dir: Path, venv: Path) -> subproces
                           capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_a_read_only_dlami_env_gets_a_layered_venv(tmp_path, read_only_dlami):
     env_dir, bin_dir = read_only_dlami
     work, venv = tmp_path / "work", tmp_path / "venv"

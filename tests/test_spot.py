@@ -261,6 +261,7 @@ def status(run_dir: Path) -> str | None:
         return None
 
 
+@pytest.mark.slow
 @pytestmark_ssh
 def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, code, mnist_dir, env, mnist_cloud,
                                                              spot_ec2, tmp_path):

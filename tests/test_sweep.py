@@ -23,6 +23,7 @@ def delivered_test_acc(run_dir) -> float:
     return json.loads((run_dir / "result.json").read_text())["test_acc"]
 
 
+@pytest.mark.slow
 def test_local_grid_summarizes_every_config_over_its_seeds(tmp_path, mnist_cloud, mnist_dir):
     # EMA weights are delivered, and per-epoch test is on (for the peek column)
     out = run_cli([*mnist_cloud, "sweep", "--local", "--seeds", "1,2", "--model", "net8k,seed001", *TINY,
@@ -49,6 +50,7 @@ def test_local_grid_summarizes_every_config_over_its_seeds(tmp_path, mnist_cloud
     assert (tmp_path / "runs" / "grid.html").stat().st_size > 10_000  # the compare report over all four
 
 
+@pytest.mark.slow
 def test_a_failing_value_is_retried_once_then_reported(tmp_path, mnist_cloud, mnist_dir):
     out = run_cli([*mnist_cloud, "sweep", "--local", "--seeds", "1", "--set", "lr=0.05,-1", *TINY,
                    "--data-dir", str(mnist_dir), "--name", "bad", "--to", "runs"], cwd=tmp_path)

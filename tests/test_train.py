@@ -34,6 +34,7 @@ def learned_run(tmp_path_factory, mnist_dir):
     return tmp / "runs" / "learn", result
 
 
+@pytest.mark.slow
 def test_a_short_run_learns(learned_run):
     _, result = learned_run
     # 2 epochs on 8k images: a net that learns is far above chance on held-out test images
@@ -98,6 +99,7 @@ def _metrics_without_timing(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _epochs(run_dir)]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, mnist_dir):
     cfg = dict(epochs=3, train_limit=2048, eval_limit=1000, rotate=10, translate=0.05)
     fit(small(tmp_path, mnist_dir, run_id="straight", **cfg))
@@ -112,6 +114,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, mnist_dir):
     assert split == straight  # bit-for-bit the same losses, accuracies and LRs on CPU
 
 
+@pytest.mark.slow
 def test_resume_redoes_a_half_recorded_epoch_exactly_once(tmp_path, mnist_dir):
     cfg = small(tmp_path, mnist_dir, run_id="r", epochs=2, train_limit=1024, eval_limit=500, stop_after=1)
     fit(cfg)
@@ -123,6 +126,7 @@ def test_resume_redoes_a_half_recorded_epoch_exactly_once(tmp_path, mnist_dir):
     assert [r["epoch"] for r in _epochs(run_dir)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, mnist_dir, capfd):
     cfg = dict(epochs=3, train_limit=1024, eval_limit=300)
     fit(small(tmp_path, mnist_dir, run_id="c", stop_after=2, **cfg))
@@ -148,6 +152,7 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path, mnist_dir):
         fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume"})
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_fast_and_resume_is_exact(tmp_path, mnist_dir):
     """A spot notice: SIGTERM mid-epoch. The step finishes, last.pt lands, the run is
     marked interrupted, and --resume continues at the next step with the same numbers."""

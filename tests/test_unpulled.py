@@ -184,6 +184,7 @@ def test_down_no_pull_refuses_naming_the_runs_and_discard_runs_goes_ahead(cli, f
     assert instance_state(fresh, "keep2") == "terminated" and not (code / "runs" / "keep2-a").exists()
 
 
+@pytest.mark.slow
 @ssh
 def test_pull_then_down_terminates_without_pulling_again_until_the_run_changes(cli, fresh, host, code):
     launch(cli, "keep3")
@@ -210,6 +211,7 @@ def test_down_of_a_stopped_instance_refuses_with_what_to_do(cli, fresh, host):
     assert instance_state(fresh, "keep4") == "terminated"
 
 
+@pytest.mark.slow
 @ssh
 def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, fresh, host, code, env, mnist_dir,
                                                                     tmp_path, monkeypatch):

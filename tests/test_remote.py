@@ -157,7 +157,9 @@ def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
 
 @pytest.mark.slow
 def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host):
-    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code, env={**os.environ, **env},
+    # PYTHONFAULTHANDLER: if it ever hangs, SIGABRT below prints every thread's stack
+    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code,
+                            env={**os.environ, **env, "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         import queue
@@ -192,7 +194,12 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host)
         jupyter_ports = [l.split()[3] for l in listening.stdout.splitlines() if ":22 " not in l and l.strip()]
         assert jupyter_ports and all(a.startswith("127.0.0.1:") for a in jupyter_ports), listening.stdout
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError("jupyter did not stop on Ctrl-C:\n" + "".join(iter(lambda: out.get(timeout=10), "")))
         rest = "".join(iter(lambda: out.get(timeout=10), ""))  # what the reader got after the URL, to EOF
         assert proc.returncode == 0, rest
         assert "stopped JupyterLab" in rest

@@ -157,9 +157,12 @@ def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
 
 @pytest.mark.slow
 def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host):
-    # PYTHONFAULTHANDLER: if it ever hangs, SIGABRT below prints every thread's stack
+    # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) has SIGINT ignored, the
+    # child would inherit that, and Python then installs no KeyboardInterrupt handler (seen in CI runs
+    # started with `&`). PYTHONFAULTHANDLER: if it hangs anyway, SIGABRT below prints every thread's stack.
     proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code,
                             env={**os.environ, **env, "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         import queue

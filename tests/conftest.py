@@ -116,6 +116,15 @@ def epochs_written(run_dir: Path) -> list[int]:
     return [r["epoch"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r]
 
 
+TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed", "compile_seconds"}
+
+
+def epochs_without_timing(run_dir: Path) -> list[dict]:
+    """A run's epoch rows with the wall-clock fields left out: what two runs of the same work must share."""
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
 @pytest.fixture
 def aws(tmp_path, monkeypatch):
     """Our Aws session against moto in process, with the fake DLAMI seeded."""

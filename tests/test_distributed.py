@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from cloud import aws_env, moto_server, seed_dlami
-from conftest import REPO, run_cli
+from conftest import REPO, epochs_without_timing, run_cli
 from sshhost import tools_available
 from trainer.checkpoint import load_checkpoint
 
 TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
         "--no-report"]
-TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed", "compile_seconds"}
 
 
 def torchrun(nproc: int, args: list[str], tmp_path: Path, mnist_dir: Path) -> subprocess.CompletedProcess:
@@ -33,10 +32,6 @@ def torchrun(nproc: int, args: list[str], tmp_path: Path, mnist_dir: Path) -> su
 
 def epochs(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
-
-
-def without_timing(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in epochs(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +69,7 @@ def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     assert rb["test_acc"] > 95
 
 
+@pytest.mark.slow  # shares the slow 1- and 2-process runs
 def test_only_rank_zero_writes(one_and_two):
     _, two, proc = one_and_two
     assert proc.stdout.count("Epoch: 3 |") == 1  # one console, not two
@@ -98,7 +94,7 @@ def test_distributed_resume(two_processes, tmp_path, mnist_dir):
     # Bit-for-bit, as one process's resume is (test_train.py): the same 2 ranks, each with 1 thread,
     # restore their own RNG streams, and gloo's all-reduce of 2 gradients is a single a + b, the same
     # sum in either order. A resume that dropped the weights, the optimizer state or a rank's RNG differs.
-    assert without_timing(split) == without_timing(straight)
+    assert epochs_without_timing(split) == epochs_without_timing(straight)
     delivered = [load_checkpoint(d / "model.pt")["model_state"] for d in (straight, split)]
     assert delivered[0].keys() == delivered[1].keys()
     assert all(torch.equal(delivered[0][k], delivered[1][k]) for k in delivered[0]), "model.pt differs"

@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import wait_for
+from conftest import epochs_without_timing, wait_for
 from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.train import fit
-
-TIMING_KEYS = {"seconds", "train_seconds", "img_per_s", "elapsed"}
-
 
 def small(tmp_path, mnist_dir, **overrides) -> TrainConfig:
     base = dict(data_dir=str(mnist_dir), out_dir=str(tmp_path / "runs"), train_limit=4096, eval_limit=2000,
@@ -95,10 +92,6 @@ def _epochs(run_dir):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
 
 
-def _metrics_without_timing(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in _epochs(run_dir)]
-
-
 @pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, mnist_dir):
     cfg = dict(epochs=3, train_limit=2048, eval_limit=1000, rotate=10, translate=0.05)
@@ -109,7 +102,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, mnist_dir):
     assert json.loads((split_dir / "config.json").read_text())["status"] == "stopped"
     resumed = fit(TrainConfig(resume=str(split_dir), progress=False), explicit={"resume", "progress"})
     assert resumed["epochs"] == 3
-    straight, split = _metrics_without_timing(tmp_path / "runs" / "straight"), _metrics_without_timing(split_dir)
+    straight, split = epochs_without_timing(tmp_path / "runs" / "straight"), epochs_without_timing(split_dir)
     assert [r["epoch"] for r in split] == [1, 2, 3]
     assert split == straight  # bit-for-bit the same losses, accuracies and LRs on CPU
 
@@ -186,7 +179,7 @@ def test_sigterm_mid_epoch_checkpoints_fast_and_resume_is_exact(tmp_path, mnist_
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["partial"]["epoch"] == 2 and 0 < ckpt["partial"]["step"] < 48
     fit(TrainConfig(resume=str(run_dir), progress=False, report=False), explicit={"resume"})
-    straight, resumed = _metrics_without_timing(tmp_path / "runs" / "straight"), _metrics_without_timing(run_dir)
+    straight, resumed = epochs_without_timing(tmp_path / "runs" / "straight"), epochs_without_timing(run_dir)
     assert [r["epoch"] for r in resumed] == [1, 2]
     for a, b in zip(straight, resumed):
         assert a.keys() == b.keys()

@@ -40,19 +40,23 @@ def ensure_user(name: str, home: Path) -> tuple[Path, bool]:
 
     An existing one (left by an interrupted run) keeps its home: usermod cannot change a uid that
     running processes use. The caller cleans what it needs inside the home."""
+    import fcntl
     import pwd
 
-    try:
-        existing = Path(pwd.getpwnam(name).pw_dir)
-    except KeyError:
-        existing = None
-    if existing is not None:
-        existing.mkdir(parents=True, exist_ok=True)
-        return existing, False
-    home.mkdir(parents=True, exist_ok=True)
-    sh("useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", name)
-    sh("usermod", "-p", "*", name)  # a locked account is refused when UsePAM is off
-    return home, True
+    # test processes running side by side (pytest-xdist workers, two sessions) must not both useradd
+    with open("/run/mnist-cloud-test-user.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            existing = Path(pwd.getpwnam(name).pw_dir)
+        except KeyError:
+            existing = None
+        if existing is not None:
+            existing.mkdir(parents=True, exist_ok=True)
+            return existing, False
+        home.mkdir(parents=True, exist_ok=True)
+        sh("useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", name)
+        sh("usermod", "-p", "*", name)  # a locked account is refused when UsePAM is off
+        return home, True
 
 
 def remove_user(name: str) -> None:

@@ -30,9 +30,9 @@ from typing import Callable, TextIO
 import paramiko
 from fabric import Config, Connection
 
+from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.state import atomic_write, check_key_file, config_dir
-from infra.watchdog import read_source
 
 # Run on the machine by list_runs (stdlib only, any python3): one JSON line per run directory. test_acc and
 # weights are result.json's, the delivered weights' (model.pt), never a per-epoch row's: those are null
@@ -79,6 +79,15 @@ class HostKeyMismatch(UserError):
 
 class ConnectionLost(UserError):
     """The SSH connection dropped; whatever was started detached on the machine goes on."""
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in chunks: checkpoints and pulled runs can be larger than memory wants."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest is 3.11+; we run on 3.10
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -322,7 +331,7 @@ class Remote:
         changed, size = [], 0
         for rel in sorted(files):
             path = local_dir / rel
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             if remote.pop(rel, None) == digest:
                 continue
             dest = posixpath.join(self._home(), self.ep.workdir, rel)
@@ -409,7 +418,7 @@ class Remote:
                 stale.unlink()
         for rel, (digest, mtime, _) in remote.items():
             path = local_dir / rel
-            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            if path.is_file() and sha256_file(path) != digest:
                 replaced.append(rel)
                 if path.stat().st_mtime > mtime + 1:
                     backup = path.with_name(f"{path.name}.local-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -428,7 +437,7 @@ class Remote:
         live = []
         for rel, (digest, _, _) in after.items():
             path = local_dir / rel
-            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if path.is_file() and sha256_file(path) == digest:
                 continue
             if remote.get(rel, (None,))[0] != digest:
                 live.append(rel)
@@ -456,7 +465,7 @@ class Remote:
 
     def agent(self, *args: str, warn: bool = False):
         """Run the watchdog script's tool side on the machine (stdlib python3 there, nothing installed)."""
-        return self.run(f"python3 -c {shlex.quote(read_source())} {shlex.join(args)}", warn=warn)
+        return self.run(f"python3 -c {shlex.quote(agent_source('autostop.py'))} {shlex.join(args)}", warn=warn)
 
     # ------------------------------------------------------------------------------ the pull record
     def record_pulled(self, run_id: str, verified: dict[str, str]) -> list[str]:
@@ -474,7 +483,7 @@ class Remote:
         changed, size = [], 0
         for rel, (digest, _, nbytes) in sorted(remote.items()):
             path = local_dir / rel
-            if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if path.is_file() and sha256_file(path) == digest:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
@@ -520,18 +529,23 @@ class Remote:
 
     def record_job(self, run_id: str, commands: list[str]) -> None:
         """Write jobs/RUN.job.json: the commands (detached_command) that continue the run, for the agent
-        that resumes a spot-interrupted run at boot (scripts/resume_agent.py). It also clears the run's
+        that resumes a spot-interrupted run at boot (infra/agent/resume_agent.py). It also clears the run's
         spot notice: a run started from here again is no longer waiting for the machine to resume it.
 
         The commands hold what the job's own command line already shows (`ps`), nothing more: the
         file is mode 600 all the same."""
         jobs = posixpath.join(self._home(), self.ep.workdir, "jobs")
         self.run(f"mkdir -p {shlex.quote(jobs)} && rm -f {shlex.quote(f'{jobs}/{run_id}.spot-notice')}")
-        path = f"{jobs}/{run_id}.job.json"
+        self.write_file(f"{jobs}/{run_id}.job.json",
+                        json.dumps({"run_id": run_id, "workdir": self.ep.workdir, "resume": commands}, indent=1))
+
+    def write_file(self, path: str, text: str, mode: int = 0o600) -> None:
+        """Write `text` to an absolute `path` on the machine whole or not at all (a temp file, then a
+        rename); its directory must exist."""
         sftp = self.conn.sftp()  # Fabric caches this client: do not close it
         with sftp.open(f"{path}.part", "w") as f:
-            f.write(json.dumps({"run_id": run_id, "workdir": self.ep.workdir, "resume": commands}, indent=1))
-        sftp.chmod(f"{path}.part", 0o600)
+            f.write(text)
+        sftp.chmod(f"{path}.part", mode)
         sftp.posix_rename(f"{path}.part", path)
 
     def job_state(self, run_id: str) -> tuple[str, int | None]:

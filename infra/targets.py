@@ -10,16 +10,17 @@ both leave the same runs/<run-id>/ on the laptop.
 from __future__ import annotations
 
 import os
+import posixpath
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
 from infra.state import Host, State
-from infra.watchdog import read_source
 
 SETUP_SCRIPT = "setup_ec2.sh"
 PYTHON_MARKER = ".mnist-cloud-python"
@@ -199,7 +200,7 @@ class SSHTarget:
             resume: bool = False, launcher: list[str] | None = None) -> int:
         """Start `python -m trainer train ARGS --run-id RUN --out-dir runs` (or `--resume runs/RUN`)
         detached; returns its pid. `launcher` runs it under torchrun instead (its arguments, without
-        the python). On a spot instance a watcher goes with it (scripts/spot_watch.py)."""
+        the python). On a spot instance a watcher goes with it (infra/agent/spot_watch.py)."""
         env = {"PYTHONUNBUFFERED": "1", **self.job_env(), **(env or {})}
 
         def trainer_argv(extra: list[str], resume: bool) -> list[str]:
@@ -214,7 +215,11 @@ class SSHTarget:
             return self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
         imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
         poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
-        watch = [python, "scripts/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
+        # the watcher travels with the run, from the package: the work dir may be any project
+        jobs = posixpath.join(self.remote._home(), self.remote.ep.workdir, "jobs")
+        self.remote.run(f"mkdir -p {shlex.quote(jobs)}")
+        self.remote.write_file(f"{jobs}/spot_watch.py", agent_source("spot_watch.py"))
+        watch = [python, "jobs/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
                  "--interval", poll]
         # What the instance runs by itself to continue this run once EC2 starts it again after an
         # interruption (the saved config.json holds the run's flags). Not for a cluster: its nodes come
@@ -259,7 +264,7 @@ class SSHTarget:
 
     def pull(self, run_id: str, local_runs: Path, log=print) -> TransferResult:
         """Bring runs/<run-id>/ here, then record on the machine which of its files are here now: a
-        run whose files all are is no longer "unpulled" (see scripts/autostop.py)."""
+        run whose files all are is no longer "unpulled" (see infra/agent/autostop.py)."""
         result = self.remote.pull(f"{self.remote.ep.workdir}/runs/{run_id}", Path(local_runs) / run_id, log=log)
         self.remote.record_pulled(run_id, result.verified)
         self.keep_runs_on_shutdown(unpulled=bool(self.unpulled_runs()))
@@ -297,7 +302,7 @@ class SSHTarget:
         sudo = "" if self.remote.run("id -u").stdout.strip() == "0" else "sudo -n "
         root = os.environ.get("MNIST_CLOUD_AGENT_ROOT")  # tests: the watchdog installed under a temp root
         env = f"env MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
-        self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(read_source())} set-shutdown {behavior}")
+        self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(agent_source('autostop.py'))} set-shutdown {behavior}")
 
     def runs(self) -> list[dict]:
         return self.remote.list_runs()

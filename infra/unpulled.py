@@ -1,5 +1,5 @@
 """Before `down` terminates a machine: find the runs on it that were never pulled (or changed since
-their pull, see scripts/autostop.py's pull record) and pull them here, or refuse in one line.
+their pull, see infra/agent/autostop.py's pull record) and pull them here, or refuse in one line.
 
 Terminating deletes the root volume, and with it every run on it: a run is never lost by `down`."""
 

@@ -1,6 +1,7 @@
-"""Install the autostop watchdog (scripts/autostop.py), and the agent that resumes spot-interrupted
-runs at boot (scripts/resume_agent.py), on a machine: as cloud-init user data at launch, or over SSH
-with `mnist-cloud autostop`. Same bash installer both ways; idempotent."""
+"""Install the autostop watchdog (infra/agent/autostop.py), and the agent that resumes spot-interrupted
+runs at boot (infra/agent/resume_agent.py), on a machine: as cloud-init user data at launch, or over SSH
+with `mnist-cloud autostop`. Same bash installer both ways; idempotent. The agents and their systemd
+units are files of the package (infra/agent/), so an installed mnist-cloud has them without a checkout."""
 
 from __future__ import annotations
 
@@ -9,51 +10,11 @@ import gzip
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
-from infra.errors import UserError
+from infra.agent import source
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "autostop.py"
-SPOT_WATCH = Path(__file__).resolve().parent.parent / "scripts" / "spot_watch.py"
-RESUME_AGENT = Path(__file__).resolve().parent.parent / "scripts" / "resume_agent.py"
-
-# Once per boot: continue the runs a spot interruption stopped (scripts/resume_agent.py). The runs it
-# starts must outlive this oneshot service, so stopping the unit ends only the agent (KillMode=process).
-RESUME_UNIT = """[Unit]
-Description=mnist-cloud: resume the runs a spot interruption stopped
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-KillMode=process
-ExecStart=/usr/bin/python3 /usr/local/bin/mnist-cloud-resume
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-UNITS = {
-    "mnist-cloud-autostop.service": """[Unit]
-Description=mnist-cloud autostop check
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/python3 /usr/local/bin/mnist-cloud-autostop
-""",
-    "mnist-cloud-autostop.timer": """[Unit]
-Description=mnist-cloud autostop, every minute
-
-[Timer]
-OnBootSec=2min
-OnUnitActiveSec=1min
-AccuracySec=10s
-
-[Install]
-WantedBy=timers.target
-""",
-}
+AUTOSTOP_UNITS = ("mnist-cloud-autostop.service", "mnist-cloud-autostop.timer")
+RESUME_UNIT = "mnist-cloud-resume.service"
 
 
 @dataclass
@@ -67,7 +28,7 @@ class AutostopConfig:
     # The laptop keeps it at "stop" while runs are unpulled; the watchdog cannot change it itself.
     shutdown_behavior: str | None = None
     # Work dirs whose runs/ must be pulled before a terminate (globs; default: every name's, see
-    # scripts/autostop.py DEFAULT_WORK_DIRS)
+    # infra/agent/autostop.py DEFAULT_WORK_DIRS)
     work_dirs: list[str] = field(default_factory=list)
 
     @property
@@ -78,16 +39,10 @@ class AutostopConfig:
         return "+".join(p for p in parts if p) + f":{self.action}"
 
 
-def read_source(path: Path = SCRIPT) -> str:
-    if not path.is_file():
-        raise UserError(f"{path} is missing: mnist-cloud installs its watchdog from the checkout's scripts/")
-    return path.read_text()
-
-
-def write_script(dest: str, source: str) -> str:
-    """Bash lines that write `source` to `dest` (mode 755), gzipped and base64-encoded: EC2 takes at
+def write_script(dest: str, text: str) -> str:
+    """Bash lines that write `text` to `dest` (mode 755), gzipped and base64-encoded: EC2 takes at
     most 16 KB of user data, and the two agents as plain text are more than that."""
-    packed = base64.encodebytes(gzip.compress(source.encode(), mtime=0)).decode()
+    packed = base64.encodebytes(gzip.compress(text.encode(), mtime=0)).decode()
     return f"""base64 -d <<'MNIST_CLOUD_SCRIPT' | gunzip > "{dest}"
 {packed}MNIST_CLOUD_SCRIPT
 chmod 755 "{dest}"
@@ -98,15 +53,14 @@ def installer(config: AutostopConfig) -> str:
     """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd).
 
     $MNIST_CLOUD_ROOT relocates every file (the tests install into a temp dir)."""
-    source = read_source()
-    units = "".join(f"cat > \"$ROOT/etc/systemd/system/{name}\" <<'MNIST_CLOUD_UNIT'\n{text}MNIST_CLOUD_UNIT\n"
-                    for name, text in UNITS.items())
+    units = "".join(f"cat > \"$ROOT/etc/systemd/system/{name}\" <<'MNIST_CLOUD_UNIT'\n{source(name)}MNIST_CLOUD_UNIT\n"
+                    for name in AUTOSTOP_UNITS)
     return f"""#!/bin/bash
 # mnist-cloud: install the autostop watchdog (idempotent)
 set -e
 ROOT="${{MNIST_CLOUD_ROOT:-}}"
 mkdir -p "$ROOT/etc/mnist-cloud" "$ROOT/var/lib/mnist-cloud" "$ROOT/usr/local/bin" "$ROOT/var/log"
-{write_script("$ROOT/usr/local/bin/mnist-cloud-autostop", source)}cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
+{write_script("$ROOT/usr/local/bin/mnist-cloud-autostop", source("autostop.py"))}cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
 {json.dumps(asdict(config))}
 MNIST_CLOUD_CONFIG
 rm -f "$ROOT/var/lib/mnist-cloud/autostop-state.json"  # the idle clock starts now
@@ -126,12 +80,11 @@ fi
 def resume_agent_installer() -> str:
     """Bash lines that install the resume agent and run it at every boot: a systemd unit, or a cron
     @reboot entry without systemd. Part of installer(); $ROOT as there."""
-    source = read_source(RESUME_AGENT)
-    return f"""{write_script("$ROOT/usr/local/bin/mnist-cloud-resume", source)}if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-cat > /etc/systemd/system/mnist-cloud-resume.service <<'MNIST_CLOUD_UNIT'
-{RESUME_UNIT}MNIST_CLOUD_UNIT
+    return f"""{write_script("$ROOT/usr/local/bin/mnist-cloud-resume", source("resume_agent.py"))}if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+cat > /etc/systemd/system/{RESUME_UNIT} <<'MNIST_CLOUD_UNIT'
+{source(RESUME_UNIT)}MNIST_CLOUD_UNIT
 systemctl daemon-reload
-systemctl enable mnist-cloud-resume.service >/dev/null 2>&1
+systemctl enable {RESUME_UNIT} >/dev/null 2>&1
 echo "mnist-cloud resume agent: systemd unit installed (runs at boot)"
 else
 mkdir -p "$ROOT/etc/cron.d"

@@ -26,7 +26,7 @@ LONG = ["--device", "cpu", "--epochs", "3", "--train-limit", "6144", "--eval-lim
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / "agent" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -111,7 +111,7 @@ def test_watchdog_forgets_the_state_of_an_earlier_boot(old_state):
 
 def test_watchdog_under_cron_reads_the_real_root(tmp_path):
     """cron runs it as `MNIST_CLOUD_ROOT= python3 ...`: empty means /, not the working directory."""
-    script = REPO / "scripts" / "autostop.py"
+    script = REPO / "infra" / "agent" / "autostop.py"
     code = "import runpy,sys; m=runpy.run_path(sys.argv[1]); print(m['CONFIG'])"
     out = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "MNIST_CLOUD_ROOT": ""})

@@ -1,6 +1,6 @@
 """Spot instances on EC2's terms: a persistent request that stops on interruption, `down` that cancels
 the request before it terminates, and a run that resumes on the instance by itself when EC2 starts it
-again (scripts/resume_agent.py), end to end with the moto server and the real sshd.
+again (infra/agent/resume_agent.py), end to end with the moto server and the real sshd.
 
 moto reads only InstanceMarketOptions.MarketType from run_instances and makes no spot request for it,
 so `SpotEC2` records what was sent and fulfils each spot launch through a spot request of the type
@@ -23,7 +23,7 @@ TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "4096", "--eval-lim
 def load_agent():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("resume_agent", REPO / "scripts" / "resume_agent.py")
+    spec = importlib.util.spec_from_file_location("resume_agent", REPO / "infra" / "agent" / "resume_agent.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -23,7 +23,7 @@ TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "1024", "--eval-lim
 def load_agent():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("autostop", REPO / "scripts" / "autostop.py")
+    spec = importlib.util.spec_from_file_location("autostop", REPO / "infra" / "agent" / "autostop.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -7,10 +7,10 @@ instance metadata service (IMDSv2: PUT /latest/api/token, then GET
 interruption, about two minutes ahead. Then it writes the notice to jobs/RUN.spot-notice and sends
 SIGTERM to the trainer's process group: the trainer finishes its step, writes last.pt and marks the
 run interrupted. EC2 then stops the instance (`launch --spot` asks for that), and when it starts it
-again the resume agent (scripts/resume_agent.py) continues every run that has a notice. Without the
+again the resume agent (infra/agent/resume_agent.py) continues every run that has a notice. Without the
 instance, `mnist-cloud train --on NAME --resume RUN` continues it on another one.
 
-    spot_watch.py --pid-file jobs/RUN.pid [--imds http://169.254.169.254] [--interval 5]
+    python3 jobs/spot_watch.py --pid-file jobs/RUN.pid [--imds http://169.254.169.254] [--interval 5]
 
 Python 3 standard library only.
 """

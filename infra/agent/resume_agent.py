@@ -7,7 +7,7 @@ asks EC2 to stop the instance on an interruption and to start it again when capa
 agent then continues the runs by itself, with the laptop closed all along.
 
 A run is resumed when all of these hold (decide()):
-- the spot watcher saw the interruption notice (jobs/RUN.spot-notice, scripts/spot_watch.py). A run
+- the spot watcher saw the interruption notice (jobs/RUN.spot-notice, infra/agent/spot_watch.py). A run
   stopped on purpose (kill, `mnist-cloud stop`, --stop-after) has none;
 - `mnist-cloud train --on` left its job record (jobs/RUN.job.json): the commands that continue it,
   the very ones it starts jobs with, so the same pid and log files serve `logs -f` and `runs`;
@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 JOB_SUFFIX = ".job.json"  # written by infra/remote.py record_job
-NOTICE_SUFFIX = ".spot-notice"  # written by scripts/spot_watch.py
+NOTICE_SUFFIX = ".spot-notice"  # written by infra/agent/spot_watch.py
 RESUMABLE = {"interrupted", "running"}
 NOT_RESUMABLE = {
     "completed": "it finished",

@@ -1,0 +1,21 @@
+"""What mnist-cloud runs on the instance itself, shipped inside the package (so a wheel install has it):
+
+- autostop.py: the idle watchdog and the record of pulls, installed as /usr/local/bin/mnist-cloud-autostop
+  and run every minute by mnist-cloud-autostop.timer (or cron);
+- resume_agent.py: continues spot-interrupted runs at boot (mnist-cloud-resume.service, or cron @reboot);
+  the runs it starts must outlive that oneshot service, so stopping the unit ends only the agent
+  (KillMode=process);
+- spot_watch.py: started beside a trainer on a spot instance, as jobs/spot_watch.py in the work dir.
+
+Each agent is one file of standard-library Python 3: it runs with the instance's system python3, before
+anything is installed there. infra/watchdog.py installs them; this module only reads them.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+
+def source(name: str) -> str:
+    """The text of an agent or unit file in this package, e.g. source("autostop.py")."""
+    return files(__name__).joinpath(name).read_text()

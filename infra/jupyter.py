@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -95,6 +96,9 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
     else:
         local_port = port
     url = f"http://127.0.0.1:{local_port}/lab?token={token}"
+    # `kill`, a closed terminal or a process manager stop us as Ctrl-C does: Python's default for SIGTERM
+    # and SIGHUP ends the process at once, skipping the finally below, and the server would run on
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         wait_listening(target, python, remote_port, job)
         with target.remote.forward_local(local_port, remote_port):
@@ -115,4 +119,10 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
         else:
             log(f"JupyterLab keeps running on {target.name} (job {job}); `mnist-cloud jupyter {target.name}` "
                 "opens a new tunnel and server")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return url
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

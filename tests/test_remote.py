@@ -156,7 +156,8 @@ def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
 
 
 @pytest.mark.slow
-def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])  # Ctrl-C; `kill`, or a closed terminal (SIGHUP alike)
+def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host, stop):
     # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) has SIGINT ignored, the
     # child would inherit that, and Python then installs no KeyboardInterrupt handler (seen in CI runs
     # started with `&`). PYTHONFAULTHANDLER: if it hangs anyway, SIGABRT below prints every thread's stack.
@@ -196,13 +197,13 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host)
         listening = host.exec("ss -ltnH")
         jupyter_ports = [l.split()[3] for l in listening.stdout.splitlines() if ":22 " not in l and l.strip()]
         assert jupyter_ports and all(a.startswith("127.0.0.1:") for a in jupyter_ports), listening.stdout
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
             proc.wait(timeout=30)
-            raise AssertionError("jupyter did not stop on Ctrl-C:\n" + "".join(iter(lambda: out.get(timeout=10), "")))
+            raise AssertionError(f"jupyter did not stop on {stop}:\n" + "".join(iter(lambda: out.get(timeout=10), "")))
         rest = "".join(iter(lambda: out.get(timeout=10), ""))  # what the reader got after the URL, to EOF
         assert proc.returncode == 0, rest
         assert "stopped JupyterLab" in rest

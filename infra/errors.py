@@ -1,5 +1,6 @@
 """The laptop side's one exception type for bad user input: one line on stderr, exit code 2."""
 
 
-class UserError(Exception):
-    """Bad input: a flag, a name, a file, credentials. The message says what to do next."""
+from runspec import UserError  # the one type, shared with the trainer (see runspec)
+
+__all__ = ["UserError"]

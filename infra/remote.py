@@ -30,33 +30,12 @@ from typing import Callable, TextIO
 import paramiko
 from fabric import Config, Connection
 
+import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
-from infra.state import atomic_write, check_key_file, config_dir
+from infra.state import check_key_file, config_dir
+from runspec import atomic_write
 
-# Run on the machine by list_runs (stdlib only, any python3): one JSON line per run directory. test_acc and
-# weights are result.json's, the delivered weights' (model.pt), never a per-epoch row's: those are null
-# unless --test-every-epoch.
-LIST_RUNS = """\
-import json, os, sys
-root = os.path.expanduser(sys.argv[1])
-runs = os.path.join(root, 'runs')
-for rid in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-    d = os.path.join(runs, rid); row = {'run_id': rid}
-    try: row['status'] = json.load(open(os.path.join(d, 'config.json'))).get('status')
-    except Exception: row['status'] = '?'
-    try: row['epochs'] = sum(1 for l in open(os.path.join(d, 'metrics.jsonl')) if '"event"' not in l)
-    except Exception: row['epochs'] = 0
-    try:
-        result = json.load(open(os.path.join(d, 'result.json')))
-        row['test_acc'], row['weights'] = result.get('test_acc'), result.get('weights', 'final')
-    except Exception: row['test_acc'] = row['weights'] = None
-    pid = os.path.join(root, 'jobs', rid + '.pid'); alive = False
-    try: os.kill(int(open(pid).read()), 0); alive = True
-    except Exception: pass
-    row['alive'] = alive; row['mtime'] = os.path.getmtime(d)
-    print(json.dumps(row))
-"""
 
 # Never synced: run outputs, caches, VCS data and anything that looks like a secret.
 SYNC_EXCLUDES = [
@@ -600,7 +579,9 @@ class Remote:
     def list_runs(self) -> list[dict]:
         """Remote runs/: id, status, epochs done, the delivered weights' test accuracy and which weights
         (result.json), job state."""
-        out = self.run(f"python3 -c {shlex.quote(LIST_RUNS)} {shlex.quote(self.ep.workdir)}").stdout
+        # runspec is one standard-library file: the machine's python3 runs it as is (see runspec.list_runs)
+        source = Path(runspec.__file__).read_text()
+        out = self.run(f"python3 -c {shlex.quote(source)} {shlex.quote(self.ep.workdir)}").stdout
         return [json.loads(l) for l in out.splitlines() if l.strip()]
 
     # ------------------------------------------------------------------------------ tunnels

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runspec import atomic_write
 from infra.errors import UserError
 from infra.remote import known_hosts_file, pinned_keys
-from infra.state import State, atomic_write, config_dir
+from infra.state import State, config_dir
 
 
 def write_ssh_config(names: list[str]) -> tuple[Path, list[str]]:

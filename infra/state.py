@@ -11,10 +11,10 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runspec import atomic_write
 from infra.errors import UserError
 
 
@@ -30,22 +30,6 @@ def keys_dir() -> Path:
     path = config_dir() / "keys"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same dir, fsync, chmod, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_private_key(path: Path, material: str) -> None:

@@ -19,11 +19,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import runspec
 from infra.errors import UserError
 from infra.pricing import hourly_price
 from infra.targets import LocalTarget, SSHTarget, code_dir, env_python, git_env
 
-TARGET = 99.4
+TARGET = runspec.TARGET
 
 
 @dataclass
@@ -179,11 +180,11 @@ class ConfigSummary:
 
 def read_run(run_dir: Path) -> dict:
     """A completed run (pulled back here, wherever it ran): result.json's test accuracy and weights; the
-    per-epoch test, when there is one, only for the peek."""
-    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
-    config = json.loads((run_dir / "config.json").read_text())
-    result = json.loads((run_dir / "result.json").read_text())
-    price = (config.get("cloud") or {}).get("price_per_hour")
+    per-epoch test, when there is one, only for the peek. A damaged run is one line (runspec)."""
+    run = runspec.read_run(run_dir)
+    result = run.completed()
+    rows = run.rows
+    price = (run.config.get("cloud") or {}).get("price_per_hour")
     seconds = rows[-1]["elapsed"] if rows else 0.0
     tested = [r for r in rows if r.get("test_acc") is not None]
     return {"test_acc": result["test_acc"], "weights": result.get("weights", "final"),

@@ -39,10 +39,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the script runs from a checkout: trainer/ is beside it, not installed
 
-from trainer import rundir as rd
-from trainer.errors import UserError
+import runspec
+from runspec import UserError
 
-TARGET = 99.40
+TARGET = runspec.TARGET
 SEED_PIPELINE = "seed pipeline (seed001)"
 
 # The recipes benchmarked: name -> `python -m trainer train` flags on top of the defaults.
@@ -106,18 +106,11 @@ def peek_epoch(rows: list[dict], target: float = TARGET) -> int | None | str:
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """A completed run's numbers: result.json (the delivered weights' test accuracy), config.json, metrics.jsonl."""
-    run = rd.RunDir(run_dir)
-    if not run.file(rd.RESULT).is_file():
-        raise UserError(f"{run_dir} has no {rd.RESULT}: the run did not complete (see its {rd.LOG})")
-    result = rd.read_json(run.file(rd.RESULT))
-    if result.get("status", "completed") != "completed" or result.get("test_acc") is None:
-        raise UserError(f"{run_dir}/{rd.RESULT} is not a completed run's result (status {result.get('status')!r})")
-    rows = run.read_epochs()
-    if not rows:
-        raise UserError(f"{run_dir}/{rd.METRICS} has no epoch rows")
+    run = runspec.read_run(run_dir)
+    result, rows = run.completed(), run.rows
     return {"test_acc": result["test_acc"],
             "weights": result.get("weights"),  # "final" or "ema"; absent from trainers before issue 12
-            "params": run.read_config()["model"]["params"],
+            "params": run.config["model"]["params"],
             "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows),
             "img_per_s": statistics.median(r["img_per_s"] for r in rows),
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                               "throughput": []}
 
     def save() -> None:
-        rd.write_json(out / "benchmark.json", report)
+        runspec.write_json(out / "benchmark.json", report)
 
     for name, flags in recipes.items():
         for seed in seeds:

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the script runs from a checkout: runspec/ is beside it, not installed
+
+import runspec
 
 # trainer flags per variant, on top of the defaults (net8k, 15 epochs, batch 128, OneCycle)
 VARIANTS = {
@@ -64,14 +67,15 @@ def run_variant(variant: str, seed: int, args, out: Path) -> dict:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  failed (exit {proc.returncode}): {last}", flush=True)
         return {"variant": variant, "seed": seed, "error": last}
-    rows = [r for r in map(json.loads, (out / run_id / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
-    config = json.loads((out / run_id / "config.json").read_text())
+    run = runspec.read_run(out / run_id)
+    rows, result = run.rows, run.completed()
+    config = run.config
     return {"variant": variant, "seed": seed, "amp": config["device"]["amp"] or "fp32",
             "train_s": sum(r["train_seconds"] for r in rows),
             "epochs_s": sum(r["seconds"] for r in rows),
             "compile_s": sum(r.get("compile_seconds", 0.0) for r in rows),
             "epoch_s": statistics.median(r["train_seconds"] for r in rows),
-            "test_acc": json.loads((out / run_id / "result.json").read_text())["test_acc"], "process_s": wall}
+            "test_acc": result["test_acc"], "process_s": wall}
 
 
 def table(results: list[dict], variants: list[str]) -> str:

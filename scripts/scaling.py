@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the script runs from a checkout: runspec/ is beside it, not installed
+
+import runspec
 
 
 def run(procs: int, seed: int, args, out: Path) -> dict:
@@ -44,11 +47,12 @@ def run(procs: int, seed: int, args, out: Path) -> dict:
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - started
-    rows = [r for r in map(json.loads, (out / run_id / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    run = runspec.read_run(out / run_id)
+    rows, result = run.rows, run.completed()
     return {"procs": procs, "threads": threads, "seed": seed, "epochs": len(rows),
             "train_seconds": statistics.median(r["train_seconds"] for r in rows),
             "img_per_s": statistics.median(r["img_per_s"] for r in rows),
-            "test_acc": json.loads((out / run_id / "result.json").read_text())["test_acc"], "wall": wall}
+            "test_acc": result["test_acc"], "wall": wall}
 
 
 def main() -> int:

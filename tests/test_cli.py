@@ -217,6 +217,12 @@ def test_trainer_never_imports_cloud_libraries():
     assert not _imports("trainer") & {"boto3", "botocore", "fabric", "paramiko", "invoke", "infra"}
 
 
+def test_runspec_is_standard_library_only():
+    """It runs as `python3 -c` on a machine where nothing is installed (remote.list_runs)."""
+    assert _imports("runspec") <= set(sys.stdlib_module_names), _imports("runspec") - set(sys.stdlib_module_names)
+    assert not _imports("trainer") & {"infra"} and not _imports("infra") & {"trainer"}
+
+
 def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
     code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"

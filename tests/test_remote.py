@@ -295,10 +295,10 @@ def test_down_after_remote_work(cli, launched):
 
 
 def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
-    """The script list_runs runs on the machine, run here on a forged workdir: test accuracy and weights
-    come from result.json (per-epoch test is null without --test-every-epoch)."""
+    """What list_runs runs on the machine (runspec, as `python3 -c`), run here on a forged workdir: test
+    accuracy and weights come from result.json (per-epoch test is null without --test-every-epoch)."""
+    import runspec
     from infra.cli import runs_table
-    from infra.remote import LIST_RUNS
 
     def forge(run_id, status, result=None):
         d = tmp_path / "runs" / run_id
@@ -313,7 +313,8 @@ def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
     forge("a-ema", "completed", {"test_acc": 99.45, "weights": "ema"})
     forge("b-old", "completed", {"test_acc": 98.5})  # an older version's result.json: the final weights
     forge("c-gone", "running")  # no result yet, and no process: it died
-    out = subprocess.run([sys.executable, "-c", LIST_RUNS, str(tmp_path)], capture_output=True, text=True, check=True)
+    source = Path(runspec.__file__).read_text()
+    out = subprocess.run([sys.executable, "-c", source, str(tmp_path)], capture_output=True, text=True, check=True)
     rows = [json.loads(l) for l in out.stdout.splitlines()]
     assert [(r["run_id"], r["epochs"], r["test_acc"], r["weights"], r["alive"]) for r in rows] == [
         ("a-ema", 2, 99.45, "ema", False), ("b-old", 2, 98.5, "final", False), ("c-gone", 2, None, None, False)]

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import torch
 
-from trainer.data import atomic_write_bytes
+from runspec import atomic_write
 from trainer.errors import CheckpointError
 
 FORMAT = "mnist-cloud/1"
@@ -160,7 +160,7 @@ def _first_line(e: Exception, text: str | None = None) -> str:
 
 
 def _write_checksum(path: Path, digest: str) -> None:
-    atomic_write_bytes(checksum_path(path), f"{digest}  {path.name}\n".encode())
+    atomic_write(checksum_path(path), f"{digest}  {path.name}\n".encode())
 
 
 def _fsync_dir(directory: Path) -> None:

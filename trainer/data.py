@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from runspec import atomic_write
 from trainer.errors import DataError
 
 # The four standard files, by role. The sha256 values are of the *decompressed* IDX bytes.
@@ -95,17 +95,7 @@ def idx_bytes(tensor: torch.Tensor) -> bytes:
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file, atomically (temp file, fsync, rename)."""
-    atomic_write_bytes(path, idx_bytes(tensor))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, idx_bytes(tensor))
 
 
 @dataclass

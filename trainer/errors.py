@@ -5,8 +5,9 @@ Anything else is a bug and keeps its traceback.
 """
 
 
-class UserError(Exception):
-    """Bad input from the user: a flag, a file, a path. The message says what to do."""
+from runspec import UserError  # the one type, shared with infra (see runspec)
+
+__all__ = ["CheckpointError", "DataError", "UserError"]
 
 
 class DataError(UserError):

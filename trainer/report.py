@@ -19,22 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import runspec
 from trainer import rundir as rd
-from trainer.data import atomic_write_bytes
 from trainer.errors import UserError
 
-DEFAULT_TARGET = 99.4
+DEFAULT_TARGET = runspec.TARGET
 PLOTS = "plots"
 REPORT = "report.html"
 
 
 # ---------------------------------------------------------------------------------- reading a run
-@dataclass
-class Run:
-    path: Path
-    config: dict[str, Any]
-    rows: list[dict[str, Any]]
-    result: dict[str, Any] | None
+class Run(runspec.Run):
+    """A run as the report shows it: runspec's reading of it, plus what the pages need."""
 
     @property
     def run_id(self) -> str:
@@ -92,41 +88,9 @@ class Run:
         return None if price is None or self.seconds is None else price * self.seconds / 3600
 
 
-def read_metrics_strict(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, refusing a file whose lines are cut short."""
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is truncated or damaged at line {n}; the run's checkpoints are intact: "
-                            f"`mnist-cloud train --resume {path.parent}` rewrites it") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n} is not a record")
-        if "event" in row:  # interrupted / resumed markers, not epochs
-            continue
-        if "epoch" not in row or "test_acc" not in row:
-            raise UserError(f"{path} line {n} is not an epoch record")
-        rows.append(row)
-    return rows
-
-
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"run directory {path} does not exist")
-    if not path.is_dir():
-        raise UserError(f"{path} is not a directory; pass runs/<run-id>")
-    if not (path / rd.CONFIG).is_file():
-        raise UserError(f"{path} is not a run directory (no {rd.CONFIG}); pass runs/<run-id>")
-    config = rd.read_json(path / rd.CONFIG)
-    rows = read_metrics_strict(path / rd.METRICS)
-    result = rd.read_json(path / rd.RESULT) if (path / rd.RESULT).is_file() else None
-    return Run(path, config, rows, result)
+    r = runspec.read_run(path, strict=True)
+    return Run(r.path, r.config, r.rows, r.result)
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -436,7 +400,7 @@ def write_report(path: str | Path, predictions: bool = True) -> Path:
         except UserError as e:
             note = f"confusion matrix and mistakes skipped: {e}"
     out = run.path / REPORT
-    atomic_write_bytes(out, render(run, plots, note).encode())
+    runspec.atomic_write(out, render(run, plots, note).encode())
     return out
 
 
@@ -503,5 +467,5 @@ def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:
 <th class="l">time</th><th class="l">cost</th><th class="l">status</th></tr>{table}</table>
 <div class="grid">{''.join(_img(d, k, k) for k, d in plots.items())}</div></body></html>
 """
-    atomic_write_bytes(out, page.encode())
+    runspec.atomic_write(out, page.encode())
     return out, compare_table(rows)

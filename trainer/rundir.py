@@ -1,30 +1,34 @@
-"""The run directory, `runs/<run-id>/`, the same on a laptop and on an instance.
-
-    config.json    resolved config, git SHA, torch version, device, status
-    metrics.jsonl  one JSON line per epoch, each epoch exactly once (resume trims what it redoes)
-    train.log      seed 000's human-readable line per epoch
-    summary.txt    the layer table
-    model.pt       the weights the run delivers (the final weights, or their EMA with --ema): what
-                   result.json, `evaluate RUN`, `predict`, the report and the sweep all read
-    best.pt        best validation accuracy so far (with a validation split; a resume fallback, not delivered)
-    last.pt        the newest state: the end of the last epoch, or mid-epoch if interrupted
-    prev.pt        the checkpoint before last.pt, in case last.pt is ever damaged
-    result.json    the delivered weights' test (and validation) accuracy, written when the run ends
-"""
+"""The run directory, `runs/<run-id>/`, as the trainer writes it. Its files and how they are read are
+runspec's (the vocabulary every reader shares)."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from trainer.data import atomic_write_bytes
+from runspec import (
+    BEST,
+    CONFIG,
+    LAST,
+    LOG,
+    METRICS,
+    MODEL,
+    PREV,
+    RESULT,
+    SUMMARY,
+    append_jsonl,
+    atomic_write,
+    epochs,
+    read_json,
+    read_metrics,
+    write_json,
+)
 from trainer.errors import UserError
 
-CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
-BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
+__all__ = ["BEST", "CONFIG", "LAST", "LOG", "METRICS", "MODEL", "PREV", "RESULT", "SUMMARY", "RunDir", "new_run_id",
+           "read_json", "write_json"]
 
 
 def new_run_id(out_dir: Path, model: str, seed: int) -> str:
@@ -34,19 +38,6 @@ def new_run_id(out_dir: Path, model: str, seed: int) -> str:
         n += 1
         run_id = f"{base}-{n}"
     return run_id
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
 
 
 class RunDir:
@@ -86,31 +77,19 @@ class RunDir:
 
     # metrics.jsonl --------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.file(METRICS)
-        if not path.exists():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash: everything before it is good
-        return rows
+        return read_metrics(self.file(METRICS))  # lenient: a line cut short by a crash ends it
 
     def read_epochs(self) -> list[dict[str, Any]]:
         """Only the per-epoch records (not the interrupted/resumed events)."""
-        return [r for r in self.read_metrics() if "event" not in r]
+        return epochs(self.read_metrics())
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.file(METRICS), "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.file(METRICS), row)
 
     def trim_metrics(self, last_epoch: int) -> None:
         """Keep epochs <= last_epoch (and every event line), so a resumed run records each epoch exactly once."""
         rows = [r for r in self.read_metrics() if "event" in r or r.get("epoch", 0) <= last_epoch]
-        atomic_write_bytes(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     # train.log ------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -118,4 +97,4 @@ class RunDir:
             f.write(line + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write_bytes(self.file(name), text.encode())
+        atomic_write(self.file(name), text.encode())

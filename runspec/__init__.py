@@ -1,0 +1,185 @@
+"""What a run is on disk, in one place for the trainer, the laptop side, the scripts and the agents.
+
+A run directory, `runs/<run-id>/`, is the same on a laptop and on an instance:
+
+    config.json    the resolved config, git SHA, torch version, device, status
+    metrics.jsonl  one JSON line per epoch, each epoch exactly once, plus event lines (interrupted, resumed)
+    train.log      one human-readable line per epoch
+    summary.txt    the layer table
+    model.pt       the weights the run delivers: what result.json, evaluate, predict and the report read
+    best.pt        best validation accuracy so far (a resume fallback, never delivered)
+    last.pt        the newest state; prev.pt the one before it, in case last.pt is damaged
+    result.json    the delivered weights' test (and validation) accuracy, written when the run ends
+
+Standard library only, and one file: `python3 -c` runs it on a machine where nothing is installed
+(`mnist-cloud runs NAME` lists the machine's runs with list_runs()).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
+BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
+# config.json's "status", from start to end: running, then completed, stopped (--stop-after / a plateau
+# stop) or interrupted (a signal; resumable)
+STATUSES = ("running", "completed", "stopped", "interrupted")
+TARGET = 99.4  # the seed projects' test accuracy goal (%): reported against, never used to decide anything
+
+
+class UserError(Exception):
+    """Bad input from the user: a flag, a name, a file, credentials. The message says what to do next.
+
+    The one such type on both sides: `python -m trainer` and `mnist-cloud` print it as one line on
+    stderr and exit with code 2. Anything else is a bug and keeps its traceback."""
+
+
+# ---------------------------------------------------------------------------------- files
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, chmod, rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """One line, on disk before this returns: a crash loses at most the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------- reading a run
+def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, event lines included; [] when there is none yet.
+
+    Lenient (the trainer resuming its own run): a line cut short by a crash ends the file, and what
+    came before it is good. Strict (reports, benchmarks, sweeps): a damaged line is one clear error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if strict and not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if not strict:
+                break
+            raise UserError(f"{path} is truncated or damaged at line {n}; the run's checkpoints are intact: "
+                            f"`mnist-cloud train --resume {path.parent}` rewrites it") from None
+        if strict and not isinstance(row, dict):
+            raise UserError(f"{path} line {n} is not a record")
+        if strict and "event" not in row and ("epoch" not in row or "test_acc" not in row):
+            raise UserError(f"{path} line {n} is not an epoch record")
+        rows.append(row)
+    return rows
+
+
+def epochs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-epoch records only (not the interrupted / resumed events)."""
+    return [r for r in rows if "event" not in r]
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]  # epoch records, in order
+    result: dict[str, Any] | None  # result.json: None until the run ends
+
+    def completed(self) -> dict[str, Any]:
+        """result.json of a run that completed, or one line saying why this one does not count."""
+        if self.result is None:
+            raise UserError(f"{self.path} has no {RESULT}: the run did not complete (see its {LOG})")
+        if self.result.get("status", "completed") != "completed" or self.result.get("test_acc") is None:
+            raise UserError(f"{self.path}/{RESULT} is not a completed run's result "
+                            f"(status {self.result.get('status')!r})")
+        if not self.rows:
+            raise UserError(f"{self.path}/{METRICS} has no epoch rows")
+        return self.result
+
+
+def read_run(path: str | Path, strict: bool = True) -> Run:
+    """A run directory's config, epochs and result, with one clear line for whatever is missing or damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"run directory {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass runs/<run-id>")
+    if not (path / CONFIG).is_file():
+        raise UserError(f"{path} is not a run directory (no {CONFIG}); pass runs/<run-id>")
+    result = read_json(path / RESULT) if (path / RESULT).is_file() else None
+    return Run(path, read_json(path / CONFIG), epochs(read_metrics(path / METRICS, strict)), result)
+
+
+def list_runs(root: str) -> list[dict[str, Any]]:
+    """A summary of every run under ROOT/runs, as `mnist-cloud runs` shows them. Never raises on a
+    damaged run: its fields are "?", 0 or None. test_acc and weights are the delivered weights'
+    (result.json), never a per-epoch row's."""
+    root = os.path.expanduser(root)
+    runs = os.path.join(root, "runs")
+    out = []
+    for rid in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        d = os.path.join(runs, rid)
+        row: dict[str, Any] = {"run_id": rid}
+        damaged = (OSError, ValueError, AttributeError, TypeError, UserError)  # a half-written or foreign run
+        try:
+            row["status"] = read_json(Path(d, CONFIG)).get("status")
+        except damaged:
+            row["status"] = "?"
+        try:
+            row["epochs"] = len(epochs(read_metrics(Path(d, METRICS))))
+        except damaged:
+            row["epochs"] = 0
+        try:
+            result = read_json(Path(d, RESULT))
+            row["test_acc"], row["weights"] = result.get("test_acc"), result.get("weights", "final")
+        except damaged:
+            row["test_acc"] = row["weights"] = None
+        try:
+            with open(os.path.join(root, "jobs", rid + ".pid")) as f:
+                os.kill(int(f.read()), 0)
+            alive = True
+        except (OSError, ValueError):  # no pid file, or the job is gone
+            alive = False
+        row["alive"] = alive
+        row["mtime"] = os.path.getmtime(d)
+        out.append(row)
+    return out
+
+
+if __name__ == "__main__":  # python3 -c "<this file>" ROOT: one JSON line per run (see list_runs)
+    for summary in list_runs(sys.argv[1]):
+        print(json.dumps(summary))

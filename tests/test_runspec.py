@@ -1,0 +1,85 @@
+"""runspec: the one reader of a run directory. Lenient for the trainer resuming its own run, strict for
+every report; and list_runs as the instance runs it, with `python3 -I -c` and nothing installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runspec
+from runspec import UserError
+
+EPOCH = {"epoch": 1, "test_acc": None, "train_loss": 0.5, "elapsed": 3.0}
+
+
+def forge(root: Path, rid: str, config=None, metrics: str | None = None, result=None) -> Path:
+    d = root / "runs" / rid
+    d.mkdir(parents=True)
+    if config is not None:
+        (d / runspec.CONFIG).write_text(config if isinstance(config, str) else json.dumps(config))
+    if metrics is not None:
+        (d / runspec.METRICS).write_text(metrics)
+    if result is not None:
+        (d / runspec.RESULT).write_text(json.dumps(result))
+    return d
+
+
+def lines(*rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_lenient_stops_at_a_line_cut_short_strict_names_it(tmp_path):
+    cut = lines(EPOCH, {"event": "interrupted"}, {**EPOCH, "epoch": 2}) + '{"epoch": 3, "te'
+    d = forge(tmp_path, "cut", {"status": "interrupted"}, cut)
+    rows = runspec.read_metrics(d / runspec.METRICS)
+    assert [r.get("epoch", r.get("event")) for r in rows] == [1, "interrupted", 2]
+    with pytest.raises(UserError, match=r"metrics.jsonl is truncated or damaged at line 4; .*train --resume"):
+        runspec.read_metrics(d / runspec.METRICS, strict=True)
+    with pytest.raises(UserError, match="line 1 is not an epoch record"):
+        runspec.read_metrics(forge(tmp_path, "odd", {}, lines({"epoch": 1})) / runspec.METRICS, strict=True)
+
+
+def test_read_run_says_what_is_missing_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        runspec.read_run(tmp_path / "nope")
+    with pytest.raises(UserError, match=r"not a run directory \(no config.json\)"):
+        runspec.read_run(forge(tmp_path, "empty"))
+    with pytest.raises(UserError, match="is not valid JSON"):
+        runspec.read_run(forge(tmp_path, "badcfg", "{", lines(EPOCH)))
+    run = runspec.read_run(forge(tmp_path, "live", {"status": "running"}, lines(EPOCH)))
+    assert run.result is None and len(run.rows) == 1
+    with pytest.raises(UserError, match="has no result.json: the run did not complete"):
+        run.completed()
+    stopped = runspec.read_run(forge(tmp_path, "stopped", {}, lines(EPOCH), {"status": "interrupted"}))
+    with pytest.raises(UserError, match="is not a completed run's result"):
+        stopped.completed()
+    done = runspec.read_run(forge(tmp_path, "done", {}, lines(EPOCH), {"status": "completed", "test_acc": 99.5}))
+    assert done.completed()["test_acc"] == 99.5
+
+
+def test_list_runs_runs_alone_on_a_bare_python_and_survives_damage(tmp_path):
+    forge(tmp_path, "a-done", {"status": "completed"}, lines(EPOCH, {**EPOCH, "epoch": 2}),
+          {"test_acc": 99.1, "weights": "ema"})
+    forge(tmp_path, "b-cut", {"status": "interrupted"}, lines(EPOCH) + '{"epo')
+    forge(tmp_path, "c-garbled", "\x00\x01not json", "\xff")
+    forge(tmp_path, "d-live", {"status": "running"}, "")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "d-live.pid").write_text(str(os.getpid()))  # a process that is alive
+    (tmp_path / "jobs" / "b-cut.pid").write_text("not a pid")
+    source = Path(runspec.__file__).read_text()
+    # -I: no site-packages, no PYTHONPATH, no current directory: the standard library only, as on the instance
+    proc = subprocess.run([sys.executable, "-I", "-c", source, str(tmp_path)], capture_output=True, text=True,
+                          cwd="/", check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run_id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert list(rows) == ["a-done", "b-cut", "c-garbled", "d-live"]
+    assert {k: rows["a-done"][k] for k in ("status", "epochs", "test_acc", "weights", "alive")} == \
+        {"status": "completed", "epochs": 2, "test_acc": 99.1, "weights": "ema", "alive": False}
+    assert (rows["b-cut"]["status"], rows["b-cut"]["epochs"], rows["b-cut"]["test_acc"]) == ("interrupted", 1, None)
+    assert (rows["c-garbled"]["status"], rows["c-garbled"]["epochs"]) == ("?", 0)
+    assert rows["d-live"]["alive"] is True

@@ -344,6 +344,10 @@ def remote_train(name: str, rest: list[str], detach: bool, python: str | None, c
     envs, rest = pop_all(rest, "--env")
     if resume and run_id:
         raise UserError("--resume continues an existing run; it takes no --run-id")
+    if not resume:  # a resumed run's flags are its config.json's, on the machine
+        from runspec.config import check_train_args
+
+        check_train_args(rest)  # a typo fails here in one line, before any sync or setup on the machine
     if nodes is not None and (not nodes.isdigit() or int(nodes) < 1):
         raise UserError(f"--nodes {nodes!r}: give the number of machines, e.g. --nodes 2")
     job = RemoteTrain(name=name, trainer_args=rest, run_id=Path(resume).name if resume else run_id or new_run_id(name, rest),

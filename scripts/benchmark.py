@@ -360,7 +360,7 @@ def seed_pipeline_run(data_dir: str | None, seed: int, max_epochs: int, workers:
 def trainer_defaults(model_name: str):
     """The TrainConfig `python -m trainer train --model NAME` would run: the defaults plus the model's recipe."""
     from trainer.cli import parse_train_args
-    from trainer.config import from_namespace
+    from runspec.config import from_namespace
 
     return from_namespace(parse_train_args(["--model", model_name])[0])
 

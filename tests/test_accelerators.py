@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer import device as dev
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.train import fit
 
 ACCELERATORS = [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("mps", marks=pytest.mark.mps)]

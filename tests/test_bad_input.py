@@ -89,6 +89,12 @@ ROWS = [
     ("no region at all", ["status"], {"AWS_DEFAULT_REGION": ""}, "no AWS region"),
     ("a name that doesn't exist", ["stop", "ghost"], {}, "no instance named 'ghost'"),
     ("train on an unknown name", ["train", "--on", "ghost"], {}, "unknown name 'ghost'"),
+    # checked on the laptop, before connecting: "real" has no SSH server behind it, so a check made
+    # only on the machine would fail on connecting instead
+    ("a bad trainer flag for a remote run", ["train", "--on", "real", "--epochs", "-3"], {},
+     "--epochs must be at least 1"),
+    ("a trainer flag that isn't one, for a remote run", ["train", "--on", "real", "--lr", "fast"], {},
+     "argument --lr: invalid float value: 'fast'"),
     ("--ssh-cidr that isn't a CIDR", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "10.0.0.300/8"], {},
      "is not a CIDR"),
     ("an IPv6 --ssh-cidr", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "2001:db8::1/128"], {}, "is IPv6"),

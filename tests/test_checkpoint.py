@@ -22,7 +22,7 @@ from trainer.checkpoint import (
     move_checkpoint,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import build_model
 from trainer.train import fit

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.train import fit
 
 

@@ -11,7 +11,7 @@ import torch
 from trainer import inference
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.cli import main
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import REGISTRY
 from trainer.summary import count_macs, layer_table

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, run_cli
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.train import fit
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -13,7 +13,7 @@ import torch
 from conftest import epochs_without_timing, wait_for
 from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.errors import UserError
 from trainer.train import fit
 
@@ -288,7 +288,7 @@ def test_val_size_zero_trains_on_60k_and_logs_na(tmp_path, mnist_dir):
 def test_onecycle_on_a_run_of_a_few_steps(epochs, steps):
     """OneCycleLR divides by (warm-up steps - 1): a smoke run of 2 epochs x 2 steps used to raise
     ZeroDivisionError. Every step still gets a finite learning rate."""
-    from trainer.config import TrainConfig
+    from runspec.config import TrainConfig
     from trainer.train import schedule_table
 
     lrs, _ = schedule_table(TrainConfig(epochs=epochs), steps)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.config import AugmentConfig  # torch-free, for the CLI; importable from here as before
+from runspec.config import AugmentConfig  # torch-free, for the CLI; importable from here as before
 from trainer.data import centre_crop
 
 

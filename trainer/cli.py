@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
+from runspec.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
 from trainer.errors import UserError
 
 COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.augment import augment
-from trainer.config import TrainConfig
+from runspec.config import TrainConfig
 from trainer.errors import UserError
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require

@@ -30,7 +30,7 @@ from torch import nn
 from trainer import rundir as rd
 from trainer.augment import augment
 from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
-from trainer.config import TrainConfig, from_dict
+from runspec.config import TrainConfig, from_dict
 from trainer.data import DeviceData, Split, centre_crop, load_mnist, make_splits, normalize
 from trainer import device as dev
 from trainer.device import device_name, resolve_device

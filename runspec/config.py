@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.errors import UserError
+from runspec import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cyclic", "step", "plateau", "none")
@@ -217,3 +217,20 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a saved config.json; unknown keys (from newer versions) are ignored."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message} (see `python -m trainer train --help`)")
+
+
+def check_train_args(argv: list[str]) -> TrainConfig:
+    """Trainer flags checked as `python -m trainer train` checks them before it imports torch (types,
+    ranges, combinations), so that `mnist-cloud train --on` says what is wrong in one line on the
+    laptop, before any sync or setup. The model's recipe is applied on the machine, not here."""
+    parser = _Parser(prog="python -m trainer train", add_help=False)
+    add_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true")
+    config = from_namespace(parser.parse_args(argv))
+    config.validate()
+    return config

@@ -344,7 +344,7 @@ def remote_train(name: str, rest: list[str], detach: bool, python: str | None, c
     envs, rest = pop_all(rest, "--env")
     if resume and run_id:
         raise UserError("--resume continues an existing run; it takes no --run-id")
-    if not resume:  # a resumed run's flags are its config.json's, on the machine
+    if not resume and not code:  # a resumed run's flags are its config.json's; --code syncs another trainer
         from runspec.config import check_train_args
 
         check_train_args(rest)  # a typo fails here in one line, before any sync or setup on the machine

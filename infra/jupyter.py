@@ -112,6 +112,8 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
             except KeyboardInterrupt:
                 pass
     finally:
+        for sig in handlers:  # a second TERM/HUP (a closing terminal can send two) must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         if not keep:
             target.remote.kill_job(job)
             target.remote.run(f"rm -f {wd}/jobs/{job}.token", warn=True)

@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import select
+import secrets
 import shlex
 import shutil
 import socket
@@ -522,10 +523,11 @@ class Remote:
         """Write `text` to an absolute `path` on the machine whole or not at all (a temp file, then a
         rename); its directory must exist."""
         sftp = self.conn.sftp()  # Fabric caches this client: do not close it
-        with sftp.open(f"{path}.part", "w") as f:
+        tmp = f"{path}.part-{secrets.token_hex(6)}"  # two runs starting at once each write their own
+        with sftp.open(tmp, "w") as f:
             f.write(text)
-        sftp.chmod(f"{path}.part", mode)
-        sftp.posix_rename(f"{path}.part", path)
+        sftp.chmod(tmp, mode)
+        sftp.posix_rename(tmp, path)
 
     def job_state(self, run_id: str) -> tuple[str, int | None]:
         """("running" | "finished" | "unknown", exit code if finished)."""

@@ -41,11 +41,17 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------------- files
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, chmod, rename: a reader sees the old file or the new one."""
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Temp file in the same directory, fsync, chmod, rename: a reader sees the old file or the new one.
+    `mode` None: what open() would give (0o666 less the umask). The temp file is `.NAME.tmpXXXXXXXX`, a
+    name the pull record leaves out (infra/agent/autostop.py is_temp)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    if mode is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

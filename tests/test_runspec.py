@@ -83,3 +83,36 @@ def test_list_runs_runs_alone_on_a_bare_python_and_survives_damage(tmp_path):
     assert (rows["b-cut"]["status"], rows["b-cut"]["epochs"], rows["b-cut"]["test_acc"]) == ("interrupted", 1, None)
     assert (rows["c-garbled"]["status"], rows["c-garbled"]["epochs"]) == ("?", 0)
     assert rows["d-live"]["alive"] is True
+
+
+def test_atomic_write_leaves_a_temp_name_the_pull_record_skips_and_keeps_the_umask(tmp_path, monkeypatch):
+    """A write cut off before its rename leaves `.NAME.tmp*`, which the on-instance pull record treats as
+    a write in progress, not a run file; a finished write has open()'s mode under the caller's umask."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("autostop", REPO / "infra" / "agent" / "autostop.py")
+    autostop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(autostop)
+    target = tmp_path / "config.json"
+
+    def crash(*args):
+        raise KeyboardInterrupt  # killed between the write and the rename
+
+    with monkeypatch.context() as m:
+        m.setattr(runspec.os, "fsync", crash)
+        m.setattr(runspec.Path, "unlink", lambda *a, **k: None)  # a SIGKILL runs no cleanup
+        with pytest.raises(KeyboardInterrupt):
+            runspec.atomic_write(target, b"{}")
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".config.json.tmp") and not target.exists(), left
+    assert autostop.is_temp(left[0])
+    old = os.umask(0o077)
+    try:
+        runspec.atomic_write(target, b"{}")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o600
+    runspec.atomic_write(tmp_path / "key", b"k", mode=0o640)
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o640

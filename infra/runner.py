@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import runspec
 from infra.errors import UserError
 from infra.remote import ConnectionLost
-from infra.targets import SSHTarget, code_dir, env_python, git_env
+from infra.targets import SSHTarget, code_dir, env_python
 
 RDZV_PORT = 29500
 
@@ -89,7 +90,7 @@ def train_remote(job: RemoteTrain, log=print) -> int:
             ensure_run_there(target, job, log)
         n = nproc(target, py, job.gpus)
         launcher = ["--standalone", "--nproc_per_node", str(n)] if n else None
-        pid = target.run(job.trainer_args, job.run_id, py, env={**git_env(source), **job.env},
+        pid = target.run(job.trainer_args, job.run_id, py, env={**runspec.git_env(source), **job.env},
                          resume=bool(job.resume), launcher=launcher)
         log(f"{'resumed' if job.resume else 'started'} {job.run_id} on {job.name} (pid {pid}"
             f"{f', torchrun x {n}' if n else ''}); it runs detached and survives this laptop disconnecting"
@@ -160,7 +161,7 @@ def _train_cluster(job: RemoteTrain, log) -> int:
                         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", job.run_id,
                         "--rdzv_conf", f"is_host={1 if rank == 0 else 0}", "--local-addr", addresses[rank]]
             pid = target.run(job.trainer_args, job.run_id, py,
-                             env={**git_env(source), **job.env, "MNIST_CLOUD_RANK0_FILE": marker},
+                             env={**runspec.git_env(source), **job.env, runspec.ENV_RANK0_FILE: marker},
                              resume=bool(job.resume), launcher=launcher)
             log(f"started {job.run_id} on {target.label} (pid {pid})")
         # c10d hands out ranks by arrival: the trainer that got rank 0 leaves a marker on its node

@@ -9,7 +9,6 @@ accuracy reached 99.40% needs --test-every-epoch, and is a peek at the test set,
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import queue
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import runspec
 from infra.errors import UserError
 from infra.pricing import hourly_price
-from infra.targets import LocalTarget, SSHTarget, code_dir, env_python, git_env
+from infra.targets import LocalTarget, SSHTarget, code_dir, env_python
 
 TARGET = runspec.TARGET
 
@@ -123,7 +122,7 @@ def run_remote(names: list[str], points: list[Point], trainer_args: list[str], r
     def worker(name: str, py: str, gpu: int | None) -> None:
         try:
             target = SSHTarget.resolve(name, region, profile)
-            env = {**git_env(source), **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
+            env = {**runspec.git_env(source), **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
             with target.remote:
                 while True:
                     try:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
@@ -40,22 +41,6 @@ def code_dir(explicit: str | None = None) -> Path:
     where = explicit or "the current directory"
     raise UserError(f"{where} is not an mnist-cloud checkout (no trainer/ and {SETUP_SCRIPT}); "
                     "run from your checkout or pass --code DIR")
-
-
-def git_env(directory: Path) -> dict[str, str]:
-    """The code's commit, for config.json on a machine that gets the code without .git."""
-    def git(*args):
-        try:
-            out = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except OSError:
-            return None
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return {}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"MNIST_CLOUD_GIT_SHA": sha, "MNIST_CLOUD_GIT_DIRTY": "1" if dirty else "0"}
 
 
 class LocalTarget:
@@ -104,12 +89,12 @@ class SSHTarget:
         """What the trainer records about where it ran, for the report's header and cost."""
         from infra.pricing import hourly_price
 
-        env = {"MNIST_CLOUD_NAME": self.name}
+        env = {runspec.ENV_NAME: self.name}
         if self.instance_type:
-            env["MNIST_CLOUD_INSTANCE_TYPE"] = self.instance_type
+            env[runspec.ENV_INSTANCE_TYPE] = self.instance_type
             price = hourly_price(self.instance_type)
             if price is not None:
-                env["MNIST_CLOUD_PRICE"] = str(price)
+                env[runspec.ENV_PRICE] = str(price)
         return env
 
     @staticmethod

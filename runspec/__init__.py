@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,16 @@ BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
 # stop) or interrupted (a signal; resumable)
 STATUSES = ("running", "completed", "stopped", "interrupted")
 TARGET = 99.4  # the seed projects' test accuracy goal (%): reported against, never used to decide anything
+
+
+# What `mnist-cloud train --on` tells the trainer on the machine, through its environment (set by
+# infra/targets.py and infra/runner.py, read by trainer/train.py into config.json):
+ENV_GIT_SHA = "MNIST_CLOUD_GIT_SHA"  # the laptop checkout's commit: the synced code has no .git
+ENV_GIT_DIRTY = "MNIST_CLOUD_GIT_DIRTY"  # "1" when that checkout had uncommitted changes
+ENV_NAME = "MNIST_CLOUD_NAME"  # the machine's name in `mnist-cloud ls`, for the report
+ENV_INSTANCE_TYPE = "MNIST_CLOUD_INSTANCE_TYPE"
+ENV_PRICE = "MNIST_CLOUD_PRICE"  # on-demand $/hour, for the report's cost line
+ENV_RANK0_FILE = "MNIST_CLOUD_RANK0_FILE"  # `train --on --nodes`: rank 0 writes "HOST PID" here
 
 
 class UserError(Exception):
@@ -83,6 +94,47 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------- provenance
+def git_commit(directory: str | Path) -> dict[str, Any] | None:
+    """{"sha", "dirty"} of the git checkout at DIRECTORY, or None when it is not one (or git is missing).
+    Dirty counts tracked files only: an untracked runs/ or data/ does not make a run's code differ."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return None
+    return {"sha": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def git_env(directory: str | Path) -> dict[str, str]:
+    """The laptop side: DIRECTORY's commit as environment variables, for a machine that gets the code
+    without .git ({} when DIRECTORY is not a checkout)."""
+    commit = git_commit(directory)
+    if commit is None:
+        return {}
+    return {ENV_GIT_SHA: commit["sha"], ENV_GIT_DIRTY: "1" if commit["dirty"] else "0"}
+
+
+def git_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer's side, for config.json: the checkout's commit, else what git_env() passed along."""
+    return git_commit(directory) or {"sha": os.environ.get(ENV_GIT_SHA),
+                                     "dirty": os.environ.get(ENV_GIT_DIRTY) == "1"}
+
+
+def cloud_info() -> dict[str, Any] | None:
+    """Which machine a `train --on` run ran on, and what it costs per hour; None for a local run."""
+    if not os.environ.get(ENV_NAME):
+        return None
+    price = os.environ.get(ENV_PRICE)
+    return {"name": os.environ[ENV_NAME], "instance_type": os.environ.get(ENV_INSTANCE_TYPE),
+            "price_per_hour": float(price) if price else None}
 
 
 # ---------------------------------------------------------------------------------- reading a run

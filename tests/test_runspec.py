@@ -116,3 +116,29 @@ def test_atomic_write_leaves_a_temp_name_the_pull_record_skips_and_keeps_the_uma
     assert target.stat().st_mode & 0o777 == 0o600
     runspec.atomic_write(tmp_path / "key", b"k", mode=0o640)
     assert (tmp_path / "key").stat().st_mode & 0o777 == 0o640
+
+
+def test_git_provenance_crosses_to_a_machine_without_git(tmp_path, monkeypatch):
+    """The laptop's commit (dirty or not) reaches config.json of a run on a machine whose synced code
+    has no .git; a directory that is not a checkout passes nothing along."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "train.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (repo / "untracked.txt").write_text("not code\n")
+    assert runspec.git_env(repo) == {runspec.ENV_GIT_SHA: sha, runspec.ENV_GIT_DIRTY: "0"}
+    (repo / "train.py").write_text("x = 2\n")
+    env = runspec.git_env(repo)
+    assert env == {runspec.ENV_GIT_SHA: sha, runspec.ENV_GIT_DIRTY: "1"}
+
+    synced = tmp_path / "synced"  # what the machine has: the files, no .git
+    synced.mkdir()
+    assert runspec.git_env(synced) == {}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert runspec.git_state(synced) == {"sha": sha, "dirty": True}
+    assert runspec.git_state(repo) == {"sha": sha, "dirty": True}  # a checkout speaks for itself

@@ -15,7 +15,6 @@ import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import runspec
 from trainer import rundir as rd
 from trainer.augment import augment
 from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
@@ -49,30 +49,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------- environment
-def git_state() -> dict[str, Any]:
-    """The code's commit and whether the tree was dirty; $MNIST_CLOUD_GIT_SHA when synced without .git."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    if sha is None:
-        return {"sha": os.environ.get("MNIST_CLOUD_GIT_SHA"), "dirty": os.environ.get("MNIST_CLOUD_GIT_DIRTY") == "1"}
-    return {"sha": sha, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def cloud_info() -> dict[str, Any] | None:
-    """Set by `mnist-cloud train --on` for the report: which machine, and what it costs per hour."""
-    if not os.environ.get("MNIST_CLOUD_NAME"):
-        return None
-    price = os.environ.get("MNIST_CLOUD_PRICE")
-    return {"name": os.environ["MNIST_CLOUD_NAME"], "instance_type": os.environ.get("MNIST_CLOUD_INSTANCE_TYPE"),
-            "price_per_hour": float(price) if price else None}
-
-
 def write_run_report(run: "rd.RunDir", log=print) -> None:
     """report.html at the end of a run; a failure here never costs the run its result."""
     from trainer.report import write_report
@@ -579,8 +555,8 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         cfg = dist.broadcast(cfg, device)  # a resumed run's config lives on rank 0's machine only
         if not dist.main:
             cfg = dataclasses.replace(cfg, progress=False, report=False)
-    if dist.main and os.environ.get("MNIST_CLOUD_RANK0_FILE"):  # tells `train --on --nodes` where rank 0 runs
-        Path(os.environ["MNIST_CLOUD_RANK0_FILE"]).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    if dist.main and os.environ.get(runspec.ENV_RANK0_FILE):  # tells `train --on --nodes` where rank 0 runs
+        Path(os.environ[runspec.ENV_RANK0_FILE]).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     torch.manual_seed(cfg.seed)  # weights and dropout
     data_dir = resolve_data_dir(cfg.data_dir)
     data: DeviceData = make_splits(load_mnist(data_dir), cfg.val_size, cfg.seed, device, cfg.train_limit,
@@ -668,7 +644,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             "status": "running",
             "config": dataclasses.asdict(cfg),
             "model": {"name": cfg.model, "params": params, "macs": sum(r.macs for r in layer_table(model, cfg.input_size))},
-            "git": git_state(),
+            "git": runspec.git_state(PROJECT_ROOT),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "device": {"type": device.type, "name": device_name(device), "amp": str(amp_dtype).replace("torch.", "")
@@ -676,7 +652,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
             "distributed": {"world_size": dist.world, "backend": ("nccl" if device.type == "cuda" else "gloo")}
             if dist.active else None,
             "host": socket.gethostname(),
-            "cloud": cloud_info(),
+            "cloud": runspec.cloud_info(),
             "data": {"dir": str(data_dir), "train": len(data.train), "val": len(data.val) if data.val else 0,
                      "test": len(data.test)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -163,7 +163,7 @@ def host(tmp_path_factory):
     if missing:
         pytest.skip(missing)  # only the tests that need the host: the rest of their module still runs
     work = tmp_path_factory.mktemp("sshhost")
-    ensure_user(USER, work / "home-ubuntu")  # kept: another test session may be using it
+    ensure_user(USER)  # kept: another test session may be using it
     h = SSHTestHost(work)  # its own, empty home for the login
     try:
         h.create_namespace()

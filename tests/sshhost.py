@@ -35,28 +35,44 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
 
-def ensure_user(name: str, home: Path) -> tuple[Path, bool]:
-    """A login `name` sharing uid 0; returns (its home, whether this call created it).
+# The login's home is only a mount point: each machine bind-mounts its own home over it. It must not
+# live in a pytest temp dir: pytest deletes old sessions' dirs when a new session starts, and deleting
+# a mount point detaches that mount in every namespace, so a machine would lose its home mid-test.
+LOGIN_HOMES = Path("/var/lib/mnist-cloud-tests")
 
-    An existing one (left by an interrupted run) keeps its home: usermod cannot change a uid that
-    running processes use. The caller cleans what it needs inside the home."""
+
+def ensure_user(name: str) -> Path:
+    """A login `name` sharing uid 0, whose home is LOGIN_HOMES/home-NAME; returns that home.
+
+    An existing one (left by an earlier session) is kept; its home is moved to the fixed path by
+    rewriting its passwd entry, since usermod refuses a uid (0) that running processes use."""
     import fcntl
     import pwd
 
+    home = LOGIN_HOMES / f"home-{name}"
+    home.mkdir(parents=True, exist_ok=True)
     # test processes running side by side (pytest-xdist workers, two sessions) must not both useradd
     with open("/run/mnist-cloud-test-user.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             existing = Path(pwd.getpwnam(name).pw_dir)
         except KeyError:
-            existing = None
-        if existing is not None:
-            existing.mkdir(parents=True, exist_ok=True)
-            return existing, False
-        home.mkdir(parents=True, exist_ok=True)
-        sh("useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", name)
-        sh("usermod", "-p", "*", name)  # a locked account is refused when UsePAM is off
-        return home, True
+            sh("useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", str(home), "-s", "/bin/bash", name)
+            sh("usermod", "-p", "*", name)  # a locked account is refused when UsePAM is off
+            return home
+        if existing != home:
+            passwd = Path("/etc/passwd")
+            lines = passwd.read_text().splitlines(keepends=True)
+            for i, line in enumerate(lines):
+                fields = line.split(":")
+                if fields[0] == name and len(fields) == 7:
+                    fields[5] = str(home)
+                    lines[i] = ":".join(fields)
+            tmp = passwd.with_name(".passwd.mnist-cloud-tests")
+            tmp.write_text("".join(lines))
+            tmp.chmod(0o644)
+            tmp.replace(passwd)
+        return home
 
 
 def remove_user(name: str) -> None:

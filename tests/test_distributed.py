@@ -111,7 +111,7 @@ def cluster(tmp_path_factory):
     from sshhost import USER, Bridge, SSHTestHost, ensure_user
 
     work = tmp_path_factory.mktemp("cluster")
-    ensure_user(USER, work / "home-ubuntu")
+    ensure_user(USER)  # kept: another test session may be using it
     bridge = Bridge()
     hosts = [SSHTestHost(work / f"node{i}", index=i, bridge=bridge) for i in range(2)]
     addresses = iter([h.addr for h in hosts])  # node 0's instance gets the first host, node 1's the second

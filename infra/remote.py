@@ -511,13 +511,15 @@ class Remote:
         """Write jobs/RUN.job.json: the commands (detached_command) that continue the run, for the agent
         that resumes a spot-interrupted run at boot (infra/agent/resume_agent.py). It also clears the run's
         spot notice: a run started from here again is no longer waiting for the machine to resume it.
+        `status_file` (relative to the work dir) is where the agent reads the run's status.
 
         The commands hold what the job's own command line already shows (`ps`), nothing more: the
         file is mode 600 all the same."""
         jobs = posixpath.join(self._home(), self.ep.workdir, "jobs")
         self.run(f"mkdir -p {shlex.quote(jobs)} && rm -f {shlex.quote(f'{jobs}/{run_id}.spot-notice')}")
         self.write_file(f"{jobs}/{run_id}.job.json",
-                        json.dumps({"run_id": run_id, "workdir": self.ep.workdir, "resume": commands}, indent=1))
+                        json.dumps({"run_id": run_id, "workdir": self.ep.workdir, "resume": commands,
+                                    "status_file": posixpath.join("runs", run_id, runspec.CONFIG)}, indent=1))
 
     def write_file(self, path: str, text: str, mode: int = 0o600) -> None:
         """Write `text` to an absolute `path` on the machine whole or not at all (a temp file, then a

@@ -72,7 +72,7 @@ def ensure_run_there(target: SSHTarget, job: RemoteTrain, log) -> None:
     if target.has_run(job.run_id):
         return
     local_run = Path(job.resume) if Path(job.resume).is_dir() else job.local_runs / job.run_id
-    if not (local_run / "config.json").is_file():
+    if not (local_run / runspec.CONFIG).is_file():
         raise UserError(f"no run {job.run_id!r} on {job.name} nor in {job.local_runs}; "
                         f"`mnist-cloud runs {job.name}` lists them")
     pushed = target.push_run(local_run, log=log)
@@ -122,7 +122,7 @@ def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = 
         log(f"{run_id} ended (exit {code}) before writing a run directory; see the log above")
         return code if code is not None else 1
     pulled = target.pull(run_id, job.local_runs, log=log)
-    result_file = job.local_runs / run_id / "result.json"
+    result_file = job.local_runs / run_id / runspec.RESULT
     if code is not None and code > 128:
         log(f"{run_id} was interrupted (signal {code - 128}); its checkpoint is pulled. Continue it with: "
             f"mnist-cloud train --on {name} --resume {run_id}")

@@ -59,7 +59,8 @@ def test_agent_leaves_a_finished_or_stopped_run_alone_and_resumes_only_once(tmp_
         (work / "runs" / run_id).mkdir(parents=True)
         (work / "runs" / run_id / "config.json").write_text(json.dumps({"status": status}))
         record = jobs / f"{run_id}.job.json"
-        record.write_text(json.dumps({"run_id": run_id, "resume": [f"echo {run_id} >> {started}; echo 4242"]}))
+        record.write_text(json.dumps({"run_id": run_id, "resume": [f"echo {run_id} >> {started}; echo 4242"],
+                                     "status_file": f"runs/{run_id}/config.json"}))
         record.chmod(0o600)
         if run_id != "mine":  # the user stopped `mine` by hand: no notice
             (jobs / f"{run_id}.spot-notice").write_text("{}")
@@ -76,7 +77,7 @@ def test_agent_refuses_a_record_others_can_write(tmp_path):
     (work / "runs" / "r").mkdir(parents=True)
     (work / "runs" / "r" / "config.json").write_text(json.dumps({"status": "interrupted"}))
     record = work / "jobs" / "r.job.json"
-    record.write_text(json.dumps({"resume": [f"touch {tmp_path / 'ran'}"]}))
+    record.write_text(json.dumps({"resume": [f"touch {tmp_path / 'ran'}"], "status_file": "runs/r/config.json"}))
     record.chmod(0o666)
     (work / "jobs" / "r.spot-notice").write_text("{}")
     assert agent.main(["--home", str(tmp_path / "home")]) == 1

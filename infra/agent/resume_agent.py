@@ -60,9 +60,12 @@ def decide(has_notice: bool, has_record: bool, status: str | None, alive: bool) 
 
 # ---------------------------------------------------------------------------------- facts
 def run_status(workdir: Path, run_id: str) -> str | None:
+    """The run's status, from the file its job record names (the run directory's config.json, as
+    runspec spells it); None when there is no record, no such file yet, or either is damaged."""
     try:
-        return json.loads((workdir / "runs" / run_id / "config.json").read_text()).get("status")
-    except (OSError, ValueError):
+        record = json.loads((workdir / "jobs" / f"{run_id}{JOB_SUFFIX}").read_text())
+        return json.loads((workdir / record["status_file"]).read_text()).get("status")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnist-cloud {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    aws = [aws_options()]
+    add_local_commands(sub)
+    add_launch_commands(sub, [aws_options()])
+    add_machine_commands(sub, [aws_options()])
+    add_down_command(sub, [aws_options()])
+    return parser
 
+
+def add_local_commands(sub) -> None:
+    """Commands that run here: the trainer's, passed through, and the report."""
     sub.add_parser(
         "train", add_help=False,
         help="train a model (locally by default); any `python -m trainer train` flag is accepted",
@@ -74,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open it in the system browser, if there is one")
     p.add_argument("--no-predictions", action="store_true", help="skip the confusion matrix and mistakes")
 
+
+def add_launch_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
+    """Commands that give a name a machine: launch, attach, and the instance's life (status, stop, start,
+    autostop)."""
     p = sub.add_parser("launch", parents=aws, help="launch (or reuse) a named EC2 GPU instance",
                        description="Launch an EC2 instance from the newest PyTorch Deep Learning AMI, or reuse the "
                                    "instance already called NAME (starting it if stopped). SSH is opened only to "
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--after-train: minutes to wait after a run ends, 3 at least (default: %(default)s)")
     p.add_argument("--cancel", action="store_true", help="turn autostop off")
 
+
+def add_machine_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
+    """Commands that work on a named machine over SSH."""
     p = sub.add_parser("setup", parents=aws, help="sync the code and run setup_ec2.sh on a machine (idempotent)")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("--python", help="interpreter to use there (default: $MNIST_CLOUD_REMOTE_PYTHON, the DLAMI's, a venv)")
@@ -165,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget-host", help="drop a machine's pinned host key (after you verified a rebuild)")
     p.add_argument("name")
 
+
+def add_down_command(sub, aws: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("down", parents=aws, help="terminate a name's instances and delete its security group and key",
                        description="Terminate (not just stop) every instance of NAME, then delete its security group "
                                    "and any key pair mnist-cloud created for it. --all sweeps every name you own.")
@@ -178,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse (exit 2, naming them) instead of pulling unpulled runs into runs/ first")
     p.add_argument("--discard-runs", action="store_true",
                    help="terminate even if the machine holds runs not pulled yet (they are deleted with it)")
-    return parser
 
 
 # ---------------------------------------------------------------------------------- trainer commands

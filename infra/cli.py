@@ -230,24 +230,31 @@ def global_aws(rest: list[str], args) -> list[str]:
     return rest
 
 
-def cmd_train(rest: list[str]) -> int:
-    from infra.targets import pop_option
+def train_options() -> Parser:
+    """`mnist-cloud train`'s own flags (TRAIN_HELP); every other flag is the trainer's."""
+    p = Parser(prog="mnist-cloud train", add_help=False)
+    p.add_argument("--on", metavar="NAME")
+    p.add_argument("--detach", action="store_true")
+    p.add_argument("--gpus", metavar="N|all")
+    p.add_argument("--nodes", metavar="K")
+    p.add_argument("--env", action="append", default=[], metavar="K=V")
+    p.add_argument("--python", metavar="PATH")
+    p.add_argument("--code", metavar="DIR")
+    p.add_argument("--region")
+    p.add_argument("--profile")
+    return p
 
-    on, rest = pop_option(rest, "--on")
-    python, rest = pop_option(rest, "--python")
-    code, rest = pop_option(rest, "--code")
-    region, rest = pop_option(rest, "--region")
-    profile, rest = pop_option(rest, "--profile")
-    detach = "--detach" in rest
-    rest = [a for a in rest if a != "--detach"]
+
+def cmd_train(rest: list[str]) -> int:
+    opts, rest = train_options().parse_known_args(rest)
     if "-h" in rest or "--help" in rest:
         print(TRAIN_HELP, flush=True)
         return LocalTarget().run(["train", "--help"])
-    if not on:
-        if detach or python or code:
-            raise UserError("--detach, --python and --code need --on NAME")
+    if not opts.on:
+        if opts.detach or opts.python or opts.code or opts.gpus or opts.nodes or opts.env:
+            raise UserError("--detach, --python, --code, --gpus, --nodes and --env need --on NAME")
         return LocalTarget().run(["train", *rest])
-    return remote_train(on, rest, detach=detach, python=python, code=code, region=region, profile=profile)
+    return remote_train(opts, rest)
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -344,31 +351,51 @@ def cmd_sweep(rest: list[str]) -> int:
     return 0
 
 
-def remote_train(name: str, rest: list[str], detach: bool, python: str | None, code: str | None,
-                 region: str | None, profile: str | None) -> int:
+# The trainer flags that say where a run lives: on a machine, the laptop decides them (the run is
+# runs/RUN there, and pulled into --out-dir here).
+PLACEMENT = ("out_dir", "run_id", "resume")
+
+
+def placement_and_flags(rest: list[str], check: bool) -> tuple[dict[str, str | None], list[str]]:
+    """({out_dir, run_id, resume, model}: what was typed, else None; the other trainer flags).
+
+    check: the flags are parsed and checked with the trainer's own definition (runspec.config), so a
+    typo fails here in one line, before any sync or setup, and the machine gets them as parsed.
+    Otherwise (a resume, whose flags are its config.json's, or --code, whose trainer may know other
+    flags) they pass through as typed."""
+    from runspec.config import parse_train_args, to_argv
+
+    if check:
+        _, typed = parse_train_args(rest)
+        where = {key: typed.pop(key, None) for key in PLACEMENT}
+        return {**where, "model": typed.get("model")}, to_argv(typed)
+    p = Parser(prog="mnist-cloud train", add_help=False)
+    for key in (*PLACEMENT, "model"):
+        p.add_argument("--" + key.replace("_", "-"))
+    where, other = p.parse_known_args(rest)
+    model = ["--model", where.model] if where.model else []
+    return vars(where), other + model
+
+
+def remote_train(opts: argparse.Namespace, rest: list[str]) -> int:
     from pathlib import Path
 
     from infra.runner import RemoteTrain, parse_env, train_remote
-    from infra.targets import new_run_id, pop_all, pop_option
+    from infra.targets import new_run_id
 
-    out_dir, rest = pop_option(rest, "--out-dir")
-    run_id, rest = pop_option(rest, "--run-id")
-    resume, rest = pop_option(rest, "--resume")
-    gpus, rest = pop_option(rest, "--gpus")
-    nodes, rest = pop_option(rest, "--nodes")
-    envs, rest = pop_all(rest, "--env")
-    if resume and run_id:
+    resumed = placement_and_flags(rest, check=False)[0]["resume"]
+    where, trainer_args = placement_and_flags(rest, check=not resumed and not opts.code)
+    if where["resume"] and where["run_id"]:
         raise UserError("--resume continues an existing run; it takes no --run-id")
-    if not resume and not code:  # a resumed run's flags are its config.json's; --code syncs another trainer
-        from runspec.config import check_train_args
-
-        check_train_args(rest)  # a typo fails here in one line, before any sync or setup on the machine
+    nodes = opts.nodes
     if nodes is not None and (not nodes.isdigit() or int(nodes) < 1):
         raise UserError(f"--nodes {nodes!r}: give the number of machines, e.g. --nodes 2")
-    job = RemoteTrain(name=name, trainer_args=rest, run_id=Path(resume).name if resume else run_id or new_run_id(name, rest),
-                      resume=resume, detach=detach, python=python, code=code, gpus=gpus,
-                      nodes=int(nodes) if nodes else None, env=parse_env(envs), local_runs=Path(out_dir or "runs"),
-                      region=region, profile=profile)
+    resume = where["resume"]
+    run_id = Path(resume).name if resume else where["run_id"] or new_run_id(opts.on, where["model"])
+    job = RemoteTrain(name=opts.on, trainer_args=trainer_args, run_id=run_id, resume=resume, detach=opts.detach,
+                      python=opts.python, code=opts.code, gpus=opts.gpus, nodes=int(nodes) if nodes else None,
+                      env=parse_env(opts.env), local_runs=Path(where["out_dir"] or "runs"), region=opts.region,
+                      profile=opts.profile)
     return train_remote(job, log=say)
 
 

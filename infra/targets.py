@@ -306,38 +306,10 @@ class SSHTarget:
             raise UserError(f"{self.name} has no run {run_id!r}; `mnist-cloud runs {self.name}` lists them")
 
 
-def new_run_id(name: str, trainer_args: list[str]) -> str:
-    """<time>-<name>[-<model>]; the trainer's own --run-id wins if given."""
-    model = None
-    for i, a in enumerate(trainer_args):
-        if a == "--model" and i + 1 < len(trainer_args):
-            model = trainer_args[i + 1]
-        elif a.startswith("--model="):
-            model = a.split("=", 1)[1]
+def new_run_id(name: str, model: str | None = None) -> str:
+    """<time>-<name>[-<model>], for a run whose --run-id was not given."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return "-".join(x for x in (stamp, name, model) if x)
-
-
-def pop_all(args: list[str], flag: str) -> tuple[list[str], list[str]]:
-    """Take every `--flag VALUE` out of a pass-through argument list."""
-    values, rest, skip = [], [], False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-        elif a == flag and i + 1 < len(args):
-            values.append(args[i + 1])
-            skip = True
-        elif a.startswith(flag + "="):
-            values.append(a.split("=", 1)[1])
-        else:
-            rest.append(a)
-    return values, rest
-
-
-def pop_option(args: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """Take `--flag VALUE` / `--flag=VALUE` out of a pass-through argument list (the last one wins)."""
-    values, rest = pop_all(args, flag)
-    return (values[-1] if values else None), rest
 
 
 def has_option(args: list[str], flag: str) -> bool:

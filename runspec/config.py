@@ -195,16 +195,18 @@ def _type_of(f: dataclasses.Field) -> type:
     raise TypeError(f"unsupported config type {f.type} for {f.name}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; help strings show the default."""
+def add_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One flag per TrainConfig field; help strings show the default. defaults=False: a flag not
+    typed is left out of the namespace (what parse_train_args needs to tell typed from default)."""
     for f in dataclasses.fields(TrainConfig):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
         help_text = f.metadata["help"] + " (default: %(default)s)"
+        default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         else:
-            parser.add_argument(_flag(f.name), type=_type_of(f), default=f.default, help=help_text,
+            parser.add_argument(_flag(f.name), type=_type_of(f), default=default, help=help_text,
                                 metavar=f.name.upper() if "choices" not in extra else None, **extra)
 
 
@@ -224,13 +226,32 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `python -m trainer train --help`)")
 
 
-def check_train_args(argv: list[str]) -> TrainConfig:
+def parse_train_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
     """Trainer flags checked as `python -m trainer train` checks them before it imports torch (types,
-    ranges, combinations), so that `mnist-cloud train --on` says what is wrong in one line on the
-    laptop, before any sync or setup. The model's recipe is applied on the machine, not here."""
+    ranges, combinations). Returns the config and the flags as typed ({field: value}, `dry_run`
+    included), so that the laptop can say what is wrong in one line before any sync or setup, and
+    hand the machine exactly what was asked for (to_argv). The model's recipe is applied on the
+    machine, not here."""
     parser = _Parser(prog="python -m trainer train", add_help=False)
-    add_arguments(parser)
-    parser.add_argument("--dry-run", action="store_true")
-    config = from_namespace(parser.parse_args(argv))
+    add_arguments(parser, defaults=False)
+    parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS)
+    typed = vars(parser.parse_args(argv))
+    config = from_dict(typed)
     config.validate()
-    return config
+    return config, typed
+
+
+def check_train_args(argv: list[str]) -> TrainConfig:
+    return parse_train_args(argv)[0]
+
+
+def to_argv(typed: dict[str, Any]) -> list[str]:
+    """The `python -m trainer train` flags that set these fields (parse_train_args' inverse)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    argv: list[str] = []
+    for name, value in typed.items():
+        if name == "dry_run" or kinds.get(name) in ("bool", bool):
+            argv.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            argv += [_flag(name), str(value)]
+    return argv

@@ -95,6 +95,8 @@ ROWS = [
      "--epochs must be at least 1"),
     ("a trainer flag that isn't one, for a remote run", ["train", "--on", "real", "--lr", "fast"], {},
      "argument --lr: invalid float value: 'fast'"),
+    ("a remote-only flag for a local run", ["train", "--gpus", "2", "--epochs", "1"], {},
+     "--gpus, --nodes and --env need --on NAME"),
     ("--ssh-cidr that isn't a CIDR", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "10.0.0.300/8"], {},
      "is not a CIDR"),
     ("an IPv6 --ssh-cidr", ["launch", "--instance", "g4dn.xlarge", "--ssh-cidr", "2001:db8::1/128"], {}, "is IPv6"),

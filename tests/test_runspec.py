@@ -142,3 +142,23 @@ def test_git_provenance_crosses_to_a_machine_without_git(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     assert runspec.git_state(synced) == {"sha": sha, "dirty": True}
     assert runspec.git_state(repo) == {"sha": sha, "dirty": True}  # a checkout speaks for itself
+
+
+def test_trainer_flags_cross_to_the_machine_as_parsed_and_only_those_typed():
+    """`train --on` parses the trainer's flags on the laptop and hands the machine exactly those typed
+    (a flag left out must stay out: the model's recipe fills it in there), in any spelling the
+    trainer accepts."""
+    from runspec.config import parse_train_args, to_argv
+
+    config, typed = parse_train_args(["--model=net20k", "--epoch", "3", "--no-nesterov", "--lr", "0.05",
+                                      "--ema", "0.999", "--report", "--dry-run"])
+    assert typed == {"model": "net20k", "epochs": 3, "nesterov": False, "lr": 0.05, "ema": 0.999, "report": True,
+                     "dry_run": True}
+    assert (config.model, config.epochs, config.nesterov, config.batch_size) == ("net20k", 3, False, 128)
+    argv = to_argv(typed)
+    assert argv == ["--model", "net20k", "--epochs", "3", "--no-nesterov", "--lr", "0.05", "--ema", "0.999",
+                    "--report", "--dry-run"]
+    assert parse_train_args(argv) == (config, typed)
+    assert parse_train_args([]) == (parse_train_args([])[0], {})
+    with pytest.raises(UserError, match="--epochs"):
+        parse_train_args(["--epochs", "-3"])

@@ -89,6 +89,21 @@ def known_hosts_file() -> Path:
     return config_dir() / "known_hosts"
 
 
+def ssh_options(key_path: str, port: int, alias: str, key_type: str | None) -> dict[str, str]:
+    """The OpenSSH options of every connection mnist-cloud makes outside paramiko, as one table:
+    rendered as `-o` arguments for ssh, rsync and the Jupyter tunnel (Remote.ssh_argv), and as the
+    `Host mnist-NAME` blocks of `mnist-cloud ssh-config`. The host key is the one pinned under the
+    alias (an instance id, stable across an instance's new addresses); with none pinned yet, the
+    first connection pins it."""
+    options = {"Port": str(port), "IdentityFile": str(key_path), "IdentitiesOnly": "yes",
+               "UserKnownHostsFile": str(known_hosts_file()), "HostKeyAlias": alias}
+    if key_type:
+        options |= {"StrictHostKeyChecking": "yes", "HostKeyAlgorithms": key_type}
+    else:
+        options["StrictHostKeyChecking"] = "accept-new"
+    return options | {"ConnectTimeout": "10", "ServerAliveInterval": "15"}
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256 fingerprint, as printed in EC2 console output."""
     import base64
@@ -240,23 +255,19 @@ class Remote:
             raise
 
     # ------------------------------------------------------------------------------ ssh / rsync argv
-    def known_hosts_for_ssh(self) -> tuple[Path, str]:
-        """A known_hosts file holding the pinned key under the alias, and its key type, for ssh/rsync."""
+    def pinned_key_type(self) -> str:
+        """The type of the host key pinned under the alias, pinning it first if need be."""
         pinned = pinned_keys(self.ep.alias)
         if not pinned:
             self.run("true")  # first contact pins the key through paramiko's policy
             pinned = pinned_keys(self.ep.alias)
-        return known_hosts_file(), pinned[0][0]
+        return pinned[0][0]
 
     def ssh_argv(self, tty: bool = False) -> list[str]:
-        known, key_type = self.known_hosts_for_ssh()
-        argv = ["ssh", "-F", "/dev/null", "-i", self.ep.key_path, "-p", str(self.ep.port),
-                "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"HostKeyAlias={self.ep.alias}", "-o", f"HostKeyAlgorithms={key_type}",
-                "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15"]
+        options = ssh_options(self.ep.key_path, self.ep.port, self.ep.alias, self.pinned_key_type())
         if not tty:
-            argv += ["-o", "BatchMode=yes"]
-        return argv
+            options["BatchMode"] = "yes"
+        return ["ssh", "-F", "/dev/null", *(a for k, v in options.items() for a in ("-o", f"{k}={v}"))]
 
     def target(self) -> str:
         host = f"[{self.ep.host}]" if ":" in self.ep.host else self.ep.host

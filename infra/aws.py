@@ -25,6 +25,7 @@ from botocore.exceptions import (
 from botocore.parsers import ResponseParserError
 
 from infra.errors import UserError
+from infra.poll import poll
 
 T = TypeVar("T")
 
@@ -180,20 +181,21 @@ class Aws:
         """The one poll loop with a deadline, behind wait() and call(settle=...). `poll_on_transient=False`:
         only check() returning None means "ask again". At the deadline, `last()` gets one final try if given
         (its own error is then the answer)."""
-        deadline = self._clock() + timeout
         problem = ""
-        while True:
+
+        def attempt() -> T | None:
+            nonlocal problem
             try:
-                result = check()
-                if result is not None:
-                    return result
+                return check()
             except CloudError as e:
                 if not (e.transient and poll_on_transient):
                     raise
                 problem = f" (last error: {e})"
-            if self._clock() >= deadline:
-                break
-            self._sleep(max(0.0, min(delay, deadline - self._clock())))
+                return None
+
+        result = poll(attempt, timeout, interval=delay, clock=self._clock, sleep=self._sleep)
+        if result is not None:
+            return result
         if last is not None:
             return last()
         raise CloudError(f"gave up after {timeout:.0f} s waiting for {what}{problem}; run the command again to "

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from infra.errors import UserError
+from infra.poll import poll
 from infra.remote import free_port
 
 READY_TIMEOUT_S = 90
@@ -42,31 +43,36 @@ def wait_listening(target, python: str, port: int, job: str, timeout: float = RE
     """Wait on the machine until the server accepts connections on 127.0.0.1:port (before any tunnel
     traffic: a tunnel to a closed port fails noisily)."""
     probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool | None:
         if target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(probe)}", warn=True).ok:
-            return
+            return True
         state, code = target.remote.job_state(job)
         if state == "finished":
             tail = target.remote.run(f"tail -n 5 {target.remote.job_paths(job)['log']}", warn=True).stdout.strip()
             raise UserError(f"JupyterLab exited on {target.name} (exit {code}): {tail.splitlines()[-1] if tail else ''}")
-        time.sleep(1)
-    raise UserError(f"JupyterLab did not start listening on {target.name} within {timeout:.0f}s")
+        return None
+
+    if poll(listening, timeout) is None:
+        raise UserError(f"JupyterLab did not start listening on {target.name} within {timeout:.0f}s")
 
 
 def wait_answering(port: int, token: str, timeout: float = READY_TIMEOUT_S) -> None:
     """Poll GET /api/status through the tunnel until the server answers 200."""
-    deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token}"})
     last = None
-    while time.monotonic() < deadline:
+
+    def answering() -> bool | None:
+        nonlocal last
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
+                return True if response.status == 200 else None
         except (urllib.error.URLError, OSError, ConnectionError) as e:
             last = e
-        time.sleep(0.5)
+            return None
+
+    if poll(answering, timeout, interval=0.5) is not None:
+        return
     raise UserError(f"JupyterLab did not answer through the tunnel within {timeout:.0f}s ({last}); "
                     "see `mnist-cloud logs NAME jupyter` on the machine")
 

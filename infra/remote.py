@@ -15,8 +15,8 @@ import json
 import os
 import posixpath
 import re
-import select
 import secrets
+import select
 import shlex
 import shutil
 import socket
@@ -34,9 +34,9 @@ from fabric import Config, Connection
 import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
+from infra.poll import poll
 from infra.state import check_key_file, config_dir
 from runspec import atomic_write
-
 
 # Never synced: run outputs, caches, VCS data and anything that looks like a secret.
 SYNC_EXCLUDES = [
@@ -217,24 +217,25 @@ class Remote:
 
     def wait_ready(self, timeout: float = 300, log: Log = print) -> None:
         """Retry SSH with backoff until it answers, or fail with one clear line after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        delay, last = 1.0, ""
-        while True:
+        last = ""
+
+        def answers() -> bool | None:
+            nonlocal last
             try:
                 self.run("true", timeout=30)
-                return
+                return True
             except HostKeyMismatch:
                 raise
             except UserError as e:
                 last = str(e)
                 self.close()
-            if time.monotonic() + delay > deadline:
-                raise UserError(f"{self.ep.name} ({self.ep.host}:{self.ep.port}) did not accept SSH within "
-                                f"{timeout:.0f}s (last: {last.split(' (')[0]}); check `mnist-cloud status` and that "
-                                f"your IP is allowed (`mnist-cloud start {self.ep.name}` refreshes the rule)")
-            log(f"waiting for SSH on {self.ep.host}:{self.ep.port} ...")
-            time.sleep(delay)
-            delay = min(delay * 2, 15)
+                return None
+
+        if poll(answers, timeout, interval=1.0, backoff=2.0, max_interval=15,
+                on_wait=lambda _: log(f"waiting for SSH on {self.ep.host}:{self.ep.port} ...")) is None:
+            raise UserError(f"{self.ep.name} ({self.ep.host}:{self.ep.port}) did not accept SSH within "
+                            f"{timeout:.0f}s (last: {last.split(' (')[0]}); check `mnist-cloud status` and that "
+                            f"your IP is allowed (`mnist-cloud start {self.ep.name}` refreshes the rule)")
 
     def run(self, command: str, timeout: float | None = 120, warn: bool = False, hide: bool = True):
         """Run a shell command; stdin is closed (nothing can hang on it). Returns invoke's Result."""

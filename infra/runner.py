@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import runspec
 from infra.errors import UserError
+from infra.poll import poll
 from infra.remote import ConnectionLost
 from infra.targets import SSHTarget, code_dir, env_python
 
@@ -165,17 +165,14 @@ def _train_cluster(job: RemoteTrain, log) -> int:
                              resume=bool(job.resume), launcher=launcher)
             log(f"started {job.run_id} on {target.label} (pid {pid})")
         # c10d hands out ranks by arrival: the trainer that got rank 0 leaves a marker on its node
-        deadline = time.monotonic() + 600
-        holder = None
-        while True:
+        def rank0() -> SSHTarget | bool | None:
             holder = next((t for t in nodes if t.remote.run(f"test -f {t.remote.ep.workdir}/{marker}",
                                                              warn=True).ok), None)
-            if holder or time.monotonic() > deadline:
-                break
-            if all(t.remote.job_state(job.run_id)[0] == "finished" for t in nodes):
-                break
-            time.sleep(1)
-        holder = holder or nodes[0]
+            if holder is None and all(t.remote.job_state(job.run_id)[0] == "finished" for t in nodes):
+                return False  # all ended before one said it was rank 0
+            return holder
+
+        holder = poll(rank0, 600) or nodes[0]
         log(f"rank 0 is on {holder.label}; streaming its log")
         return _follow(holder, job, log, others=[t for t in nodes if t is not holder])
     finally:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runspec import atomic_write
 from infra.errors import UserError
 from infra.remote import pinned_keys, ssh_options
 from infra.state import State, config_dir
+from runspec import atomic_write
 
 
 def write_ssh_config(names: list[str]) -> tuple[Path, list[str]]:

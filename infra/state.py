@@ -14,8 +14,8 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runspec import atomic_write
 from infra.errors import UserError
+from runspec import atomic_write
 
 
 def config_dir() -> Path:

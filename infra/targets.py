@@ -20,6 +20,7 @@ from pathlib import Path
 import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
+from infra.poll import poll
 from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
 from infra.state import Host, State
 
@@ -240,12 +241,11 @@ class SSHTarget:
         self.remote.stream_log(run_id, follow)
 
     def wait_finished(self, run_id: str, timeout: float = 30) -> tuple[str, int | None]:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ended() -> tuple[str, int | None] | None:
             state, code = self.remote.job_state(run_id)
-            if state != "running" or time.monotonic() > deadline:
-                return state, code
-            time.sleep(1)
+            return (state, code) if state != "running" else None
+
+        return poll(ended, timeout) or ("running", None)
 
     def pull(self, run_id: str, local_runs: Path, log=print) -> TransferResult:
         """Bring runs/<run-id>/ here, then record on the machine which of its files are here now: a

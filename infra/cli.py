@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import runspec
 from infra import __version__
 from infra.errors import UserError
 from infra.targets import LocalTarget
@@ -532,9 +533,8 @@ def cmd_status(args) -> int:
             "mnist-cloud launch --instance g4dn.xlarge")
         return 0
     header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP"]
-    widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
-    for r in [header] + rows:
-        say("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    for line in runspec.table(header, rows):
+        say(line)
     for i in instances:
         if i.instance_id in interrupted:
             say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "
@@ -721,14 +721,14 @@ def cmd_runs(args) -> int:
 
 def runs_table(runs: list[dict]) -> list[str]:
     """`mnist-cloud runs`: TEST ACC is result.json's, the weights the run delivers (WEIGHTS: final or ema)."""
-    lines = [f"{'RUN':40} {'STATUS':11} {'EPOCHS':>6} {'TEST ACC':>8} {'WEIGHTS':7}"]
+    rows = []
     for r in runs:
         status = "running" if r["alive"] else (r["status"] or "?")
         if not r["alive"] and status == "running":
             status = "died"  # config says running but no process: killed, or the machine rebooted
         acc = f"{r['test_acc']:.2f}%" if isinstance(r.get("test_acc"), (int, float)) else "-"
-        lines.append(f"{r['run_id']:40} {status:11} {r['epochs']:>6} {acc:>8} {r.get('weights') or '-':7}".rstrip())
-    return lines
+        rows.append([r["run_id"], status, r["epochs"], acc, r.get("weights") or "-"])
+    return runspec.table(["RUN", "STATUS", "EPOCHS", "TEST ACC", "WEIGHTS"], rows, right=(2, 3))
 
 
 def cmd_pull(args) -> int:

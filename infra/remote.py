@@ -48,7 +48,6 @@ SYNC_EXCLUDES = [
 # Made on the machine and never deleted by a sync, though absent here: notebooks written in the
 # JupyterLab that `mnist-cloud jupyter` runs in the work dir.
 SYNC_PROTECT = ["*.ipynb"]
-SECRET_PATTERNS = [".env", ".env.*", ".aws", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".ssh"]
 
 Log = Callable[[str], None]
 

@@ -227,5 +227,4 @@ def table(summaries: list[ConfigSummary]) -> str:
                      f"{max(s.accs):.2f}%" if s.accs else "-", to_target,
                      f"{statistics.median(s.seconds):.0f}s" if s.seconds else "-",
                      "-" if s.cost is None else f"${s.cost:.3f}"])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header] + rows)
+    return "\n".join(runspec.table(header, rows))

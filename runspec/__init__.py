@@ -96,6 +96,17 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+# ---------------------------------------------------------------------------------- tables
+def table(header: list[str], rows: list[list[Any]], right: tuple[int, ...] = ()) -> list[str]:
+    """The lines of a plain-text table, columns two spaces apart, as wide as their widest cell; the
+    columns numbered in `right` are right-aligned (numbers), the rest left-aligned. Every table the
+    tools print (status, runs, sweep summaries, compare, the model zoo) is made here."""
+    cells = [[str(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+            for row in cells]
+
+
 # ---------------------------------------------------------------------------------- provenance
 def git_commit(directory: str | Path) -> dict[str, Any] | None:
     """{"sha", "dirty"} of the git checkout at DIRECTORY, or None when it is not one (or git is missing).

@@ -162,3 +162,10 @@ def test_trainer_flags_cross_to_the_machine_as_parsed_and_only_those_typed():
     assert parse_train_args([]) == (parse_train_args([])[0], {})
     with pytest.raises(UserError, match="--epochs"):
         parse_train_args(["--epochs", "-3"])
+
+
+def test_one_table_printer_sizes_columns_to_their_widest_cell():
+    lines = runspec.table(["RUN", "EPOCHS", "WEIGHTS"], [["a-long-run-id", 2, "ema"], ["b", 15, "-"]], right=(1,))
+    assert lines == ["RUN            EPOCHS  WEIGHTS",
+                     "a-long-run-id       2  ema",
+                     "b                  15  -"]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from runspec.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
+import runspec
 from trainer.errors import UserError
 
 COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")
@@ -142,14 +143,17 @@ def cmd_models(argv: list[str]) -> int:
     def yn(v: bool) -> str:
         return "yes" if v else "-"
 
-    print(f"{'model':16} {'params':>7} {'MACs':>10}  {'budget':>7}  {'BN':3} {'Drop':4} {'GAP':3} {'FC':3}  origin / description")
-    for r in rows:
-        budget = "-" if r["budget"] is None else f"<{r['budget'] // 1000}k"
-        macs = "-" if r["macs"] is None else f"{r['macs']:,}"
-        print(f"{r['name']:16} {r['params']:>7,} {macs:>10}  {budget:>7}  {yn(r['batchnorm']):3} "
-              f"{yn(r['dropout']):4} {yn(r['gap']):3} {yn(r['fc']):3}  {r['origin']}: {r['description']}")
+    header = ["model", "params", "MACs", "budget", "BN", "Drop", "GAP", "FC", "origin / description"]
+    cells = [[r["name"], f"{r['params']:,}", "-" if r["macs"] is None else f"{r['macs']:,}",
+              "-" if r["budget"] is None else f"<{r['budget'] // 1000}k", yn(r["batchnorm"]), yn(r["dropout"]),
+              yn(r["gap"]), yn(r["fc"]), f"{r['origin']}: {r['description']}"] for r in rows]
+    lines = runspec.table(header, cells, right=(1, 2, 3))
+    print(lines[0])
+    indent = " " * (max(len(r["name"]) for r in rows) + 2)
+    for r, line in zip(rows, lines[1:]):
+        print(line)
         if r["note"]:
-            print(f"{'':16} note: {r['note']}")
+            print(f"{indent}note: {r['note']}")
     size = f"{args.input_size}x{args.input_size} image" + ("; - where the model cannot take it"
                                                            if any(r["macs"] is None for r in rows) else "")
     print(f"params and MACs (per {size}) are counted from the code; `--summary MODEL` shows the layer table")

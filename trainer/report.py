@@ -419,8 +419,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     lines = [[r["run"], r["model"] or "?", f"{r['params']:,}" if r["params"] else "?", str(r["epochs"]),
               _fmt(r["test"], suffix="%"), r["weights"], r["test_peek"], _duration(r["seconds"]),
               "-" if r["cost"] is None else f"${r['cost']:.3f}"] for r in rows]
-    widths = [max(len(x[i]) for x in [header] + lines) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header] + lines)
+    return "\n".join(runspec.table(header, lines))
 
 
 def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:

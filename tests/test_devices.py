@@ -161,7 +161,7 @@ def test_amp_dtype_follows_the_hardware(device_type, amp, cap, expected):
 
 def test_fused_optimizer_on_cuda_only():
     from trainer.device import fused_optimizer
-    from trainer.train import make_optimizer
+    from trainer.optim import make_optimizer
 
     assert fused_optimizer("cuda") and not fused_optimizer("cpu") and not fused_optimizer("mps")
     model = torch.nn.Linear(2, 2)
@@ -186,7 +186,7 @@ def test_cudnn_benchmark_unless_deterministic():
 
 
 def test_static_shapes_drop_the_last_partial_batch():
-    from trainer.train import epoch_steps
+    from trainer.optim import epoch_steps
 
     assert epoch_steps(TrainConfig(), 50000) == 391  # 390 full batches and one of 80
     assert epoch_steps(TrainConfig(compile=True), 50000) == 390
@@ -243,7 +243,7 @@ def test_distributed_stop_check_is_every_n_steps_on_every_rank(tmp_path, mnist_d
 def test_a_cpu_runs_optimizer_state_fits_a_cuda_runs_fused_optimizer(optimizer):
     """A checkpoint carries its machine's optimizer flags and layouts; the resuming machine's win.
     (CUDA gets fused optimizers; their CPU kernels stand in for them here.)"""
-    from trainer.train import load_optimizer_state, make_optimizer
+    from trainer.optim import load_optimizer_state, make_optimizer
 
     torch.manual_seed(0)
     cfg = TrainConfig(optimizer=optimizer, lr=0.01)
@@ -283,7 +283,7 @@ def test_mps_amp_needs_torch_2_8():
 def test_fused_sgd_survives_a_first_step_the_grad_scaler_skips():
     """fp16 often overflows at the GradScaler's initial scale, so the first step is skipped. Fused SGD
     (what CUDA gets; its CPU kernel behaves the same) would leave its momentum uninitialized then."""
-    from trainer.train import make_optimizer
+    from trainer.optim import make_optimizer
 
     torch.manual_seed(0)
     fused_model, plain_model = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -353,7 +353,7 @@ def test_static_batch_gather_is_the_permutation_slice():
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["onecycle", "step", "cyclic"])
 def test_schedule_table_is_the_lr_the_trainer_used(tmp_path, mnist_dir, schedule):
-    from trainer.train import epoch_steps, schedule_table
+    from trainer.optim import epoch_steps, schedule_table
 
     cfg = small(tmp_path, mnist_dir, run_id=schedule, epochs=3, max_steps=5, eval_limit=100, schedule=schedule)
     fit(cfg)

@@ -289,7 +289,7 @@ def test_onecycle_on_a_run_of_a_few_steps(epochs, steps):
     """OneCycleLR divides by (warm-up steps - 1): a smoke run of 2 epochs x 2 steps used to raise
     ZeroDivisionError. Every step still gets a finite learning rate."""
     from runspec.config import TrainConfig
-    from trainer.train import schedule_table
+    from trainer.optim import schedule_table
 
     lrs, _ = schedule_table(TrainConfig(epochs=epochs), steps)
     assert len(lrs) == epochs * steps and all(0 < lr <= 0.1 + 1e-9 for lr in lrs)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from trainer.augment import augment
 from runspec.config import TrainConfig
 from trainer.errors import UserError
+from trainer.optim import schedule_table, zero_momentum_buffers
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
@@ -58,8 +59,6 @@ class StaticSGD:
         self.weight_decay = group["weight_decay"]
         self.nesterov = group["nesterov"]
         self.lr, self.momentum, self.global_step = lr, momentum, global_step
-        from trainer.train import zero_momentum_buffers
-
         zero_momentum_buffers(optimizer)
         self.buffers = [optimizer.state[p]["momentum_buffer"] for p in self.params]
 
@@ -93,8 +92,6 @@ class StaticStep:
         self.model, self.optimizer, self.cfg, self.engine, self.split = model, optimizer, cfg, engine, split
         self.steps = steps
         self.aug = cfg.augment_config()
-        from trainer.train import schedule_table
-
         lrs, moms = schedule_table(cfg, steps)
         self.global_step = torch.zeros((), dtype=torch.long, device=device)
         self.step_in_epoch = torch.zeros((), dtype=torch.long, device=device)

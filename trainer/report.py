@@ -156,7 +156,7 @@ def plot_accuracy(run: Run, out: Path) -> bytes:
 def lr_curve(run: Run) -> tuple[list[float], list[float]]:
     """(x in epochs, lr) per step, by replaying the run's own scheduler; per epoch for epoch-wise schedules."""
     from runspec.config import from_dict
-    from trainer.train import epoch_steps, schedule_table
+    from trainer.optim import epoch_steps, schedule_table
 
     cfg = from_dict(run.cfg)
     train_n = (run.config.get("data") or {}).get("train")

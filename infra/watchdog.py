@@ -10,6 +10,7 @@ import gzip
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field, replace
+from string import Template
 
 from infra.agent import source
 
@@ -49,49 +50,34 @@ chmod 755 "{dest}"
 """
 
 
+class Installer(Template):
+    """The installers are bash files of the package (infra/agent/install-*.sh) with @@{name} holes:
+    bash's own $ and ${...} stay as they are."""
+
+    delimiter = "@@"
+
+
+def render(name: str, **holes: str) -> str:
+    return Installer(source(name)).substitute(holes)
+
+
 def installer(config: AutostopConfig) -> str:
     """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd).
 
     $MNIST_CLOUD_ROOT relocates every file (the tests install into a temp dir)."""
     units = "".join(f"cat > \"$ROOT/etc/systemd/system/{name}\" <<'MNIST_CLOUD_UNIT'\n{source(name)}MNIST_CLOUD_UNIT\n"
                     for name in AUTOSTOP_UNITS)
-    return f"""#!/bin/bash
-# mnist-cloud: install the autostop watchdog (idempotent)
-set -e
-ROOT="${{MNIST_CLOUD_ROOT:-}}"
-mkdir -p "$ROOT/etc/mnist-cloud" "$ROOT/var/lib/mnist-cloud" "$ROOT/usr/local/bin" "$ROOT/var/log"
-{write_script("$ROOT/usr/local/bin/mnist-cloud-autostop", source("autostop.py"))}cat > "$ROOT/etc/mnist-cloud/autostop.json" <<'MNIST_CLOUD_CONFIG'
-{json.dumps(asdict(config))}
-MNIST_CLOUD_CONFIG
-rm -f "$ROOT/var/lib/mnist-cloud/autostop-state.json"  # the idle clock starts now
-if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-mkdir -p "$ROOT/etc/systemd/system"
-{units}systemctl daemon-reload
-systemctl enable --now mnist-cloud-autostop.timer >/dev/null 2>&1
-echo "mnist-cloud autostop: systemd timer installed ({config.tag})"
-else
-mkdir -p "$ROOT/etc/cron.d"
-echo "* * * * * root MNIST_CLOUD_ROOT=$ROOT /usr/bin/python3 $ROOT/usr/local/bin/mnist-cloud-autostop >> $ROOT/var/log/mnist-cloud-autostop.log 2>&1" > "$ROOT/etc/cron.d/mnist-cloud-autostop"
-echo "mnist-cloud autostop: cron entry installed ({config.tag})"
-fi
-{resume_agent_installer()}"""
+    return render("install-autostop.sh", autostop_script=write_script("$ROOT/usr/local/bin/mnist-cloud-autostop",
+                                                                      source("autostop.py")),
+                  config=json.dumps(asdict(config)), units=units, tag=config.tag, resume_agent=resume_agent_installer())
 
 
 def resume_agent_installer() -> str:
     """Bash lines that install the resume agent and run it at every boot: a systemd unit, or a cron
     @reboot entry without systemd. Part of installer(); $ROOT as there."""
-    return f"""{write_script("$ROOT/usr/local/bin/mnist-cloud-resume", source("resume_agent.py"))}if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-cat > /etc/systemd/system/{RESUME_UNIT} <<'MNIST_CLOUD_UNIT'
-{source(RESUME_UNIT)}MNIST_CLOUD_UNIT
-systemctl daemon-reload
-systemctl enable {RESUME_UNIT} >/dev/null 2>&1
-echo "mnist-cloud resume agent: systemd unit installed (runs at boot)"
-else
-mkdir -p "$ROOT/etc/cron.d"
-echo "@reboot root /usr/bin/python3 $ROOT/usr/local/bin/mnist-cloud-resume >> $ROOT/var/log/mnist-cloud-resume.log 2>&1" > "$ROOT/etc/cron.d/mnist-cloud-resume"
-echo "mnist-cloud resume agent: cron @reboot entry installed"
-fi
-"""
+    return render("install-resume.sh", resume_script=write_script("$ROOT/usr/local/bin/mnist-cloud-resume",
+                                                                  source("resume_agent.py")),
+                  unit=RESUME_UNIT, unit_text=source(RESUME_UNIT))
 
 
 def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:

@@ -19,7 +19,7 @@ from conftest import REPO
 
 AGENTS = ["infra/agent/autostop.py", "infra/agent/spot_watch.py", "infra/agent/resume_agent.py",
           "infra/agent/mnist-cloud-autostop.service", "infra/agent/mnist-cloud-autostop.timer",
-          "infra/agent/mnist-cloud-resume.service"]
+          "infra/agent/mnist-cloud-resume.service", "infra/agent/install-autostop.sh", "infra/agent/install-resume.sh"]
 
 
 @pytest.fixture(scope="module")

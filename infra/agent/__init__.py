@@ -8,7 +8,9 @@
 - spot_watch.py: started beside a trainer on a spot instance, as jobs/spot_watch.py in the work dir.
 
 Each agent is one file of standard-library Python 3: it runs with the instance's system python3, before
-anything is installed there. infra/watchdog.py installs them; this module only reads them.
+anything is installed there. install-autostop.sh and install-resume.sh are the bash installers, with
+@@{name} holes that infra/watchdog.py fills (string.Template) before it runs them as user data or over
+SSH; this module only reads the files.
 """
 
 from __future__ import annotations

@@ -661,14 +661,11 @@ def cmd_autostop(args) -> int:
 
 
 def cmd_setup(args) -> int:
-    from infra.targets import code_dir, env_python
+    from infra.targets import code_dir
 
     target = target_for(args)
     with target.remote:
-        target.remote.wait_ready(timeout=120, log=say)
-        synced = target.sync(code_dir(args.code), log=say)
-        say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method})")
-        py = target.setup(args.python or env_python(), log=say)
+        py = target.prepare(code_dir(args.code), args.python, log=say, setup=True)
     say(f"{args.name} is set up: python {py}")
     return 0
 
@@ -745,16 +742,14 @@ def cmd_pull(args) -> int:
 
 def cmd_jupyter(args) -> int:
     from infra.jupyter import check_port_free, serve
-    from infra.targets import code_dir, env_python
+    from infra.targets import code_dir
 
     if args.port is not None:
         check_port_free(args.port)
     target = target_for(args)
     with target.remote:
-        target.remote.wait_ready(timeout=60, log=say)
-        synced = target.sync(code_dir(args.code), log=say)
-        say(f"synced {synced.files} file(s) to {args.name}:~/{target.remote.ep.workdir} (notebooks go there too)")
-        serve(target, args.port, keep=args.keep, python=args.python or env_python(), log=say)
+        python = target.prepare(code_dir(args.code), args.python, log=say, ready_timeout=60)
+        serve(target, args.port, keep=args.keep, python=python, log=say)
     return 0
 
 

@@ -13,7 +13,7 @@ import runspec
 from infra.errors import UserError
 from infra.poll import poll
 from infra.remote import ConnectionLost
-from infra.targets import SSHTarget, code_dir, env_python
+from infra.targets import SSHTarget, code_dir
 
 RDZV_PORT = 29500
 
@@ -59,14 +59,6 @@ def nproc(target: SSHTarget, python: str, gpus: str | None) -> int | None:
     return int(gpus)
 
 
-def prepare(target: SSHTarget, job: RemoteTrain, source: Path, log) -> str:
-    target.remote.wait_ready(timeout=120, log=log)
-    synced = target.sync(source, log=log)
-    log(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
-        f"{target.name}:~/{target.remote.ep.workdir}")
-    return target.ensure_setup(job.python or env_python(), log=log)
-
-
 def ensure_run_there(target: SSHTarget, job: RemoteTrain, log) -> None:
     """--resume on a machine that lacks the run (a new instance): push the laptop's copy first."""
     if target.has_run(job.run_id):
@@ -85,7 +77,7 @@ def train_remote(job: RemoteTrain, log=print) -> int:
     source = code_dir(job.code)
     target = SSHTarget.resolve(job.name, job.region, job.profile)
     with target.remote:
-        py = prepare(target, job, source, log)
+        py = target.prepare(source, job.python, log)
         if job.resume:
             ensure_run_there(target, job, log)
         n = nproc(target, py, job.gpus)
@@ -144,7 +136,7 @@ def _train_cluster(job: RemoteTrain, log) -> int:
         raise UserError(f"{job.name} has {len(nodes)} node(s), not {job.nodes}; "
                         f"launch it with `mnist-cloud launch --nodes {job.nodes} --name {job.name} ...`")
     try:
-        pythons = [prepare(t, job, source, log) for t in nodes]
+        pythons = [t.prepare(source, job.python, log) for t in nodes]
         if job.resume:  # whichever node takes rank 0 continues it
             for t in nodes:
                 ensure_run_there(t, job, log)

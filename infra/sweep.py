@@ -21,7 +21,7 @@ from pathlib import Path
 import runspec
 from infra.errors import UserError
 from infra.pricing import hourly_price
-from infra.targets import LocalTarget, SSHTarget, code_dir, env_python
+from infra.targets import LocalTarget, SSHTarget, code_dir
 
 TARGET = runspec.TARGET
 
@@ -108,10 +108,7 @@ def run_remote(names: list[str], points: list[Point], trainer_args: list[str], r
     for name in names:
         target = SSHTarget.resolve(name, region, profile)
         with target.remote:
-            target.remote.wait_ready(timeout=120, log=log)
-            synced = target.sync(source, log=log)
-            log(f"[{name}] synced {synced.files} file(s)")
-            py = target.ensure_setup(python or env_python(), log=log)
+            py = target.prepare(source, python, log)
             gpus = target.gpu_count(py)
         slots += [(name, py, gpu if gpus else None) for gpu in range(max(gpus, 1))]
     log(f"sweep: {len(points)} run(s) on {len(slots)} slot(s): " + ", ".join(

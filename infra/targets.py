@@ -151,6 +151,18 @@ class SSHTarget:
         return targets
 
     # ---------------------------------------------------------------------------------- verbs
+    def prepare(self, code: Path, python: str | None = None, log=print, setup: bool = False,
+                ready_timeout: float = 120) -> str:
+        """Wait for SSH, sync the code, and set up the machine if it is not yet (always, with setup=True);
+        returns the interpreter jobs run with. The one way a machine gets ready: `train --on` (one
+        machine or a cluster's nodes), `setup`, `jupyter` and `sweep` all come through here."""
+        self.remote.wait_ready(timeout=ready_timeout, log=log)
+        synced = self.sync(code, log=log)
+        log(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
+            f"{self.label}:~/{self.remote.ep.workdir}")
+        python = python or env_python()
+        return self.setup(python, log) if setup else self.ensure_setup(python, log)
+
     def sync(self, code: Path, log=print) -> TransferResult:
         return self.remote.sync(code, log=log)
 

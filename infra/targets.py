@@ -21,8 +21,8 @@ import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.poll import poll
-from infra.remote import Endpoint, Remote, TransferResult, pinned_keys
-from infra.state import Host, State
+from infra.remote import Remote, TransferResult
+from infra.state import Host
 
 SETUP_SCRIPT = "setup_ec2.sh"
 PYTHON_MARKER = ".mnist-cloud-python"
@@ -84,7 +84,7 @@ class SSHTarget:
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
         self.shutdown_behavior: str | None = None  # as this object last set it
-        self.ec2 = None  # (Aws session, Instance) on EC2: to keep its shutdown behaviour safe for its runs
+        self.shutdown = None  # EC2's shutdown behaviour (infra.resolve.Shutdown): kept safe for unpulled runs
 
     def job_env(self) -> dict[str, str]:
         """What the trainer records about where it ran, for the report's header and cost."""
@@ -98,55 +98,21 @@ class SSHTarget:
                 env[runspec.ENV_PRICE] = str(price)
         return env
 
-    @staticmethod
-    def _host(name: str) -> Host:
-        state = State()
-        host = state.get(name)
-        if host is None:
-            known = ", ".join(h.name for h in state.all()) or "none yet"
-            raise UserError(f"unknown name {name!r} (known: {known}); `mnist-cloud launch --name {name} ...` "
-                            f"or `mnist-cloud attach ... --name {name}`")
-        return host
-
     @classmethod
     def resolve(cls, name: str, region: str | None = None, profile: str | None = None) -> "SSHTarget":
-        """The machine called `name` (node 0 of a cluster). For EC2 the address is read live (it
-        changes on stop/start) and the host key is pinned under the instance id."""
+        """The machine called `name` (node 0 of a cluster), per infra/resolve.py."""
         return cls.resolve_cluster(name, region, profile)[0]
 
     @classmethod
     def resolve_cluster(cls, name: str, region: str | None = None, profile: str | None = None) -> list["SSHTarget"]:
         """Every node of `name`, node 0 first (one for a single machine)."""
-        host = cls._host(name)
-        if host.kind != "ec2":
-            ep = Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
-            return [cls(host, Remote(ep))]
-        from infra.aws import Aws
-        from infra.provision import console_fingerprints, describe_instance
+        from infra.resolve import resolve
 
-        aws = Aws(region=region or host.region, profile=profile)
         targets = []
-        for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
-            inst = describe_instance(aws, instance_id)
-            label = name if node == 0 else f"{name}/node{node}"
-            if inst.state in ("terminated", "shutting-down"):
-                raise UserError(f"{label}'s instance {instance_id} is {inst.state}; "
-                                f"`mnist-cloud down {name}` tidies up, `mnist-cloud launch` makes a new one")
-            if inst.state != "running":
-                raise UserError(f"{label} ({instance_id}) is {inst.state}; `mnist-cloud start {name}` first")
-            if not inst.public_ip:
-                raise UserError(f"{label} ({instance_id}) has no public IP address")
-            if node == 0 and inst.public_ip != host.host:
-                host.host = inst.public_ip
-                State().put(host)
-            # one look (timeout=0): a machine reached here first was launched with --no-wait-ssh, long booted
-            expected = None if pinned_keys(instance_id) else (
-                console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
-            ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
-                          alias=instance_id, workdir=f"mnist-cloud/{name}")
-            target = cls(host, Remote(ep, expected_fingerprints=expected), instance_type=inst.instance_type,
-                         lifecycle=inst.lifecycle)
-            target.ec2 = (aws, inst)
+        for r in resolve(name, region, profile):
+            target = cls(r.host, Remote(r.ep, expected_fingerprints=r.expected_fingerprints),
+                         instance_type=r.instance_type, lifecycle=r.lifecycle)
+            target.shutdown = r.shutdown
             targets.append(target)
         return targets
 
@@ -275,25 +241,17 @@ class SSHTarget:
         unpulled runs. The instance cannot change its own shutdown behaviour (it holds no AWS
         credentials), so we set it here, where a run starts and where runs are pulled, and write it
         into the watchdog's config, which then never shuts down into a terminate with unpulled runs."""
-        if self.ec2 is None:
-            return
-        inst = self.ec2[1]
-        if inst.lifecycle == "spot" or not inst.autostop.endswith(":terminate"):
+        if self.shutdown is None or not self.shutdown.guarded:
             return
         behavior = "stop" if unpulled else "terminate"
         if self.shutdown_behavior == behavior:
             return
         # Ordered so that a failure half way leaves the safe pair: the watchdog believing "terminate"
         # while EC2 would stop (it stays up), never believing "stop" while EC2 would terminate.
-        steps = [self._set_ec2_shutdown, self._tell_watchdog]
+        steps = [self.shutdown.set, self._tell_watchdog]
         for step in steps if behavior == "stop" else reversed(steps):
             step(behavior)
         self.shutdown_behavior = behavior
-
-    def _set_ec2_shutdown(self, behavior: str) -> None:
-        aws, inst = self.ec2
-        aws.call("ec2", "modify_instance_attribute", InstanceId=inst.instance_id,
-                 Attribute="instanceInitiatedShutdownBehavior", Value=behavior)
 
     def _tell_watchdog(self, behavior: str) -> None:
         sudo = "" if self.remote.run("id -u").stdout.strip() == "0" else "sudo -n "

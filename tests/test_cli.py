@@ -224,6 +224,62 @@ def test_runspec_is_standard_library_only():
     assert not _imports("trainer") & {"infra"} and not _imports("infra") & {"trainer"}
 
 
+def _module_imports(path: Path, name: str) -> set[str]:
+    """The project modules a file imports, at any level (inside functions too), relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(x for x in (base, node.module) if x)
+            out |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return out
+
+
+def _project_graph() -> dict[str, set[str]]:
+    files = {}
+    for package in ("runspec", "trainer", "infra", "scripts"):
+        for path in (REPO / package).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            files[name] = path
+    return {name: {m for m in _module_imports(path, name) if m in files and m != name}
+            for name, path in files.items()}
+
+
+def test_no_import_cycles_among_the_projects_modules():
+    """Counting imports inside functions: a cycle hidden in a function is still a knot to untie."""
+    graph, cycles = _project_graph(), []
+
+    def visit(node, stack):
+        for dep in sorted(graph[node]):
+            if dep in stack:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, stack + [dep])
+        done.add(node)
+
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    assert not cycles, cycles
+
+
+def test_only_the_resolver_meets_ec2_below_the_cli():
+    """The transport (SSH, sync, jobs, agents) reaches EC2 only through infra/resolve.py: a name becomes
+    endpoints there. The provisioning commands (infra/provision.py, the CLI) are the AWS layer's users."""
+    graph = _project_graph()
+    allowed = {"infra.aws", "infra.provision", "infra.cli", "infra.resolve", "infra.pricing", "infra"}
+    for name, deps in graph.items():
+        if name.startswith("infra") and name not in allowed:
+            assert not deps & {"infra.aws", "infra.provision"}, (name, deps & {"infra.aws", "infra.provision"})
+    for path in (REPO / "infra").rglob("*.py"):
+        if path.stem not in {"aws", "provision", "cli", "resolve"}:
+            assert not {m.split(".")[0] for m in _module_imports(path, "infra")} & {"boto3", "botocore"}, path
+
+
 def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
     code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -1,0 +1,88 @@
+"""Name -> machines: the one place where the transport meets EC2.
+
+A name in the state file is either any SSH host (its address is the state's) or EC2 instances (one,
+or a cluster's nodes), whose addresses are read live, since they change on every stop/start. For
+EC2 the host key is pinned under the instance id, and the first connection checks the key against
+the fingerprints the instance printed to its console. infra/targets.py builds SSHTargets from what
+this returns and never imports the AWS layer itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from infra.errors import UserError
+from infra.remote import Endpoint, pinned_keys
+from infra.state import Host, State
+
+
+@dataclass
+class Shutdown:
+    """EC2's InstanceInitiatedShutdownBehavior of one instance, which only the laptop can change."""
+
+    aws: Any
+    instance: Any
+
+    @property
+    def guarded(self) -> bool:
+        """Whether autostop may terminate this instance, so that runs need it to stop instead while they
+        are unpulled (a spot instance always stops)."""
+        return self.instance.lifecycle != "spot" and self.instance.autostop.endswith(":terminate")
+
+    def set(self, behavior: str) -> None:
+        self.aws.call("ec2", "modify_instance_attribute", InstanceId=self.instance.instance_id,
+                      Attribute="instanceInitiatedShutdownBehavior", Value=behavior)
+
+
+@dataclass
+class Resolved:
+    host: Host
+    ep: Endpoint
+    expected_fingerprints: list[str] | None = None  # from the console, for a key not pinned yet
+    instance_type: str | None = None
+    lifecycle: str | None = None  # "spot" or "on-demand" on EC2
+    shutdown: Shutdown | None = None  # None: not EC2
+
+
+def known_host(name: str) -> Host:
+    state = State()
+    host = state.get(name)
+    if host is None:
+        known = ", ".join(h.name for h in state.all()) or "none yet"
+        raise UserError(f"unknown name {name!r} (known: {known}); `mnist-cloud launch --name {name} ...` "
+                        f"or `mnist-cloud attach ... --name {name}`")
+    return host
+
+
+def resolve(name: str, region: str | None = None, profile: str | None = None) -> list[Resolved]:
+    """Every machine of `name`, node 0 first (one for a single machine); running, with an address."""
+    host = known_host(name)
+    if host.kind != "ec2":
+        return [Resolved(host, Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path,
+                                        port=host.port))]
+    from infra.aws import Aws
+    from infra.provision import console_fingerprints, describe_instance
+
+    aws = Aws(region=region or host.region, profile=profile)
+    out = []
+    for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
+        inst = describe_instance(aws, instance_id)
+        label = name if node == 0 else f"{name}/node{node}"
+        if inst.state in ("terminated", "shutting-down"):
+            raise UserError(f"{label}'s instance {instance_id} is {inst.state}; "
+                            f"`mnist-cloud down {name}` tidies up, `mnist-cloud launch` makes a new one")
+        if inst.state != "running":
+            raise UserError(f"{label} ({instance_id}) is {inst.state}; `mnist-cloud start {name}` first")
+        if not inst.public_ip:
+            raise UserError(f"{label} ({instance_id}) has no public IP address")
+        if node == 0 and inst.public_ip != host.host:
+            host.host = inst.public_ip
+            State().put(host)
+        # one look (timeout=0): a machine reached here first was launched with --no-wait-ssh, long booted
+        expected = None if pinned_keys(instance_id) else (
+            console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
+        ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
+                      alias=instance_id, workdir=f"mnist-cloud/{name}")
+        out.append(Resolved(host, ep, expected, inst.instance_type, inst.lifecycle, Shutdown(aws, inst)))
+    return out

@@ -423,7 +423,7 @@ def cmd_report(args) -> int:
 
     code = LocalTarget().run(["report", args.run] + (["--no-predictions"] if args.no_predictions else []))
     if code == 0 and args.open:
-        url = (Path(args.run).resolve() / "report.html").as_uri()
+        url = (Path(args.run).resolve() / runspec.REPORT).as_uri()
         if not webbrowser.open(url):
             say(f"no browser found here; open {url}")
     return code

@@ -67,7 +67,7 @@ class LocalTarget:
                 continue
 
     def logs(self, run_dir: Path) -> str:
-        return (Path(run_dir) / "train.log").read_text()
+        return (Path(run_dir) / runspec.LOG).read_text()
 
     def pull(self, *args, **kwargs) -> None:
         """Nothing to fetch: the run directory is local."""
@@ -208,8 +208,8 @@ class SSHTarget:
         return out[0]
 
     def has_run(self, run_id: str) -> bool:
-        return self.remote.run(f"test -f {shlex.quote(self.remote.ep.workdir)}/runs/{shlex.quote(run_id)}/config.json",
-                               warn=True).ok
+        config = posixpath.join(self.remote.ep.workdir, "runs", run_id, runspec.CONFIG)
+        return self.remote.run(f"test -f {shlex.quote(config)}", warn=True).ok
 
     def push_run(self, local_run: Path, log=print) -> TransferResult:
         """Copy a run directory from here to the machine (to resume it on a new instance)."""

@@ -28,6 +28,7 @@ from typing import Any
 
 CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
 BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
+REPORT, PLOTS = "report.html", "plots"  # the run's HTML report and its figures (trainer/report.py)
 # config.json's "status", from start to end: running, then completed, stopped (--stop-after / a plateau
 # stop) or interrupted (a signal; resumable)
 STATUSES = ("running", "completed", "stopped", "interrupted")

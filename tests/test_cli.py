@@ -280,6 +280,23 @@ def test_only_the_resolver_meets_ec2_below_the_cli():
             assert not {m.split(".")[0] for m in _module_imports(path, "infra")} & {"boto3", "botocore"}, path
 
 
+def test_run_directory_file_names_are_spelled_only_in_runspec():
+    """A string that is a run file's name (or ends in /NAME) appears in runspec and nowhere else in the
+    code; prose (docstrings, help) may still name the files."""
+    import runspec
+
+    names = {runspec.CONFIG, runspec.METRICS, runspec.LOG, runspec.SUMMARY, runspec.RESULT, runspec.BEST,
+             runspec.LAST, runspec.PREV, runspec.MODEL, runspec.REPORT}
+    spelled = []
+    for package in ("trainer", "infra", "scripts"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                        node.value in names or node.value.endswith(tuple("/" + n for n in names))):
+                    spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+    assert not spelled, spelled
+
+
 def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
     code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -24,8 +24,8 @@ from trainer import rundir as rd
 from trainer.errors import UserError
 
 DEFAULT_TARGET = runspec.TARGET
-PLOTS = "plots"
-REPORT = "report.html"
+PLOTS = runspec.PLOTS
+REPORT = runspec.REPORT
 
 
 # ---------------------------------------------------------------------------------- reading a run

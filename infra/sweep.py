@@ -80,47 +80,125 @@ def estimate(points: list[Point], trainer_args: list[str], instance_types: list[
     return wall, wall * sum(prices)
 
 
+# ---------------------------------------------------------------------------------- planning
+@dataclass
+class Plan:
+    name: str
+    points: list[Point]
+    trainer_args: list[str]
+    models: list[str] | None
+    seeds: list[int]
+
+    def describe(self) -> str:
+        models = len(self.models or [None])
+        settings = max(1, len(self.points) // max(1, len(self.seeds)) // models)
+        return (f"{self.name}: {len(self.points)} run(s) = {models} model(s) x {settings} setting(s) x "
+                f"{len(self.seeds)} seed(s)")
+
+
+def plan(name: str | None, models: str | None, seeds: str, sets: list[str], trainer_args: list[str]) -> Plan:
+    """The grid from `mnist-cloud sweep`'s flags (--model a,b --seeds 1,2 --set lr=0.05,0.1); the other
+    flags go to every run's trainer."""
+    from infra.targets import has_option
+
+    for flag in ("--seed", "--run-id", "--out-dir", "--resume"):
+        if has_option(trainer_args, flag):
+            raise UserError(f"{flag} is set by the sweep itself; use --seeds / --name / --to")
+    seed_list = []
+    for text in parse_list(seeds, "--seeds"):
+        if not text.lstrip("-").isdigit():
+            raise UserError(f"--seeds: {text!r} is not an integer")
+        seed_list.append(int(text))
+    grid = {}
+    for item in sets:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=V1,V2 (a trainer flag, e.g. lr=0.05,0.1)")
+        grid[key.lstrip("-").replace("-", "_")] = parse_list(values, f"--set {key}")
+    model_list = parse_list(models, "--model") if models else None
+    name = name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    return Plan(name, expand(model_list, seed_list, grid, name), trainer_args, model_list, seed_list)
+
+
 # ---------------------------------------------------------------------------------- running
-def run_local(points: list[Point], trainer_args: list[str], runs: Path, log) -> None:
-    for p in points:
-        for attempt in (1, 2):
-            run_id = p.run_id if attempt == 1 else f"{p.run_id}-retry"
-            log(f"[local] {run_id}: {p.config} seed {p.seed}" + (" (retry)" if attempt == 2 else ""))
-            started = time.monotonic()
-            code = LocalTarget().run(["train", *trainer_args, *p.args, "--run-id", run_id, "--out-dir", str(runs),
-                                      "--no-progress"])
-            p.attempts, p.seconds, p.where = attempt, time.monotonic() - started, "local"
-            if code == 0:
-                p.run_id, p.status = run_id, "completed"
-                break
-            p.status = "failed"
-            log(f"[local] {run_id} failed (exit {code})" + ("; retrying once" if attempt == 1 else ""))
+class LocalSlot:
+    """This machine: one run at a time, in the foreground, written straight into the runs directory."""
+
+    where = "local"
+
+    def __enter__(self) -> "LocalSlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def execute(self, run_id: str, args: list[str], runs: Path) -> int:
+        return LocalTarget().run(["train", *args, "--run-id", run_id, "--out-dir", str(runs), "--no-progress"])
 
 
-def run_remote(names: list[str], points: list[Point], trainer_args: list[str], runs: Path, log,
-               python: str | None = None, code: str | None = None, region=None, profile=None) -> None:
-    """A queue per machine and a worker per GPU (one for a machine without GPUs); each run detached."""
+@dataclass
+class MachineSlot:
+    """One GPU of a named machine (the whole machine when it has none): a run starts detached there, and
+    is pulled back into the runs directory when it ends. Each slot holds its own SSH connection."""
+
+    name: str
+    python: str
+    gpu: int | None
+    source: Path
+    region: str | None = None
+    profile: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.name if self.gpu is None else f"{self.name}:gpu{self.gpu}"
+
+    def __enter__(self) -> "MachineSlot":
+        self.target = SSHTarget.resolve(self.name, self.region, self.profile)
+        self.target.remote.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.target.remote.__exit__(*exc)
+
+    def execute(self, run_id: str, args: list[str], runs: Path) -> int:
+        env = {**runspec.git_env(self.source), **({"CUDA_VISIBLE_DEVICES": str(self.gpu)} if self.gpu is not None else {})}
+        self.target.run(args, run_id, self.python, env=env)
+        _, exit_code = self.target.wait_finished(run_id, timeout=math.inf)
+        if exit_code == 0:
+            self.target.pull(run_id, runs, log=lambda m: None)
+        return exit_code
+
+
+def machine_slots(names: list[str], log, python: str | None = None, code: str | None = None, region=None,
+                  profile=None) -> list[MachineSlot]:
+    """Each machine prepared (SSH, sync, setup), and a slot per GPU it has (one for a machine without)."""
     source = code_dir(code)
-    work: queue.Queue[Point] = queue.Queue()
-    for p in points:
-        work.put(p)
     slots = []
     for name in names:
         target = SSHTarget.resolve(name, region, profile)
         with target.remote:
             py = target.prepare(source, python, log)
             gpus = target.gpu_count(py)
-        slots += [(name, py, gpu if gpus else None) for gpu in range(max(gpus, 1))]
-    log(f"sweep: {len(points)} run(s) on {len(slots)} slot(s): " + ", ".join(
-        f"{n}{'' if g is None else f':gpu{g}'}" for n, _, g in slots))
+        slots += [MachineSlot(name, py, gpu if gpus else None, source, region, profile) for gpu in range(max(gpus, 1))]
+    return slots
+
+
+def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, log) -> None:
+    """Every point on the first free slot, local or a machine alike: one queue, a worker per slot, and
+    a failed run goes back on the queue once (as RUN-retry, on whichever slot is free next)."""
+    work: queue.Queue[Point] = queue.Queue()
+    for p in points:
+        work.put(p)
     lock = threading.Lock()
     errors: list[BaseException] = []
 
-    def worker(name: str, py: str, gpu: int | None) -> None:
+    def say(message: str) -> None:
+        with lock:
+            log(message)
+
+    def worker(slot) -> None:
         try:
-            target = SSHTarget.resolve(name, region, profile)
-            env = {**runspec.git_env(source), **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
-            with target.remote:
+            with slot:
                 while True:
                     try:
                         p = work.get_nowait()
@@ -128,30 +206,23 @@ def run_remote(names: list[str], points: list[Point], trainer_args: list[str], r
                         return
                     p.attempts += 1
                     run_id = p.run_id if p.attempts == 1 else f"{p.run_id}-retry"
-                    where = f"{name}{'' if gpu is None else f':gpu{gpu}'}"
-                    with lock:
-                        log(f"[{where}] {run_id}: {p.config} seed {p.seed}" + (" (retry)" if p.attempts > 1 else ""))
+                    say(f"[{slot.where}] {run_id}: {p.config} seed {p.seed}" + (" (retry)" if p.attempts > 1 else ""))
                     started = time.monotonic()
-                    target.run([*trainer_args, *p.args], run_id, py, env=env)
-                    _, exit_code = target.wait_finished(run_id, timeout=math.inf)
-                    p.seconds, p.where = time.monotonic() - started, where
+                    exit_code = slot.execute(run_id, [*trainer_args, *p.args], runs)
+                    p.seconds, p.where = time.monotonic() - started, slot.where
                     if exit_code == 0:
-                        target.pull(run_id, runs, log=lambda m: None)
                         p.run_id, p.status = run_id, "completed"
-                        with lock:
-                            log(f"[{where}] {run_id} done")
+                        say(f"[{slot.where}] {run_id} done")
                     elif p.attempts < 2:
-                        with lock:
-                            log(f"[{where}] {run_id} failed (exit {exit_code}); retrying once")
+                        say(f"[{slot.where}] {run_id} failed (exit {exit_code}); retrying once")
                         work.put(p)
                     else:
                         p.status = "failed"
-                        with lock:
-                            log(f"[{where}] {run_id} failed again (exit {exit_code}); giving up on it")
+                        say(f"[{slot.where}] {run_id} failed again (exit {exit_code}); giving up on it")
         except BaseException as e:  # surfaced after the other workers finish
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=slot, daemon=True) for slot in slots]
+    threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in slots]
     for t in threads:
         t.start()
     for t in threads:
@@ -225,3 +296,26 @@ def table(summaries: list[ConfigSummary]) -> str:
                      f"{statistics.median(s.seconds):.0f}s" if s.seconds else "-",
                      "-" if s.cost is None else f"${s.cost:.3f}"])
     return "\n".join(runspec.table(header, rows))
+
+
+def finish(plan: Plan, runs: Path, log) -> int:
+    """The summary over seeds (printed, and saved as RUNS/NAME.json), the overlaid curves of the
+    completed runs (RUNS/NAME.html), and exit code 1 when a run failed twice."""
+    from dataclasses import asdict
+
+    summaries = summarize(plan.points, runs)
+    log("")
+    log(table(summaries))
+    summary_file = runs / f"{plan.name}.json"
+    runspec.write_json(summary_file, {"name": plan.name, "points": [asdict(p) for p in plan.points],
+                                      "summary": [asdict(s) for s in summaries]})
+    done = [str(runs / p.run_id) for p in plan.points if p.status == "completed"]
+    curves = runs / f"{plan.name}.html"
+    if len(done) >= 2:
+        LocalTarget().run(["compare", *done, "--out", str(curves)])
+    log(f"summary: {summary_file}" + (f"; curves: {curves}" if len(done) >= 2 else ""))
+    failed = [p.run_id for p in plan.points if p.status != "completed"]
+    if failed:
+        log(f"{len(failed)} run(s) failed twice: {', '.join(failed)}")
+        return 1
+    return 0

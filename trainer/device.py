@@ -56,6 +56,11 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def channels_last(setting: str, device_type: str) -> bool:
+    """--channels-last: `auto` is on for CPU and CUDA, off for MPS."""
+    return device_type in ("cpu", "cuda") if setting == "auto" else setting == "on"
+
+
 def capability(device: torch.device) -> tuple[int, int] | None:
     """(major, minor) CUDA compute capability, None off CUDA."""
     return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None

@@ -45,12 +45,17 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return device
 
+    @staticmethod
+    def backend(device: torch.device) -> str:
+        """NCCL between GPUs, gloo between CPUs (config.json records which)."""
+        return "nccl" if device.type == "cuda" else "gloo"
+
     def init(self, device: torch.device) -> None:
         if self.active and not dist.is_initialized():
             if device.type == "cuda":  # binds this rank's GPU: NCCL never guesses, barrier() needs no device
-                dist.init_process_group(backend="nccl", device_id=device)
+                dist.init_process_group(backend=self.backend(device), device_id=device)
             else:
-                dist.init_process_group(backend="gloo")
+                dist.init_process_group(backend=self.backend(device))
 
     def shutdown(self) -> None:
         if self.active and dist.is_initialized():

@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
-import platform
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import runspec
+from runspec.config import TrainConfig
+from trainer import device as dev
 from trainer import rundir as rd
 from trainer.augment import augment
-from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
-from runspec.config import TrainConfig, from_dict
 from trainer.data import DeviceData, Split, centre_crop, load_mnist, make_splits, normalize
-from trainer import device as dev
 from trainer.device import device_name, resolve_device
 from trainer.distributed import Dist
-from trainer.errors import CheckpointError, UserError
+from trainer.env import environment
+from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
-from trainer.models import count_params, get_spec
+from trainer.graphstep import StaticStep, check_supported, train_epoch_static
+from trainer.models import ModelSpec, count_params, get_spec
 from trainer.optim import (
     WeightAverage,
     epoch_steps,
@@ -43,29 +40,8 @@ from trainer.optim import (
     make_optimizer,
     make_scheduler,
 )
+from trainer.recorder import Recorder, recorder
 from trainer.summary import format_table, layer_table
-
-# On resume, everything comes from the run's config.json except these: flags about this invocation,
-# and flags that may differ on the machine it continues on (taken only when given).
-INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
-RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size", "amp", "channels_last", "compile_mode",
-                       "deterministic"}
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------------------------- environment
-def write_run_report(run: "rd.RunDir", log=print) -> None:
-    """report.html at the end of a run; a failure here never costs the run its result."""
-    from trainer.report import write_report
-
-    try:
-        log(f"report: {write_report(run.path)}")
-    except UserError as e:
-        log(f"report skipped: {e}")
-
-
-def use_switch(value: str, default: bool) -> bool:
-    return default if value == "auto" else value == "on"
 
 
 @dataclass
@@ -281,20 +257,6 @@ def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int) ->
     return loss, acc
 
 
-def log_line(row: dict[str, Any], best_val: float | None) -> str:
-    """Seed 000's format, then what it lacked: test accuracy, LR and time."""
-    def pct(v):
-        return "n/a" if v is None else f"{v:.2f}%"
-
-    def num(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    return (f"Epoch: {row['epoch']} | Train Loss: {row['train_loss']:.4f} | Train Acc: {row['train_acc']:.2f}% | "
-            f"Val Loss: {num(row['val_loss'])} | Val Acc: {pct(row['val_acc'])} | Best Val Acc: {pct(best_val)} | "
-            f"Test Acc: {pct(row['test_acc'])} | LR: {row['lr']:.4g} | {row['seconds']:.1f}s"
-            + (f" (+{row['compile_seconds']:.1f}s compile)" if row.get("compile_seconds") else ""))
-
-
 # ---------------------------------------------------------------------------------- checkpoints
 # Random streams, for re-seeding a resume on another kind of device (trainer/device.py).
 STREAM_BATCHES, STREAM_AUGMENT, STREAM_ACCELERATOR = 1, 2, 3
@@ -357,48 +319,50 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
     }
 
 
-# what a resume reads without a default; a checkpoint lacking one is as unusable as a damaged one
-RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "best_val_acc", "best_epoch", "rng")
-
-
-def load_resume_checkpoint(run: "rd.RunDir") -> tuple[dict[str, Any], str]:
-    """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
-
-    Any damage (a flipped bit, a truncated copy, a file that is not ours) is reported in one line
-    with the file that was used instead, rather than ending the resume."""
-    found, skipped = [], []
-    for name in (rd.LAST, rd.PREV, rd.BEST):
-        path = run.file(name)
-        if not path.exists():
-            skipped += [f"{name} is missing"] if name == rd.LAST else []
-            continue
-        try:
-            ckpt = load_checkpoint(path, needs=RESUME_KEYS)  # on the CPU: load_state_dict moves it to the device
-        except CheckpointError as e:
-            skipped.append(f"{name} {e.problem}")
-            continue
-        found.append(((ckpt["epoch"], (ckpt.get("partial") or {}).get("step", 0)), name, ckpt))
-    if not found:
-        raise UserError(f"no usable checkpoint in {run.path} (last.pt, prev.pt and best.pt are missing or damaged); "
-                        "start a new run")
-    _, name, ckpt = max(found, key=lambda f: f[0])
-    if skipped:
-        print(f"warning: {'; '.join(skipped)}; resuming from {name} (epoch {ckpt['epoch']})",
-              file=sys.stderr, flush=True)
-    return ckpt, name
-
-
 # ---------------------------------------------------------------------------------- the run
-def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, rd.RunDir]:
-    """The saved config of the run being resumed, with only the flags that may change applied."""
-    run = rd.RunDir.existing(cfg.resume)
-    saved = from_dict(run.read_config()["config"])
-    ignored = sorted(explicit - RESUMABLE_OVERRIDES - INVOCATION_FLAGS)
-    if ignored:
-        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-        print(f"note: resuming keeps the run's saved config; ignoring {flags}", file=sys.stderr)
-    changes = {k: getattr(cfg, k) for k in (explicit & RESUMABLE_OVERRIDES) | INVOCATION_FLAGS}
-    return dataclasses.replace(saved, **changes), run
+@dataclass
+class Training:
+    """One rank's run as `build` sets it up: what the epochs and the finish work with."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    record: Recorder
+    data: DeviceData
+    data_dir: Path
+    model: nn.Module  # the plain module: evaluation and checkpoints
+    step_model: nn.Module  # what the steps call: under DDP, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool  # the scheduler steps per batch, not per epoch
+    engine: Engine
+    steps: int  # per epoch
+    params: int
+    macs: int
+    summary: str  # the layer table
+
+
+@dataclass
+class Standing:
+    """Where the run stands between epochs: what a checkpoint keeps besides weights, optimizer and RNG."""
+
+    start_epoch: int = 1
+    epoch: int = 0  # the last epoch trained
+    best_val: float | None = None
+    best_epoch: int | None = None
+    stale: int = 0  # epochs since validation last improved
+    partial: EpochProgress | None = None  # how far an interrupted run got into its next epoch
+    stop_reason: str | None = None
+    scores: tuple = (None, None, None, None)  # the last epoch's (val_loss, val_acc, test_loss, test_acc)
+
+    def score(self, epoch: int, val_acc: float | None) -> bool:
+        """True if `val_acc` is the best yet."""
+        improved = val_acc is not None and (self.best_val is None or val_acc > self.best_val)
+        if improved:
+            self.best_val, self.best_epoch, self.stale = val_acc, epoch, 0
+        else:
+            self.stale += 1
+        return improved
 
 
 def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
@@ -413,10 +377,17 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
 
 
 def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
-    say = print if dist.main else (lambda *a, **k: None)
-    run = None
-    if cfg.resume and dist.main:
-        cfg, run = resolve_resume(cfg, explicit)
+    record = recorder(dist.main)
+    cfg, spec, device = setup(record.resumed_config(cfg, explicit), dist)
+    record.mark_rank0()
+    t = build(cfg, spec, dist, device, record)
+    standing = restore(t) if cfg.resume else create(t)
+    ended = run_epochs(t, standing)
+    return ended or finish(t, standing)
+
+
+def setup(cfg: TrainConfig, dist: Dist) -> tuple[TrainConfig, ModelSpec, torch.device]:
+    """The config checked, this rank's device, the process group up, and the config every rank trains with."""
     cfg.validate()
     spec = get_spec(cfg.model)
     if cfg.val_size == 0 and (cfg.target is not None or cfg.patience or cfg.schedule == "plateau"):
@@ -424,7 +395,6 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                         "they cannot be used with --val-size 0")
     if cfg.batch_size % dist.world:
         raise UserError(f"--batch-size {cfg.batch_size} must divide evenly over {dist.world} processes")
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.device(resolve_device(cfg.device))
@@ -433,38 +403,24 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
         cfg = dist.broadcast(cfg, device)  # a resumed run's config lives on rank 0's machine only
         if not dist.main:
             cfg = dataclasses.replace(cfg, progress=False, report=False)
-    if dist.main and os.environ.get(runspec.ENV_RANK0_FILE):  # tells `train --on --nodes` where rank 0 runs
-        Path(os.environ[runspec.ENV_RANK0_FILE]).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return cfg, spec, device
+
+
+def build(cfg: TrainConfig, spec: ModelSpec, dist: Dist, device: torch.device, record: Recorder) -> Training:
+    """Data, model, engine, optimizer and schedule on the device, in the order of their random draws."""
     torch.manual_seed(cfg.seed)  # weights and dropout
     data_dir = resolve_data_dir(cfg.data_dir)
-    data: DeviceData = make_splits(load_mnist(data_dir), cfg.val_size, cfg.seed, device, cfg.train_limit,
-                                   cfg.eval_limit)
-
+    data = make_splits(load_mnist(data_dir), cfg.val_size, cfg.seed, device, cfg.train_limit, cfg.eval_limit)
     model = spec.build()
-    params = count_params(model)
-    summary = format_table(layer_table(model, cfg.input_size), title=f"{cfg.model}: {spec.description}")
+    layers = layer_table(model, cfg.input_size)
     if dist.active:
         torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout masks; DDP syncs the weights
-    use_cl = use_switch(cfg.channels_last, device.type in ("cpu", "cuda"))
-    memory_format = torch.channels_last if use_cl else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    use_cl = dev.channels_last(cfg.channels_last, device.type)
+    model = model.to(device=device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
     dev.configure_backends(device, cfg.deterministic)
-    amp_dtype = dev.amp_dtype(device.type, cfg.amp, dev.capability(device))
-    if cfg.cuda_graph:
-        from trainer.graphstep import check_supported
-
-        check_supported(cfg, dist.world, amp_dtype)
-    engine = Engine(
-        device=device, amp_dtype=amp_dtype, memory_format=memory_format,
-        generator=torch.Generator(device=device).manual_seed(cfg.seed + 10_000),  # batch order + augmentation
-        scaler=torch.amp.GradScaler(device.type) if dev.needs_grad_scaler(amp_dtype) else None,
-        dist=dist,
-        aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
-        compile_pending=compile_steps(cfg),
-        input_size=cfg.input_size,
-    )
+    engine = make_engine(cfg, dist, device, use_cl)
     wrapped = dist.wrap(model, device)
-    model = wrapped.module if dist.active else model  # the plain module: evaluation and checkpoints
+    model = wrapped.module if dist.active else model
     optimizer = make_optimizer(cfg, model, device.type)
     steps = epoch_steps(cfg, len(data.train), dist.world)
     if steps == 0:
@@ -473,219 +429,225 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
                         "use a smaller --batch-size or a larger --train-limit")
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
     step_model = torch.compile(wrapped, mode=cfg.compile_mode, dynamic=False) if cfg.compile else wrapped
-
-    start_epoch, best_val, best_epoch, stale, partial = 1, None, None, 0, None
     engine.ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    if cfg.resume:
-        # on the CPU, then to every rank: a map_location of rank 0's GPU would land every rank's copy there
-        ckpt, source = load_resume_checkpoint(run) if dist.main else (None, None)
-        ckpt, source = dist.broadcast((ckpt, source), device)
-        model.load_state_dict(ckpt["model_state"])
-        load_optimizer_state(optimizer, ckpt["optimizer_state"])
-        if scheduler is not None and ckpt["scheduler_state"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler_state"])
-        if engine.ema is not None:
-            engine.ema.load(ckpt["ema_state"])
-        if engine.scaler is not None and ckpt.get("scaler_state"):
-            engine.scaler.load_state_dict(ckpt["scaler_state"])
-        elif ckpt.get("scaler_state") and dist.main:
-            print(f"note: this run was saved with fp16 loss scaling and continues in "
-                  f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'} (--amp auto is fp32; "
-                  "--amp on on a GPU before sm80 keeps fp16)", file=sys.stderr, flush=True)
-        ranks = ckpt.get("rng_ranks")
-        rng = ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"]
-        if dist.active and rng is ckpt["rng"]:  # another number of processes: rank 0's per-rank streams
-            rng = {**rng, "aug_generator": None, "accelerator": None}  # would repeat on every rank: re-seed
-        restore_rng(rng, engine, cfg.seed, ckpt["epoch"] + 1, (ckpt.get("partial") or {}).get("step", 0))
-        start_epoch, best_val, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
-        stale = ckpt.get("stale", 0)
-        if ckpt.get("partial"):
-            partial = EpochProgress.from_state(ckpt["partial"], device)
-            if not dist.main:  # rank 0 carries the epoch's running totals (already summed over ranks)
-                partial.loss_sum, partial.correct, partial.seen = 0.0, 0, 0
-        if start_epoch > cfg.epochs:
-            raise UserError(f"{cfg.resume} already finished all {cfg.epochs} epochs; nothing to resume")
-        where = f"epoch {partial.epoch} step {partial.step}" if partial else f"the end of epoch {ckpt['epoch']}"
-        if dist.main:
-            run.trim_metrics(ckpt["epoch"])
-            run.log(f"Resumed from {source} at {where} on {device_name(device)}")
-            run.append_metrics({"event": "resumed", "epoch": start_epoch, "from": source,
-                                "step": partial.step if partial else 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            run.update_config(status="running", resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        say(f"resuming {cfg.resume} from {source} at {where}", flush=True)
-    elif dist.main:
-        out_dir = Path(cfg.out_dir)
-        cfg.run_id = cfg.run_id or rd.new_run_id(out_dir, cfg.model, cfg.seed)
-        run = rd.RunDir.create(out_dir, cfg.run_id)
-        run.write_config({
-            "run_id": cfg.run_id,
-            "status": "running",
-            "config": dataclasses.asdict(cfg),
-            "model": {"name": cfg.model, "params": params, "macs": sum(r.macs for r in layer_table(model, cfg.input_size))},
-            "git": runspec.git_state(PROJECT_ROOT),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": {"type": device.type, "name": device_name(device), "amp": str(amp_dtype).replace("torch.", "")
-                       if amp_dtype else None, "channels_last": use_cl},
-            "distributed": {"world_size": dist.world, "backend": ("nccl" if device.type == "cuda" else "gloo")}
-            if dist.active else None,
-            "host": socket.gethostname(),
-            "cloud": runspec.cloud_info(),
-            "data": {"dir": str(data_dir), "train": len(data.train), "val": len(data.val) if data.val else 0,
-                     "test": len(data.test)},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
-        run.write_text(rd.SUMMARY, summary + "\n")
-        say(summary, flush=True)
-        say(f"run dir: {run.path}  |  device: {device_name(device)}"
-            f"{f' x {dist.world} processes' if dist.active else ''}  |  "
-            f"train/val/test: {len(data.train)}/{len(data.val) if data.val else 0}/{len(data.test)}", flush=True)
+    return Training(cfg=cfg, dist=dist, device=device, record=record, data=data, data_dir=data_dir, model=model,
+                    step_model=step_model, optimizer=optimizer, scheduler=scheduler, per_step=per_step, engine=engine,
+                    steps=steps, params=count_params(model), macs=sum(r.macs for r in layers),
+                    summary=format_table(layers, title=f"{cfg.model}: {spec.description}"))
 
-    static = None
+
+def make_engine(cfg: TrainConfig, dist: Dist, device: torch.device, channels_last: bool) -> Engine:
+    amp_dtype = dev.amp_dtype(device.type, cfg.amp, dev.capability(device))
     if cfg.cuda_graph:
-        from trainer.graphstep import StaticStep
+        check_supported(cfg, dist.world, amp_dtype)
+    return Engine(
+        device=device, amp_dtype=amp_dtype,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        generator=torch.Generator(device=device).manual_seed(cfg.seed + 10_000),  # batch order + augmentation
+        scaler=torch.amp.GradScaler(device.type) if dev.needs_grad_scaler(amp_dtype) else None,
+        dist=dist,
+        aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
+        compile_pending=compile_steps(cfg),
+        input_size=cfg.input_size,
+    )
 
-        static = StaticStep(step_model, optimizer, cfg, engine, data.train, steps)  # after a resume's load
 
+def create(t: Training) -> Standing:
+    """A new run: rank 0 makes its directory and writes what the run starts from."""
+    cfg, data, dist = t.cfg, t.data, t.dist
+    val = len(data.val) if data.val else 0
+    t.record.started(
+        cfg, model={"name": cfg.model, "params": t.params, "macs": t.macs},
+        environment=environment(t.device, t.engine.amp_dtype, t.engine.memory_format == torch.channels_last, dist),
+        data={"dir": str(t.data_dir), "train": len(data.train), "val": val, "test": len(data.test)},
+        summary=t.summary,
+        line=f"device: {device_name(t.device)}{f' x {dist.world} processes' if dist.active else ''}  |  "
+             f"train/val/test: {len(data.train)}/{val}/{len(data.test)}")
+    return Standing()
+
+
+def restore(t: Training) -> Standing:
+    """Continue from the run's newest readable checkpoint, read by rank 0 and sent to every rank (on the
+    CPU: a map_location of rank 0's GPU would land every rank's copy there)."""
+    cfg, dist, engine = t.cfg, t.dist, t.engine
+    ckpt, source = dist.broadcast(t.record.read_checkpoint(), t.device)
+    t.model.load_state_dict(ckpt["model_state"])
+    load_optimizer_state(t.optimizer, ckpt["optimizer_state"])
+    if t.scheduler is not None and ckpt["scheduler_state"] is not None:
+        t.scheduler.load_state_dict(ckpt["scheduler_state"])
+    if engine.ema is not None:
+        engine.ema.load(ckpt["ema_state"])
+    if engine.scaler is not None and ckpt.get("scaler_state"):
+        engine.scaler.load_state_dict(ckpt["scaler_state"])
+    elif ckpt.get("scaler_state"):
+        t.record.note(f"note: this run was saved with fp16 loss scaling and continues in "
+                      f"{str(engine.amp_dtype).replace('torch.', '') if engine.amp_dtype else 'fp32'} (--amp auto "
+                      "is fp32; --amp on on a GPU before sm80 keeps fp16)")
+    step = (ckpt.get("partial") or {}).get("step", 0)
+    restore_rng(rank_rng(ckpt, dist), engine, cfg.seed, ckpt["epoch"] + 1, step)
+    standing = Standing(start_epoch=ckpt["epoch"] + 1, epoch=ckpt["epoch"], best_val=ckpt["best_val_acc"],
+                        best_epoch=ckpt["best_epoch"], stale=ckpt.get("stale", 0))
+    if ckpt.get("partial"):
+        standing.partial = partial = EpochProgress.from_state(ckpt["partial"], t.device)
+        if not dist.main:  # rank 0 carries the epoch's running totals (already summed over ranks)
+            partial.loss_sum, partial.correct, partial.seen = 0.0, 0, 0
+    if standing.start_epoch > cfg.epochs:
+        raise UserError(f"{cfg.resume} already finished all {cfg.epochs} epochs; nothing to resume")
+    where = f"epoch {partial.epoch} step {partial.step}" if standing.partial else f"the end of epoch {ckpt['epoch']}"
+    t.record.resumed(cfg, ckpt["epoch"], source, where, step, t.device)
+    return standing
+
+
+def rank_rng(ckpt: dict[str, Any], dist: Dist) -> dict[str, Any]:
+    """This rank's saved random state; under another number of processes, rank 0's without its per-rank
+    streams, which would repeat on every rank (they are re-seeded)."""
+    ranks = ckpt.get("rng_ranks")
+    rng = ranks[dist.rank] if ranks and len(ranks) == dist.world else ckpt["rng"]
+    if dist.active and rng is ckpt["rng"]:
+        rng = {**rng, "aug_generator": None, "accelerator": None}
+    return rng
+
+
+def run_epochs(t: Training, standing: Standing) -> dict[str, Any] | None:
+    """The epochs, to the last or to an early stop (None: the run goes on to finish), or the outcome of a
+    run that ends here: interrupted by a signal, or stopped by --stop-after."""
+    cfg = t.cfg
+    static = (StaticStep(t.step_model, t.optimizer, cfg, t.engine, t.data.train, t.steps)  # after a resume's load
+              if cfg.cuda_graph else None)
     show_progress = cfg.progress and sys.stderr.isatty()
-    run_started = time.perf_counter()
-    epoch_rows = run.read_epochs() if run is not None else []
-    elapsed_before = epoch_rows[-1]["elapsed"] if epoch_rows else 0.0
-    if partial:
-        elapsed_before += partial.seconds
-    epoch = start_epoch - 1
-    stop_reason = None
-
-    def save(epoch_done: int, improved: bool, partial_state: dict | None = None) -> None:
-        rng_ranks = dist.gather(rng_state(engine), device) if dist.active else None  # a collective: every rank
-        if not dist.main:
-            return
-        state = checkpoint_state(model, optimizer, scheduler, engine, cfg, epoch_done, best_val, best_epoch, stale,
-                                 partial=partial_state, rng_ranks=rng_ranks)
-        # last.pt -> prev.pt first: if the new last.pt is ever damaged, resume still has the one before
-        if run.file(rd.LAST).exists():
-            move_checkpoint(run.file(rd.LAST), run.file(rd.PREV))
-        save_checkpoint(run.file(rd.LAST), state)
-        if improved:
-            save_checkpoint(run.file(rd.BEST), state)
-
-    def interrupted(stop: StopFlag, where: str) -> dict[str, Any]:
-        name = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
-        if dist.main:
-            run.append_metrics({"event": "interrupted", "signal": name, "at": where,
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            run.update_config(status="interrupted", interrupted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {run.path}"
-            run.log(msg)
-            say(msg, flush=True)
-        return {"status": "interrupted", "signal": stop.signal or signal.SIGTERM,
-                "run_dir": str(run.path) if run else None}
-
+    clock = Clock.start(t.record.epochs(), standing.partial)
     with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(standing.start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
+            partial = standing.partial
             progress = partial if partial and partial.epoch == epoch else EpochProgress(epoch)
-            partial = None
+            standing.partial, standing.epoch = None, epoch
             if static is not None:
-                from trainer.graphstep import train_epoch_static
-
-                finished = train_epoch_static(static, scheduler, per_step, progress, stop)
+                finished = train_epoch_static(static, t.scheduler, t.per_step, progress, stop)
             else:
-                finished = train_one_epoch(step_model, data.train, optimizer, scheduler, per_step, cfg, engine,
-                                           progress, show_progress, stop)
+                finished = train_one_epoch(t.step_model, t.data.train, t.optimizer, t.scheduler, t.per_step, cfg,
+                                           t.engine, progress, show_progress, stop)
             if not finished:
-                sums = dist.sum([progress.loss_sum, progress.correct, progress.seen], device)
-                state = {**progress.state(), "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
-                save(epoch - 1, improved=False, partial_state=state)
-                return interrupted(stop, f"epoch {epoch} step {progress.step}")
-            train = epoch_stats(progress, engine)
-            val_loss, val_acc = evaluate(model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
-            test_loss, test_acc = (evaluate(model, data.test, engine, cfg.eval_batch_size) if cfg.test_every_epoch
-                                   else (None, None))
-            # rank 0's numbers on every rank: on CPUs each rank's BatchNorm statistics differ a little,
-            # and ranks that disagreed about --target or --patience would hang the next collective
-            val_loss, val_acc, test_loss, test_acc = dist.broadcast((val_loss, val_acc, test_loss, test_acc), device)
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None and not per_step:
-                scheduler.step(val_acc) if cfg.schedule == "plateau" else scheduler.step()
-            improved = val_acc is not None and (best_val is None or val_acc > best_val)
-            if improved:
-                best_val, best_epoch, stale = val_acc, epoch, 0
-            else:
-                stale += 1
-            row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
-                   "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-                   "seconds": time.perf_counter() - t0 - progress.compile_seconds, "train_seconds": train["seconds"],
-                   "img_per_s": train["img_per_s"],
-                   "elapsed": elapsed_before + time.perf_counter() - run_started}
-            if progress.compile_seconds:
-                row["compile_seconds"] = progress.compile_seconds
-            if dist.main:  # the row before the checkpoint: a kill between them redoes the epoch, never loses its row
-                run.append_metrics(row)
-                line = log_line(row, best_val)
-                run.log(line)
-                say(line, flush=True)
-            save(epoch, improved)
-            if dist.any(bool(stop), device) and epoch < cfg.epochs:  # signalled during evaluation: epoch saved
-                return interrupted(stop, f"the end of epoch {epoch}")
-
-            if cfg.target is not None and val_acc >= cfg.target:
-                stop_reason = f"validation accuracy {val_acc:.2f}% reached --target {cfg.target}"
-            elif cfg.patience and stale >= cfg.patience:
-                stop_reason = f"no better validation accuracy for {stale} epochs (--patience {cfg.patience})"
-            elif cfg.stop_after and epoch - start_epoch + 1 >= cfg.stop_after and epoch < cfg.epochs:
-                if dist.main:
-                    run.update_config(status="stopped")
-                    msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {run.path}"
-                    run.log(msg)
-                    say(msg, flush=True)
-                    if cfg.report:
-                        write_run_report(run)
-                return {"status": "stopped", "epoch": epoch, "run_dir": str(run.path) if run else None}
-            if stop_reason:
-                if dist.main:
-                    run.log(f"Early stop at epoch {epoch}: {stop_reason}")
-                say(f"early stop: {stop_reason}", flush=True)
+                return interrupted_in_epoch(t, standing, progress, stop)
+            row, improved = end_epoch(t, standing, progress, t0, clock)
+            t.record.epoch(row, standing.best_val)  # the row first, then the checkpoint
+            save(t, standing, epoch, improved)
+            if t.dist.any(bool(stop), t.device) and epoch < cfg.epochs:  # signalled during evaluation: epoch saved
+                return interrupted(t, stop, f"the end of epoch {epoch}")
+            standing.stop_reason = early_stop_reason(cfg, standing, row["val_acc"])
+            if not standing.stop_reason and cfg.stop_after and epoch - standing.start_epoch + 1 >= cfg.stop_after \
+                    and epoch < cfg.epochs:
+                t.record.stopped(cfg, epoch)
+                return {"status": "stopped", "epoch": epoch, "run_dir": t.record.run_dir}
+            if standing.stop_reason:
+                t.record.early_stop(epoch, standing.stop_reason)
                 break
+    return None
 
-    # What the run delivers: the final weights, or their average. Its accuracy is the headline.
-    delivered = engine.ema.model if engine.ema is not None else model
+
+@dataclass
+class Clock:
+    """The run's elapsed time across resumes: what the epochs before this process took, plus its own."""
+
+    started: float
+    before: float
+
+    @classmethod
+    def start(cls, rows: list[dict[str, Any]], partial: EpochProgress | None) -> "Clock":
+        started = time.perf_counter()
+        before = rows[-1]["elapsed"] if rows else 0.0
+        if partial:
+            before += partial.seconds
+        return cls(started, before)
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
+def end_epoch(t: Training, standing: Standing, progress: EpochProgress, t0: float,
+              clock: Clock) -> tuple[dict[str, Any], bool]:
+    """The epoch's metrics row after validation (and the test, with --test-every-epoch), the epoch-wise
+    schedule's step, and whether validation improved."""
+    cfg, engine, data = t.cfg, t.engine, t.data
+    train = epoch_stats(progress, engine)
+    val_loss, val_acc = evaluate(t.model, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
+    test_loss, test_acc = (evaluate(t.model, data.test, engine, cfg.eval_batch_size) if cfg.test_every_epoch
+                           else (None, None))
+    # rank 0's numbers on every rank: on CPUs each rank's BatchNorm statistics differ a little,
+    # and ranks that disagreed about --target or --patience would hang the next collective
+    standing.scores = t.dist.broadcast((val_loss, val_acc, test_loss, test_acc), t.device)
+    val_loss, val_acc, test_loss, test_acc = standing.scores
+    lr = t.optimizer.param_groups[0]["lr"]
+    if t.scheduler is not None and not t.per_step:
+        t.scheduler.step(val_acc) if cfg.schedule == "plateau" else t.scheduler.step()
+    improved = standing.score(progress.epoch, val_acc)
+    row = {"epoch": progress.epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
+           "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
+           "seconds": time.perf_counter() - t0 - progress.compile_seconds, "train_seconds": train["seconds"],
+           "img_per_s": train["img_per_s"], "elapsed": clock.elapsed()}
+    if progress.compile_seconds:
+        row["compile_seconds"] = progress.compile_seconds
+    return row, improved
+
+
+def early_stop_reason(cfg: TrainConfig, standing: Standing, val_acc: float | None) -> str | None:
+    if cfg.target is not None and val_acc >= cfg.target:
+        return f"validation accuracy {val_acc:.2f}% reached --target {cfg.target}"
+    if cfg.patience and standing.stale >= cfg.patience:
+        return f"no better validation accuracy for {standing.stale} epochs (--patience {cfg.patience})"
+    return None
+
+
+def save(t: Training, standing: Standing, epoch_done: int, improved: bool,
+         partial: dict[str, Any] | None = None) -> None:
+    """A checkpoint, written by rank 0 with every rank's random state: gathering it is a collective,
+    so every rank calls this."""
+    rng_ranks = t.dist.gather(rng_state(t.engine), t.device) if t.dist.active else None
+    t.record.checkpoint(functools.partial(
+        checkpoint_state, t.model, t.optimizer, t.scheduler, t.engine, t.cfg, epoch_done, standing.best_val,
+        standing.best_epoch, standing.stale, partial=partial, rng_ranks=rng_ranks), improved)
+
+
+def interrupted_in_epoch(t: Training, standing: Standing, progress: EpochProgress, stop: StopFlag) -> dict[str, Any]:
+    """last.pt with how far the epoch got, so that --resume continues at its next step."""
+    sums = t.dist.sum([progress.loss_sum, progress.correct, progress.seen], t.device)
+    state = {**progress.state(), "loss_sum": sums[0], "correct": int(sums[1]), "seen": int(sums[2])}
+    save(t, standing, progress.epoch - 1, improved=False, partial=state)
+    return interrupted(t, stop, f"epoch {progress.epoch} step {progress.step}")
+
+
+def interrupted(t: Training, stop: StopFlag, where: str) -> dict[str, Any]:
+    t.record.interrupted(stop.signal, where)
+    return {"status": "interrupted", "signal": stop.signal or signal.SIGTERM, "run_dir": t.record.run_dir}
+
+
+def finish(t: Training, standing: Standing) -> dict[str, Any]:
+    """What the run delivers, the final weights or their average, tested: its accuracy is the headline."""
+    cfg, engine, data = t.cfg, t.engine, t.data
+    delivered = engine.ema.model if engine.ema is not None else t.model
+    val_loss, val_acc, test_loss, test_acc = standing.scores
     if engine.ema is not None:
         val_loss, val_acc = evaluate(delivered, data.val, engine, cfg.eval_batch_size) if data.val else (None, None)
     if engine.ema is not None or test_acc is None:  # the final weights' test was skipped per epoch
         test_loss, test_acc = evaluate(delivered, data.test, engine, cfg.eval_batch_size)
-    val_loss, val_acc, test_loss, test_acc = dist.broadcast((val_loss, val_acc, test_loss, test_acc), device)
-    weights = "ema" if engine.ema is not None else "final"
+    val_loss, val_acc, test_loss, test_acc = t.dist.broadcast((val_loss, val_acc, test_loss, test_acc), t.device)
     result = {
         "status": "completed",
-        "run_id": run.path.name if run else cfg.run_id,
-        "run_dir": str(run.path) if run else None,
+        "run_id": t.record.run_id(cfg),
+        "run_dir": t.record.run_dir,
         "model": cfg.model,
-        "params": params,
-        "epochs": epoch,
-        "stop_reason": stop_reason,
-        "weights": weights,
+        "params": t.params,
+        "epochs": standing.epoch,
+        "stop_reason": standing.stop_reason,
+        "weights": "ema" if engine.ema is not None else "final",
         "delivered": rd.MODEL,
         "test_acc": test_acc,
         "test_loss": test_loss,
         "val_acc": val_acc,
-        "best_val_acc": best_val,
-        "best_epoch": best_epoch,
-        "seconds": run.read_epochs()[-1].get("elapsed") if run else None,
+        "best_val_acc": standing.best_val,
+        "best_epoch": standing.best_epoch,
+        "seconds": t.record.seconds(),
     }
-    if not dist.main:
-        dist.barrier()
-        return result
-    raw = getattr(delivered, "_orig_mod", delivered)
-    save_checkpoint(run.file(rd.MODEL), {"model_name": cfg.model, "model_state": raw.state_dict(), "weights": weights,
-                                         "epoch": epoch, "config": dataclasses.asdict(cfg)})
-    rd.write_json(run.file(rd.RESULT), result)
-    run.update_config(status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    what = f"{'EMA of the' if weights == 'ema' else 'final'} weights, epoch {epoch}"
-    run.log(f"Test accuracy: {test_acc:.2f}% ({what}, in {rd.MODEL})")
-    val = "" if val_acc is None else f"; val {val_acc:.2f}%"
-    say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {run.path}", flush=True)
-    if cfg.report:
-        write_run_report(run)
-    dist.barrier()
+    t.record.finished(cfg, result, delivered)
+    t.dist.barrier()
     return result

@@ -1,0 +1,292 @@
+"""What rank 0 writes, one method per event of a run: started, resumed, each epoch, interrupted, stopped,
+finished. Rank 0 has a `Recorder`, the other ranks a `Silent` one, so the loop never asks which rank it is.
+
+The run directory's writes go through rd.RunDir (runspec's atomic_write and append_jsonl), and rank 0
+alone reads the directory back: the config and checkpoint that a resume starts from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import runspec
+from runspec.config import TrainConfig, from_dict
+from trainer import rundir as rd
+from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
+from trainer.device import device_name
+from trainer.errors import CheckpointError, UserError
+
+# On resume, everything comes from the run's config.json except these: flags about this invocation,
+# and flags that may differ on the machine it continues on (taken only when given).
+INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
+RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size", "amp", "channels_last", "compile_mode",
+                       "deterministic"}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# what a resume reads without a default; a checkpoint lacking one is as unusable as a damaged one
+RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "best_val_acc", "best_epoch", "rng")
+
+
+def recorder(main: bool) -> Recorder:
+    return Recorder() if main else Silent()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class Recorder:
+    """Rank 0's: the run directory and the console."""
+
+    def __init__(self) -> None:
+        self.run: rd.RunDir | None = None  # from the resumed run, or made by started()
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+
+    def note(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    @property
+    def run_dir(self) -> str | None:
+        return str(self.run.path)
+
+    def run_id(self, cfg: TrainConfig) -> str | None:
+        return self.run.path.name
+
+    # reading the run back ----------------------------------------------------------------
+    def resumed_config(self, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+        """The config to run: a resumed run's own, read here (the other ranks get it by broadcast)."""
+        if not cfg.resume:
+            return cfg
+        cfg, self.run = resolve_resume(cfg, explicit)
+        return cfg
+
+    def read_checkpoint(self) -> tuple[dict[str, Any] | None, str | None]:
+        return load_resume_checkpoint(self.run)
+
+    def epochs(self) -> list[dict[str, Any]]:
+        return self.run.read_epochs()
+
+    def seconds(self) -> float | None:
+        return self.run.read_epochs()[-1].get("elapsed")
+
+    # events ------------------------------------------------------------------------------
+    def mark_rank0(self) -> None:
+        """Tells `train --on --nodes` where rank 0 runs."""
+        if os.environ.get(runspec.ENV_RANK0_FILE):
+            Path(os.environ[runspec.ENV_RANK0_FILE]).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+    def started(self, cfg: TrainConfig, model: dict[str, Any], environment: dict[str, Any], data: dict[str, Any],
+                summary: str, line: str) -> None:
+        """A new run directory: config.json (with the git commit), summary.txt, and the console's header."""
+        out_dir = Path(cfg.out_dir)
+        cfg.run_id = cfg.run_id or rd.new_run_id(out_dir, cfg.model, cfg.seed)
+        self.run = rd.RunDir.create(out_dir, cfg.run_id)
+        self.run.write_config({
+            "run_id": cfg.run_id,
+            "status": "running",
+            "config": dataclasses.asdict(cfg),
+            "model": model,
+            "git": runspec.git_state(PROJECT_ROOT),
+            **environment,
+            "data": data,
+            "started": _now(),
+        })
+        self.run.write_text(rd.SUMMARY, summary + "\n")
+        self.say(summary)
+        self.say(f"run dir: {self.run.path}  |  {line}")
+
+    def resumed(self, cfg: TrainConfig, epoch_done: int, source: str, where: str, step: int,
+                device: torch.device) -> None:
+        """Metrics cut back to the checkpoint's epoch, so that each epoch is recorded exactly once."""
+        self.run.trim_metrics(epoch_done)
+        self.run.log(f"Resumed from {source} at {where} on {device_name(device)}")
+        self.run.append_metrics({"event": "resumed", "epoch": epoch_done + 1, "from": source, "step": step,
+                                 "time": _now()})
+        self.run.update_config(status="running", resumed_at=_now())
+        self.say(f"resuming {cfg.resume} from {source} at {where}")
+
+    def epoch(self, row: dict[str, Any], best_val: float | None) -> None:
+        """Called before the epoch's checkpoint: a kill between them redoes the epoch, never loses its row."""
+        self.run.append_metrics(row)
+        line = log_line(row, best_val)
+        self.run.log(line)
+        self.say(line)
+
+    def checkpoint(self, state: Callable[[], dict[str, Any]], improved: bool) -> None:
+        """last.pt, and best.pt if validation improved. `state` is assembled here: the other ranks never do."""
+        state = state()
+        # last.pt -> prev.pt first: if the new last.pt is ever damaged, resume still has the one before
+        if self.run.file(rd.LAST).exists():
+            move_checkpoint(self.run.file(rd.LAST), self.run.file(rd.PREV))
+        save_checkpoint(self.run.file(rd.LAST), state)
+        if improved:
+            save_checkpoint(self.run.file(rd.BEST), state)
+
+    def interrupted(self, signum: int | None, where: str) -> None:
+        name = signal.Signals(signum).name if signum else "SIGTERM"
+        self.run.append_metrics({"event": "interrupted", "signal": name, "at": where, "time": _now()})
+        self.run.update_config(status="interrupted", interrupted_at=_now())
+        msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {self.run.path}"
+        self.run.log(msg)
+        self.say(msg)
+
+    def stopped(self, cfg: TrainConfig, epoch: int) -> None:
+        self.run.update_config(status="stopped")
+        msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {self.run.path}"
+        self.run.log(msg)
+        self.say(msg)
+        if cfg.report:
+            write_run_report(self.run)
+
+    def early_stop(self, epoch: int, reason: str) -> None:
+        self.run.log(f"Early stop at epoch {epoch}: {reason}")
+        self.say(f"early stop: {reason}")
+
+    def finished(self, cfg: TrainConfig, result: dict[str, Any], delivered: nn.Module) -> None:
+        """model.pt (the delivered weights), result.json, and the report."""
+        weights, epoch, test_acc, val_acc = result["weights"], result["epochs"], result["test_acc"], result["val_acc"]
+        raw = getattr(delivered, "_orig_mod", delivered)
+        save_checkpoint(self.run.file(rd.MODEL), {"model_name": cfg.model, "model_state": raw.state_dict(),
+                                                  "weights": weights, "epoch": epoch,
+                                                  "config": dataclasses.asdict(cfg)})
+        rd.write_json(self.run.file(rd.RESULT), result)
+        self.run.update_config(status="completed", finished=_now())
+        what = f"{'EMA of the' if weights == 'ema' else 'final'} weights, epoch {epoch}"
+        self.run.log(f"Test accuracy: {test_acc:.2f}% ({what}, in {rd.MODEL})")
+        val = "" if val_acc is None else f"; val {val_acc:.2f}%"
+        self.say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {self.run.path}")
+        if cfg.report:
+            write_run_report(self.run)
+
+
+class Silent(Recorder):
+    """The other ranks': hears every event, writes nothing, has no run directory."""
+
+    def say(self, line: str) -> None:
+        pass
+
+    def note(self, line: str) -> None:
+        pass
+
+    @property
+    def run_dir(self) -> str | None:
+        return None
+
+    def run_id(self, cfg: TrainConfig) -> str | None:
+        return cfg.run_id
+
+    def resumed_config(self, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+        return cfg
+
+    def read_checkpoint(self) -> tuple[dict[str, Any] | None, str | None]:
+        return None, None
+
+    def epochs(self) -> list[dict[str, Any]]:
+        return []
+
+    def seconds(self) -> float | None:
+        return None
+
+    def mark_rank0(self) -> None:
+        pass
+
+    def started(self, cfg: TrainConfig, model: dict[str, Any], environment: dict[str, Any], data: dict[str, Any],
+                summary: str, line: str) -> None:
+        pass
+
+    def resumed(self, cfg: TrainConfig, epoch_done: int, source: str, where: str, step: int,
+                device: torch.device) -> None:
+        pass
+
+    def epoch(self, row: dict[str, Any], best_val: float | None) -> None:
+        pass
+
+    def checkpoint(self, state: Callable[[], dict[str, Any]], improved: bool) -> None:
+        pass
+
+    def interrupted(self, signum: int | None, where: str) -> None:
+        pass
+
+    def stopped(self, cfg: TrainConfig, epoch: int) -> None:
+        pass
+
+    def early_stop(self, epoch: int, reason: str) -> None:
+        pass
+
+    def finished(self, cfg: TrainConfig, result: dict[str, Any], delivered: nn.Module) -> None:
+        pass
+
+
+def log_line(row: dict[str, Any], best_val: float | None) -> str:
+    """Seed 000's format, then what it lacked: test accuracy, LR and time."""
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f}%"
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (f"Epoch: {row['epoch']} | Train Loss: {row['train_loss']:.4f} | Train Acc: {row['train_acc']:.2f}% | "
+            f"Val Loss: {num(row['val_loss'])} | Val Acc: {pct(row['val_acc'])} | Best Val Acc: {pct(best_val)} | "
+            f"Test Acc: {pct(row['test_acc'])} | LR: {row['lr']:.4g} | {row['seconds']:.1f}s"
+            + (f" (+{row['compile_seconds']:.1f}s compile)" if row.get("compile_seconds") else ""))
+
+
+def write_run_report(run: rd.RunDir, log=print) -> None:
+    """report.html at the end of a run; a failure here never costs the run its result."""
+    from trainer.report import write_report
+
+    try:
+        log(f"report: {write_report(run.path)}")
+    except UserError as e:
+        log(f"report skipped: {e}")
+
+
+def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, rd.RunDir]:
+    """The saved config of the run being resumed, with only the flags that may change applied."""
+    run = rd.RunDir.existing(cfg.resume)
+    saved = from_dict(run.read_config()["config"])
+    ignored = sorted(explicit - RESUMABLE_OVERRIDES - INVOCATION_FLAGS)
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        print(f"note: resuming keeps the run's saved config; ignoring {flags}", file=sys.stderr)
+    changes = {k: getattr(cfg, k) for k in (explicit & RESUMABLE_OVERRIDES) | INVOCATION_FLAGS}
+    return dataclasses.replace(saved, **changes), run
+
+
+def load_resume_checkpoint(run: rd.RunDir) -> tuple[dict[str, Any], str]:
+    """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
+
+    Any damage (a flipped bit, a truncated copy, a file that is not ours) is reported in one line
+    with the file that was used instead, rather than ending the resume."""
+    found, skipped = [], []
+    for name in (rd.LAST, rd.PREV, rd.BEST):
+        path = run.file(name)
+        if not path.exists():
+            skipped += [f"{name} is missing"] if name == rd.LAST else []
+            continue
+        try:
+            ckpt = load_checkpoint(path, needs=RESUME_KEYS)  # on the CPU: load_state_dict moves it to the device
+        except CheckpointError as e:
+            skipped.append(f"{name} {e.problem}")
+            continue
+        found.append(((ckpt["epoch"], (ckpt.get("partial") or {}).get("step", 0)), name, ckpt))
+    if not found:
+        raise UserError(f"no usable checkpoint in {run.path} (last.pt, prev.pt and best.pt are missing or damaged); "
+                        "start a new run")
+    _, name, ckpt = max(found, key=lambda f: f[0])
+    if skipped:
+        print(f"warning: {'; '.join(skipped)}; resuming from {name} (epoch {ckpt['epoch']})",
+              file=sys.stderr, flush=True)
+    return ckpt, name

@@ -6,6 +6,7 @@ random, written to a mode-600 file there and passed by environment, never on a c
 
 from __future__ import annotations
 
+import io
 import secrets
 import shlex
 import signal
@@ -90,8 +91,7 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
     # the file is made empty with mode 600 first, then the token goes in over SFTP: it never appears
     # on a command line (the remote shell's argv is visible in `ps` to every user of the machine)
     target.remote.run(f"mkdir -p {wd}/jobs && (umask 077 && : > {wd}/jobs/{job}.token)")
-    with target.remote.conn.sftp().open(f"{target.remote.ep.workdir}/jobs/{job}.token", "w") as f:
-        f.write(token)
+    target.remote.conn.put(io.BytesIO(token.encode()), f"{target.remote.ep.workdir}/jobs/{job}.token")
     argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
             "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
     target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": f"jobs/{job}.token"})

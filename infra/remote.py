@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -20,7 +21,6 @@ import select
 import shlex
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -328,8 +328,7 @@ class Remote:
             dest = posixpath.join(self._home(), self.ep.workdir, rel)
             self._sftp_mkdirs(sftp, posixpath.dirname(dest))
             tmp = f"{dest}.part-{os.getpid()}"
-            sftp.put(str(path), tmp)
-            sftp.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            self.conn.put(str(path), tmp)  # Fabric: keeps the file's mode (an executable stays one)
             sftp.posix_rename(tmp, dest)
             changed.append(rel)
             size += path.stat().st_size
@@ -386,7 +385,7 @@ class Remote:
             rel = path.relative_to(local_dir).as_posix()
             dest = posixpath.join(base, rel)
             self._sftp_mkdirs(sftp, posixpath.dirname(dest))
-            sftp.put(str(path), f"{dest}.part-{os.getpid()}")
+            self.conn.put(str(path), f"{dest}.part-{os.getpid()}")
             sftp.posix_rename(f"{dest}.part-{os.getpid()}", dest)
             changed.append(rel)
             size += path.stat().st_size
@@ -469,7 +468,6 @@ class Remote:
         return json.loads(self.agent("unpulled", self.ep.workdir).stdout)
 
     def _sftp_down(self, remote_dir: str, local_dir: Path, remote: dict) -> TransferResult:
-        sftp = self.conn.sftp()
         base = posixpath.join(self._home(), remote_dir) if not remote_dir.startswith("/") else remote_dir
         changed, size = [], 0
         for rel, (digest, _, nbytes) in sorted(remote.items()):
@@ -478,7 +476,7 @@ class Remote:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-            sftp.get(posixpath.join(base, rel), str(tmp))
+            self.conn.get(posixpath.join(base, rel), str(tmp))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -535,10 +533,9 @@ class Remote:
     def write_file(self, path: str, text: str, mode: int = 0o600) -> None:
         """Write `text` to an absolute `path` on the machine whole or not at all (a temp file, then a
         rename); its directory must exist."""
-        sftp = self.conn.sftp()  # Fabric caches this client: do not close it
         tmp = f"{path}.part-{secrets.token_hex(6)}"  # two runs starting at once each write their own
-        with sftp.open(tmp, "w") as f:
-            f.write(text)
+        self.conn.put(io.BytesIO(text.encode()), tmp)
+        sftp = self.conn.sftp()  # Fabric caches this client: do not close it
         sftp.chmod(tmp, mode)
         sftp.posix_rename(tmp, path)
 

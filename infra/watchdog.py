@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field, replace
@@ -90,9 +91,7 @@ def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:
     # mktemp creates it (O_EXCL, mode 600, ours): no other user of a shared host can plant or swap
     # the script that root then runs, as they could with a predictable /tmp name
     path = remote.run("mktemp /tmp/mnist-cloud-autostop.XXXXXXXX").stdout.strip()
-    sftp = remote.conn.sftp()  # Fabric caches this client: do not close it
-    with sftp.open(path, "w") as f:
-        f.write(script)
+    remote.conn.put(io.BytesIO(script.encode()), path)  # into the file mktemp made: its mode stays 600
     env = f"MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
     sudo = "" if remote.run("id -u").stdout.strip() == "0" else "sudo -n "
     out = remote.run(f"{sudo}env {env}bash {path}; rc=$?; rm -f {path}; exit $rc", timeout=60)

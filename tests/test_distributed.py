@@ -179,3 +179,17 @@ def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
 
     down = cli("down", "duo", "--yes")
     assert down.returncode == 0 and "2 instance(s)" in down.stdout
+
+
+@pytest.mark.slow
+def test_distributed_resume_of_a_model_not_the_default(tmp_path, mnist_dir):
+    """The saved config reaches every rank before any of them builds its model: a rank that built the
+    default net from its own command line would not match rank 0's (DDP refuses mismatched ranks)."""
+    small = ["--device", "cpu", "--model", "seed002-gap", "--epochs", "2", "--train-limit", "2048", "--eval-limit",
+             "500", "--no-progress", "--no-report"]
+    first = torchrun(2, [*small, "--run-id", "g", "--stop-after", "1"], tmp_path, mnist_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "g"), "--no-progress"], tmp_path, mnist_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["epoch"] for r in epochs(tmp_path / "runs" / "g")] == [1, 2]
+    assert json.loads((tmp_path / "runs" / "g" / "config.json").read_text())["config"]["model"] == "seed002-gap"

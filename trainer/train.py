@@ -401,6 +401,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> tuple[TrainConfig, ModelSpec, torch.d
     dist.init(device)
     if dist.active:
         cfg = dist.broadcast(cfg, device)  # a resumed run's config lives on rank 0's machine only
+        spec = get_spec(cfg.model)  # so does its model: the other ranks typed only --resume
         if not dist.main:
             cfg = dataclasses.replace(cfg, progress=False, report=False)
     return cfg, spec, device

@@ -297,6 +297,27 @@ def test_run_directory_file_names_are_spelled_only_in_runspec():
     assert not spelled, spelled
 
 
+def test_no_function_is_longer_than_a_screenful_and_a_half():
+    """About 120 lines at most: a longer one hides steps that deserve names of their own."""
+    long = []
+    for package in ("runspec", "trainer", "infra", "scripts"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 120:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_the_other_ranks_recorder_is_silent_in_every_method():
+    """Rank 0 writes the run; a method added to Recorder without its Silent twin would have every rank
+    write it."""
+    from trainer.recorder import Recorder, Silent
+
+    ours = {name for name, value in vars(Recorder).items() if not name.startswith("_")}
+    assert ours and ours <= set(vars(Silent)), sorted(ours - set(vars(Silent)))
+
+
 def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
     code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -304,8 +304,9 @@ def cmd_sweep(rest: list[str]) -> int:
         slots = sweep.machine_slots(names, say, python=args.python, code=args.code, region=args.region,
                                     profile=args.profile)
         say(f"sweep: {len(plan.points)} run(s) on {len(slots)} slot(s): " + ", ".join(s.where for s in slots))
-    sweep.run(plan.points, slots, trainer_args, runs, log=say)
-    return sweep.finish(plan, runs, log=say)
+    interrupted = sweep.run(plan.points, slots, trainer_args, runs, log=say)
+    code = sweep.finish(plan, runs, log=say)
+    return sweep.INTERRUPTED if interrupted else code
 
 
 def check_cost(plan, names: list[str], args) -> None:

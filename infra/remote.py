@@ -103,6 +103,12 @@ def ssh_options(key_path: str, port: int, alias: str, key_type: str | None) -> d
     return options | {"ConnectTimeout": "10", "ServerAliveInterval": "15"}
 
 
+def ssh_value(value: str) -> str:
+    """An option value as OpenSSH reads it, in `-o K=V` and in ssh_config alike: a path with a space is
+    quoted, or ssh takes the rest for extra arguments."""
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256 fingerprint, as printed in EC2 console output."""
     import base64
@@ -267,7 +273,7 @@ class Remote:
         options = ssh_options(self.ep.key_path, self.ep.port, self.ep.alias, self.pinned_key_type())
         if not tty:
             options["BatchMode"] = "yes"
-        return ["ssh", "-F", "/dev/null", *(a for k, v in options.items() for a in ("-o", f"{k}={v}"))]
+        return ["ssh", "-F", "/dev/null", *(a for k, v in options.items() for a in ("-o", f"{k}={ssh_value(v)}"))]
 
     def target(self) -> str:
         host = f"[{self.ep.host}]" if ":" in self.ep.host else self.ep.host
@@ -468,6 +474,7 @@ class Remote:
         return json.loads(self.agent("unpulled", self.ep.workdir).stdout)
 
     def _sftp_down(self, remote_dir: str, local_dir: Path, remote: dict) -> TransferResult:
+        sftp = self.conn.sftp()  # not Fabric's get: it formats the local path ({host}) and copies the mode
         base = posixpath.join(self._home(), remote_dir) if not remote_dir.startswith("/") else remote_dir
         changed, size = [], 0
         for rel, (digest, _, nbytes) in sorted(remote.items()):
@@ -476,7 +483,7 @@ class Remote:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-            self.conn.get(posixpath.join(base, rel), str(tmp))
+            sftp.get(posixpath.join(base, rel), str(tmp))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.errors import UserError
-from infra.remote import pinned_keys, ssh_options
+from infra.remote import pinned_keys, ssh_options, ssh_value
 from infra.state import State, config_dir
 from runspec import atomic_write
 
@@ -23,7 +23,7 @@ def write_ssh_config(names: list[str]) -> tuple[Path, list[str]]:
         pinned = pinned_keys(alias)
         options = {"HostName": h.host, "User": h.user,
                    **ssh_options(h.key_path, h.port, alias, pinned[0][0] if pinned else None)}
-        blocks.append("\n".join([f"Host mnist-{h.name}", *(f"    {k} {v}" for k, v in options.items())]) + "\n")
+        blocks.append("\n".join([f"Host mnist-{h.name}", *(f"    {k} {ssh_value(v)}" for k, v in options.items())]) + "\n")
     path = config_dir() / "ssh_config"
     atomic_write(path, "\n".join(blocks).encode(), mode=0o600)
     return path, [h.name for h in hosts]

@@ -33,7 +33,7 @@ class Point:
     args: list[str]
     run_id: str
     attempts: int = 0
-    status: str = "pending"  # pending / completed / failed
+    status: str = "pending"  # pending / completed / failed / interrupted (Ctrl-C)
     where: str = ""
     seconds: float = 0.0
 
@@ -183,14 +183,22 @@ def machine_slots(names: list[str], log, python: str | None = None, code: str | 
     return slots
 
 
-def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, log) -> None:
+INTERRUPTED = 130  # the trainer's exit code after Ctrl-C (128 + SIGINT): the user's stop, not a failure
+
+
+def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, log) -> bool:
     """Every point on the first free slot, local or a machine alike: one queue, a worker per slot, and
-    a failed run goes back on the queue once (as RUN-retry, on whichever slot is free next)."""
+    a failed run goes back on the queue once (as RUN-retry, on whichever slot is free next). Returns
+    whether Ctrl-C stopped the sweep: no slot takes another run after that.
+
+    One slot (--local, or one machine without GPUs) runs on the main thread, where Ctrl-C lands: the
+    trainer, in the same process group, saves its checkpoint and exits before the sweep does."""
     work: queue.Queue[Point] = queue.Queue()
     for p in points:
         work.put(p)
     lock = threading.Lock()
     errors: list[BaseException] = []
+    stop = threading.Event()
 
     def say(message: str) -> None:
         with lock:
@@ -199,7 +207,7 @@ def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, l
     def worker(slot) -> None:
         try:
             with slot:
-                while True:
+                while not stop.is_set():
                     try:
                         p = work.get_nowait()
                     except queue.Empty:
@@ -210,7 +218,11 @@ def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, l
                     started = time.monotonic()
                     exit_code = slot.execute(run_id, [*trainer_args, *p.args], runs)
                     p.seconds, p.where = time.monotonic() - started, slot.where
-                    if exit_code == 0:
+                    if exit_code == INTERRUPTED:
+                        p.run_id, p.status = run_id, "interrupted"
+                        stop.set()
+                        say(f"[{slot.where}] {run_id} interrupted; the sweep stops here")
+                    elif exit_code == 0:
                         p.run_id, p.status = run_id, "completed"
                         say(f"[{slot.where}] {run_id} done")
                     elif p.attempts < 2:
@@ -222,13 +234,21 @@ def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, l
         except BaseException as e:  # surfaced after the other workers finish
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in slots]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if len(slots) == 1:
+        worker(slots[0])
+    else:
+        threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in slots]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except KeyboardInterrupt:  # remote runs go on, detached: `mnist-cloud runs NAME` lists them
+            stop.set()
+            raise
     if errors:
         raise errors[0]
+    return stop.is_set()
 
 
 # ---------------------------------------------------------------------------------- results
@@ -314,8 +334,10 @@ def finish(plan: Plan, runs: Path, log) -> int:
     if len(done) >= 2:
         LocalTarget().run(["compare", *done, "--out", str(curves)])
     log(f"summary: {summary_file}" + (f"; curves: {curves}" if len(done) >= 2 else ""))
-    failed = [p.run_id for p in plan.points if p.status != "completed"]
+    failed = [p.run_id for p in plan.points if p.status == "failed"]
     if failed:
         log(f"{len(failed)} run(s) failed twice: {', '.join(failed)}")
-        return 1
-    return 0
+    missing = [p.run_id for p in plan.points if p.status not in ("completed", "failed")]
+    if missing:
+        log(f"{len(missing)} run(s) interrupted or not started: {', '.join(missing)}")
+    return 1 if failed or missing else 0

@@ -252,6 +252,6 @@ def to_argv(typed: dict[str, Any]) -> list[str]:
     for name, value in typed.items():
         if name == "dry_run" or kinds.get(name) in ("bool", bool):
             argv.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
-        else:
-            argv += [_flag(name), str(value)]
+        else:  # one argument: a value that starts with "-" stays a value
+            argv.append(f"{_flag(name)}={value}")
     return argv

@@ -288,11 +288,18 @@ def test_run_directory_file_names_are_spelled_only_in_runspec():
     names = {value for key, value in vars(runspec).items()  # CONFIG, METRICS, ... and any name added later
              if key.isupper() and not key.startswith("ENV_") and isinstance(value, str) and "." in value}
     assert {runspec.CONFIG, runspec.METRICS, runspec.RESULT, runspec.MODEL, runspec.REPORT} <= names
+    # the resume agent is one standalone file on the instance (it cannot import runspec there); its one
+    # spelling reads job records written before they named their status file
+    allowed = {("infra/agent/resume_agent.py", "LEGACY_STATUS_FILE")}
     spelled = []
     for package in ("trainer", "infra", "scripts"):
         for path in (REPO / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+            tree = ast.parse(path.read_text())
+            exempt = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                      for t in n.targets if isinstance(t, ast.Name)
+                      and (str(path.relative_to(REPO)), t.id) in allowed}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in exempt and (
                         node.value in names or node.value.endswith(tuple("/" + n for n in names))):
                     spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
     assert not spelled, spelled

@@ -141,6 +141,7 @@ def test_git_provenance_crosses_to_a_machine_without_git(tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert runspec.git_state(synced) == {"sha": sha, "dirty": True}
+    monkeypatch.setenv(runspec.ENV_GIT_SHA, "0" * 40)
     assert runspec.git_state(repo) == {"sha": sha, "dirty": True}  # a checkout speaks for itself
 
 
@@ -156,10 +157,12 @@ def test_trainer_flags_cross_to_the_machine_as_parsed_and_only_those_typed():
                      "dry_run": True}
     assert (config.model, config.epochs, config.nesterov, config.batch_size) == ("net20k", 3, False, 128)
     argv = to_argv(typed)
-    assert argv == ["--model", "net20k", "--epochs", "3", "--no-nesterov", "--lr", "0.05", "--ema", "0.999",
-                    "--report", "--dry-run"]
+    assert argv == ["--model=net20k", "--epochs=3", "--no-nesterov", "--lr=0.05", "--ema=0.999", "--report",
+                    "--dry-run"]
     assert parse_train_args(argv) == (config, typed)
     assert parse_train_args([]) == (parse_train_args([])[0], {})
+    odd = parse_train_args(["--data-dir=-mnist", "--seed", "-1"])[1]  # values that look like flags
+    assert parse_train_args(to_argv(odd))[1] == odd == {"data_dir": "-mnist", "seed": -1}
     with pytest.raises(UserError, match="--epochs"):
         parse_train_args(["--epochs", "-3"])
 

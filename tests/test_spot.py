@@ -70,6 +70,17 @@ def test_agent_leaves_a_finished_or_stopped_run_alone_and_resumes_only_once(tmp_
     assert not (jobs / "cut.spot-notice").exists() and (jobs / "cut.spot-notice.resumed").exists()
 
 
+def test_agent_still_reads_a_job_record_from_before_status_file(tmp_path):
+    """A spot run started by the previous version (its record names no status file) still resumes."""
+    agent = load_agent()
+    work = tmp_path / "home" / "mnist-cloud" / "box"
+    (work / "jobs").mkdir(parents=True)
+    (work / "runs" / "old").mkdir(parents=True)
+    (work / "runs" / "old" / "config.json").write_text(json.dumps({"status": "interrupted"}))
+    (work / "jobs" / "old.job.json").write_text(json.dumps({"run_id": "old", "resume": ["true"]}))
+    assert agent.run_status(work, "old") == "interrupted"
+
+
 def test_agent_refuses_a_record_others_can_write(tmp_path):
     agent = load_agent()
     work = tmp_path / "home" / "mnist-cloud" / "box"

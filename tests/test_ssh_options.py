@@ -21,12 +21,16 @@ def resolved(*args: str) -> dict[str, str]:
     return {k: v for k, _, v in (line.partition(" ") for line in out.splitlines()) if k in COMPARED}
 
 
-@pytest.fixture
-def box(tmp_path, monkeypatch):
+@pytest.fixture(params=["plain", "with space"])
+def box(tmp_path, monkeypatch, request):
+    """A key file and the state dir, in a plain path and in one with a space (`My Keys/`, `Application
+    Support/`): ssh reads an unquoted space as the end of the value."""
     from infra.state import Host, State
 
-    monkeypatch.setenv("MNIST_CLOUD_HOME", str(tmp_path / "home"))
-    key = tmp_path / "box.pem"
+    where = tmp_path / ("My Keys" if request.param == "with space" else "keys")
+    where.mkdir()
+    monkeypatch.setenv("MNIST_CLOUD_HOME", str(where / "home"))
+    key = where / "box.pem"
     key.write_text("not read by ssh -G\n")
     key.chmod(0o600)
     # TEST-NET-3: never contacted, `ssh -G` only resolves

@@ -128,3 +128,35 @@ def test_summary_is_the_delivered_weights_not_the_last_epochs_test(tmp_path):
     assert lines[1].split()[:9] == ["a", "2/2", "ema", "99.35%", "99.40%", "99.45%", "2", "(1/2", "reached)"]
     assert lines[2].split()[:7] == ["b", "1/2", "(1", "failed)", "final", "99.20%", "99.20%"]
     assert lines[2].split()[8] == "n/a"  # nothing to peek at: not "not reached"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_local_sweep_after_the_trainer_has_saved(tmp_path, mnist_cloud, mnist_dir):
+    """Ctrl-C at the terminal reaches the whole foreground process group: the trainer saves and exits,
+    then the sweep stops, with no retry and no next run started behind the user's back."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import wait_for
+
+    proc = subprocess.Popen([*mnist_cloud, "sweep", "--local", "--seeds", "1,2", "--epochs", "3", "--train-limit",
+                             "8192", "--eval-limit", "300", "--no-report", "--data-dir", str(mnist_dir), "--name",
+                             "cut", "--to", "runs"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    first = tmp_path / "runs" / "cut-00-defaults-s1"
+    try:
+        wait_for(lambda: (first / "metrics.jsonl").exists(), timeout=300)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert json.loads((first / "config.json").read_text())["status"] == "interrupted"
+    assert (first / "last.pt").exists()  # saved before the sweep exited
+    time.sleep(2)  # a run started behind the user's back would have made its directory by now
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [first.name], out
+    assert "retrying" not in out and "interrupted; the sweep stops here" in out
+    assert subprocess.run(["pgrep", "-f", "--", "--run-id cut-"], capture_output=True).returncode == 1  # none left

@@ -34,6 +34,7 @@ from pathlib import Path
 
 JOB_SUFFIX = ".job.json"  # written by infra/remote.py record_job
 NOTICE_SUFFIX = ".spot-notice"  # written by infra/agent/spot_watch.py
+LEGACY_STATUS_FILE = "config.json"  # records from before status_file: where the run's status was then
 RESUMABLE = {"interrupted", "running"}
 NOT_RESUMABLE = {
     "completed": "it finished",
@@ -64,8 +65,9 @@ def run_status(workdir: Path, run_id: str) -> str | None:
     runspec spells it); None when there is no record, no such file yet, or either is damaged."""
     try:
         record = json.loads((workdir / "jobs" / f"{run_id}{JOB_SUFFIX}").read_text())
-        return json.loads((workdir / record["status_file"]).read_text()).get("status")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        status_file = record.get("status_file") or f"runs/{run_id}/{LEGACY_STATUS_FILE}"
+        return json.loads((workdir / status_file).read_text()).get("status")
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 

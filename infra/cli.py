@@ -18,6 +18,8 @@ from infra.targets import LocalTarget
 # Commands that are `python -m trainer <command> ...` run here, flags passed through untouched.
 TRAINER_COMMANDS = {
     "models": "list the model zoo: params and MACs counted from code, BN/Dropout/GAP/FC",
+    "check": "count a model and check its claims (params, BN, Dropout, GAP, no FC): "
+             "mnist-cloud check mynet.py:Net --max-params 8000 --require bn,dropout,gap --no-fc",
     "evaluate": "test accuracy of the weights a run delivers (its model.pt), or of a checkpoint: "
                 "mnist-cloud evaluate runs/<id>",
     "predict": "classify digit images: mnist-cloud predict WEIGHTS IMAGE.png [...]",
@@ -328,7 +330,30 @@ def check_cost(plan, names: list[str], args) -> None:
 PLACEMENT = ("out_dir", "run_id", "resume")
 
 
-def placement_and_flags(rest: list[str], check: bool) -> tuple[dict[str, str | None], list[str]]:
+def model_for_machine(model: str | None, code) -> str | None:
+    """`--model FILE.py:Name` on a machine: the file travels with the synced code, so it must lie in
+    that directory, and the machine names it relative to its work dir. Other specs pass as typed."""
+    from pathlib import Path
+
+    from infra.remote import excluded
+
+    target, _, attr = (model or "").rpartition(":")
+    if not target or not (target.endswith(".py") or "/" in target):
+        return model
+    path = Path(target).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"--model {model}: {target} does not exist")
+    try:
+        rel = path.relative_to(code).as_posix()
+    except ValueError:
+        raise UserError(f"--model {model}: {path} is outside {code}, the directory synced to the machine; "
+                        "move it into your project, or pass --code DIR") from None
+    if excluded(rel):
+        raise UserError(f"--model {model}: {rel} is never synced (see SYNC_EXCLUDES); rename it")
+    return f"{rel}:{attr}"
+
+
+def placement_and_flags(rest: list[str], check: bool, code=None) -> tuple[dict[str, str | None], list[str]]:
     """({out_dir, run_id, resume, model}: what was typed, else None; the other trainer flags).
 
     check: the flags are parsed and checked with the trainer's own definition (runspec.config), so a
@@ -340,6 +365,8 @@ def placement_and_flags(rest: list[str], check: bool) -> tuple[dict[str, str | N
     if check:
         _, typed = parse_train_args(rest)
         where = {key: typed.pop(key, None) for key in PLACEMENT}
+        if "model" in typed and code is not None:
+            typed["model"] = model_for_machine(typed["model"], code)
         return {**where, "model": typed.get("model")}, to_argv(typed)
     p = Parser(prog="mnist-cloud train", add_help=False)
     for key in (*PLACEMENT, "model"):
@@ -355,8 +382,11 @@ def remote_train(opts: argparse.Namespace, rest: list[str]) -> int:
     from infra.runner import RemoteTrain, parse_env, train_remote
     from infra.targets import new_run_id
 
+    from infra.targets import code_dir
+
     resumed = placement_and_flags(rest, check=False)[0]["resume"]
-    where, trainer_args = placement_and_flags(rest, check=not resumed and not opts.code)
+    checked = not resumed and not opts.code
+    where, trainer_args = placement_and_flags(rest, check=checked, code=code_dir(opts.code) if checked else None)
     if where["resume"] and where["run_id"]:
         raise UserError("--resume continues an existing run; it takes no --run-id")
     nodes = opts.nodes

@@ -279,7 +279,7 @@ class SSHTarget:
 def new_run_id(name: str, model: str | None = None) -> str:
     """<time>-<name>[-<model>], for a run whose --run-id was not given."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return "-".join(x for x in (stamp, name, model) if x)
+    return "-".join(x for x in (stamp, name, model and runspec.model_slug(model)) if x)
 
 
 def has_option(args: list[str], flag: str) -> bool:

@@ -97,6 +97,17 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+# ---------------------------------------------------------------------------------- names
+def model_slug(model: str) -> str:
+    """A model as it appears in a run id: a zoo name as is, your own `dir/mynet.py:Net` as `mynet-Net`
+    (a run id is a directory name: no slashes, no colons)."""
+    target, _, attr = model.rpartition(":")
+    if target:
+        stem = target.rsplit("/", 1)[-1].removesuffix(".py").rsplit(".", 1)[-1]
+        model = f"{stem}-{attr}"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in model)
+
+
 # ---------------------------------------------------------------------------------- tables
 def table(header: list[str], rows: list[list[Any]], right: tuple[int, ...] = ()) -> list[str]:
     """The lines of a plain-text table, columns two spaces apart, as wide as their widest cell; the

@@ -66,6 +66,25 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
     assert logs.returncode == 0 and "Epoch: 1 |" in logs.stdout
 
 
+@pytest.mark.slow
+def test_your_own_model_file_travels_with_the_code(cli, launched, host, code, mnist_dir):
+    """`--model models/mynet.py:Net` (the path as typed on the laptop, absolute here) trains there as it
+    would here, and comes back like any other run."""
+    from test_own_model import MYNET, NET_PARAMS
+
+    (code / "models").mkdir(exist_ok=True)
+    (code / "models" / "mynet.py").write_text(MYNET)
+    out = cli("train", "--on", launched, "--model", f"{code / 'models' / 'mynet.py'}:Net", *TINY, "--no-report",
+              "--data-dir", str(mnist_dir), "--run-id", "own-model")
+    assert out.returncode == 0, out.stdout + out.stderr
+    local = code / "runs" / "own-model"
+    model = json.loads((local / "config.json").read_text())["model"]
+    assert model["name"] == "models/mynet.py:Net" and model["params"] == NET_PARAMS  # named as the machine has it
+    assert model["source"]["sha256"] == hashlib.sha256(MYNET.encode()).hexdigest()
+    assert (host.home / "mnist-cloud" / "e2e" / "models" / "mynet.py").read_text() == MYNET
+    assert (local / "model.pt").exists()
+
+
 def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched, host):
     assert cli("sync", launched).returncode == 0
     workdir = host.home / "mnist-cloud" / "e2e"

@@ -1,4 +1,4 @@
-"""`python -m trainer [train] FLAGS | models | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data | report RUN | compare RUN...`
+"""`python -m trainer [train] FLAGS | models | check MODEL | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data | report RUN | compare RUN...`
 
 The same entry point runs on a laptop, a CUDA box and an EC2 instance. Bad input prints one line
 on stderr and exits with code 2; a bug keeps its traceback. Each command parses and checks its flags
@@ -17,7 +17,7 @@ from runspec.config import REFERENCE_BATCH, add_arguments, check_input_size, fro
 import runspec
 from trainer.errors import UserError
 
-COMMANDS = ("train", "models", "evaluate", "predict", "data", "report", "compare")
+COMMANDS = ("train", "models", "check", "evaluate", "predict", "data", "report", "compare")
 
 
 class Parser(argparse.ArgumentParser):
@@ -172,6 +172,46 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="count a model and check its claims: params, BN, Dropout, GAP, no FC",
+                       description="The seed projects' CI checks for any model, yours included: parameters, MACs, "
+                                   "receptive field and the BN / Dropout / GAP / FC flags, counted from the module. "
+                                   "Exit 0 when every claim holds, 1 when one does not.",
+                       epilog="example: mnist-cloud check mynet.py:Net --max-params 8000 --require bn,dropout,gap --no-fc")
+    p.add_argument("model", help="a zoo name, path/to/file.py:Name or package.module:Name (a class or a function)")
+    p.add_argument("--max-params", type=int, metavar="N", help="claim: at most N trainable parameters")
+    p.add_argument("--require", default="", metavar="LIST", help="claim: it has these, from bn,dropout,gap")
+    p.add_argument("--no-fc", action="store_true", help="claim: no fully connected (Linear) layer")
+    p.add_argument("--input-size", type=int, default=28, metavar="S", help="image side (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the same data as JSON")
+    p.set_defaults(handler=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    check_input_size(args.input_size)
+    require = [r.strip() for r in args.require.split(",") if r.strip()]
+    from trainer.check import check_model
+
+    result = check_model(args.model, max_params=args.max_params, require=require, no_fc=args.no_fc,
+                         input_size=args.input_size)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0 if result.ok else 1
+
+    def yn(v: bool) -> str:
+        return "yes" if v else "no"
+
+    print(f"{result.model}: {result.params:,} params, {result.macs:,} MACs per {args.input_size}x{args.input_size} "
+          f"image, receptive field {result.receptive_field} px | BN {yn(result.batchnorm)} | Dropout "
+          f"{yn(result.dropout)} | GAP {yn(result.gap)} | FC {yn(result.fc)}")
+    if result.claims:
+        rows = [[c.name, c.wanted, c.actual, "ok" if c.ok else "FAILS"] for c in result.claims]
+        for line in runspec.table(["claim", "wanted", "actual", ""], rows):
+            print(line)
+        print("every claim holds" if result.ok else f"{len(result.failures)} claim(s) fail")
+    return 0 if result.ok else 1
+
+
 def _device(name: str):
     from trainer.device import resolve_device
 
@@ -297,7 +337,7 @@ def build_parser() -> Parser:
     train = sub.add_parser("train", help="train a model (the default command)", description=TRAIN_DESCRIPTION)
     add_train_arguments(train)
     train.set_defaults(handler=None)  # cmd_train reads the flags itself: it must tell typed from default
-    for add in (add_models, add_evaluate, add_predict, add_data, add_report, add_compare):
+    for add in (add_models, add_check, add_evaluate, add_predict, add_data, add_report, add_compare):
         add(sub)
     return parser
 

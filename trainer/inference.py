@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.data import centre_crop, load_mnist, make_splits, normalize
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
-from trainer.models import build_model
+from trainer.models import get_spec, source_changed
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -33,7 +34,11 @@ def resolve_weights(path: str | Path) -> Path:
 
 def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint(resolve_weights(weights), map_location=device)
-    model = build_model(ckpt["model_name"])
+    spec = get_spec(ckpt["model_name"])
+    changed = source_changed(ckpt.get("model_source"), spec)
+    if changed:
+        print(changed, file=sys.stderr, flush=True)
+    model = spec.build()
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:

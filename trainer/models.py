@@ -7,7 +7,14 @@ no FC) is declared in its spec and checked against the module itself by the test
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -160,6 +167,8 @@ class ModelSpec:
     # named sets of train flags this model defaults to (a flag the user types wins): its measured
     # recipes, picked with --recipe; "default" is the one a plain `train --model NAME` gets
     recipes: dict[str, dict] = field(default_factory=dict)
+    # a model of the user's (`--model FILE.py:Name`): {"file", "sha256"}, saved with the run
+    source: dict | None = None
 
     def recipe(self, name: str = "default") -> dict:
         if name == "default" or name in self.recipes:
@@ -206,10 +215,97 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def get_spec(name: str) -> ModelSpec:
+    """A model of the zoo by name, or the user's own: `path/to/file.py:Name` or `package.module:Name`."""
+    if ":" in name:
+        return load_external(name)
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)} (see `mnist-cloud models`)") from None
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)}, or your own as "
+                        "path/to/file.py:Name (see `mnist-cloud models`)") from None
+
+
+# ---------------------------------------------------------------- your own model
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _import(target: str, spec: str):
+    """The module of `spec`: a .py file (its directory is importable, for its own helpers) or a
+    dotted module on sys.path (the current directory included). Any failure is one line."""
+    try:
+        if target.endswith(".py") or "/" in target or os.sep in target:
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise UserError(f"--model {spec}: {target} does not exist")
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            name = f"mnist_cloud_model_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
+            loader = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[name] = module
+            loader.loader.exec_module(module)
+            return module, path
+        module = importlib.import_module(target)
+        return module, Path(module.__file__) if getattr(module, "__file__", None) else None
+    except UserError:
+        raise
+    except Exception as e:  # the user's code: a SyntaxError, an ImportError, anything it raises
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"--model {spec}: importing {target} failed: {type(e).__name__}: {first}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def load_external(spec: str) -> ModelSpec:
+    """`FILE.py:Name` or `package.module:Name`, where Name is an nn.Module class or a function that
+    returns one, taking no arguments. It must map a [N, 1, 28, 28] batch to [N, 10] logits."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr.isidentifier():
+        raise UserError(f"--model {spec!r}: give path/to/file.py:Name or package.module:Name")
+    module, path = _import(target, spec)
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UserError(f"--model {spec}: {target} has no class or function {attr!r}")
+
+    def build() -> nn.Module:
+        try:
+            model = factory()
+        except Exception as e:
+            raise UserError(f"--model {spec}: {attr}() failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--model {spec}: {attr}() returned a {type(model).__name__}, not an nn.Module")
+        return model
+
+    probe = build()
+    was_training = probe.training
+    probe.eval()
+    try:
+        with torch.no_grad():
+            out = probe(torch.zeros(2, 1, 28, 28))
+    except Exception as e:
+        raise UserError(f"--model {spec}: a [2, 1, 28, 28] batch fails in forward(): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    probe.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 10):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"--model {spec}: a [2, 1, 28, 28] batch gives {shape}; mnist-cloud needs [N, 10] logits")
+    doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+    flags = structure_flags(probe)
+    return ModelSpec(spec, build, origin=target, description=doc[0] if doc else f"your model from {target}",
+                     budget=None, **flags, source={"file": str(path) if path else target,
+                                                   "sha256": sha256_of(path) if path else None})
+
+
+def source_changed(saved: dict | None, spec: ModelSpec) -> str | None:
+    """One line when the model's file differs from the one a run was trained with, else None."""
+    if not saved or not spec.source or not saved.get("sha256") or saved.get("sha256") == spec.source.get("sha256"):
+        return None
+    return (f"note: {spec.source['file']} has changed since this run was trained (sha256 {saved['sha256'][:12]} "
+            f"then, {spec.source['sha256'][:12]} now): these weights are loaded into today's code")
 
 
 def build_model(name: str) -> nn.Module:

@@ -26,6 +26,7 @@ from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
 from trainer.device import device_name
 from trainer.errors import CheckpointError, UserError
+from trainer.models import get_spec
 
 # On resume, everything comes from the run's config.json except these: flags about this invocation,
 # and flags that may differ on the machine it continues on (taken only when given).
@@ -158,7 +159,8 @@ class Recorder:
         """model.pt (the delivered weights), result.json, and the report."""
         weights, epoch, test_acc, val_acc = result["weights"], result["epochs"], result["test_acc"], result["val_acc"]
         raw = getattr(delivered, "_orig_mod", delivered)
-        save_checkpoint(self.run.file(rd.MODEL), {"model_name": cfg.model, "model_state": raw.state_dict(),
+        save_checkpoint(self.run.file(rd.MODEL), {"model_name": cfg.model, "model_source": get_spec(cfg.model).source,
+                                                  "model_state": raw.state_dict(),
                                                   "weights": weights, "epoch": epoch,
                                                   "config": dataclasses.asdict(cfg)})
         rd.write_json(self.run.file(rd.RESULT), result)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import runspec
 from runspec import (
     BEST,
     CONFIG,
@@ -32,7 +33,7 @@ __all__ = ["BEST", "CONFIG", "LAST", "LOG", "METRICS", "MODEL", "PREV", "RESULT"
 
 
 def new_run_id(out_dir: Path, model: str, seed: int) -> str:
-    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-s{seed}"
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{runspec.model_slug(model)}-s{seed}"
     run_id, n = base, 1
     while (out_dir / run_id).exists():
         n += 1

@@ -302,6 +302,7 @@ def checkpoint_state(model, optimizer, scheduler, engine: Engine, cfg: TrainConf
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     return {
         "model_name": cfg.model,
+        "model_source": get_spec(cfg.model).source,  # your own model's file and sha256 (None for the zoo's)
         "model_state": raw.state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
@@ -458,7 +459,8 @@ def create(t: Training) -> Standing:
     cfg, data, dist = t.cfg, t.data, t.dist
     val = len(data.val) if data.val else 0
     t.record.started(
-        cfg, model={"name": cfg.model, "params": t.params, "macs": t.macs},
+        cfg, model={"name": cfg.model, "params": t.params, "macs": t.macs,
+                    **({"source": source} if (source := get_spec(cfg.model).source) else {})},
         environment=environment(t.device, t.engine.amp_dtype, t.engine.memory_format == torch.channels_last, dist),
         data={"dir": str(t.data_dir), "train": len(data.train), "val": val, "test": len(data.test)},
         summary=t.summary,

@@ -1,0 +1,134 @@
+"""Your own model, as the seed projects' exercise asks: `--model file.py:Name` wherever a model name
+goes, and `mnist-cloud check` for the brief (params, BN, Dropout, GAP, no FC), as a command and as a
+function for your own pytest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from conftest import assert_user_error, run_cli
+
+MYNET = '''"""My under-8k net."""
+import torch.nn as nn
+
+
+def block(i, o):
+    return [nn.Conv2d(i, o, 3, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.Dropout(0.05)]
+
+
+class Net(nn.Module):
+    """a small GAP net"""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*block(1, 8), *block(8, 12), nn.MaxPool2d(2), *block(12, 16), *block(16, 16),
+                                  nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def five():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
+
+
+def not_a_module():
+    return "a string"
+'''
+# conv3 (3), conv3 (5), pool 2 (6, jump 2), conv3 (10), conv3 (14), conv1x1: the seed READMEs' arithmetic
+NET_RF = 14
+NET_PARAMS = (8 * 9 + 16) + (12 * 8 * 9 + 24) + (16 * 12 * 9 + 32) + (16 * 16 * 9 + 32) + (10 * 16 + 10)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    (tmp_path / "mynet.py").write_text(MYNET)
+    (tmp_path / "broken.py").write_text("def Net(:\n")
+    return tmp_path
+
+
+def test_check_passes_a_net_that_meets_the_brief(project, mnist_cloud):
+    out = run_cli([*mnist_cloud, "check", "mynet.py:Net", "--max-params", "8000", "--require", "bn,dropout,gap",
+                   "--no-fc"], cwd=project)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{NET_PARAMS:,} params" in out.stdout and f"receptive field {NET_RF} px" in out.stdout
+    assert "every claim holds" in out.stdout and "FAILS" not in out.stdout
+    data = json.loads(run_cli([*mnist_cloud, "check", "mynet.py:Net", "--json"], cwd=project).stdout)
+    assert (data["params"], data["receptive_field"], data["ok"], data["claims"]) == (NET_PARAMS, NET_RF, True, [])
+    assert (data["batchnorm"], data["dropout"], data["gap"], data["fc"]) == (True, True, True, False)
+
+
+def test_check_names_each_claim_that_fails_and_exits_1(project, mnist_cloud):
+    out = run_cli([*mnist_cloud, "check", "mynet.py:mlp", "--max-params", "8000", "--require", "bn,gap", "--no-fc"],
+                  cwd=project)
+    assert out.returncode == 1, out.stdout + out.stderr
+    failing = {line.split()[0] for line in out.stdout.splitlines() if line.endswith("FAILS")}
+    assert failing == {"params", "batchnorm", "gap", "fc"}
+    data = json.loads(run_cli([*mnist_cloud, "check", "mynet.py:mlp", "--no-fc", "--json"], cwd=project).stdout)
+    assert data["ok"] is False and data["claims"] == [{"name": "fc", "wanted": "no", "actual": "yes", "ok": False}]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("broken.py:Net", "importing broken.py failed: SyntaxError"),
+    ("mynet.py:five", "gives [2, 5]; mnist-cloud needs [N, 10] logits"),
+    ("mynet.py:not_a_module", "returned a str, not an nn.Module"),
+    ("mynet.py:Nope", "mynet.py has no class or function 'Nope'"),
+    ("nowhere.py:Net", "nowhere.py does not exist"),
+    ("mynet.py", "unknown model"),
+])
+def test_a_model_that_cannot_be_used_is_one_line_and_exit_2(project, mnist_cloud, spec, needle):
+    assert_user_error(run_cli([*mnist_cloud, "check", spec], cwd=project), needle)
+
+
+def test_check_model_from_your_own_pytest(project, monkeypatch):
+    """The README's example: the same checks as a function, on a spec or on a module."""
+    from trainer.check import check_model
+
+    monkeypatch.chdir(project)
+    result = check_model("mynet.py:Net", max_params=8000, require=("bn", "dropout", "gap"), no_fc=True)
+    assert result.ok and result.failures == [] and result.receptive_field == NET_RF
+    strided = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Conv2d(4, 4, 3, dilation=2), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(4, 10))
+    tight = check_model(strided, max_params=10, no_fc=True)
+    assert not tight.ok and [f.split(":")[0] for f in tight.failures] == ["params", "fc"]
+    assert tight.receptive_field == 3 + 2 * 2 * 2  # stride 2 doubles the jump, dilation 2 the kernel's reach
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_a_changed_file(project, mnist_cloud, mnist_dir):
+    """Trained like a zoo model; config.json keeps the spec and the file's sha256; evaluating after the
+    file changed says so in one line, and still evaluates."""
+    out = run_cli([*mnist_cloud, "train", "--model", "mynet.py:Net", "--epochs", "1", "--train-limit", "1024",
+                   "--eval-limit", "300", "--no-report", "--data-dir", str(mnist_dir)], cwd=project)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run,) = (project / "runs").iterdir()
+    assert "-mynet-Net-s1" in run.name  # a directory name: no slash, no colon
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert model["name"] == "mynet.py:Net" and model["params"] == NET_PARAMS
+    assert model["source"]["sha256"] == hashlib.sha256(MYNET.encode()).hexdigest()
+    same = run_cli([*mnist_cloud, "evaluate", str(run), "--data-dir", str(mnist_dir)], cwd=project)
+    assert same.returncode == 0 and "has changed" not in same.stderr and "mynet.py:Net" in same.stdout
+    (project / "mynet.py").write_text(MYNET + "\n# tuned the dropout later\n")
+    later = run_cli([*mnist_cloud, "evaluate", str(run), "--data-dir", str(mnist_dir)], cwd=project)
+    assert later.returncode == 0, later.stderr
+    notes = [line for line in later.stderr.splitlines() if "has changed since this run was trained" in line]
+    assert len(notes) == 1 and "mynet.py" in notes[0]
+    summary = run_cli([*mnist_cloud, "models", "--summary", "mynet.py:Net"], cwd=project)
+    assert summary.returncode == 0 and f"{NET_PARAMS:,}" in summary.stdout
+
+
+def test_a_model_file_outside_the_synced_code_is_refused_before_connecting(project, mnist_cloud):
+    """From the checkout (what `train --on` syncs), a model file elsewhere could not reach the machine."""
+    from conftest import REPO
+
+    out = run_cli([*mnist_cloud, "train", "--on", "box", "--model", f"{project / 'mynet.py'}:Net"], cwd=REPO)
+    assert_user_error(out, "is outside", "the directory synced to the machine")

@@ -92,7 +92,7 @@ def add_launch_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
                        description="Launch an EC2 instance from the newest PyTorch Deep Learning AMI, or reuse the "
                                    "instance already called NAME (starting it if stopped). SSH is opened only to "
                                    "your address; IMDSv2 is required; the root volume is encrypted gp3.")
-    p.add_argument("--instance", required=True, metavar="TYPE", help="instance type, e.g. g4dn.xlarge")
+    p.add_argument("--instance", metavar="TYPE", help="instance type, e.g. g4dn.xlarge (default: the config's instance)")
     p.add_argument("--name", default=DEFAULT_NAME, help="name for the instance and its resources (default: %(default)s)")
     p.add_argument("--spot", action="store_true",
                    help="spot instance: stops on interruption, and its runs resume when EC2 starts it again; "
@@ -103,8 +103,9 @@ def add_launch_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--key", metavar="PATH", help="private key file for --key-name")
     p.add_argument("--public-key", metavar="PATH", help="import this public key (e.g. ~/.ssh/id_ed25519.pub) instead")
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
-    p.add_argument("--autostop", type=float, default=30, metavar="MIN",
-                   help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: %(default)s)")
+    p.add_argument("--autostop", type=float, metavar="MIN",
+                   help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: the "
+                        "config's autostop, else 30)")
     p.add_argument("--autostop-after-train", action="store_true",
                    help="also stop 3 minutes after a run ends (time to pull it)")
     p.add_argument("--down", action="store_true",
@@ -179,6 +180,11 @@ def add_machine_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run instead of a shell (after --)")
     p = sub.add_parser("ssh-config", parents=aws, help="write `Host mnist-NAME` entries for ssh and VS Code")
     p.add_argument("names", nargs="*", help="names to include (default: all)")
+    p = sub.add_parser("config", help="show each setting (region, profile, instance, autostop, model, epochs) "
+                                      "and where it comes from",
+                       description="Settings come from the flag, else the environment, else the project's "
+                                   "mnist-cloud.toml or [tool.mnist-cloud] in pyproject.toml, else the user's "
+                                   "config.toml in mnist-cloud's config directory, else the default.")
     p = sub.add_parser("forget-host", help="drop a machine's pinned host key (after you verified a rebuild)")
     p.add_argument("name")
 
@@ -250,6 +256,7 @@ def train_options() -> Parser:
 
 def cmd_train(rest: list[str]) -> int:
     opts, rest = train_options().parse_known_args(rest)
+    rest = with_defaults(rest)
     if "-h" in rest or "--help" in rest:
         print(TRAIN_HELP, flush=True)
         return LocalTarget().run(["train", "--help"])
@@ -291,8 +298,14 @@ def cmd_sweep(rest: list[str]) -> int:
 
     from infra import sweep
 
+    from infra import settings
+    from infra.targets import has_option
+
     args, trainer_args = sweep_parser().parse_known_args(rest)
-    plan = sweep.plan(args.name, args.model, args.seeds, args.set, trainer_args)
+    found = settings.resolve()  # the config's model and epochs, where not typed
+    if found["epochs"].value is not None and not has_option(trainer_args, "--epochs"):
+        trainer_args = ["--epochs", str(found["epochs"].value), *trainer_args]
+    plan = sweep.plan(args.name, args.model or found["model"].value, args.seeds, args.set, trainer_args)
     runs = Path(args.to)
     say(plan.describe())
     if args.local:
@@ -403,9 +416,40 @@ def remote_train(opts: argparse.Namespace, rest: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------- cloud commands
 def session(args):
+    from infra import settings
     from infra.aws import Aws
 
-    return Aws(region=getattr(args, "region", None), profile=getattr(args, "profile", None))
+    found = settings.resolve({"region": getattr(args, "region", None), "profile": getattr(args, "profile", None)})
+    return Aws(region=found["region"].value, profile=found["profile"].value)
+
+
+def with_defaults(rest: list[str]) -> list[str]:
+    """Trainer flags with the config's model and epochs added where not typed (never to a resume:
+    its flags are its config.json's)."""
+    from infra import settings
+    from infra.targets import has_option
+
+    if has_option(rest, "--resume") or "-h" in rest or "--help" in rest:
+        return rest
+    found = settings.resolve()
+    for key in ("model", "epochs"):
+        if found[key].value is not None and not has_option(rest, f"--{key}"):
+            rest = [f"--{key}", str(found[key].value), *rest]
+    return rest
+
+
+def cmd_config(args) -> int:
+    """Each setting, its value and where it came from."""
+    from infra import settings
+
+    found = settings.resolve({})
+    rows = [[key, "-" if v.value is None else str(v.value), v.source] for key, v in found.items()]
+    for line in runspec.table(["KEY", "VALUE", "FROM"], rows):
+        say(line)
+    project = settings.project_file()
+    say(f"project file: {project or 'none (mnist-cloud.toml, or [tool.mnist-cloud] in pyproject.toml)'}; "
+        f"user file: {settings.user_file()}{'' if settings.user_file().is_file() else ' (none)'}")
+    return 0
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -435,6 +479,13 @@ def cmd_launch(args) -> int:
     from infra.provision import LaunchSpec, console_fingerprints, launch
     from infra.watchdog import installer
 
+    from infra import settings
+
+    args.autostop = settings.value("autostop", args.autostop)
+    args.instance = settings.value("instance", args.instance)
+    if not args.instance:
+        raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
+                        "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")
     if args.autostop < 0:
         raise UserError("--autostop is minutes of idle time, 0 or more")
     spec = LaunchSpec(name=args.name, instance_type=args.instance, spot=args.spot, ami=args.ami,
@@ -788,7 +839,7 @@ def cmd_forget_host(args) -> int:
 CLOUD_COMMANDS = {"report": cmd_report, "autostop": cmd_autostop, "launch": cmd_launch, "attach": cmd_attach, "status": cmd_status, "ls": cmd_status,
                   "stop": cmd_stop, "start": cmd_start, "down": cmd_down, "setup": cmd_setup, "sync": cmd_sync,
                   "logs": cmd_logs, "runs": cmd_runs, "pull": cmd_pull, "jupyter": cmd_jupyter, "ssh": cmd_ssh,
-                  "ssh-config": cmd_ssh_config, "forget-host": cmd_forget_host}
+                  "ssh-config": cmd_ssh_config, "forget-host": cmd_forget_host, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

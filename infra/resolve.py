@@ -64,7 +64,9 @@ def resolve(name: str, region: str | None = None, profile: str | None = None) ->
     from infra.aws import Aws
     from infra.provision import console_fingerprints, describe_instance
 
-    aws = Aws(region=region or host.region, profile=profile)
+    from infra import settings
+
+    aws = Aws(region=region or host.region, profile=settings.value("profile", profile))
     out = []
     for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
         inst = describe_instance(aws, instance_id)

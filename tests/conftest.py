@@ -67,6 +67,11 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    # nor the developer's own settings (infra/settings.py): their user file, their defaults
+    monkeypatch.setenv("MNIST_CLOUD_HOME", str(cache.parent / "mnist-cloud-home"))
+    for var in ("MNIST_CLOUD_DEFAULT_INSTANCE", "MNIST_CLOUD_DEFAULT_AUTOSTOP", "MNIST_CLOUD_DEFAULT_MODEL",
+                "MNIST_CLOUD_DEFAULT_EPOCHS"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,100 @@
+"""Settings from files (infra/settings.py): flag, then environment, then the project's file, then the
+user's, then the default; a typo or a wrong type is one line naming the file and the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cloud import aws_env, moto_server, seed_dlami
+from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A project (with a pyproject.toml) and a user config dir, both empty of settings."""
+    project, home = tmp_path / "project", tmp_path / "home"
+    (project / "src").mkdir(parents=True)
+    home.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "mine"\n')
+    monkeypatch.setenv("MNIST_CLOUD_HOME", str(home))
+    monkeypatch.chdir(project / "src")  # the project file is found from a subdirectory too
+    return project, home
+
+
+def test_each_source_wins_over_the_next(files, monkeypatch):
+    from infra import settings
+
+    project, home = files
+    (home / "config.toml").write_text('instance = "g5.xlarge"\nautostop = 45\nepochs = 9\nregion = "eu-west-1"\n')
+    (project / "pyproject.toml").write_text('[project]\nname = "mine"\n\n[tool.mnist-cloud]\nautostop = 10\n'
+                                            'epochs = 12\n')
+    monkeypatch.setenv("MNIST_CLOUD_DEFAULT_EPOCHS", "20")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    found = settings.resolve({"region": "us-west-2"})
+    got = {k: (v.value, v.source) for k, v in found.items()}
+    assert got == {
+        "region": ("us-west-2", "flag"),
+        "profile": (None, "default"),
+        "instance": ("g5.xlarge", str(home / "config.toml")),
+        "autostop": (10.0, str(project / "pyproject.toml")),
+        "model": (None, "default"),
+        "epochs": (20, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
+    }
+    assert settings.resolve()["region"].value == "eu-west-1"  # no flag, no environment: the user file
+    (project / "mnist-cloud.toml").write_text("autostop = 0\n")  # beside pyproject.toml, it is the project's
+    assert settings.value("autostop") == 0.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[tool.mnist-cloud]\nepoch = 3\n", "[tool.mnist-cloud]: unknown key 'epoch'; the keys are"),
+    ("[tool.mnist-cloud]\nepochs = \"3\"\n", "[tool.mnist-cloud]: epochs must be a whole number, got '3'"),
+    ("[tool.mnist-cloud]\nautostop = true\n", "autostop must be a number, got True"),
+    ("[tool.mnist-cloud\n", "is not valid TOML"),
+])
+def test_a_bad_file_is_one_line_naming_the_file_and_key(files, mnist_cloud, text, needle):
+    project, _ = files
+    (project / "pyproject.toml").write_text(text)
+    out = run_cli([*mnist_cloud, "config"], cwd=project / "src")
+    assert_user_error(out, needle, str(project / "pyproject.toml"))
+
+
+def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
+    project, home = files
+    (project / "mnist-cloud.toml").write_text('model = "mynet.py:Net"\n')
+    (home / "config.toml").write_text("autostop = 15\n")
+    out = run_cli([*mnist_cloud, "config"], cwd=project / "src", env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:7]}
+    assert rows["model"] == ["mynet.py:Net", str(project / "mnist-cloud.toml")]
+    assert rows["autostop"] == ["15.0", str(home / "config.toml")]
+    assert rows["epochs"] == ["7", "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"]
+    assert rows["instance"] == ["-", "default"]
+
+
+def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, mnist_cloud):
+    with moto_server() as endpoint:
+        seed_dlami()
+        env = aws_env(tmp_path, AWS_ENDPOINT_URL=endpoint)
+        refused = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32"], env_extra=env,
+                          cwd=tmp_path)
+        assert_user_error(refused, "give --instance TYPE")
+        (tmp_path / "mnist-cloud.toml").write_text('instance = "g4dn.xlarge"\nautostop = 12\n')
+        out = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh"],
+                      env_extra=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        status = run_cli([*mnist_cloud, "status", "cfg"], env_extra=env, cwd=tmp_path)
+        row = status.stdout.splitlines()[1].split()
+        assert row[2] == "g4dn.xlarge" and row[-1] == "12m:stop", status.stdout
+
+
+@pytest.mark.slow
+def test_train_takes_model_and_epochs_from_the_project(tmp_path, mnist_cloud, mnist_dir):
+    (tmp_path / "mnist-cloud.toml").write_text('model = "seed002-gap"\nepochs = 1\n')
+    out = run_cli([*mnist_cloud, "train", "--train-limit", "512", "--eval-limit", "200", "--no-report",
+                   "--data-dir", str(mnist_dir)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["model"], config["epochs"]) == ("seed002-gap", 1)

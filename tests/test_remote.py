@@ -209,6 +209,11 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host,
         ok = urllib.request.urlopen(urllib.request.Request(f"{base}/api/status",
                                                            headers={"Authorization": f"token {token}"}))
         assert ok.status == 200
+        # the notebook the README points to, synced with the code and served from the work dir
+        nb = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{base}/api/contents/notebooks/train_on_instance.ipynb", headers={"Authorization": f"token {token}"})
+        ).read())
+        assert nb["type"] == "notebook" and any("fit(cfg)" in "".join(c["source"]) for c in nb["content"]["cells"])
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(f"{base}/api/status")
         assert denied.value.code == 403

@@ -13,7 +13,7 @@ from conftest import assert_user_error, run_cli
 from runspec.config import TrainConfig
 from trainer.train import fit
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or shutil.which("google-chrome") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-quic"]
 
@@ -24,7 +24,7 @@ def _browser_missing() -> str | None:
     except ImportError:
         return "needs the playwright package (test extra)"
     if not Path(CHROMIUM).exists():
-        return "needs Debian's chromium (.ci/run installs it)"
+        return "needs chromium or google-chrome (.ci/run installs Debian's chromium)"
     return None
 
 

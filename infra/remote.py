@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,14 +286,36 @@ class Remote:
         return self.run("command -v rsync", warn=True).ok
 
     # ------------------------------------------------------------------------------ sync
-    def sync(self, local_dir: Path, log: Log = print, force_sftp: bool = False) -> TransferResult:
-        """Mirror the code in local_dir into the remote work dir. Secrets and outputs never leave."""
+    def sync(self, local_dir: Path, log: Log = print, force_sftp: bool = False,
+             extra: dict[str, Path] | None = None) -> TransferResult:
+        """Mirror the code in local_dir into the remote work dir. Secrets and outputs never leave.
+        `extra`: {name in the work dir: local file or directory} synced beside it (the installed
+        trainer, for a project that is not a checkout); the project's mirror never deletes them."""
         local_dir = Path(local_dir).resolve()
+        extra = extra or {}
         self.run(f"mkdir -p {shlex.quote(self.ep.workdir)}")
-        if not force_sftp and self.has_rsync():
-            return self._rsync_up(local_dir)
-        log("rsync is missing on one side; syncing over SFTP")
-        return self._sftp_up(local_dir)
+        rsync = not force_sftp and self.has_rsync()
+        if not rsync:
+            log("rsync is missing on one side; syncing over SFTP")
+        result = self._rsync_up(local_dir, protect=list(extra)) if rsync else self._sftp_up(local_dir, protect=list(extra))
+        if not extra:
+            return result
+        with tempfile.TemporaryDirectory() as tmp:
+            stage = Path(tmp)
+            for name, path in extra.items():  # under their work-dir names, without caches
+                if path.is_dir():
+                    shutil.copytree(path, stage / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    shutil.copy2(path, stage / name)
+            if rsync:
+                out = self._rsync(["-az", "--checksum", "--delete", "--stats", "--itemize-changes",
+                                   *(str(stage / name) for name in extra), f"{self.target()}:{self.ep.workdir}/"])
+                files, size, changed = self._stats(out)
+                more = TransferResult(files, size, "rsync", changed)
+            else:
+                more = self._sftp_up(stage, prune_only=list(extra))
+        return TransferResult(result.files + more.files, result.bytes + more.bytes, result.method,
+                              result.changed + more.changed)
 
     def _rsync(self, args: list[str]) -> str:
         cmd = ["rsync", "-e", shlex.join(self.ssh_argv()), *args]
@@ -313,15 +336,18 @@ class Remote:
         return (int(files.group(1).replace(",", "")) if files else len(changed),
                 int(size.group(1).replace(",", "")) if size else 0, changed)
 
-    def _rsync_up(self, local_dir: Path) -> TransferResult:
+    def _rsync_up(self, local_dir: Path, protect: list[str] = ()) -> TransferResult:
         filters = ["--filter=:- .gitignore", *(f"--filter=P {p}" for p in SYNC_PROTECT),
+                   *(f"--filter=P /{name}/***" for name in protect), *(f"--filter=P /{name}" for name in protect),
                    *(f"--exclude={p}" for p in SYNC_EXCLUDES)]
         out = self._rsync(["-az", "--checksum", "--delete", "--stats", "--itemize-changes", *filters,
                            f"{local_dir}/", f"{self.target()}:{self.ep.workdir}/"])
         files, size, changed = self._stats(out)
         return TransferResult(files, size, "rsync", changed)
 
-    def _sftp_up(self, local_dir: Path) -> TransferResult:
+    def _sftp_up(self, local_dir: Path, protect: list[str] = (), prune_only: list[str] | None = None) -> TransferResult:
+        """Upload what changed, then delete what is gone locally: every other file (but `protect`), or
+        only under the top-level names in `prune_only`."""
         files = local_files(local_dir)
         remote = self.remote_hashes(self.ep.workdir, exclude_top=("runs", "jobs", ".mnist-cloud-python"))
         sftp = self.conn.sftp()
@@ -340,6 +366,9 @@ class Remote:
             size += path.stat().st_size
         for rel in remote:  # gone locally: mirror the deletion, like rsync --delete (notebooks stay)
             if any(fnmatch.fnmatch(posixpath.basename(rel), p) for p in SYNC_PROTECT):
+                continue
+            top = rel.split("/", 1)[0]
+            if top in protect or (prune_only is not None and top not in prune_only):
                 continue
             sftp.remove(posixpath.join(self._home(), self.ep.workdir, rel))
         return TransferResult(len(changed), size, "sftp", changed)

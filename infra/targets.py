@@ -33,15 +33,47 @@ def trainer_command(python: str, args: list[str]) -> list[str]:
 
 
 def code_dir(explicit: str | None = None) -> Path:
-    """The project to sync: --code, else the current directory if it is an mnist-cloud checkout,
-    else the checkout this CLI is installed from (editable install)."""
-    candidates = [Path(explicit)] if explicit else [Path.cwd(), Path(__file__).resolve().parent.parent]
-    for c in candidates:
-        if (c / "trainer" / "__main__.py").is_file() and (c / SETUP_SCRIPT).is_file():
-            return c.resolve()
-    where = explicit or "the current directory"
-    raise UserError(f"{where} is not an mnist-cloud checkout (no trainer/ and {SETUP_SCRIPT}); "
-                    "run from your checkout or pass --code DIR")
+    """The project to sync: --code, else the current directory. An mnist-cloud checkout carries its
+    own trainer; any other project gets the installed one with it (tool_files)."""
+    path = Path(explicit).expanduser() if explicit else Path.cwd()
+    if not path.is_dir():
+        raise UserError(f"--code {explicit}: not a directory")
+    path = path.resolve()
+    if path in (Path.home().resolve(), Path(path.anchor)):
+        raise UserError(f"{path} is your home directory or the filesystem root, not a project: run from your "
+                        "project's directory, or pass --code DIR")
+    return path
+
+
+# What a project that is not a checkout gets beside its own files, from this installation: the trainer,
+# the run vocabulary, and the bootstrap with the tool's requirements (under names of their own, so the
+# project's requirements.txt stays the project's).
+BUNDLED_SETUP, BUNDLED_REQUIREMENTS = ".mnist-cloud-setup.sh", ".mnist-cloud-requirements.txt"
+
+
+def is_checkout(project: Path) -> bool:
+    return (project / "trainer" / "__main__.py").is_file() and (project / SETUP_SCRIPT).is_file()
+
+
+def tool_files(project: Path) -> dict[str, Path]:
+    """{name in the work dir: local path} of the installed mnist-cloud to sync with a project that is
+    not a checkout; {} for a checkout, which has them all."""
+    import importlib.util
+
+    from infra.agent import source_path
+
+    if is_checkout(project):
+        return {}
+    files = {}
+    for package in ("trainer", "runspec"):
+        if (project / package).exists():
+            raise UserError(f"{project / package} is in the way: mnist-cloud syncs its own {package}/ into the "
+                            "work dir; rename yours, or run from an mnist-cloud checkout")
+        spec = importlib.util.find_spec(package)  # found, not imported: no torch here
+        files[package] = Path(spec.submodule_search_locations[0])
+    files[BUNDLED_SETUP] = source_path("setup_ec2.sh")
+    files[BUNDLED_REQUIREMENTS] = source_path("requirements.txt")
+    return files
 
 
 class LocalTarget:
@@ -84,6 +116,7 @@ class SSHTarget:
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
         self.shutdown_behavior: str | None = None  # as this object last set it
+        self.bundled = False  # the last sync sent the installed trainer with a project (setup runs its bootstrap)
         self.shutdown = None  # EC2's shutdown behaviour (infra.resolve.Shutdown): kept safe for unpulled runs
 
     def job_env(self) -> dict[str, str]:
@@ -130,7 +163,9 @@ class SSHTarget:
         return self.setup(python, log) if setup else self.ensure_setup(python, log)
 
     def sync(self, code: Path, log=print) -> TransferResult:
-        return self.remote.sync(code, log=log)
+        extra = tool_files(code)
+        self.bundled = bool(extra)  # setup then runs the bundled bootstrap
+        return self.remote.sync(code, log=log, extra=extra)
 
     def python(self) -> str | None:
         """The interpreter setup chose, or None if setup has not run."""
@@ -143,7 +178,11 @@ class SSHTarget:
         """Run setup_ec2.sh in the work dir (synced first), showing its output; returns the python it chose."""
         wd = shlex.quote(self.remote.ep.workdir)
         env = f"MNIST_CLOUD_PYTHON={shlex.quote(python)} " if python else ""
-        res = self.remote.run(f"cd {wd} && {env}bash {SETUP_SCRIPT}", timeout=3600, warn=True, hide=True)
+        script = SETUP_SCRIPT
+        if getattr(self, "bundled", False):
+            env += f"MNIST_CLOUD_REQUIREMENTS={BUNDLED_REQUIREMENTS} "
+            script = BUNDLED_SETUP
+        res = self.remote.run(f"cd {wd} && {env}bash {script}", timeout=3600, warn=True, hide=True)
         for line in (res.stdout + res.stderr).splitlines():
             log(f"  [{self.label}] {line}")
         if not res.ok:

@@ -19,7 +19,8 @@ from conftest import REPO
 
 AGENTS = ["infra/agent/autostop.py", "infra/agent/spot_watch.py", "infra/agent/resume_agent.py",
           "infra/agent/mnist-cloud-autostop.service", "infra/agent/mnist-cloud-autostop.timer",
-          "infra/agent/mnist-cloud-resume.service", "infra/agent/install-autostop.sh", "infra/agent/install-resume.sh"]
+          "infra/agent/mnist-cloud-resume.service", "infra/agent/install-autostop.sh", "infra/agent/install-resume.sh",
+          "infra/agent/setup_ec2.sh", "infra/agent/requirements.txt"]
 
 
 @pytest.fixture(scope="module")

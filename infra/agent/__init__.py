@@ -16,8 +16,14 @@ SSH; this module only reads the files.
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 
 def source(name: str) -> str:
     """The text of an agent or unit file in this package, e.g. source("autostop.py")."""
     return files(__name__).joinpath(name).read_text()
+
+
+def source_path(name: str) -> Path:
+    """A file of this package on disk (installed packages are plain directories), e.g. to sync it."""
+    return Path(str(files(__name__).joinpath(name)))

@@ -1,0 +1,93 @@
+"""mnist-cloud installed from a wheel (not editable, no checkout anywhere), driven from a project that
+is just the user's own: `train --on` syncs the project, and the installed trainer goes with it; `setup`
+works there too. Against the moto server and the real sshd, as test_remote.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud import seed_dlami
+from conftest import assert_user_error
+from test_own_model import MYNET, NET_PARAMS
+from test_package import installed  # noqa: F401  (the wheel, pip-installed into a directory of its own)
+
+TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A user's project: one model file and its own requirements.txt, no mnist-cloud checkout."""
+    root = tmp_path_factory.mktemp("user") / "mynet"
+    root.mkdir()
+    (root / "mynet.py").write_text(MYNET)
+    (root / "requirements.txt").write_text("# the project's own, not the tool's\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli(installed, env, project):  # noqa: F811
+    def run(*args, cwd=None):
+        return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
+                              cwd=cwd or project, env={**os.environ, **env, "PYTHONPATH": str(installed)},
+                              timeout=600)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def machine(cli, moto):
+    import urllib.request as u
+
+    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "anywhere", "--ssh-cidr", "192.0.2.10/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return "anywhere"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_train_on_from_a_project_that_is_not_a_checkout(cli, machine, installed, project, host, mnist_dir):  # noqa: F811
+    where = subprocess.run(
+        [sys.executable, "-c", "import infra, trainer; print(infra.__file__, trainer.__file__)"], capture_output=True,
+        text=True, cwd=project, env={**os.environ, "PYTHONPATH": str(installed)})
+    assert all(p.startswith(str(installed)) for p in where.stdout.split()), where.stdout  # the wheel's code
+    out = cli("train", "--on", machine, "--model", "mynet.py:Net", *TINY, "--data-dir", str(mnist_dir),
+              "--run-id", "any1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    work = host.home / "mnist-cloud" / machine
+    # the project, and beside it the installed trainer and the tool's own bootstrap and requirements
+    assert (work / "mynet.py").read_text() == MYNET
+    assert digest(work / "trainer" / "train.py") == digest(installed / "trainer" / "train.py")
+    assert digest(work / "runspec" / "__init__.py") == digest(installed / "runspec" / "__init__.py")
+    assert (work / "requirements.txt").read_text() == (project / "requirements.txt").read_text()
+    assert digest(work / ".mnist-cloud-requirements.txt") == digest(installed / "infra" / "agent" / "requirements.txt")
+    assert (work / ".mnist-cloud-python").is_file()  # setup ran, with the bundled bootstrap
+    run = project / "runs" / "any1"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["name"] == "mynet.py:Net" and config["model"]["params"] == NET_PARAMS
+    # the bundled trainer ran (no .git beside it); the checkout's would have recorded its commit
+    assert config["git"]["sha"] is None and (run / "model.pt").exists()
+    again = cli("setup", machine)
+    assert again.returncode == 0 and "all requirements already installed" in again.stdout, again.stdout + again.stderr
+    # a second sync keeps the bundled files (the project's mirror does not delete them) and sends nothing new
+    synced = cli("sync", machine)
+    assert synced.returncode == 0 and (work / "trainer" / "train.py").exists(), synced.stdout + synced.stderr
+
+
+def test_a_project_in_the_way_or_the_home_directory_is_one_line(cli, machine, tmp_path):
+    clash = tmp_path / "clash"
+    (clash / "trainer").mkdir(parents=True)  # the project's own trainer/ would shadow the tool's
+    assert_user_error(cli("sync", machine, "--code", str(clash)), "trainer is in the way")
+    home = cli("train", "--on", machine, "--epochs", "1", cwd=Path.home())
+    assert_user_error(home, "is your home directory or the filesystem root")

@@ -348,7 +348,7 @@ def model_for_machine(model: str | None, code) -> str | None:
     that directory, and the machine names it relative to its work dir. Other specs pass as typed."""
     from pathlib import Path
 
-    from infra.remote import excluded
+    from infra.remote import local_files
 
     target, _, attr = (model or "").rpartition(":")
     if not target or not (target.endswith(".py") or "/" in target):
@@ -361,8 +361,9 @@ def model_for_machine(model: str | None, code) -> str | None:
     except ValueError:
         raise UserError(f"--model {model}: {path} is outside {code}, the directory synced to the machine; "
                         "move it into your project, or pass --code DIR") from None
-    if excluded(rel):
-        raise UserError(f"--model {model}: {rel} is never synced (see SYNC_EXCLUDES); rename it")
+    if rel not in set(local_files(code)):
+        raise UserError(f"--model {model}: {rel} is not synced (ignored by .gitignore, or a name mnist-cloud "
+                        "never syncs); move or rename it")
     return f"{rel}:{attr}"
 
 
@@ -385,8 +386,8 @@ def placement_and_flags(rest: list[str], check: bool, code=None) -> tuple[dict[s
     for key in (*PLACEMENT, "model"):
         p.add_argument("--" + key.replace("_", "-"))
     where, other = p.parse_known_args(rest)
-    model = ["--model", where.model] if where.model else []
-    return vars(where), other + model
+    model = ["--model", model_for_machine(where.model, code) if code is not None else where.model] if where.model else []
+    return vars(where), model + other
 
 
 def remote_train(opts: argparse.Namespace, rest: list[str]) -> int:
@@ -399,7 +400,7 @@ def remote_train(opts: argparse.Namespace, rest: list[str]) -> int:
 
     resumed = placement_and_flags(rest, check=False)[0]["resume"]
     checked = not resumed and not opts.code
-    where, trainer_args = placement_and_flags(rest, check=checked, code=code_dir(opts.code) if checked else None)
+    where, trainer_args = placement_and_flags(rest, check=checked, code=None if resumed else code_dir(opts.code))
     if where["resume"] and where["run_id"]:
         raise UserError("--resume continues an existing run; it takes no --run-id")
     nodes = opts.nodes
@@ -429,7 +430,9 @@ def with_defaults(rest: list[str]) -> list[str]:
     from infra import settings
     from infra.targets import has_option
 
-    if has_option(rest, "--resume") or "-h" in rest or "--help" in rest:
+    probe = argparse.ArgumentParser(add_help=False)  # abbreviated as the trainer allows it: --res RUN
+    probe.add_argument("--resume")
+    if probe.parse_known_args(rest)[0].resume or "-h" in rest or "--help" in rest:
         return rest
     found = settings.resolve()
     for key in ("model", "epochs"):

@@ -43,6 +43,8 @@ from runspec import atomic_write
 SYNC_EXCLUDES = [
     ".git/", "runs/", "jobs/", ".env", ".env.*", ".aws/", ".ssh/", "*.pem", "*.key", "*.p12", "*.pfx",
     "id_rsa*", "id_ecdsa*", "id_ed25519*", "id_dsa*", ".netrc", ".pypirc", "credentials", "*.tfstate",
+    "*credentials*.json", "credentials.*", ".git-credentials", "kaggle.json", "*service-account*.json",
+    "secrets.toml", ".npmrc", ".kube/", ".docker/", ".gnupg/",
     ".venv/", "venv/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".cache/", ".ipynb_checkpoints/",
     ".mnist-cloud-python",
 ]

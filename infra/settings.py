@@ -55,9 +55,24 @@ def project_file(start: Path | None = None) -> Path | None:
     for d in (here, *here.parents):
         if (d / PROJECT_FILES[0]).is_file():
             return d / PROJECT_FILES[0]
-        if (d / PROJECT_FILES[1]).is_file() and "mnist-cloud" in _read(d / PROJECT_FILES[1]).get("tool", {}):
+        if (d / PROJECT_FILES[1]).is_file() and _has_table(d / PROJECT_FILES[1]):
             return d / PROJECT_FILES[1]
     return None
+
+
+def _has_table(pyproject: Path) -> bool:
+    """Whether a pyproject.toml holds [tool.mnist-cloud]. One that does not parse (a template, say) is
+    someone else's business, unless it names our table: then its error is ours to report."""
+    try:
+        return "mnist-cloud" in _read(pyproject).get("tool", {})
+    except UserError:
+        try:
+            text = pyproject.read_text(errors="replace")
+        except OSError:
+            return False
+        if "tool.mnist-cloud" in text:
+            raise
+        return False
 
 
 def user_file() -> Path:
@@ -121,9 +136,17 @@ def resolve(flags: dict[str, Any] | None = None, start: Path | None = None) -> d
         found = _from_env(setting)
         for path, table in files:
             if found is None and key in table:
-                found = Value(setting.type(table[key]), str(path))
+                found = Value(_relative_to(path, key, setting.type(table[key])), str(path))
         out[key] = found or Value(setting.default, "default")
     return out
+
+
+def _relative_to(path: Path, key: str, value: Any) -> Any:
+    """A model file named in a settings file is relative to that file, wherever the command runs."""
+    target, sep, attr = str(value).rpartition(":")
+    if key != "model" or not sep or not (target.endswith(".py") or "/" in target):
+        return value
+    return f"{(path.parent / Path(target).expanduser()).resolve()}:{attr}"
 
 
 def value(key: str, flag: Any = None) -> Any:

@@ -32,16 +32,29 @@ def trainer_command(python: str, args: list[str]) -> list[str]:
     return [python, "-m", "trainer", *args]
 
 
+PROJECT_MARKERS = (".git", "pyproject.toml", "mnist-cloud.toml", "setup.py", "setup.cfg")
+
+
 def code_dir(explicit: str | None = None) -> Path:
-    """The project to sync: --code, else the current directory. An mnist-cloud checkout carries its
-    own trainer; any other project gets the installed one with it (tool_files)."""
-    path = Path(explicit).expanduser() if explicit else Path.cwd()
-    if not path.is_dir():
-        raise UserError(f"--code {explicit}: not a directory")
-    path = path.resolve()
-    if path in (Path.home().resolve(), Path(path.anchor)):
-        raise UserError(f"{path} is your home directory or the filesystem root, not a project: run from your "
-                        "project's directory, or pass --code DIR")
+    """The project to sync: --code, else the project the current directory is in (the nearest
+    directory above it, below your home, that is a checkout or has .git, pyproject.toml, ...), else
+    the current directory. An mnist-cloud checkout carries its own trainer; any other project gets
+    the installed one with it (tool_files). Never your home directory or one above it."""
+    home = Path.home().resolve()
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--code {explicit}: not a directory")
+        path = path.resolve()
+    else:
+        here = Path.cwd().resolve()
+        below_home = [d for d in (here, *here.parents) if home in d.parents]
+        candidates = below_home if home in here.parents or here == home else list((here, *here.parents))[:-1]
+        path = next((d for d in candidates if is_checkout(d) or any((d / m).exists() for m in PROJECT_MARKERS)),
+                    here)
+    if path == home or path in home.parents or path == Path(path.anchor):
+        raise UserError(f"{path} is your home directory or above it, not a project: everything in it would be "
+                        "synced; run from your project's directory, or pass --code DIR")
     return path
 
 
@@ -91,7 +104,9 @@ class LocalTarget:
 
         Ctrl-C at the terminal reaches the trainer too (same process group); we wait for it to finish
         its way out and return its exit code."""
-        proc = subprocess.Popen(trainer_command(self.python, args), cwd=self.cwd)
+        # the installed trainer, never a trainer.py of the user's project in the current directory
+        proc = subprocess.Popen(trainer_command(self.python, args), cwd=self.cwd,
+                                env={**os.environ, "PYTHONSAFEPATH": "1"})
         while True:
             try:
                 return proc.wait()

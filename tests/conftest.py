@@ -200,6 +200,9 @@ def code(tmp_path_factory):
     (root / ".aws" / "credentials").write_text("[default]\naws_secret_access_key=nope\n")
     (root / "notes").mkdir()
     (root / "notes" / "id_ed25519").write_text("nope")
+    (root / "kaggle.json").write_text('{"key": "nope"}')
+    (root / ".kube").mkdir()
+    (root / ".kube" / "config").write_text("token: nope\n")
     return root
 
 

@@ -29,3 +29,7 @@ def test_the_notebook_runs_unchanged_and_shows_the_reports_plots(tmp_path, monke
     assert len(images) == 3  # loss, accuracy, confusion matrix
     (run,) = tmp_path.iterdir()
     assert (run / "model.pt").exists() and (run / "plots" / "confusion.png").stat().st_size > 1000
+    import json
+
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["model"], config["input_size"], config["lr"]) == ("net8k", 24, 0.2)  # net8k's own recipe

@@ -101,6 +101,15 @@ def test_check_model_from_your_own_pytest(project, monkeypatch):
     tight = check_model(strided, max_params=10, no_fc=True)
     assert not tight.ok and [f.split(":")[0] for f in tight.failures] == ["params", "fc"]
     assert tight.receptive_field == 3 + 2 * 2 * 2  # stride 2 doubles the jump, dilation 2 the kernel's reach
+    # a conv that collapses the image to 1x1 is no GAP: its own kernel counts (28, not 1)
+    collapse = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 10, 26), nn.Flatten())
+    assert check_model(collapse).receptive_field == 28 and not check_model(collapse).gap
+
+    class MyLinear(nn.Linear):  # a subclass is still a fully connected layer
+        pass
+
+    sneaky = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), MyLinear(4, 10))
+    assert check_model(sneaky, no_fc=True).failures == ["fc: wanted no, got yes"]
 
 
 @pytest.mark.slow
@@ -132,3 +141,29 @@ def test_a_model_file_outside_the_synced_code_is_refused_before_connecting(proje
 
     out = run_cli([*mnist_cloud, "train", "--on", "box", "--model", f"{project / 'mynet.py'}:Net"], cwd=REPO)
     assert_user_error(out, "is outside", "the directory synced to the machine")
+
+
+def test_a_trainer_py_of_the_project_never_shadows_the_trainer(project, mnist_cloud):
+    """`trainer.py` is a common name in a project; `python -m trainer` here must still be the tool's."""
+    (project / "trainer.py").write_text('print("THE PROJECT\'S trainer.py RAN")\nraise SystemExit(3)\n')
+    out = run_cli([*mnist_cloud, "check", "mynet.py:Net"], cwd=project)
+    assert out.returncode == 0 and "RAN" not in out.stdout, out.stdout + out.stderr
+
+
+def test_with_code_dir_the_model_file_is_named_relative_to_it_and_must_be_synced(project):
+    """train --on NAME --code DIR --model DIR/mynet.py:Net: the machine gets mynet.py:Net; a file git
+    ignores would never arrive, so it is refused before anything connects."""
+    from infra.cli import placement_and_flags
+    from runspec import UserError
+
+    _, argv = placement_and_flags(["--model", f"{project / 'mynet.py'}:Net", "--epochs", "1"], check=False,
+                                  code=project)
+    assert argv[:2] == ["--model", "mynet.py:Net"]
+    (project / ".gitignore").write_text("scratch/\n")
+    (project / "scratch").mkdir()
+    (project / "scratch" / "mynet.py").write_text(MYNET)
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    with pytest.raises(UserError, match="is not synced"):
+        placement_and_flags(["--model", f"{project / 'scratch' / 'mynet.py'}:Net"], check=False, code=project)

@@ -91,6 +91,7 @@ def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched
     assert (workdir / "trainer" / "train.py").exists()
     names = {p.name for p in workdir.rglob("*")}
     assert ".env" not in names and "deploy.pem" not in names and ".aws" not in names and "id_ed25519" not in names
+    assert "kaggle.json" not in names and ".kube" not in names
     again = cli("sync", launched)
     assert again.returncode == 0 and "synced 0 file(s)" in again.stdout
 
@@ -213,7 +214,7 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host,
         nb = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"{base}/api/contents/notebooks/train_on_instance.ipynb", headers={"Authorization": f"token {token}"})
         ).read())
-        assert nb["type"] == "notebook" and any("fit(cfg)" in "".join(c["source"]) for c in nb["content"]["cells"])
+        assert nb["type"] == "notebook" and any("fit(cfg, typed)" in "".join(c["source"]) for c in nb["content"]["cells"])
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(f"{base}/api/status")
         assert denied.value.code == 403

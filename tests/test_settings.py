@@ -67,7 +67,8 @@ def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     out = run_cli([*mnist_cloud, "config"], cwd=project / "src", env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:7]}
-    assert rows["model"] == ["mynet.py:Net", str(project / "mnist-cloud.toml")]
+    # a model file named in a settings file is relative to that file, wherever the command runs
+    assert rows["model"] == [f"{project / 'mynet.py'}:Net", str(project / "mnist-cloud.toml")]
     assert rows["autostop"] == ["15.0", str(home / "config.toml")]
     assert rows["epochs"] == ["7", "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"]
     assert rows["instance"] == ["-", "default"]
@@ -98,3 +99,22 @@ def test_train_takes_model_and_epochs_from_the_project(tmp_path, mnist_cloud, mn
     (run,) = (tmp_path / "runs").iterdir()
     config = json.loads((run / "config.json").read_text())["config"]
     assert (config["model"], config["epochs"]) == ("seed002-gap", 1)
+
+
+def test_a_resume_never_takes_the_files_model_or_epochs(files):
+    """A resume's flags are its config.json's: not even an abbreviated --res gets the defaults added."""
+    from infra.cli import with_defaults
+
+    project, _ = files
+    (project / "mnist-cloud.toml").write_text('model = "seed002-gap"\nepochs = 4\n')
+    assert with_defaults(["--lr", "0.1"]) == ["--epochs", "4", "--model", "seed002-gap", "--lr", "0.1"]
+    for resume in (["--resume", "runs/x"], ["--res", "runs/x"], ["--resume=runs/x"]):
+        assert with_defaults(resume) == resume
+
+
+def test_the_project_is_found_from_a_subdirectory(files):
+    """Run from src/ (or a checkout's notebooks/), the whole project is synced, not the subdirectory."""
+    from infra.targets import code_dir
+
+    project, _ = files
+    assert code_dir() == project.resolve()  # the fixture works in project/src, beside its pyproject.toml

@@ -39,7 +39,9 @@ class CheckResult:
     model: str
     params: int
     macs: int
-    receptive_field: int  # pixels, along the conv/pool chain up to the global pooling
+    # pixels, along the chain of Conv2d / pooling modules forward() runs, up to the global pooling: a
+    # net with branches, or pooling written as a function call, is not counted exactly
+    receptive_field: int
     batchnorm: bool
     dropout: bool
     gap: bool
@@ -82,13 +84,15 @@ def receptive_field(model: nn.Module, input_size: int = 28) -> int:
     if not any(isinstance(m, nn.Conv2d) for m, _, _ in order):
         return input_size  # no convolution: its first Linear already sees the whole image
     for m, inputs, output in order:
-        if output.dim() == 4 and output.shape[-2:] == (1, 1) and inputs.shape[-1] > 1:
+        pooling = not isinstance(m, nn.Conv2d)
+        if pooling and output.dim() == 4 and output.shape[-2:] == (1, 1) and inputs.shape[-1] > 1:
             break  # global pooling: everything after it sees the whole image
         if isinstance(m, nn.AdaptiveAvgPool2d):
-            continue
-        k, s = first(m.kernel_size), first(m.stride) or first(m.kernel_size)
+            k = s = inputs.shape[-1] // output.shape[-1]  # a fixed-size average of k x k blocks
+        else:
+            k, s = first(m.kernel_size), first(m.stride) or first(m.kernel_size)
         d = first(getattr(m, "dilation", 1))
-        rf += (k - 1) * d * jump
+        rf += (k - 1) * d * jump  # the standard recurrence: r += (k - 1) * d * j, then j *= s
         jump *= s
     return rf
 

@@ -34,7 +34,7 @@ def resolve_weights(path: str | Path) -> Path:
 
 def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint(resolve_weights(weights), map_location=device)
-    spec = get_spec(ckpt["model_name"])
+    spec = get_spec(ckpt["model_name"], ckpt.get("model_source"))
     changed = source_changed(ckpt.get("model_source"), spec)
     if changed:
         print(changed, file=sys.stderr, flush=True)

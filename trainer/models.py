@@ -214,10 +214,16 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def get_spec(name: str) -> ModelSpec:
-    """A model of the zoo by name, or the user's own: `path/to/file.py:Name` or `package.module:Name`."""
+def get_spec(name: str, source: dict | None = None) -> ModelSpec:
+    """A model of the zoo by name, or the user's own: `path/to/file.py:Name` or `package.module:Name`.
+    `source`: what a run recorded about its file ({"file": absolute path}), used when a relative spec
+    does not resolve from the current directory (evaluate or report run from elsewhere)."""
     if ":" in name:
-        return load_external(name)
+        target, _, attr = name.rpartition(":")
+        if _is_path(target) and not Path(target).expanduser().is_file() and (source or {}).get("file") \
+                and Path(source["file"]).is_file():
+            name = f"{source['file']}:{attr}"
+        return load_external(name, _stamp(name))
     try:
         return REGISTRY[name]
     except KeyError:
@@ -234,22 +240,46 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def _stamp(spec: str) -> tuple:
+    """What the cached import depends on: the directory a relative spec is read from, and the file's
+    size and mtime, so an edited file is imported again (in a notebook, say)."""
+    target = spec.rpartition(":")[0]
+    path = Path(target).expanduser()
+    try:
+        st = path.resolve().stat() if _is_path(target) else None
+    except OSError:
+        st = None
+    return os.getcwd(), (st.st_size, st.st_mtime_ns) if st else None
+
+
 def _import(target: str, spec: str):
     """The module of `spec`: a .py file (its directory is importable, for its own helpers) or a
     dotted module on sys.path (the current directory included). Any failure is one line."""
     try:
-        if target.endswith(".py") or "/" in target or os.sep in target:
+        if _is_path(target):
             path = Path(target).expanduser().resolve()
             if not path.is_file():
-                raise UserError(f"--model {spec}: {target} does not exist")
+                raise UserError(f"--model {spec}: {target} does not exist (relative to {os.getcwd()})")
+            if path.suffix != ".py":
+                raise UserError(f"--model {spec}: {target} is not a .py file")
             if str(path.parent) not in sys.path:
                 sys.path.insert(0, str(path.parent))
             name = f"mnist_cloud_model_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{path.stem}"
             loader = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(loader)
             sys.modules[name] = module
-            loader.loader.exec_module(module)
+            try:
+                loader.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
             return module, path
+        if os.getcwd() not in sys.path:  # the trainer runs without the current directory on its path
+            sys.path.append(os.getcwd())
         module = importlib.import_module(target)
         return module, Path(module.__file__) if getattr(module, "__file__", None) else None
     except UserError:
@@ -260,7 +290,7 @@ def _import(target: str, spec: str):
 
 
 @functools.lru_cache(maxsize=None)
-def load_external(spec: str) -> ModelSpec:
+def load_external(spec: str, stamp: tuple = ()) -> ModelSpec:
     """`FILE.py:Name` or `package.module:Name`, where Name is an nn.Module class or a function that
     returns one, taking no arguments. It must map a [N, 1, 28, 28] batch to [N, 10] logits."""
     target, _, attr = spec.rpartition(":")
@@ -302,7 +332,8 @@ def load_external(spec: str) -> ModelSpec:
 
 def source_changed(saved: dict | None, spec: ModelSpec) -> str | None:
     """One line when the model's file differs from the one a run was trained with, else None."""
-    if not saved or not spec.source or not saved.get("sha256") or saved.get("sha256") == spec.source.get("sha256"):
+    if not saved or not spec.source or not saved.get("sha256") or not spec.source.get("sha256") \
+            or saved.get("sha256") == spec.source.get("sha256"):
         return None
     return (f"note: {spec.source['file']} has changed since this run was trained (sha256 {saved['sha256'][:12]} "
             f"then, {spec.source['sha256'][:12]} now): these weights are loaded into today's code")
@@ -338,8 +369,8 @@ def structure_flags(model: nn.Module) -> dict[str, bool]:
         h.remove()
     kinds = [type(m) for m in model.modules()]
     return {
-        "batchnorm": nn.BatchNorm2d in kinds,
+        "batchnorm": any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
         "dropout": any(issubclass(k, nn.modules.dropout._DropoutNd) for k in kinds),
         "gap": gap,
-        "fc": nn.Linear in kinds,
+        "fc": any(isinstance(m, nn.Linear) for m in model.modules()),  # a subclass of Linear is one too
     }

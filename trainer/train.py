@@ -32,7 +32,7 @@ from trainer.env import environment
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
 from trainer.graphstep import StaticStep, check_supported, train_epoch_static
-from trainer.models import ModelSpec, count_params, get_spec
+from trainer.models import ModelSpec, count_params, get_spec, source_changed
 from trainer.optim import (
     WeightAverage,
     epoch_steps,
@@ -474,6 +474,9 @@ def restore(t: Training) -> Standing:
     CPU: a map_location of rank 0's GPU would land every rank's copy there)."""
     cfg, dist, engine = t.cfg, t.dist, t.engine
     ckpt, source = dist.broadcast(t.record.read_checkpoint(), t.device)
+    changed = source_changed(ckpt.get("model_source"), get_spec(cfg.model))
+    if changed:  # your own model's file: the run continues in today's code, and says so
+        t.record.note(changed.replace("loaded into today's code", "continued in today's code"))
     t.model.load_state_dict(ckpt["model_state"])
     load_optimizer_state(t.optimizer, ckpt["optimizer_state"])
     if t.scheduler is not None and ckpt["scheduler_state"] is not None:

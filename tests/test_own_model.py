@@ -126,6 +126,10 @@ def test_train_evaluate_and_a_changed_file(project, mnist_cloud, mnist_dir):
     assert model["source"]["sha256"] == hashlib.sha256(MYNET.encode()).hexdigest()
     same = run_cli([*mnist_cloud, "evaluate", str(run), "--data-dir", str(mnist_dir)], cwd=project)
     assert same.returncode == 0 and "has changed" not in same.stderr and "mynet.py:Net" in same.stdout
+    elsewhere = project / "elsewhere"  # the spec is relative; the run recorded the file's absolute path
+    elsewhere.mkdir()
+    away = run_cli([*mnist_cloud, "evaluate", str(run), "--data-dir", str(mnist_dir)], cwd=elsewhere)
+    assert away.returncode == 0 and "mynet.py:Net" in away.stdout, away.stdout + away.stderr
     (project / "mynet.py").write_text(MYNET + "\n# tuned the dropout later\n")
     later = run_cli([*mnist_cloud, "evaluate", str(run), "--data-dir", str(mnist_dir)], cwd=project)
     assert later.returncode == 0, later.stderr
@@ -141,6 +145,23 @@ def test_a_model_file_outside_the_synced_code_is_refused_before_connecting(proje
 
     out = run_cli([*mnist_cloud, "train", "--on", "box", "--model", f"{project / 'mynet.py'}:Net"], cwd=REPO)
     assert_user_error(out, "is outside", "the directory synced to the machine")
+
+
+def test_an_edited_model_file_is_imported_again_in_the_same_process(project, monkeypatch):
+    """In a notebook, the net is edited and rebuilt: the edit must show (the import is cached per version)."""
+    import os
+    import time
+
+    from trainer.models import count_params, get_spec
+
+    monkeypatch.chdir(project)
+    before = count_params(get_spec("mynet.py:Net").build())
+    (project / "mynet.py").write_text(MYNET.replace("block(16, 16)", "block(16, 24)").replace("nn.Conv2d(16, 10, 1)",
+                                                                                             "nn.Conv2d(24, 10, 1)"))
+    later = time.time() + 5
+    os.utime(project / "mynet.py", (later, later))  # a new mtime even on a coarse clock
+    after = count_params(get_spec("mynet.py:Net").build())
+    assert after > before
 
 
 def test_a_trainer_py_of_the_project_never_shadows_the_trainer(project, mnist_cloud):

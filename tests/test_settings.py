@@ -60,6 +60,14 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(files, mnist_cloud, text
     assert_user_error(out, needle, str(project / "pyproject.toml"))
 
 
+def test_an_unrelated_pyproject_that_does_not_parse_blocks_nothing(files, mnist_cloud):
+    """A cookiecutter template's pyproject.toml above the project is not ours: `stop` must still work."""
+    project, _ = files
+    (project / "pyproject.toml").write_text('[project]\nversion = {{ cookiecutter.version }}\n')
+    out = run_cli([*mnist_cloud, "config"], cwd=project / "src")
+    assert out.returncode == 0, out.stderr
+
+
 def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     project, home = files
     (project / "mnist-cloud.toml").write_text('model = "mynet.py:Net"\n')

@@ -484,8 +484,8 @@ def cmd_launch(args) -> int:
 
     from infra import settings
 
-    args.autostop = settings.value("autostop", args.autostop)
-    args.instance = settings.value("instance", args.instance)
+    found = settings.resolve({"autostop": args.autostop, "instance": args.instance})  # the files, read once
+    args.autostop, args.instance = found["autostop"].value, found["instance"].value
     if not args.instance:
         raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
                         "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")

@@ -48,8 +48,7 @@ def code_dir(explicit: str | None = None) -> Path:
         path = path.resolve()
     else:
         here = Path.cwd().resolve()
-        below_home = [d for d in (here, *here.parents) if home in d.parents]
-        candidates = below_home if home in here.parents or here == home else list((here, *here.parents))[:-1]
+        candidates = [d for d in (here, *here.parents) if d != home and d not in home.parents]  # not home, not "/"
         path = next((d for d in candidates if is_checkout(d) or any((d / m).exists() for m in PROJECT_MARKERS)),
                     here)
     if path == home or path in home.parents or path == Path(path.anchor):

@@ -194,3 +194,15 @@ def moto_server(public_ip: Callable[[], str] = lambda: "127.0.0.1", key_hosts: S
     finally:
         server.stop()
         patches.undo()
+
+
+def launch_fresh(cli, moto: str, name: str):
+    """A module's machine: the moto server reset and seeded with the DLAMI, then `launch` through the
+    CLI (SSH from 192.0.2.10/32). Returns the launch's completed process, already checked."""
+    import urllib.request as u
+
+    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    seed_dlami()
+    out = cli("launch", "--instance", "g4dn.xlarge", "--name", name, "--ssh-cidr", "192.0.2.10/32")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out

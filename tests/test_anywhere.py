@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import seed_dlami
+from cloud import launch_fresh
 from conftest import assert_user_error
 from test_own_model import MYNET, NET_PARAMS
 from test_package import installed  # noqa: F401  (the wheel, pip-installed into a directory of its own)
@@ -43,12 +43,7 @@ def cli(installed, env, project):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def machine(cli, moto):
-    import urllib.request as u
-
-    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
-    seed_dlami()
-    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "anywhere", "--ssh-cidr", "192.0.2.10/32")
-    assert out.returncode == 0, out.stdout + out.stderr
+    launch_fresh(cli, moto, "anywhere")
     return "anywhere"
 
 

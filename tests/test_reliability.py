@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import seed_dlami
+from cloud import launch_fresh
 from conftest import REPO, assert_user_error, epochs_written, wait_for
 
 # ~5 s epochs on 2 CPU cores: long enough to interrupt in the middle
@@ -120,12 +120,7 @@ def test_watchdog_under_cron_reads_the_real_root(tmp_path):
 
 @pytest.fixture(scope="module")
 def launched(cli, moto):
-    import urllib.request as u
-
-    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
-    seed_dlami()
-    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "rel", "--ssh-cidr", "192.0.2.10/32")
-    assert out.returncode == 0, out.stdout + out.stderr
+    launch_fresh(cli, moto, "rel")
     return "rel"
 
 

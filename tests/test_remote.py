@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud import aws_env, seed_dlami
+from cloud import launch_fresh
 from conftest import LEAK_CANARY, REPO, assert_user_error, run_cli, wait_for
 from sshhost import SSHTestHost
 
@@ -28,13 +28,7 @@ TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batc
 
 @pytest.fixture(scope="module")
 def launched(cli, moto):
-    import urllib.request as u
-
-    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
-    seed_dlami()
-    out = cli("launch", "--instance", "g4dn.xlarge", "--name", "e2e", "--ssh-cidr", "192.0.2.10/32")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SSH is up" in out.stdout
+    assert "SSH is up" in launch_fresh(cli, moto, "e2e").stdout
     yield "e2e"
 
 

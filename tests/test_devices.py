@@ -383,6 +383,45 @@ def test_cuda_graph_flag_on_the_cpu_runs_the_static_step_like_the_eager_one(tmp_
     assert static[-1]["val_acc"] > 30  # it learns (2 short epochs)
 
 
+class NoHostData(TorchDispatchMode):
+    """What CUDA refuses while a stream is capturing, seen on the CPU: a tensor made from Python data
+    (`torch.tensor([...])` lifts a host buffer: a host-to-device copy on CUDA) and a read back to the
+    host (`.item()`, `.tolist()`: a sync)."""
+
+    FORBIDDEN = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default,
+                 torch.ops.aten._local_scalar_dense.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"{func} inside the captured step: CUDA refuses it during graph capture")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(input_size=24, rotate=7),  # the default recipe: the 24-px crop inside the warp
+    dict(input_size=24, rotate=10, translate=0.1, scale=0.1, shear=5, perspective=0.5, crop=0.5,
+         brightness=0.2, contrast=0.2),
+], ids=["default-recipe", "every-knob"])
+def test_the_captured_step_makes_no_tensor_from_host_data_after_warm_up(tmp_path, mnist_dir, monkeypatch, knobs):
+    """--cuda-graph captures the step after WARMUP_STEPS eager ones; off CUDA that step runs eagerly, so
+    run every later step under the guard: what it would refuse at capture fails here."""
+    from trainer import graphstep
+
+    real_step, calls = graphstep.StaticStep._step, []
+
+    def guarded(static):
+        calls.append(1)
+        if len(calls) <= graphstep.WARMUP_STEPS:
+            return real_step(static)
+        with NoHostData():
+            return real_step(static)
+
+    monkeypatch.setattr(graphstep.StaticStep, "_step", guarded)
+    result = fit(small(tmp_path, mnist_dir, run_id="guarded", cuda_graph=True, epochs=1, max_steps=6,
+                       eval_limit=100, **knobs))
+    assert result["status"] == "completed" and len(calls) == 6
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(optimizer="adam", lr=0.003), "--optimizer sgd only"),
     (dict(schedule="plateau"), "schedule plateau"),

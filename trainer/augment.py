@@ -110,8 +110,11 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool, size: i
     the crop is part of the one grid_sample, so a smaller input costs nothing extra."""
     n, _, h, w = images.shape
     if size is not None and size != w:
-        shrink = torch.diag(torch.tensor([size / w, size / h, 1.0], device=images.device))
-        matrices = matrices @ shrink  # output coordinates span size/w of the input's [-1, 1]
+        # output coordinates span size/w of the input's [-1, 1]: scale the x and y columns by Python
+        # floats, not by a tensor made from them (a host-to-device copy, which CUDA refuses inside
+        # a graph capture: --cuda-graph)
+        matrices = torch.cat([matrices[..., :1] * (size / w), matrices[..., 1:2] * (size / h), matrices[..., 2:]],
+                             dim=-1)
         h = w = size
     if not projective:  # affine only: the fused built-in is cheaper
         grid = F.affine_grid(matrices[:, :2, :], [n, 1, h, w], align_corners=False)

@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""The default recipe on one GPU, variant by variant: fp32, AMP, torch.compile, CUDA graph.
+"""The default recipe on one GPU, variant by variant: fp32, AMP, torch.compile, CUDA graph, larger batches.
 
-    python scripts/gpu_bench.py --data-dir .data/mnist               # every variant, seeds 1,2,3
-    python scripts/gpu_bench.py --variants fp32,graph --seeds 1
-    python scripts/gpu_bench.py --device cpu --quick                 # a smoke test of the script itself
+    python scripts/gpu_bench.py --out OUT                           # every variant, seeds 1,2; the winner on 3-5
+    python scripts/gpu_bench.py --variants fp32,graph-b512 --seeds 1
+    python scripts/gpu_bench.py --device cpu --quick                # a smoke test of the script itself
 
-Each (variant, seed) is a fresh `python -m trainer train` process on the full 15-epoch default recipe.
-From its metrics.jsonl and result.json it reports:
-- train s: the 15 epochs' training steps (no evaluation, no process start, no data load);
-- epochs s: the same plus the per-epoch validation (and test, only with --test-every-epoch);
+A variant is `BASE[-bN][-lrX]`: BASE is one of VARIANTS below, `-bN` trains at batch N (the peak LR
+scaled linearly from the recipe's, as `--batch-size N` does) and `-lrX` sets the peak LR instead.
+Each variant runs in one fresh process, its seeds one after another inside it (`fit()`, as
+`python -m trainer train` calls it), so a CUDA error in one variant cannot poison another, and no
+seed pays for a second torch import. From each run's metrics.jsonl and result.json it reports:
+- train s: the epochs' training steps (no evaluation, process start, data load, compile or capture);
 - compile s: torch.compile's compilation or the CUDA graph's capture, reported apart;
 - s/epoch: the median training time of one epoch;
-- test %: result.json's test accuracy, of the weights the run delivers (model.pt); min and median over seeds.
-Figures come only from the machine it ran on; the header names the GPU and the torch version.
-Run it alone on the machine: it measures wall time.
+- test %: result.json's test accuracy, of the weights the run delivers (model.pt): min and median.
+
+The winner (`--winner-seeds`) follows the rule trainer/device.py states for the CUDA default: the
+fastest median train time among the variants whose every seed delivered at least --bar % test
+accuracy. gpu_bench.json and gpu_bench.md in --out are rewritten after every variant, so a run cut
+short still leaves what it measured. Figures come only from the machine it ran on; the header names
+the GPU and the torch and CUDA versions. Run it alone on the machine: it measures wall time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,20 +36,36 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the script runs from a checkout: runspec/ is beside it, not installed
+sys.path.insert(0, str(REPO))  # the script runs from a checkout: runspec/ and trainer/ are beside it
 
 import runspec
 
-# trainer flags per variant, on top of the defaults (net8k, 15 epochs, batch 128, OneCycle)
+# trainer flags per base variant, on top of the default recipe (net8k, 10 epochs, 24 px, batch 128, OneCycle)
 VARIANTS = {
-    "fp32": ["--amp", "off"],
-    "amp": ["--amp", "on"],  # bf16 on sm80+, fp16 + loss scaler below (a T4)
-    "compile": ["--compile"],
-    "compile-ro": ["--compile", "--compile-mode", "reduce-overhead"],
-    "graph": ["--cuda-graph"],
+    "fp32": ["--amp", "off", "--no-cuda-graph"],  # typed: no CUDA default fills anything in
+    "amp": ["--amp", "on", "--no-cuda-graph"],  # bf16 on sm80+, fp16 + loss scaler below (a T4)
+    "compile": ["--amp", "off", "--compile"],
+    "compile-ro": ["--amp", "off", "--compile", "--compile-mode", "reduce-overhead"],
+    "graph": ["--cuda-graph", "--amp", "off"],
     "graph-amp": ["--cuda-graph", "--amp", "on"],  # bf16 only: fp16's scaler cannot be captured
 }
+# The larger batches were chosen on the CPU, on validation, before any GPU ran (README, "GPU").
+DEFAULT_VARIANTS = "fp32,amp,compile,graph,graph-amp,graph-b256,graph-amp-b256,graph-b512,graph-amp-b512"
 QUICK = ["--epochs", "2", "--train-limit", "4096", "--eval-limit", "1000"]
+NAME = re.compile(r"^(?P<base>[a-z0-9]+(?:-(?:amp|ro))?)(?:-b(?P<batch>\d+))?(?:-lr(?P<lr>[0-9.]+))?$")
+
+
+def variant_flags(name: str) -> list[str]:
+    """The trainer flags of a variant name; ValueError for a name that is not one."""
+    m = NAME.match(name)
+    if not m or m["base"] not in VARIANTS:
+        raise ValueError(name)
+    flags = list(VARIANTS[m["base"]])
+    if m["batch"]:
+        flags += ["--batch-size", m["batch"]]
+    if m["lr"]:
+        flags += ["--lr", m["lr"]]
+    return flags
 
 
 def device_banner(device: str) -> str:
@@ -51,78 +74,162 @@ def device_banner(device: str) -> str:
             "cap = capability(d); cap = f', capability {cap[0]}.{cap[1]}' if cap else '';"
             "print(f'{device_name(d)}{cap}, torch {torch.__version__}, CUDA {torch.version.cuda}')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
+    return out.stdout.strip() or (out.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def run_variant(variant: str, seed: int, args, out: Path) -> dict:
-    run_id = f"gpu-{variant}-s{seed}"
-    cmd = [sys.executable, "-m", "trainer", "train", "--device", args.device, *VARIANTS[variant],
-           "--seed", str(seed), "--run-id", run_id, "--out-dir", str(out), "--no-progress", "--no-report",
-           *(["--data-dir", args.data_dir] if args.data_dir else []), *(QUICK if args.quick else [])]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"  failed (exit {proc.returncode}): {last}", flush=True)
-        return {"variant": variant, "seed": seed, "error": last}
-    run = runspec.read_run(out / run_id)
-    rows, result = run.rows, run.completed()
-    config = run.config
-    return {"variant": variant, "seed": seed, "amp": config["device"]["amp"] or "fp32",
+def worker(args) -> int:
+    """One variant, its seeds in this process: a JSON line per run on stdout."""
+    from runspec.config import from_namespace
+    from trainer.cli import parse_train_args
+    from trainer.train import fit
+
+    for seed in args.seeds:
+        run_id = f"gpu-{args.worker}-s{seed}"
+        argv = ["--device", args.device, *variant_flags(args.worker), "--seed", str(seed), "--run-id", run_id,
+                "--out-dir", str(args.runs), "--no-progress", "--no-report",
+                *(["--data-dir", args.data_dir] if args.data_dir else []), *(QUICK if args.quick else [])]
+        print(f"$ python -m trainer train {' '.join(argv)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            ns, explicit = parse_train_args(argv)
+            fit(from_namespace(ns), explicit)
+        except Exception as e:  # noqa: BLE001 - reported as this run's error, the next seed still runs
+            print(json.dumps({"variant": args.worker, "seed": seed, "error": f"{type(e).__name__}: {e}"[:300]}),
+                  flush=True)
+            continue
+        run = runspec.read_run(Path(args.runs) / run_id)
+        rows, result, config = run.rows, run.completed(), run.config
+        print(json.dumps({
+            "variant": args.worker, "seed": seed, "precision": config["device"]["amp"] or "fp32",
+            "batch_size": config["config"]["batch_size"], "lr": config["config"]["lr"], "epochs": len(rows),
             "train_s": sum(r["train_seconds"] for r in rows),
             "epochs_s": sum(r["seconds"] for r in rows),
             "compile_s": sum(r.get("compile_seconds", 0.0) for r in rows),
             "epoch_s": statistics.median(r["train_seconds"] for r in rows),
-            "test_acc": result["test_acc"], "process_s": wall}
+            "test_acc": result["test_acc"], "run_s": time.perf_counter() - started}), flush=True)
+    return 0
+
+
+def run_variant(variant: str, seeds: list[int], args, runs: Path) -> list[dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--seeds", ",".join(map(str, seeds)),
+           "--device", args.device, "--runs", str(runs), *(["--data-dir", args.data_dir] if args.data_dir else []),
+           *(["--quick"] if args.quick else [])]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=None, text=True)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    done = {r["seed"] for r in results}
+    for seed in seeds:
+        if seed not in done:  # the process died (a CUDA fault, a kill): say so for each seed it did not report
+            results.append({"variant": variant, "seed": seed, "error": f"worker exited {proc.returncode}"})
+    for r in results:
+        if "error" in r:
+            print(f"  {variant} seed {r['seed']}: failed: {r['error']}", flush=True)
+        else:
+            print(f"  {variant} seed {r['seed']}: train {r['train_s']:.2f} s, compile {r['compile_s']:.1f} s, "
+                  f"test {r['test_acc']:.2f}%", flush=True)
+    return results
+
+
+def summarize(results: list[dict], variant: str) -> dict | None:
+    ok = [r for r in results if r["variant"] == variant and "error" not in r]
+    if not ok:
+        return None
+    accs = [r["test_acc"] for r in ok]
+    return {"variant": variant, "precision": ok[0]["precision"], "batch_size": ok[0]["batch_size"],
+            "lr": ok[0]["lr"], "seeds": len(ok),
+            "failed": sum(1 for r in results if r["variant"] == variant and "error" in r),
+            "train_s": statistics.median(r["train_s"] for r in ok),
+            "compile_s": statistics.median(r["compile_s"] for r in ok),
+            "epoch_s": statistics.median(r["epoch_s"] for r in ok),
+            "test_min": min(accs), "test_median": statistics.median(accs)}
+
+
+def pick_winner(summaries: list[dict], bar: float) -> dict | None:
+    """The rule of trainer/device.py's CUDA default: the fastest median train time among the variants
+    that ran without a failure and whose every seed delivered at least `bar` % test accuracy."""
+    held = [s for s in summaries if not s["failed"] and s["test_min"] >= bar]
+    return min(held, key=lambda s: s["train_s"]) if held else None
 
 
 def table(results: list[dict], variants: list[str]) -> str:
-    lines = ["| variant | precision | train s (median) | epochs s (median) | compile s | s/epoch | "
-             "test % min | test % median | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | precision | batch | peak LR | train s | s/epoch | compile s | test % min | "
+             "test % median | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
-        ok = [r for r in results if r["variant"] == v and "error" not in r]
-        failed = [r for r in results if r["variant"] == v and "error" in r]
-        if not ok:
-            why = failed[0]["error"] if failed else "not run"
-            lines.append(f"| {v} | - | failed: {why} | | | | | | {len(failed)} |")
+        s = summarize(results, v)
+        if s is None:
+            why = next((r["error"] for r in results if r["variant"] == v), "not run")
+            lines.append(f"| {v} | - | - | - | failed: {why} | | | | | 0 |")
             continue
-        med = lambda key: statistics.median(r[key] for r in ok)
-        accs = [r["test_acc"] for r in ok]
-        lines.append(f"| {v} | {ok[0]['amp']} | {med('train_s'):.2f} | {med('epochs_s'):.2f} | "
-                     f"{med('compile_s'):.1f} | {med('epoch_s'):.3f} | {min(accs):.2f} | "
-                     f"{statistics.median(accs):.2f} | {len(ok)}{f' ({len(failed)} failed)' if failed else ''} |")
+        failed = f" ({s['failed']} failed)" if s["failed"] else ""
+        lines.append(f"| {v} | {s['precision']} | {s['batch_size']} | {s['lr']:g} | {s['train_s']:.2f} | "
+                      f"{s['epoch_s']:.3f} | {s['compile_s']:.1f} | {s['test_min']:.2f} | {s['test_median']:.2f} | "
+                      f"{s['seeds']}{failed} |")
     return "\n".join(lines)
+
+
+def write(out: Path, banner: str, args, results: list[dict], variants: list[str], winner: dict | None) -> None:
+    summaries = [s for s in (summarize(results, v) for v in variants) if s]
+    data = {"device": banner, "quick": args.quick, "bar": args.bar, "seeds": args.seeds,
+            "summaries": summaries, "winner": winner, "results": results}
+    tmp = out / "gpu_bench.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(out / "gpu_bench.json")
+    text = f"{banner}{' (--quick: not a measurement)' if args.quick else ''}\n\n{table(results, variants)}\n"
+    if winner:
+        text += (f"\nwinner (fastest with every seed >= {args.bar}%): {winner['variant']}, "
+                 f"{winner['train_s']:.2f} s, test min {winner['test_min']:.2f}% over {winner['seeds']} seeds\n")
+    (out / "gpu_bench.md").write_text(text)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds per variant (default: %(default)s)")
+    p.add_argument("--winner-seeds", default="3,4,5",
+                   help="more seeds for the winner, so that it has 1-5 (default: %(default)s; '' for none)")
+    p.add_argument("--bar", type=float, default=99.45, help="test %% every seed must hold (default: %(default)s)")
     p.add_argument("--device", default="cuda", help="default: %(default)s")
     p.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR"), help="MNIST IDX directory")
-    p.add_argument("--out", default=None, help="directory for the runs and gpu_bench.json (default: a temp dir)")
+    p.add_argument("--out", default=None, help="where gpu_bench.json and gpu_bench.md go (default: a temp dir)")
+    p.add_argument("--runs", default=None, help="where the run directories go (default: OUT)")
     p.add_argument("--quick", action="store_true", help="2 epochs on 4,096 images: checks the script, measures nothing")
+    p.add_argument("--worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.worker:
+        return worker(args)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if not _is_variant(v)]
     if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+        p.error(f"unknown variant(s) {', '.join(unknown)}; a variant is BASE[-bN][-lrX], BASE one of "
+                f"{', '.join(VARIANTS)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="mnist-cloud-gpu-bench-"))
+    runs = Path(args.runs) if args.runs else out
     out.mkdir(parents=True, exist_ok=True)
 
     banner = device_banner(args.device)
     print(f"device: {banner}", flush=True)
-    results = [run_variant(v, s, args, out) for v in variants for s in seeds]
-    (out / "gpu_bench.json").write_text(json.dumps({"device": banner, "quick": args.quick, "results": results},
-                                                   indent=2))
-    print(f"\n{banner}{' (--quick: not a measurement)' if args.quick else ''}")
-    print(table(results, variants))
-    print(f"\nruns and gpu_bench.json: {out}")
-    return 1 if any("error" in r for r in results) and not any("error" not in r for r in results) else 0
+    results: list[dict] = []
+    for v in variants:
+        results += run_variant(v, args.seeds, args, runs)
+        write(out, banner, args, results, variants, None)
+    winner = pick_winner([s for s in (summarize(results, v) for v in variants) if s], args.bar)
+    extra = [int(s) for s in args.winner_seeds.split(",") if s]
+    if winner and extra:
+        print(f"winner on seeds {args.seeds}: {winner['variant']}; running seeds {extra}", flush=True)
+        results += run_variant(winner["variant"], extra, args, runs)
+        winner = summarize(results, winner["variant"])
+    write(out, banner, args, results, variants, winner)
+    print(f"\n{(out / 'gpu_bench.md').read_text()}")
+    print(f"gpu_bench.json and gpu_bench.md: {out}; runs: {runs}")
+    return 1 if results and all("error" in r for r in results) else 0
+
+
+def _is_variant(name: str) -> bool:
+    try:
+        variant_flags(name)
+        return True
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

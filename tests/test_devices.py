@@ -339,15 +339,75 @@ def test_static_sgd_is_torch_sgd_with_device_scalars():
                    for a, b in zip(ours.parameters(), ref.parameters()))
 
 
-def test_static_batch_gather_is_the_permutation_slice():
-    from trainer.graphstep import gather_batch
+def test_the_static_step_augments_the_epoch_ahead_in_batch_order(tmp_path, mnist_dir):
+    """Batch k of the epoch buffer is perm[k*B:(k+1)*B], prepared as the eager step prepares it; with
+    augmentation on, the epoch's draws come from the augmentation generator, the same on a re-draw."""
+    from types import SimpleNamespace
 
-    images, labels = torch.arange(50).view(50, 1, 1, 1).to(torch.uint8), torch.arange(50)
-    perm = torch.randperm(50)
-    order = perm[:48].view(4, 12)
-    for step in range(4):
-        x, y = gather_batch(images, labels, order, torch.tensor(step))
-        assert torch.equal(y, perm[step * 12:(step + 1) * 12]) and torch.equal(x.flatten().long(), y)
+    from trainer import graphstep
+    from trainer.distributed import Dist
+    from trainer.train import make_engine
+
+    images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (100,))
+    split = SimpleNamespace(images=images, labels=labels)
+    model = torch.nn.Conv2d(1, 1, 3)
+    for rotate in (0.0, 10.0):
+        cfg = small(tmp_path, mnist_dir, batch_size=12, input_size=24, rotate=rotate, cuda_graph=True)
+        engine = make_engine(cfg, Dist(), torch.device("cpu"), False)
+        static = graphstep.StaticStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), cfg, engine,
+                                      split, steps=8)
+        perm = torch.randperm(100)
+        state = engine.aug_gen.get_state()
+        static.start_epoch(perm, 1, 0)
+        assert torch.equal(static.epoch_y.flatten(), labels[perm[:96]])
+        if not rotate:
+            assert torch.equal(static.epoch_x.flatten(0, 1), engine.prepare(images[perm[:96]].float() / 255))
+        else:
+            first = static.epoch_x.clone()
+            engine.aug_gen.set_state(state)
+            static.start_epoch(perm, 1, 0)
+            assert torch.equal(static.epoch_x, first)  # a resume's re-draw is the same epoch
+            plain = engine.prepare(images[perm[:96]].float() / 255)
+            assert not torch.equal(first.flatten(0, 1), plain)  # and it is augmented
+
+
+@pytest.mark.slow
+def test_cuda_graph_run_interrupted_mid_epoch_resumes_exactly(tmp_path, mnist_dir, monkeypatch):
+    """The static step augments an epoch ahead; a run stopped mid-epoch draws the same epoch again on
+    resume (from the generator state saved at the epoch's start), so it ends where an unbroken run ends."""
+    import signal
+
+    from trainer import graphstep, train
+
+    common = dict(train_limit=2048, eval_limit=500, rotate=10, cuda_graph=True)
+    fit(small(tmp_path, mnist_dir, run_id="straight", **common))
+    steps = {"n": 0}
+    real_run = graphstep.StaticStep.run
+
+    def counted(static):
+        steps["n"] += 1
+        return real_run(static)
+
+    class StopsInEpochTwo(train.StopFlag):
+        def __bool__(self):
+            if steps["n"] >= 16 + 5:  # 16 steps an epoch: 5 steps into epoch 2
+                self.signal = signal.SIGTERM
+            return self.signal is not None
+
+    monkeypatch.setattr(graphstep.StaticStep, "run", counted)
+    monkeypatch.setattr(train, "StopFlag", StopsInEpochTwo)
+    result = fit(small(tmp_path, mnist_dir, run_id="split", **common))
+    assert result["status"] == "interrupted"
+    monkeypatch.undo()
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "split"), progress=False), explicit={"resume", "progress"})
+    timing = {"seconds", "train_seconds", "img_per_s", "elapsed", "compile_seconds"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    straight, split = strip(epochs(tmp_path / "runs" / "straight")), strip(epochs(tmp_path / "runs" / "split"))
+    assert [r["epoch"] for r in split] == [1, 2]
+    for a, b in zip(straight, split):
+        for k in a:  # the epoch's loss sum is added in two parts on resume: equal to rounding
+            assert b[k] == (None if a[k] is None else pytest.approx(a[k], rel=1e-9, abs=1e-12)), (k, a[k], b[k])
 
 
 @pytest.mark.slow
@@ -368,9 +428,10 @@ def test_schedule_table_is_the_lr_the_trainer_used(tmp_path, mnist_dir, schedule
 
 @pytest.mark.slow
 def test_cuda_graph_flag_on_the_cpu_runs_the_static_step_like_the_eager_one(tmp_path, mnist_dir):
-    """Off CUDA --cuda-graph runs the same static step without capture: same batches, same schedule,
-    the same augmentation draws; only the optimizer's rounding differs."""
-    common = dict(train_limit=2048, eval_limit=1000, rotate=10)
+    """Off CUDA --cuda-graph runs the same static step without capture: same batches and schedule; only
+    the optimizer's rounding differs. (Its augmentation is drawn for the whole epoch ahead instead of
+    per step, so other draws: compared without it here, and on its own in the epoch-ahead test.)"""
+    common = dict(train_limit=2048, eval_limit=1000, rotate=0)
     fit(small(tmp_path, mnist_dir, run_id="eager", **common))
     fit(small(tmp_path, mnist_dir, run_id="static", cuda_graph=True, stop_after=1, **common))
     fit(TrainConfig(resume=str(tmp_path / "runs" / "static"), progress=False), explicit={"resume", "progress"})
@@ -455,3 +516,74 @@ def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
     assert [r["variant"] for r in results] == ["fp32", "graph"] and all(r["train_s"] > 0 for r in results)
     for r in results:  # the delivered weights' number, as the run reported it (per-epoch test is null)
         assert r["test_acc"] == json.loads((tmp_path / f"gpu-{r['variant']}-s1" / "result.json").read_text())["test_acc"]
+
+
+# ---------------------------------------------------------------------------------- the CUDA default per capability
+@pytest.fixture
+def gpu_of(monkeypatch):
+    """Make the trainer's CLI see a CUDA GPU of the given capability (the policy is a pure function of it)."""
+    from trainer import device as dev
+
+    def install(capability):
+        monkeypatch.setattr(dev, "resolve_device", lambda name: torch.device("cuda"))
+        monkeypatch.setattr(dev, "capability", lambda device: capability)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return install
+
+
+def parsed(argv):
+    from trainer.cli import parse_train_args
+
+    args, _ = parse_train_args(argv)
+    return {k: getattr(args, k) for k in ("cuda_graph", "amp", "batch_size", "lr")}
+
+
+@pytest.mark.parametrize("capability,argv,expected", [
+    ((9, 0), [], dict(cuda_graph=True, amp="on", batch_size=512, lr=0.8)),  # an H100/H200: bf16 in the graph
+    ((8, 6), [], dict(cuda_graph=True, amp="on", batch_size=512, lr=0.8)),  # an A10G
+    ((7, 5), [], dict(cuda_graph=True, amp="off", batch_size=512, lr=0.8)),  # a T4: no real bf16, fp16 can't be captured
+    ((9, 0), ["--amp", "off"], dict(cuda_graph=True, amp="off", batch_size=512, lr=0.8)),  # a typed flag wins
+    ((9, 0), ["--batch-size", "256"], dict(cuda_graph=True, amp="on", batch_size=256, lr=0.4)),
+    ((9, 0), ["--lr", "0.3"], dict(cuda_graph=True, amp="on", batch_size=128, lr=0.3)),  # the LR was for batch 128
+    ((9, 0), ["--no-cuda-graph"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),  # opted out
+    ((9, 0), ["--compile"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),
+    ((9, 0), ["--optimizer", "adamw", "--lr", "0.003"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.003)),
+    ((9, 0), ["--ema", "0.999"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),
+    ((7, 5), ["--amp", "on"], dict(cuda_graph=False, amp="on", batch_size=128, lr=0.2)),  # fp16: not capturable
+    ((9, 0), ["--model", "seed002-gap"], dict(cuda_graph=True, amp="on", batch_size=128, lr=0.1)),  # batch: net8k's
+    ((9, 0), ["--resume", "runs/x"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.1)),  # its saved config
+], ids=lambda v: str(v) if not isinstance(v, dict) else "")
+def test_cuda_default_follows_the_capability_and_the_typed_flags(gpu_of, capsys, capability, argv, expected):
+    gpu_of(capability)
+    assert parsed(argv) == pytest.approx(expected)
+    note = [line for line in capsys.readouterr().err.splitlines() if "CUDA default" in line]
+    assert len(note) == (1 if expected["cuda_graph"] and "--cuda-graph" not in argv else 0)
+
+
+def test_cuda_default_is_off_under_torchrun_and_off_cuda(gpu_of, monkeypatch):
+    gpu_of((9, 0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parsed([])["cuda_graph"] is False
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parsed([])["cuda_graph"] is True
+    from trainer import device as dev
+
+    monkeypatch.setattr(dev, "resolve_device", lambda name: torch.device("cpu"))
+    assert parsed([]) == dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)  # the laptop's recipe
+
+
+def test_every_cuda_default_is_a_variant_the_bench_measures():
+    """The rule's table names variants as scripts/gpu_bench.py does, and each one's flags are that name's."""
+    import importlib.util
+
+    from conftest import REPO
+    from trainer.device import CUDA_VARIANTS
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "scripts" / "gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for v in CUDA_VARIANTS:
+        flags = bench.variant_flags(v.name)
+        assert ("--cuda-graph" in flags) == v.cuda_graph
+        assert flags[flags.index("--amp") + 1] == v.amp
+        assert int(flags[flags.index("--batch-size") + 1]) == v.batch_size

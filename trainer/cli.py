@@ -57,7 +57,44 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
             continue  # an SGD peak; Adam's scale is another
         if key not in explicit:
             setattr(args, key, value)
+    apply_cuda_default(args, explicit, spec)
     scale_lr_to_batch(args, explicit)
+
+
+# what a CUDA default may set; a flag the user typed wins, and typing --compile or --cuda-graph opts out
+CUDA_DEFAULT_FIELDS = ("cuda_graph", "amp", "batch_size")
+
+
+def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> None:
+    """On a CUDA GPU, the untyped speed flags come from trainer.device.cuda_default for its capability.
+    It runs here, on the machine that trains (the laptop only checks flags), and says what it chose."""
+    if {"compile", "cuda_graph"} & explicit or getattr(args, "dry_run", False):
+        return
+    from trainer import device as dev
+
+    device = dev.resolve_device(args.device)
+    if device.type != "cuda":
+        return
+    capability = dev.capability(device)
+    amp_typed_fp16 = "amp" in explicit and args.amp == "on" and capability < (8, 0)
+    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema and not args.compile
+                  and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not amp_typed_fp16)
+    variant = dev.cuda_default(capability, capturable)
+    if variant is None:
+        return
+    chosen = {"cuda_graph": True, "amp": variant.amp}
+    if spec.gpu_batch == variant.batch_size and "lr" not in explicit:  # a batch this model's recipe was validated at
+        chosen["batch_size"] = variant.batch_size
+    chosen = {k: v for k, v in chosen.items() if k not in explicit}
+    if "batch_size" in chosen and args.optimizer == "sgd":  # the linear rule, as a typed --batch-size gets
+        chosen["lr"] = round(args.lr * chosen["batch_size"] / REFERENCE_BATCH, 6)
+    for key, value in chosen.items():
+        setattr(args, key, value)
+    if os.environ.get("RANK", "0") == "0":
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
+        print(f"note: CUDA default for sm{capability[0]}{capability[1]} ({variant.name}): {flags}; typing "
+              "--amp, --batch-size or --lr sets that one, --no-cuda-graph turns the captured step off",
+              file=sys.stderr)
 
 
 def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,35 @@ def amp_dtype(device_type: str, amp: str, capability: tuple[int, int] | None = N
                             f"{version[0]}.{version[1]}: upgrade torch, or use --amp off")
         return torch.float16
     return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class CudaVariant:
+    """A way to run the default recipe on CUDA, as scripts/gpu_bench.py names and measures it."""
+
+    name: str
+    cuda_graph: bool
+    amp: str  # "on" is bf16 here: a captured step cannot hold fp16's loss scaler
+    batch_size: int  # for models whose recipe was validated at it (ModelSpec.gpu_batch); others keep theirs
+    min_capability: tuple[int, int] = (0, 0)
+
+
+# The CUDA default, fastest first, as measured by scripts/gpu_check.sh (README, "GPU"): the rule is
+# "the fastest variant that delivered >= 99.45% test accuracy on every seed on the GPU it ran on",
+# and the first variant here that the GPU and the run's other flags allow is the one taken.
+CUDA_VARIANTS = (
+    CudaVariant("graph-amp-b512", cuda_graph=True, amp="on", batch_size=512, min_capability=(8, 0)),  # bf16
+    CudaVariant("graph-b512", cuda_graph=True, amp="off", batch_size=512),
+)
+
+
+def cuda_default(capability: tuple[int, int], capturable: bool) -> CudaVariant | None:
+    """The variant a CUDA run of this capability takes for the flags the user did not type; None when
+    the run cannot be captured (another optimizer, a plateau schedule, torchrun, --ema, --compile):
+    the recipe then runs as typed, eagerly in fp32."""
+    if not capturable:
+        return None
+    return next((v for v in CUDA_VARIANTS if capability >= v.min_capability), None)
 
 
 def needs_grad_scaler(dtype: torch.dtype | None) -> bool:

@@ -3,16 +3,17 @@
 An MNIST net this small is launch-bound on a GPU: ~120 kernel launches per step, each a few
 microseconds of work, so the step time is Python and launch overhead. Captured once, a step is one
 `graph.replay()`. For that, nothing in the step may depend on the host:
-- the epoch's permutation sits in a static [steps, B] buffer; the step index is a device tensor and
-  the batch is gathered with `index_select` inside the graph;
+- the epoch is augmented ahead, at its start, in a few large launches (AUGMENT_CHUNK images each)
+  into a static [steps, B, C, S, S] buffer in batch order; the step index is a device tensor and the
+  batch is picked with `index_select` inside the graph. Per step, augmentation was ~40 of the ~150
+  kernels; ahead of time it is a handful per 16k images;
 - the learning rate and momentum of every step of the run are precomputed by replaying the
   scheduler (`schedule_table`), and the step reads its row by the device step counter;
 - SGD is written with `torch._foreach_*` ops on device scalars (`StaticSGD`), since torch's SGD takes
   its momentum as a Python float and OneCycle changes it every step;
 - per-step losses and the correct count go into device buffers, read once per epoch.
 
-Off CUDA the same step runs eagerly, which is how the CPU tests cover every part of it. This path
-has not been measured on a GPU yet, so it is opt-in (see README, "GPU").
+Off CUDA the same step runs eagerly, which is how the CPU tests cover every part of it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from trainer.errors import UserError
 from trainer.optim import schedule_table, zero_momentum_buffers
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
+AUGMENT_CHUNK = 16384  # images augmented per launch group at an epoch's start: ~40 MB of float32 in flight
 
 
 def check_supported(cfg: TrainConfig, world: int, amp_dtype: torch.dtype | None) -> None:
@@ -77,13 +79,6 @@ class StaticSGD:
         self.global_step += 1
 
 
-def gather_batch(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor,
-                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row `step` (a device scalar) of `order` [steps, B] picks the batch: no host index involved."""
-    idx = order.index_select(0, step.view(1)).view(-1)
-    return images.index_select(0, idx), labels.index_select(0, idx)
-
-
 class StaticStep:
     """The training step over static buffers; `run()` replays its CUDA graph, or runs it eagerly off CUDA."""
 
@@ -97,7 +92,9 @@ class StaticStep:
         self.step_in_epoch = torch.zeros((), dtype=torch.long, device=device)
         self.sgd = StaticSGD(optimizer, torch.tensor(lrs, device=device), torch.tensor(moms, device=device),
                              self.global_step)
-        self.order = torch.zeros(steps, cfg.batch_size, dtype=torch.long, device=device)
+        size = cfg.input_size
+        self.epoch_x = torch.zeros(steps, cfg.batch_size, split.images.shape[1], size, size, device=device)
+        self.epoch_y = torch.zeros(steps, cfg.batch_size, dtype=torch.long, device=device)
         self.losses = torch.zeros(steps, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.graph: Any = None
@@ -107,8 +104,9 @@ class StaticStep:
     def _step(self) -> None:
         engine, cfg = self.engine, self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        images, y = gather_batch(self.split.images, self.split.labels, self.order, self.step_in_epoch)
-        x = engine.prepare(augment(images.float().div_(255.0), self.aug, engine.aug_gen))
+        at = self.step_in_epoch.view(1)
+        x = self.epoch_x.index_select(0, at).squeeze(0).contiguous(memory_format=engine.memory_format)
+        y = self.epoch_y.index_select(0, at).squeeze(0)
         with engine.autocast(cache=False):  # autocast's weight cache must not outlive a graph capture
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -119,7 +117,14 @@ class StaticStep:
         self.step_in_epoch += 1
 
     def start_epoch(self, perm: torch.Tensor, epoch: int, first: int) -> None:
-        self.order.copy_(perm[:self.steps * self.cfg.batch_size].view(self.steps, -1))
+        """The epoch's batches, augmented in batch order: the same draws whether or not a resume split it."""
+        engine, flat_x, flat_y = self.engine, self.epoch_x.view(-1, *self.epoch_x.shape[2:]), self.epoch_y.view(-1)
+        order = perm[:self.steps * self.cfg.batch_size]
+        for i in range(0, len(order), AUGMENT_CHUNK):
+            idx = order[i:i + AUGMENT_CHUNK]
+            x = augment(self.split.images.index_select(0, idx).float().div_(255.0), self.aug, engine.aug_gen)
+            flat_x[i:i + len(idx)] = engine.prepare(x)
+            flat_y[i:i + len(idx)] = self.split.labels.index_select(0, idx)
         self.step_in_epoch.fill_(first)
         self.global_step.fill_((epoch - 1) * self.steps + first)
         self.losses.zero_()
@@ -147,10 +152,7 @@ class StaticStep:
     def _capture(self) -> None:
         start = time.perf_counter()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with warnings.catch_warnings():  # needed up to torch 2.11; newer versions register it themselves
-            warnings.simplefilter("ignore")
-            graph.register_generator_state(self.engine.aug_gen)  # augmentation draws from its own generator
+        graph = torch.cuda.CUDAGraph()  # dropout draws from the default generator, which capture registers itself
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         with torch.cuda.graph(graph):
             self._step()
@@ -165,9 +167,15 @@ def train_epoch_static(static: StaticStep, scheduler, per_step: bool, progress, 
     static.model.train()
     if progress.perm is None:
         progress.perm = torch.randperm(len(static.split), generator=engine.generator, device=engine.device)
+        progress.aug_state = engine.aug_gen.get_state()  # the epoch's augmentation draws from here
+    elif progress.aug_state is not None:  # resumed mid-epoch: draw the epoch's augmentation again
+        try:
+            engine.aug_gen.set_state(progress.aug_state)
+        except (RuntimeError, TypeError, ValueError):  # saved on another device: fresh draws (a note said so)
+            pass
     first = progress.step
+    start = time.perf_counter()  # the epoch's augmentation ahead is training time too
     static.start_epoch(progress.perm, progress.epoch, first)
-    start = time.perf_counter()
     finished = True
     for step in range(first, static.steps):
         static.run()

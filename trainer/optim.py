@@ -100,7 +100,11 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
 
 def schedule_table(cfg: TrainConfig, steps: int) -> tuple[list[float], list[float]]:
     """(lr, momentum) of every optimizer step of the run, by replaying the run's own scheduler."""
-    optimizer = make_optimizer(cfg, torch.nn.Linear(1, 1))
+    # a stand-in parameter made without a random draw: nn.Linear's init would move the global generator,
+    # and a mid-epoch resume builds this table after restoring it (dropout would then draw other masks)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer(cfg, holder)
     scheduler, per_step = make_scheduler(cfg, optimizer, steps)
     group = optimizer.param_groups[0]
     lrs, moms = [], []

@@ -105,11 +105,12 @@ class EpochProgress:
     seen: int = 0
     seconds: float = 0.0
     compile_seconds: float = 0.0  # the first compiled step, kept out of `seconds`
+    aug_state: torch.Tensor | None = None  # --cuda-graph: the augmentation generator before the epoch's draws
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "perm": self.perm.cpu(), "step": self.step, "loss_sum": self.loss_sum,
                 "correct": self.correct, "seen": self.seen, "seconds": self.seconds,
-                "compile_seconds": self.compile_seconds}
+                "compile_seconds": self.compile_seconds, "aug_state": self.aug_state}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochProgress":

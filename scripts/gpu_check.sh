@@ -26,7 +26,7 @@ python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch'
 
 if [[ ${QUICK:-0} == 1 ]]; then
   BENCH=(--quick --variants fp32,graph --seeds 1 --winner-seeds "" --bar 0)
-  SHORT=(--train-limit 4096 --eval-limit 500)
+  SHORT=(--train-limit 4096 --eval-limit 500 --epochs 1)
 else
   BENCH=()
   SHORT=()
@@ -43,7 +43,8 @@ step "torchrun, one process, one epoch" \
 for kind in default graph; do
   flags=(); [[ $kind == graph ]] && flags=(--cuda-graph)
   step "a $kind run: epoch 1 on $DEVICE, resumed on the CPU for epoch 2" \
-    "${TRAIN[@]}" --device "$DEVICE" --epochs 2 --stop-after 1 --run-id "moved-$kind" "${flags[@]}"
+    "${TRAIN[@]}" --device "$DEVICE" --epochs 2 --stop-after 1 --run-id "moved-$kind" --train-limit 8192 \
+      --eval-limit 1000 "${flags[@]}"
   step "... resumed on the CPU" python3 -m trainer train --no-progress --resume "$RUNS/moved-$kind" --device cpu
 done
 

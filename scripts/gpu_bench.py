@@ -49,7 +49,7 @@ VARIANTS = {
     "graph": ["--cuda-graph", "--amp", "off"],
     "graph-amp": ["--cuda-graph", "--amp", "on"],  # bf16 only: fp16's scaler cannot be captured
 }
-# The larger batches were chosen on the CPU, on validation, before any GPU ran (README, "GPU").
+# The larger batches were chosen on the CPU, on validation, before any GPU ran (docs/gpu.md).
 DEFAULT_VARIANTS = "fp32,amp,compile,graph,graph-amp,graph-b256,graph-amp-b256,graph-b512,graph-amp-b512"
 QUICK = ["--epochs", "2", "--train-limit", "4096", "--eval-limit", "1000"]
 NAME = re.compile(r"^(?P<base>[a-z0-9]+(?:-(?:amp|ro))?)(?:-b(?P<batch>\d+))?(?:-lr(?P<lr>[0-9.]+))?$")

@@ -539,18 +539,19 @@ def parsed(argv):
 
 
 @pytest.mark.parametrize("capability,argv,expected", [
-    ((9, 0), [], dict(cuda_graph=True, amp="on", batch_size=512, lr=0.8)),  # an H100/H200: bf16 in the graph
-    ((8, 6), [], dict(cuda_graph=True, amp="on", batch_size=512, lr=0.8)),  # an A10G
-    ((7, 5), [], dict(cuda_graph=True, amp="off", batch_size=512, lr=0.8)),  # a T4: no real bf16, fp16 can't be captured
-    ((9, 0), ["--amp", "off"], dict(cuda_graph=True, amp="off", batch_size=512, lr=0.8)),  # a typed flag wins
-    ((9, 0), ["--batch-size", "256"], dict(cuda_graph=True, amp="on", batch_size=256, lr=0.4)),
-    ((9, 0), ["--lr", "0.3"], dict(cuda_graph=True, amp="on", batch_size=128, lr=0.3)),  # the LR was for batch 128
+    ((9, 0), [], dict(cuda_graph=True, amp="on", batch_size=256, lr=0.4)),  # an H100/H200: bf16 in the graph
+    ((8, 6), [], dict(cuda_graph=True, amp="on", batch_size=256, lr=0.4)),  # an A10G
+    ((7, 5), [], dict(cuda_graph=True, amp="off", batch_size=128, lr=0.2)),  # a T4: no real bf16, fp16 can't be captured
+    ((9, 0), ["--amp", "off"], dict(cuda_graph=True, amp="off", batch_size=256, lr=0.4)),  # a typed flag wins
+    ((9, 0), ["--batch-size", "512"], dict(cuda_graph=True, amp="off", batch_size=512, lr=0.8)),  # yours: fp32 graph
+    ((9, 0), ["--lr", "0.3"], dict(cuda_graph=True, amp="off", batch_size=128, lr=0.3)),  # an LR typed for 128
     ((9, 0), ["--no-cuda-graph"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),  # opted out
     ((9, 0), ["--compile"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),
     ((9, 0), ["--optimizer", "adamw", "--lr", "0.003"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.003)),
     ((9, 0), ["--ema", "0.999"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),
+    ((9, 0), ["--val-size", "10000", "--schedule", "plateau"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)),
     ((7, 5), ["--amp", "on"], dict(cuda_graph=False, amp="on", batch_size=128, lr=0.2)),  # fp16: not capturable
-    ((9, 0), ["--model", "seed002-gap"], dict(cuda_graph=True, amp="on", batch_size=128, lr=0.1)),  # batch: net8k's
+    ((9, 0), ["--model", "seed002-gap"], dict(cuda_graph=True, amp="off", batch_size=128, lr=0.1)),  # not validated at 256
     ((9, 0), ["--resume", "runs/x"], dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.1)),  # its saved config
 ], ids=lambda v: str(v) if not isinstance(v, dict) else "")
 def test_cuda_default_follows_the_capability_and_the_typed_flags(gpu_of, capsys, capability, argv, expected):
@@ -569,7 +570,7 @@ def test_cuda_default_is_off_under_torchrun_and_off_cuda(gpu_of, monkeypatch):
     from trainer import device as dev
 
     monkeypatch.setattr(dev, "resolve_device", lambda name: torch.device("cpu"))
-    assert parsed([]) == dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)  # the laptop's recipe
+    assert parsed([]) == dict(cuda_graph=False, amp="auto", batch_size=128, lr=0.2)  # the laptop's own
 
 
 def test_every_cuda_default_is_a_variant_the_bench_measures():
@@ -586,4 +587,25 @@ def test_every_cuda_default_is_a_variant_the_bench_measures():
         flags = bench.variant_flags(v.name)
         assert ("--cuda-graph" in flags) == v.cuda_graph
         assert flags[flags.index("--amp") + 1] == v.amp
-        assert int(flags[flags.index("--batch-size") + 1]) == v.batch_size
+        assert (int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128) == v.batch_size
+
+
+def test_measured_epoch_times_name_variants_the_bench_knows_and_include_each_gpus_default():
+    """infra/measured.py (what `plan` prices from) holds measurements only: each names a variant as
+    scripts/gpu_bench.py does, says where it was measured, and its GPU's CUDA default is among them."""
+    import importlib.util
+
+    from conftest import REPO
+    from infra.measured import MEASURED, epoch_times
+    from trainer.device import cuda_default
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "scripts" / "gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for m in MEASURED:
+        bench.variant_flags(m.variant)  # a name the bench measures
+        assert m.measured and m.epoch_s > 0 and m.run_s > m.epoch_s
+        default = cuda_default(m.capability, capturable=True, batches={128, 256})
+        assert default.name in {e.variant for e in epoch_times(gpu=m.gpu)}
+    assert epoch_times(instance_type="g4dn.xlarge") == []  # no T4 was measured: nothing is made up
+    assert [e.variant for e in epoch_times(instance_type="p5e.48xlarge")][0] == "graph-amp-b256"

@@ -61,13 +61,11 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
     scale_lr_to_batch(args, explicit)
 
 
-# what a CUDA default may set; a flag the user typed wins, and typing --compile or --cuda-graph opts out
-CUDA_DEFAULT_FIELDS = ("cuda_graph", "amp", "batch_size")
-
-
 def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> None:
-    """On a CUDA GPU, the untyped speed flags come from trainer.device.cuda_default for its capability.
-    It runs here, on the machine that trains (the laptop only checks flags), and says what it chose."""
+    """On a CUDA GPU, the untyped speed flags (--cuda-graph, --amp, and --batch-size with its peak LR)
+    come from trainer.device.cuda_default for its capability. It runs here, on the machine that trains
+    (the laptop only checks flags), and says what it chose. Typing --cuda-graph, --no-cuda-graph or
+    --compile opts out; a typed --amp, --batch-size or --lr is kept."""
     if {"compile", "cuda_graph"} & explicit or getattr(args, "dry_run", False):
         return
     from trainer import device as dev
@@ -77,29 +75,29 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
         return
     capability = dev.capability(device)
     amp_typed_fp16 = "amp" in explicit and args.amp == "on" and capability < (8, 0)
-    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema and not args.compile
+    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema
                   and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not amp_typed_fp16)
-    variant = dev.cuda_default(capability, capturable)
+    batches = {REFERENCE_BATCH}  # a variant measured at 128 keeps the run's own batch
+    if not {"batch_size", "lr"} & explicit:
+        batches |= set(spec.validated_batches)
+    variant = dev.cuda_default(capability, capturable, batches)
     if variant is None:
         return
-    chosen = {"cuda_graph": True, "amp": variant.amp}
-    if spec.gpu_batch == variant.batch_size and "lr" not in explicit:  # a batch this model's recipe was validated at
-        chosen["batch_size"] = variant.batch_size
-    chosen = {k: v for k, v in chosen.items() if k not in explicit}
-    if "batch_size" in chosen and args.optimizer == "sgd":  # the linear rule, as a typed --batch-size gets
-        chosen["lr"] = round(args.lr * chosen["batch_size"] / REFERENCE_BATCH, 6)
+    chosen = {k: v for k, v in {"cuda_graph": variant.cuda_graph, "amp": variant.amp}.items() if k not in explicit}
+    if variant.batch_size != REFERENCE_BATCH:  # the recipe's peak LR follows, by the linear rule
+        chosen.update(batch_size=variant.batch_size, lr=round(args.lr * variant.batch_size / args.batch_size, 6))
     for key, value in chosen.items():
         setattr(args, key, value)
     if os.environ.get("RANK", "0") == "0":
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
-        print(f"note: CUDA default for sm{capability[0]}{capability[1]} ({variant.name}): {flags}; typing "
-              "--amp, --batch-size or --lr sets that one, --no-cuda-graph turns the captured step off",
-              file=sys.stderr)
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v:g}" if isinstance(v, float)
+                                                        else f" {v}") for k, v in chosen.items())
+        print(f"note: CUDA default for sm{capability[0]}{capability[1]} ({variant.name}): {flags} (docs/gpu.md); "
+              "--no-cuda-graph runs the eager step", file=sys.stderr)
 
 
 def scale_lr_to_batch(args: argparse.Namespace, explicit: set[str]) -> None:
     """The recipes' learning rates are tuned at batch 128. A larger batch takes fewer steps per epoch,
-    and at the same LR it learns less (measured in README, "GPU and Apple silicon"): with SGD, a typed
+    and at the same LR it learns less (measured in docs/gpu.md): with SGD, a typed
     --batch-size and no typed --lr scale the LR linearly."""
     if "batch_size" not in explicit or "lr" in explicit or args.optimizer != "sgd" or args.batch_size == REFERENCE_BATCH:
         return

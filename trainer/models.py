@@ -169,8 +169,9 @@ class ModelSpec:
     recipes: dict[str, dict] = field(default_factory=dict)
     # a model of the user's (`--model FILE.py:Name`): {"file", "sha256"}, saved with the run
     source: dict | None = None
-    # the batch its recipe was validated at for a GPU (trainer.device.CUDA_VARIANTS may take it there)
-    gpu_batch: int | None = None
+    # batches other than 128 its default recipe was validated at (peak LR scaled linearly): a CUDA
+    # default (trainer.device.CUDA_VARIANTS) may train at one of them
+    validated_batches: tuple[int, ...] = ()
 
     def recipe(self, name: str = "default") -> dict:
         if name == "default" or name in self.recipes:
@@ -193,7 +194,7 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec("net8k", net8k, "mnist-cloud", "our under-8k GAP net, the default", 8000,
-                  batchnorm=True, dropout=True, gap=True, fc=False, recipes=NET8K_RECIPES, gpu_batch=512),
+                  batchnorm=True, dropout=True, gap=True, fc=False, recipes=NET8K_RECIPES, validated_batches=(256,)),
         ModelSpec("net20k", net20k, "mnist-cloud", "our under-20k GAP net (its recipe adds translate 0.1 and scale 0.1)", 20000,
                   batchnorm=True, dropout=True, gap=True, fc=False,
                   recipes={"default": {**SHORT, "epochs": 10, "rotate": 10.0, "translate": 0.1, "scale": 0.1}}),

@@ -128,6 +128,8 @@ def add_launch_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
                            ("ls", "same as status")):
         p = sub.add_parser(cmd, parents=aws, help=help_text)
         p.add_argument("name", nargs="?", help="only this name")
+        p.add_argument("--any-owner", action="store_true",
+                       help="also the instances other people of this account launched, with an OWNER column")
 
     p = sub.add_parser("stop", parents=aws, help="stop an instance (disk kept, compute billing stops)")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
@@ -197,7 +199,8 @@ def add_down_command(sub, aws: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true", help="every resource tagged as yours (an assumed role's "
                    "earlier sessions count as you)")
     p.add_argument("--any-owner", action="store_true",
-                   help="with --all: also resources tagged by OTHER people or roles of this account")
+                   help="also machines tagged by OTHER people or roles of this account (NAME: one of theirs; "
+                        "--all: everyone's)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.add_argument("--no-pull", action="store_true",
                    help="refuse (exit 2, naming them) instead of pulling unpulled runs into runs/ first")
@@ -560,15 +563,20 @@ def _age(hours: float) -> str:
 
 
 def cmd_status(args) -> int:
-    from infra.provision import find_instances, spot_interruptions
+    from infra.provision import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
     from infra.state import State
 
     state = State()
     ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
     needs_aws = not (args.name and ssh_hosts)
     aws = session(args) if needs_aws else None
-    instances = find_instances(aws, args.name) if needs_aws else []
+    every = find_instances(aws, args.name) if needs_aws else []
+    theirs = set()
+    if every and not args.any_owner:  # yours only: a team account holds everyone's
+        theirs = {i.instance_id for i in others_instances(every, caller_identity(aws))}
+    instances = [i for i in every if i.instance_id not in theirs]
     interrupted = spot_interruptions(aws, instances) if needs_aws else {}
+    owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
     rows = []
     for i in instances:
         cost = i.cost_so_far
@@ -576,18 +584,23 @@ def cmd_status(args) -> int:
         if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
             shown = "interrupting" if i.state == "running" else "interrupted"
         rows.append([i.name, i.instance_id, i.instance_type, shown, i.lifecycle, i.public_ip or "-",
-                     _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop])
+                     _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
+                     *(f(i) for f in owner)])
+    blank = ["-"] * len(owner)
     for h in ssh_hosts:
-        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-"])
-    known = {i.name for i in instances} | {h.name for h in ssh_hosts}
+        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
+    known = {i.name for i in every} | {h.name for h in ssh_hosts}
     for h in state.all():  # cached names whose instance is gone: say so, EC2 is the truth
         if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name):
-            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-"])
+            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-", *blank])
+    if theirs:
+        say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
         say(f"no instances{f' named {args.name!r}' if args.name else ''}. Launch one: "
             "mnist-cloud launch --instance g4dn.xlarge")
         return 0
-    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP"]
+    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP",
+              *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
     for i in instances:
@@ -626,13 +639,13 @@ def cmd_down(args) -> int:
         down,
         down_all,
         find_instances,
+        others_instances,
+        owner_label,
         same_owner,
     )
 
     if args.all == bool(args.name):
         raise UserError("give a NAME, or --all")
-    if args.any_owner and not args.all:
-        raise UserError("--any-owner goes with --all")
     if args.no_pull and args.discard_runs:
         raise UserError("--no-pull refuses when runs are unpulled, --discard-runs deletes them: give one")
     aws = session(args)
@@ -641,13 +654,20 @@ def cmd_down(args) -> int:
     if args.all and not args.any_owner:
         me = caller_identity(aws)
         alive = [i for i in alive if same_owner(i.tags.get(TAG_OWNER), me)]
+    elif not args.any_owner and alive:
+        theirs = others_instances(alive, caller_identity(aws))
+        if theirs:
+            raise UserError(f"{args.name} is {owner_label(theirs[0].owner)}'s ({theirs[0].instance_id}), not yours: "
+                            f"`mnist-cloud down {args.name} --any-owner` terminates it anyway")
     if args.all and args.any_owner:
         confirm("Terminate every mnist-cloud instance in this account and region, INCLUDING OTHER PEOPLE'S, "
                 "and delete their groups and keys?", args.yes)
     elif args.all:
         confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
     elif alive:
-        confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name})?", args.yes)
+        whose = {owner_label(i.owner) for i in alive if i.owner} if args.any_owner else set()
+        confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name}"
+                f"{', owned by ' + ', '.join(sorted(whose)) if whose else ''})?", args.yes)
     found = keep_runs(args, alive)
     if found:
         from pathlib import Path

@@ -119,18 +119,36 @@ def caller_identity(aws: Aws) -> str:
     return aws.call("sts", "get_caller_identity")["Arn"]
 
 
-def owner_key(arn: str | None) -> str:
-    """The part of an owner ARN that names who owns: the role of an assumed-role ARN, the ARN itself otherwise.
+# botocore (and the AWS CLI) name an assumed-role session `botocore-session-<epoch>` unless told
+# otherwise, so that part of arn:aws:sts::ACCT:assumed-role/ROLE/SESSION changes with every command.
+# Any other session name is chosen: under IAM Identity Center (SSO) it is the person's user name, and
+# everyone with the same permission set shares ROLE (AWSReservedSSO_<Set>_<hash>).
+_BOTOCORE_SESSION = re.compile(r"^(arn:[^:]+:sts::\d+:assumed-role/[^/]+)/botocore-session-\d+$")
 
-    botocore names each assumed-role session `botocore-session-<epoch>`, so
-    arn:aws:sts::ACCT:assumed-role/ROLE/SESSION changes with every command; it compares as
-    arn:aws:sts::ACCT:assumed-role/ROLE (tags written with a full session ARN included)."""
-    m = re.match(r"^(arn:[^:]+:sts::\d+:assumed-role/[^/]+)/", arn or "")
+
+def owner_key(arn: str | None) -> str:
+    """The part of an owner ARN that names who owns: an assumed role's ARN without botocore's own
+    session name; any other ARN whole (an SSO user's session name is who they are)."""
+    m = _BOTOCORE_SESSION.match(arn or "")
     return m.group(1) if m else (arn or "")
 
 
 def same_owner(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and owner_key(a) == owner_key(b)
+
+
+def owner_label(arn: str | None) -> str:
+    """A short name for an owner ARN: `user/alice`, `AWSReservedSSO_Dev_0a1b/alice`, `role/ci`."""
+    key = owner_key(arn)
+    if not key:
+        return "no one (untagged)"
+    resource = key.split(":", 5)[-1]
+    return resource.removeprefix("assumed-role/")
+
+
+def others_instances(instances: list["Instance"], me: str) -> list["Instance"]:
+    """The instances tagged with another owner than `me` (untagged ones, from older versions, are nobody's)."""
+    return [i for i in instances if i.owner and not same_owner(i.owner, me)]
 
 
 def find_instances(aws: Aws, name: str | None = None, include_terminated: bool = False) -> list[Instance]:
@@ -522,6 +540,11 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     if not 1 <= spec.nodes <= 64:
         raise UserError(f"--nodes must be between 1 and 64, got {spec.nodes}")
     alive = [i for i in find_instances(aws, spec.name) if i.state != "shutting-down"]
+    theirs = others_instances(alive, owner)
+    if theirs:  # adopting it would revoke their /32 and need their key
+        raise UserError(f"{spec.name} is {owner_label(theirs[0].owner)}'s instance ({theirs[0].instance_id}), not "
+                        f"yours ({owner_label(owner)}): pick another --name, e.g. --name {spec.name}-"
+                        f"{re.sub('[^a-z0-9]+', '-', owner_label(owner).rsplit('/', 1)[-1].lower()).strip('-') or '2'}")
     if alive:
         if len(alive) != spec.nodes:
             raise UserError(f"{spec.name} has {len(alive)} instance(s), not {spec.nodes}; "

@@ -133,7 +133,6 @@ ROWS = [
      "smaller than the root snapshot"),
     ("a GPU the DLAMI dropped", ["launch", "--instance", "p3dn.24xlarge", "--name", "volta", "--ssh-cidr",
                                 "192.0.2.1/32"], {}, "is not supported by the current PyTorch"),
-    ("--any-owner without --all", ["down", "real", "--any-owner", "--yes"], {}, "--any-owner goes with --all"),
     ("resume a finished run", ["train", "--resume", "{root}/runs/done"], {}, "already finished"),
     ("an image that isn't one", ["predict", "{root}/runs/done", "{root}/broken.pt"], {}, "cannot decode"),
 ]

@@ -86,18 +86,18 @@ def test_not_found_right_after_a_create_is_waited_out(cloud):
 
 
 # ---------------------------------------------------------------------------------- owners
-def assume(endpoint, session_name: str) -> dict[str, str]:
-    """Temporary credentials of role `trainer`, as a new botocore session would get them."""
+def assume(endpoint, session_name: str, role: str = "trainer") -> dict[str, str]:
+    """Temporary credentials of `role`, as a new botocore session (or an SSO login) would get them."""
     import boto3
 
     kw = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "testing",
           "aws_secret_access_key": "testing"}
     iam = boto3.client("iam", **kw)
     try:
-        iam.create_role(RoleName="trainer", AssumeRolePolicyDocument="{}")
+        iam.create_role(RoleName=role, AssumeRolePolicyDocument="{}")
     except iam.exceptions.EntityAlreadyExistsException:
         pass
-    creds = boto3.client("sts", **kw).assume_role(RoleArn="arn:aws:iam::123456789012:role/trainer",
+    creds = boto3.client("sts", **kw).assume_role(RoleArn=f"arn:aws:iam::123456789012:role/{role}",
                                                    RoleSessionName=session_name)["Credentials"]
     return {"AWS_ACCESS_KEY_ID": creds["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
             "AWS_SESSION_TOKEN": creds["SessionToken"]}
@@ -128,5 +128,44 @@ def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(c
     assert alive(cloud.endpoint) == {}
 
 
-def test_any_owner_needs_all(cloud):
-    assert_user_error(cloud("down", "exp", "--any-owner", "--yes"), "--any-owner goes with --all")
+SSO_ROLE = "AWSReservedSSO_Trainers_0a1b2c3d4e5f6789"  # IAM Identity Center's role for a permission set
+
+
+def test_owner_key_strips_only_botocores_session_names():
+    from infra.provision import owner_key, owner_label, same_owner
+
+    role = f"arn:aws:sts::123456789012:assumed-role/{SSO_ROLE}"
+    assert same_owner(f"{role}/botocore-session-1700000000", f"{role}/botocore-session-1700000999")
+    assert not same_owner(f"{role}/alice", f"{role}/bob")  # SSO teammates share the role, not the owner
+    assert owner_key(f"{role}/alice") == f"{role}/alice"
+    assert owner_label(f"{role}/alice") == f"{SSO_ROLE}/alice"
+    assert owner_label("arn:aws:iam::123456789012:user/carol") == "user/carol"
+
+
+@pytest.mark.slow
+def test_sso_teammates_sharing_a_role_do_not_touch_each_others_machines(cloud):
+    alice, bob = assume(cloud.endpoint, "alice", SSO_ROLE), assume(cloud.endpoint, "bob", SSO_ROLE)
+    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=alice).returncode == 0
+    ec2 = ec2_client(cloud.endpoint)
+    groups = lambda: sorted((g["GroupName"], str(g["IpPermissions"])) for g in ec2.describe_security_groups()["SecurityGroups"])
+    before = groups()
+
+    # bob's launch of the same name is refused in one line, and alice's /32 stays
+    assert_user_error(cloud("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=bob),
+                            f"mnist is {SSO_ROLE}/alice's instance", "--name mnist-bob")
+    assert groups() == before and alive(cloud.endpoint) == {"mnist": "running"}
+
+    # status: bob sees none of his own, and is told the team's are hidden; --any-owner shows them, with owners
+    mine = cloud("status", extra_env=bob)
+    assert mine.returncode == 0 and "mnist " not in mine.stdout and "--any-owner" in mine.stdout
+    team = cloud("status", "--any-owner", extra_env=bob)
+    assert team.returncode == 0 and "OWNER" in team.stdout and f"{SSO_ROLE}/alice" in team.stdout
+    assert "mnist" in cloud("status", extra_env=alice).stdout
+
+    # down: bob's NAME is refused, his --all leaves alice's machine, --any-owner on the name takes it
+    assert_user_error(cloud("down", "mnist", "--yes", extra_env=bob), "alice's", "--any-owner")
+    assert cloud("down", "--all", "--yes", "--discard-runs", extra_env=bob).returncode == 0
+    assert alive(cloud.endpoint) == {"mnist": "running"}
+    taken = cloud("down", "mnist", "--any-owner", "--yes", "--discard-runs", extra_env=bob)
+    assert taken.returncode == 0, taken.stderr
+    assert alive(cloud.endpoint) == {}

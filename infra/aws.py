@@ -7,12 +7,15 @@ into one line that says what to do. Everything above it deals in plain dicts and
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import boto3
+import botocore.session
 from botocore.config import Config
+from botocore.credentials import JSONFileCache
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -21,6 +24,9 @@ from botocore.exceptions import (
     NoRegionError,
     PartialCredentialsError,
     ProfileNotFound,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
 )
 from botocore.parsers import ResponseParserError
 
@@ -36,8 +42,13 @@ MAX_ATTEMPTS = 6
 TRANSIENT_CODES = {
     "RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
     "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout",
-    "RequestExpired", "ExpiredToken", "ExpiredTokenException",  # refreshable credentials renew on the next call
 }
+# Not transient: ExpiredToken, ExpiredTokenException, RequestExpired. Asking again gets the same answer
+# until the user logs in again (refreshable credentials, an assumed role's, renew before they expire).
+# botocore's SSO failures, raised at the first signed call, not when the session is made
+SSO_ERRORS = (UnauthorizedSSOTokenError, SSOTokenLoadError, TokenRetrievalError)
+# the AWS CLI's cache of assumed-role credentials: one MFA code serves both tools until they expire
+CLI_CREDENTIAL_CACHE = os.path.join("~", ".aws", "cli", "cache")
 # EC2 is eventually consistent: a group or key pair we have just created can be "not found" for a few seconds.
 SETTLE_SECONDS = 30.0
 
@@ -55,8 +66,21 @@ class CloudError(UserError):
         self.transient = transient
 
 
-def explain(code: str, message: str, operation: str) -> str:
+def refresh_hint(profile: str | None) -> str:
+    login = f"`aws sso login --profile {profile}`" if profile else "`aws sso login`"
+    return f"log in again ({login} for an SSO profile) or export fresh temporary credentials"
+
+
+def explain(code: str, message: str, operation: str, region: str | None = None, profile: str | None = None) -> str:
     """AWS error code -> what the user should do about it."""
+    if code in ("ExpiredToken", "ExpiredTokenException"):
+        return f"your AWS session credentials have expired ({code}): {refresh_hint(profile)}, then run the command again"
+    if code == "RequestExpired":
+        return (f"AWS refused {operation} as expired (RequestExpired): this computer's clock may be off (compare "
+                f"`date -u` with the real time and sync it), or the session credentials expired: {refresh_hint(profile)}")
+    if code == "OptInRequired":
+        return (f"region {region} is not enabled for this AWS account (OptInRequired): enable it in the console "
+                "(Account > AWS Regions), or pick another --region")
     if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
         return (f"AWS denied {operation} ({code}): give your IAM identity the permissions listed in the "
                 f"README's 'Cloud' section")
@@ -66,7 +90,9 @@ def explain(code: str, message: str, operation: str) -> str:
     if code == "MaxSpotInstanceCountExceeded":
         return "your spot instance quota is exhausted in this region: request an increase, or launch without --spot"
     if code in ("AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch"):
-        return f"AWS rejected the credentials ({code}): check `aws sts get-caller-identity` and your profile"
+        opt_in = (f"; if {region} is an opt-in region, enable it for this account (Account > AWS Regions) or pick "
+                  "another --region" if code == "AuthFailure" and region else "")
+        return f"AWS rejected the credentials ({code}): check `aws sts get-caller-identity` and your profile{opt_in}"
     if code.startswith("InvalidAMIID"):
         return f"{message} (--ami must be an AMI id in this region)"
     if code == "InvalidKeyPair.NotFound":
@@ -77,12 +103,16 @@ def explain(code: str, message: str, operation: str) -> str:
     return f"AWS {operation} failed: {code}: {message}"
 
 
-def translate(e: Exception, operation: str) -> UserError:
+def translate(e: Exception, operation: str, region: str | None = None, profile: str | None = None) -> UserError:
     """A boto3/botocore exception -> one line (CloudError, or UserError for missing settings)."""
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         message = e.response.get("Error", {}).get("Message", str(e))
-        return CloudError(explain(code, message, operation), code, transient=code in TRANSIENT_CODES)
+        return CloudError(explain(code, message, operation, region, profile), code, transient=code in TRANSIENT_CODES)
+    if isinstance(e, SSO_ERRORS):
+        login = f"aws sso login --profile {profile}" if profile else "aws sso login"
+        return CloudError(f"your AWS SSO login{f' for profile {profile!r}' if profile else ''} has expired or is "
+                          f"missing ({type(e).__name__}): run `{login}`, then the command again", type(e).__name__)
     if isinstance(e, NoCredentialsError):
         return UserError(NO_CREDENTIALS)
     if isinstance(e, NoRegionError):
@@ -95,26 +125,48 @@ def translate(e: Exception, operation: str) -> UserError:
     return CloudError(f"AWS {operation} failed: {first}", type(e).__name__, transient=True)
 
 
+_CORE_SESSIONS: dict[tuple, botocore.session.Session] = {}
+# what botocore reads from the environment when it resolves credentials and endpoints; a CLI process
+# never changes these, a test process does between tests
+_SESSION_ENV = ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL",
+                "AWS_MAX_ATTEMPTS", "HOME")
+
+
+def core_session(profile: str | None) -> botocore.session.Session:
+    """One botocore session per profile per process: its credentials are resolved (and an MFA code asked
+    for) once, whatever the number of Aws objects or regions. An assumed role's credentials are kept in
+    the AWS CLI's own cache, so a code typed for either tool serves both until the credentials expire."""
+    key = (profile, *(os.environ.get(v) for v in _SESSION_ENV))
+    if key not in _CORE_SESSIONS:
+        core = botocore.session.Session(profile=profile)
+        provider = core.get_component("credential_provider").get_provider("assume-role")
+        provider.cache = JSONFileCache(os.path.expanduser(CLI_CREDENTIAL_CACHE))
+        _CORE_SESSIONS[key] = core
+    return _CORE_SESSIONS[key]
+
+
 class Aws:
-    """A boto3 session plus error-translating calls and deadline-bounded waits."""
+    """A boto3 session plus error-translating calls and deadline-bounded waits. Make one, and its
+    clients (`client`), in the main thread: a boto3 session is not thread-safe, its clients are."""
 
     def __init__(self, region: str | None = None, profile: str | None = None, sleep: Callable = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
         try:
-            self.session = boto3.Session(profile_name=profile, region_name=region)
+            self.session = boto3.Session(botocore_session=core_session(profile), region_name=region)
         except ProfileNotFound:
             raise UserError(f"AWS profile {profile!r} not found; list them with `aws configure list-profiles`") from None
+        self.profile = profile or os.environ.get("AWS_PROFILE")
         self.region = self.session.region_name
         if not self.region:
             raise UserError("no AWS region: pass --region (e.g. --region us-east-1) or set AWS_DEFAULT_REGION")
-        known = set()
-        for partition in ("aws", "aws-cn", "aws-us-gov"):
-            known.update(self.session.get_available_regions("ec2", partition_name=partition))
-        if self.region not in known:
-            sample = ", ".join(sorted(r for r in known if r.startswith(("us-", "eu-")))[:6])
-            raise UserError(f"unknown AWS region {self.region!r}; use one like {sample}")
+        # No check of the name against botocore's bundled region list: it lags the real regions. A name
+        # that is no region fails at the first call (its endpoint does not resolve), at once (`reached`).
+        self.reached = False  # whether any call of this process got an answer: a region that exists
         try:
             credentials = self.session.get_credentials()
+        except SSO_ERRORS as e:
+            raise translate(e, "sign-in", self.region, self.profile) from None
         except (PartialCredentialsError, BotoCoreError) as e:
             raise UserError(f"AWS credentials are incomplete ({e}); {NO_CREDENTIALS}") from None
         if credentials is None:
@@ -156,9 +208,18 @@ class Aws:
 
     def translating(self, fn: Callable[[], T], operation: str) -> T:
         try:
-            return fn()
+            result = fn()
         except (ClientError, BotoCoreError, ResponseParserError) as e:
-            raise translate(e, operation) from None
+            error = translate(e, operation, self.region, self.profile)
+            if isinstance(e, EndpointConnectionError) and not self.reached:
+                # nothing has answered yet: most likely a region name that is not one (its endpoint does not
+                # resolve), or no network at all; neither goes away by polling
+                raise CloudError(f"cannot reach AWS at {e.kwargs.get('endpoint_url')}: check --region "
+                                 f"({self.region!r}; `aws ec2 describe-regions` lists yours) and the network",
+                                 "EndpointConnectionError") from None
+            raise error from None
+        self.reached = True
+        return result
 
     def paginate(self, service: str, operation: str, key: str, **kwargs) -> list:
         """Every item under `key` across all pages."""

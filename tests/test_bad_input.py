@@ -84,7 +84,9 @@ def snapshot(world) -> dict:
 ROWS = [
     ("unknown instance type", ["launch", "--instance", "g9.huge", "--ssh-cidr", "192.0.2.1/32"], {},
      "unknown instance type"),
-    ("unknown region", ["status", "--region", "mars-1"], {}, "unknown AWS region"),
+    # a region that is none: its endpoint does not resolve (forged: a closed port, the same EndpointConnectionError)
+    ("unknown region", ["status", "--region", "mars-1"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                                                          "AWS_MAX_ATTEMPTS": "1"}, "check --region ('mars-1'"),
     ("no credentials", ["status"], {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no AWS credentials"),
     ("no region at all", ["status"], {"AWS_DEFAULT_REGION": ""}, "no AWS region"),
     ("a name that doesn't exist", ["stop", "ghost"], {}, "no instance named 'ghost'"),

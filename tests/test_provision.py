@@ -408,8 +408,7 @@ def test_missing_credentials_region_and_unknown_region(tmp_path, monkeypatch):
     for k, v in aws_env(tmp_path).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_REGION", REGION)
-    with pytest.raises(UserError, match="unknown AWS region 'mars-1'"):
-        Aws(region="mars-1")
+    assert Aws(region="mars-1").region == "mars-1"  # no gate on botocore's list: the first call tells
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.delenv("AWS_REGION")
     with pytest.raises(UserError, match="no AWS region"):

@@ -66,7 +66,7 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
     come from trainer.device.cuda_default for its capability. It runs here, on the machine that trains
     (the laptop only checks flags), and says what it chose. Typing --cuda-graph, --no-cuda-graph or
     --compile opts out; a typed --amp, --batch-size or --lr is kept."""
-    if {"compile", "cuda_graph"} & explicit or getattr(args, "dry_run", False):
+    if {"compile", "cuda_graph"} & explicit or getattr(args, "dry_run", False) or not hasattr(args, "device"):
         return
     from trainer import device as dev
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -51,6 +51,13 @@ SYNC_EXCLUDES = [
 # Made on the machine and never deleted by a sync, though absent here: notebooks written in the
 # JupyterLab that `mnist-cloud jupyter` runs in the work dir.
 SYNC_PROTECT = ["*.ipynb"]
+
+# Where Homebrew puts a real rsync (Apple silicon, Intel): macOS 15.4+ ships openrsync as /usr/bin/rsync,
+# which has no --itemize-changes (what sync reads to list the files it moved) and prints other --stats.
+HOMEBREW_RSYNC = ("/opt/homebrew/bin/rsync", "/usr/local/bin/rsync")
+# rsync's exit codes for "this rsync cannot do what was asked": an option it lacks, or the other side's
+# rsync speaks another protocol. From the first call they mean "use SFTP", not "the sync failed".
+RSYNC_CANNOT = {1: "syntax or usage error", 2: "protocol incompatibility"}
 
 Log = Callable[[str], None]
 
@@ -166,13 +173,67 @@ class PinnedHostKeys(paramiko.MissingHostKeyPolicy):
         atomic_write(self.store, (existing + f"{self.ep.alias} {offered[0]} {offered[1]}\n").encode(), mode=0o600)
 
 
+class RsyncRefused(UserError):
+    """The first rsync call exited with one of RSYNC_CANNOT: that rsync cannot do it, SFTP can."""
+
+
+@dataclass(frozen=True)
+class RsyncChoice:
+    """How files move to and from a machine: the local rsync to run, or SFTP (path None), and why when
+    that is not the `rsync` on PATH (openrsync, a Homebrew rsync, no rsync on one side)."""
+
+    path: str | None
+    why: str = ""
+
+    @property
+    def method(self) -> str:
+        """What the sync and pull lines say: "rsync", or e.g. "sftp: openrsync at /usr/bin/rsync lacks ..."."""
+        name = "rsync" if self.path else "sftp"
+        return f"{name}: {self.why}" if self.why else name
+
+
+def is_openrsync(version_text: str) -> bool:
+    """Whether `rsync --version` (stdout and stderr) is openrsync's banner, "openrsync: protocol version 29"
+    (macOS adds "rsync version 2.6.9 compatible"), rather than rsync's "rsync  version 3.2.7  protocol
+    version 31" (Apple's own 2.6.9 before macOS 15.4 printed that too, and has every option we pass)."""
+    return "openrsync" in version_text.lower() or re.search(r"rsync version \S+ compatible", version_text) is not None
+
+
+def _rsync_version(path: str) -> str:
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout + proc.stderr  # openrsync prints its banner on stderr
+
+
+def local_rsync() -> RsyncChoice:
+    """The rsync this machine transfers with: the first `rsync` on PATH that is not openrsync, or a
+    Homebrew one where PATH has only openrsync; SFTP (path None) when there is none."""
+    candidates = []
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("rsync", path=d) if d else None
+        if found and found not in candidates:
+            candidates.append(found)
+    candidates += [p for p in HOMEBREW_RSYNC if p not in candidates and shutil.which(p)]
+    openrsync = None
+    for path in candidates:
+        if not is_openrsync(_rsync_version(path)):
+            why = f"{path}, as openrsync at {openrsync} lacks --itemize-changes" if openrsync else ""
+            return RsyncChoice(path, why)
+        openrsync = openrsync or path
+    if openrsync:
+        return RsyncChoice(None, f"openrsync at {openrsync} lacks --itemize-changes")
+    return RsyncChoice(None, "no rsync here")
+
+
 @dataclass
 class TransferResult:
     """What a sync or pull moved."""
 
     files: int
     bytes: int
-    method: str  # "rsync" or "sftp"
+    method: str  # RsyncChoice.method: "rsync" or "sftp", and why when not the plain rsync on PATH
     changed: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # local files that differed and were overwritten
     kept: list[str] = field(default_factory=list)  # locally modified files set aside as .local-<time>
@@ -187,6 +248,8 @@ class Remote:
         self.expected = expected_fingerprints
         self.connect_timeout = connect_timeout
         self._conn: Connection | None = None
+        self._choice: RsyncChoice | None = None
+        self._rsync_worked = False  # after one rsync call went through, exit 1/2 is a real failure
         check_key_file(Path(ep.key_path))
 
     # ------------------------------------------------------------------------------ connection
@@ -282,10 +345,28 @@ class Remote:
         host = f"[{self.ep.host}]" if ":" in self.ep.host else self.ep.host
         return f"{self.ep.user}@{host}"
 
-    def has_rsync(self) -> bool:
-        if shutil.which("rsync") is None:
-            return False
-        return self.run("command -v rsync", warn=True).ok
+    def rsync_choice(self) -> RsyncChoice:
+        """rsync when both sides have one that can do what sync/pull ask (not openrsync), else SFTP."""
+        if self._choice is None:
+            choice = local_rsync()
+            if choice.path and not self.run("command -v rsync", warn=True).ok:
+                choice = RsyncChoice(None, f"no rsync on {self.ep.name}")
+            self._choice = choice
+        return self._choice
+
+    def _transfer(self, over_rsync: Callable[[], TransferResult], over_sftp: Callable[[], TransferResult],
+                  log: Log, force_sftp: bool = False) -> TransferResult:
+        """over_rsync if rsync_choice() allows and it does not refuse (RsyncRefused), else over_sftp; the
+        result's method is the choice's, which says why when it is not the plain rsync."""
+        choice = RsyncChoice(None) if force_sftp else self.rsync_choice()
+        if choice.path:
+            try:
+                return replace(over_rsync(), method=choice.method)
+            except RsyncRefused:
+                choice = self.rsync_choice()  # now SFTP, saying why
+        if choice.why:
+            log(f"{choice.why}; using SFTP")
+        return replace(over_sftp(), method=choice.method)
 
     # ------------------------------------------------------------------------------ sync
     def sync(self, local_dir: Path, log: Log = print, force_sftp: bool = False,
@@ -296,10 +377,8 @@ class Remote:
         local_dir = Path(local_dir).resolve()
         extra = extra or {}
         self.run(f"mkdir -p {shlex.quote(self.ep.workdir)}")
-        rsync = not force_sftp and self.has_rsync()
-        if not rsync:
-            log("rsync is missing on one side; syncing over SFTP")
-        result = self._rsync_up(local_dir, protect=list(extra)) if rsync else self._sftp_up(local_dir, protect=list(extra))
+        result = self._transfer(lambda: self._rsync_up(local_dir, protect=list(extra)),
+                                lambda: self._sftp_up(local_dir, protect=list(extra)), log, force_sftp)
         if not extra:
             return result
         with tempfile.TemporaryDirectory() as tmp:
@@ -309,25 +388,33 @@ class Remote:
                     shutil.copytree(path, stage / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
                 else:
                     shutil.copy2(path, stage / name)
-            if rsync:
+
+            def over_rsync() -> TransferResult:
                 out = self._rsync(["-az", "--checksum", "--delete", "--stats", "--itemize-changes",
                                    *(str(stage / name) for name in extra), f"{self.target()}:{self.ep.workdir}/"])
                 files, size, changed = self._stats(out)
-                more = TransferResult(files, size, "rsync", changed)
-            else:
-                more = self._sftp_up(stage, prune_only=list(extra))
+                return TransferResult(files, size, "rsync", changed)
+
+            more = self._transfer(over_rsync, lambda: self._sftp_up(stage, prune_only=list(extra)),
+                                  lambda m: None, force_sftp)  # the same choice: its why is said above
         return TransferResult(result.files + more.files, result.bytes + more.bytes, result.method,
                               result.changed + more.changed)
 
     def _rsync(self, args: list[str]) -> str:
-        cmd = ["rsync", "-e", shlex.join(self.ssh_argv()), *args]
+        path = self.rsync_choice().path
+        cmd = [path, "-e", shlex.join(self.ssh_argv()), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             err = proc.stderr.strip().splitlines()
             if any("Host key verification failed" in l or "REMOTE HOST IDENTIFICATION" in l for l in err):
                 raise HostKeyMismatch(f"host key of {self.ep.name} has CHANGED (ssh refused it); "
                                       f"if you trust the machine, `mnist-cloud forget-host {self.ep.name}`")
+            if proc.returncode in RSYNC_CANNOT and not self._rsync_worked:
+                why = f"{path} failed with exit {proc.returncode} ({RSYNC_CANNOT[proc.returncode]})"
+                self._choice = RsyncChoice(None, why)
+                raise RsyncRefused(why)
             raise UserError(f"rsync to {self.ep.name} failed (exit {proc.returncode}): {err[-1] if err else ''}")
+        self._rsync_worked = True
         return proc.stdout
 
     @staticmethod
@@ -410,11 +497,16 @@ class Remote:
         """Copy a local directory to the machine (each file to a temp name, then renamed)."""
         local_dir = Path(local_dir)
         self.run(f"mkdir -p {shlex.quote(remote_dir)}")
-        if self.has_rsync():
+
+        def over_rsync() -> TransferResult:
             out = self._rsync(["-a", "--checksum", "--stats", "--itemize-changes", f"{local_dir}/",
                                f"{self.target()}:{remote_dir.rstrip('/')}/"])
             files, size, changed = self._stats(out)
             return TransferResult(files, size, "rsync", changed)
+
+        return self._transfer(over_rsync, lambda: self._sftp_push(local_dir, remote_dir), log)
+
+    def _sftp_push(self, local_dir: Path, remote_dir: str) -> TransferResult:
         sftp = self.conn.sftp()
         base = remote_dir if remote_dir.startswith("/") else posixpath.join(self._home(), remote_dir)
         changed, size = [], 0
@@ -451,14 +543,15 @@ class Remote:
                     backup = path.with_name(f"{path.name}.local-{time.strftime('%Y%m%d-%H%M%S')}")
                     path.rename(backup)
                     kept.append(str(backup.relative_to(local_dir)))
-        if not force_sftp and self.has_rsync():
+
+        def over_rsync() -> TransferResult:
             # rsync writes each file under a temp name and renames it: never a half file under the real name
             out = self._rsync(["-a", "--checksum", "--stats", "--itemize-changes",
                                f"{self.target()}:{remote_dir.rstrip('/')}/", f"{local_dir}/"])
             files, size, changed = self._stats(out)
-            result = TransferResult(files, size, "rsync", changed)
-        else:
-            result = self._sftp_down(remote_dir, local_dir, remote)
+            return TransferResult(files, size, "rsync", changed)
+
+        result = self._transfer(over_rsync, lambda: self._sftp_down(remote_dir, local_dir, remote), log, force_sftp)
         # Verify by hash against the remote as it is now; a live run may have moved on meanwhile.
         after = self.remote_stats(remote_dir)
         live = []

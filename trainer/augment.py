@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from runspec.config import AugmentConfig  # torch-free, for the CLI; importable from here as before
 from trainer.data import centre_crop
+from trainer.device import solves_on_device
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -71,7 +72,10 @@ def perspective_matrices(cfg: AugmentConfig, n: int, gen: torch.Generator, devic
     b = torch.cat([u, v], dim=1)  # [n, 8]
     # solve_ex: solve() checks for singular systems with a host sync every step; these never are
     # (four distinct corners, each moved by less than half the side)
-    h = torch.linalg.solve_ex(a, b.unsqueeze(-1))[0].squeeze(-1)
+    if solves_on_device(device.type):
+        h = torch.linalg.solve_ex(a, b.unsqueeze(-1))[0].squeeze(-1)
+    else:  # MPS before torch 2.7 has no solve_ex: 8x8 systems, a few KB each way
+        h = torch.linalg.solve_ex(a.cpu(), b.unsqueeze(-1).cpu())[0].squeeze(-1).to(device)
     return torch.cat([h, torch.ones(n, 1, device=device)], dim=1).view(n, 3, 3)
 
 

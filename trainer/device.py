@@ -94,6 +94,15 @@ def amp_dtype(device_type: str, amp: str, capability: tuple[int, int] | None = N
     return torch.bfloat16
 
 
+def solves_on_device(device_type: str, version: tuple[int, int] | None = None) -> bool:
+    """Whether `torch.linalg.solve_ex` runs on this device. MPS has had it since torch 2.7 (pytorch#146531);
+    before that it raises NotImplementedError (pytorch#148547), and --perspective solves its [n, 8, 8]
+    systems on the CPU instead."""
+    if device_type == "mps":
+        return (version or torch_version()) >= (2, 7)
+    return True
+
+
 @dataclass(frozen=True)
 class CudaVariant:
     """A way to run the default recipe on CUDA, as scripts/gpu_bench.py names and measures it."""

@@ -635,6 +635,7 @@ def cmd_start(args) -> int:
 def cmd_down(args) -> int:
     from infra.provision import (
         TAG_OWNER,
+        DownIncomplete,
         caller_identity,
         down,
         down_all,
@@ -675,17 +676,20 @@ def cmd_down(args) -> int:
         from infra.unpulled import pull_all
 
         pull_all(found, Path("runs"), log=say)
-    if args.all:
-        report = down_all(aws, log=say, any_owner=args.any_owner)
-    else:
-        report = down(aws, args.name, log=say)
+    incomplete = None
+    try:
+        report = down_all(aws, log=say, any_owner=args.any_owner) if args.all else down(aws, args.name, log=say)
+    except DownIncomplete as e:  # what was deleted is said first, then the one line of what is left
+        report, incomplete = e.report, e
     if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
-            or report.placement_groups):
+            or report.placement_groups or incomplete):
         say(f"nothing to delete{'' if args.all else f' for {args.name!r}'}")
         return 0
     say(f"deleted: {len(report.terminated)} instance(s) {' '.join(report.terminated)}; "
         f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
         f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
+    if incomplete:
+        raise incomplete
     return 0
 
 

@@ -838,12 +838,25 @@ class DownReport:
     key_files: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     placement_groups: list[str] = field(default_factory=list)
+    left: list[CloudError] = field(default_factory=list)  # what could not be deleted this time, and why
+
+
+class DownIncomplete(CloudError):
+    """`down` deleted what it could and left the rest; `report` says which is which."""
+
+    def __init__(self, report: DownReport):
+        first, rest = report.left[0], report.left[1:]
+        more = f" (and {len(rest)} more left: {'; '.join(str(e) for e in rest)})" if rest else ""
+        super().__init__(f"{first}{more}", first.code, first.transient)
+        self.report = report
 
 
 GROUP_RELEASE_WAIT = 60.0  # a terminated instance's network interface can hold its group for a while
+# EC2 answers InvalidPlacementGroup.InUse for a while after a cluster's instances have terminated
+PLACEMENT_RELEASE_WAIT = 120.0
 
 
-def _delete_group(aws: Aws, group_id: str, log: Log) -> bool:
+def _delete_group(aws: Aws, group_id: str) -> bool:
     """Delete a security group; False when it was already gone. Its instances' network interfaces may take
     a moment to let go (DependencyViolation): polled through aws.wait, so a group that stays in use ends
     in one line at the deadline, and `down` run again carries on from there."""
@@ -862,8 +875,28 @@ def _delete_group(aws: Aws, group_id: str, log: Log) -> bool:
                     check, timeout=GROUP_RELEASE_WAIT, delay=5)
 
 
+def _delete_placement_group(aws: Aws, group: str) -> bool:
+    """Delete a placement group; False when it was already gone. Polled while EC2 still counts the
+    terminated instances in it (InvalidPlacementGroup.InUse), like a security group's DependencyViolation."""
+    def check():
+        try:
+            aws.call("ec2", "delete_placement_group", GroupName=group)
+            return True
+        except CloudError as e:
+            if e.code == "InvalidPlacementGroup.Unknown":
+                return False
+            if e.code == "InvalidPlacementGroup.InUse":
+                return None
+            raise
+
+    return aws.wait(f"placement group {group} to be released by its terminated instances "
+                    "(InvalidPlacementGroup.InUse)", check, timeout=PLACEMENT_RELEASE_WAIT, delay=5)
+
+
 def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> DownReport:
-    """Terminate every instance of `name`, then delete its security group and the key pair it created."""
+    """Terminate every instance of `name`, then delete its volumes, placement group, security group and
+    the key pair it created. Once the instances are gone, a part that cannot be deleted (still in use
+    at the deadline, say) does not stop the rest: DownIncomplete then carries the report and what is left."""
     check_name(name)
     state = state or State()
     report = DownReport()
@@ -876,25 +909,48 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
         log(f"terminating {', '.join(ids)}; waiting")
         wait_for_state(aws, ids, "terminated", "termination")
         report.terminated = ids
-    # Root volumes go with their instance (DeleteOnTermination); sweep any that were left detached.
+    for part in (_down_volumes, _down_placement_group if cluster else None, _down_security_group, _down_key_pairs):
+        if part is None:
+            continue
+        try:
+            part(aws, name, report)
+        except CloudError as e:  # the instances are gone: delete the rest, and say what is left
+            report.left.append(e)
+    host = state.get(name)
+    if host and host.kind == "ec2" and not report.left:
+        state.remove(name)
+    if report.left:
+        raise DownIncomplete(report)
+    return report
+
+
+def _down_volumes(aws: Aws, name: str, report: DownReport) -> None:
+    """Root volumes go with their instance (DeleteOnTermination); sweep any that were left detached."""
     for volume in aws.call("ec2", "describe_volumes", Filters=[{"Name": f"tag:{TAG_NAME}", "Values": [name]},
                                                                 {"Name": "status", "Values": ["available"]}])["Volumes"]:
         aws.call("ec2", "delete_volume", VolumeId=volume["VolumeId"])
         report.volumes.append(volume["VolumeId"])
-    if cluster:
-        try:
-            placement = aws.call("ec2", "describe_placement_groups", Filters=[
-                {"Name": "group-name", "Values": [resource_prefix(name)]}]).get("PlacementGroups", [])
-        except CloudError:
-            placement = []  # none was made (see ensure_placement_group)
-        for pg in placement:
-            aws.call("ec2", "delete_placement_group", GroupName=pg["GroupName"])
+
+
+def _down_placement_group(aws: Aws, name: str, report: DownReport) -> None:
+    try:
+        placement = aws.call("ec2", "describe_placement_groups", Filters=[
+            {"Name": "group-name", "Values": [resource_prefix(name)]}]).get("PlacementGroups", [])
+    except CloudError:
+        placement = []  # none was made (see ensure_placement_group)
+    for pg in placement:
+        if _delete_placement_group(aws, pg["GroupName"]):
             report.placement_groups.append(pg["GroupName"])
+
+
+def _down_security_group(aws: Aws, name: str, report: DownReport) -> None:
     group = find_security_group(aws, name)
     if group and {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(TAG_NAME) == name:
-        if _delete_group(aws, group["GroupId"], log):
+        if _delete_group(aws, group["GroupId"]):
             report.security_groups.append(group["GroupId"])
-    host = state.get(name)
+
+
+def _down_key_pairs(aws: Aws, name: str, report: DownReport) -> None:
     for pair in aws.call("ec2", "describe_key_pairs", Filters=[{"Name": f"tag:{TAG_NAME}", "Values": [name]}])["KeyPairs"]:
         aws.call("ec2", "delete_key_pair", KeyName=pair["KeyName"])
         report.key_pairs.append(pair["KeyName"])
@@ -902,9 +958,6 @@ def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> D
         if key_file.exists():
             key_file.unlink()
             report.key_files.append(str(key_file))
-    if host and host.kind == "ec2":
-        state.remove(name)
-    return report
 
 
 def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: bool = False) -> DownReport:
@@ -924,9 +977,15 @@ def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: 
     names |= {t["Value"] for p in pairs for t in p.get("Tags", []) if t["Key"] == TAG_NAME
               and mine({x["Key"]: x["Value"] for x in p["Tags"]})}
     for name in sorted(names):
-        part = down(aws, name, log, state)
-        for key in ("terminated", "security_groups", "key_pairs", "key_files", "volumes", "placement_groups"):
+        try:
+            part = down(aws, name, log, state)
+        except DownIncomplete as e:  # the next name still goes down
+            part = e.report
+        for key in ("terminated", "security_groups", "key_pairs", "key_files", "volumes", "placement_groups",
+                    "left"):
             getattr(report, key).extend(getattr(part, key))
+    if report.left:
+        raise DownIncomplete(report)
     return report
 
 

@@ -392,6 +392,53 @@ def test_a_security_group_that_stays_in_use_ends_down_in_one_line(aws, ec2, monk
     assert _ours(ec2)[0] == [] and len(_ours(ec2)[1]) == 1  # terminated; the group is left for the next `down`
 
 
+def _cluster_with_placement_group_in_use(aws, monkeypatch, times):
+    """A two-node cluster whose placement group EC2 still counts as in use for `times` delete attempts
+    after the instances terminated (moto has no placement groups: their answers are forged)."""
+    monkeypatch.setattr(P, "ensure_placement_group", lambda *a, **k: None)
+    launch(aws, nodes=2, wait_status_checks=False)
+    real_call = aws.call
+    refused, deleted = [], []
+
+    def placement(service, operation, **kwargs):
+        if operation == "describe_placement_groups":
+            return {"PlacementGroups": [] if deleted else [{"GroupName": "mnist-cloud-exp", "Strategy": "cluster"}]}
+        if operation == "delete_placement_group":
+            if len(refused) < times:
+                refused.append(kwargs["GroupName"])
+                raise CloudError(explain("InvalidPlacementGroup.InUse", "The placement group is in use", operation),
+                                 "InvalidPlacementGroup.InUse")
+            deleted.append(kwargs["GroupName"])
+            return {}
+        return real_call(service, operation, **kwargs)
+
+    monkeypatch.setattr(aws, "call", placement)
+    t = FakeTime()
+    aws._sleep, aws._clock = t.sleep, t.clock
+    return refused, deleted, t
+
+
+def test_down_waits_for_a_placement_group_still_in_use(aws, ec2, monkeypatch):
+    refused, deleted, _ = _cluster_with_placement_group_in_use(aws, monkeypatch, times=3)
+    report = P.down(aws, "exp", log=lambda m: None)
+    assert len(refused) == 3 and deleted == ["mnist-cloud-exp"] == report.placement_groups
+    assert _ours(ec2) == ([], [], [], [])
+
+
+def test_a_placement_group_that_stays_in_use_leaves_nothing_else_behind(aws, ec2, monkeypatch):
+    """InUse past the deadline: the security group and key pair are still deleted, and one line says
+    what is left and that `down` again finishes it."""
+    refused, deleted, t = _cluster_with_placement_group_in_use(aws, monkeypatch, times=10_000)
+    with pytest.raises(P.DownIncomplete) as err:
+        P.down(aws, "exp", log=lambda m: None)
+    assert_one_line(err.value)
+    assert "placement group mnist-cloud-exp" in str(err.value) and "run the command again" in str(err.value)
+    assert t.now == P.PLACEMENT_RELEASE_WAIT and not deleted
+    report = err.value.report
+    assert len(report.terminated) == 2 and len(report.security_groups) == 1 and report.key_pairs
+    assert _ours(ec2) == ([], [], [], [])  # instances, group, key pair and volumes all gone
+
+
 def test_other_errors_are_not_retried(aws):
     calls = []
 

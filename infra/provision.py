@@ -856,41 +856,38 @@ GROUP_RELEASE_WAIT = 60.0  # a terminated instance's network interface can hold 
 PLACEMENT_RELEASE_WAIT = 120.0
 
 
-def _delete_group(aws: Aws, group_id: str) -> bool:
-    """Delete a security group; False when it was already gone. Its instances' network interfaces may take
-    a moment to let go (DependencyViolation): polled through aws.wait, so a group that stays in use ends
-    in one line at the deadline, and `down` run again carries on from there."""
+def _delete_when_released(aws: Aws, what: str, delete: Callable[[], object], gone: str, in_use: str,
+                          timeout: float) -> bool:
+    """delete(); False when it was already gone (`gone`). A resource that terminated instances still hold
+    (`in_use`) is asked again through aws.wait, so one that stays in use ends in one line at the deadline,
+    and `down` run again carries on from there."""
     def check():
         try:
-            aws.call("ec2", "delete_security_group", GroupId=group_id)
+            delete()
             return True
         except CloudError as e:
-            if e.code == "InvalidGroup.NotFound":
+            if e.code == gone:
                 return False
-            if e.code == "DependencyViolation":
+            if e.code == in_use:
                 return None
             raise
 
-    return aws.wait(f"security group {group_id} to be released by its network interfaces (DependencyViolation)",
-                    check, timeout=GROUP_RELEASE_WAIT, delay=5)
+    return aws.wait(f"{what} ({in_use})", check, timeout=timeout, delay=5)
+
+
+def _delete_group(aws: Aws, group_id: str) -> bool:
+    """Its instances' network interfaces may take a moment to let go of a security group."""
+    return _delete_when_released(aws, f"security group {group_id} to be released by its network interfaces",
+                                 lambda: aws.call("ec2", "delete_security_group", GroupId=group_id),
+                                 "InvalidGroup.NotFound", "DependencyViolation", GROUP_RELEASE_WAIT)
 
 
 def _delete_placement_group(aws: Aws, group: str) -> bool:
-    """Delete a placement group; False when it was already gone. Polled while EC2 still counts the
-    terminated instances in it (InvalidPlacementGroup.InUse), like a security group's DependencyViolation."""
-    def check():
-        try:
-            aws.call("ec2", "delete_placement_group", GroupName=group)
-            return True
-        except CloudError as e:
-            if e.code == "InvalidPlacementGroup.Unknown":
-                return False
-            if e.code == "InvalidPlacementGroup.InUse":
-                return None
-            raise
-
-    return aws.wait(f"placement group {group} to be released by its terminated instances "
-                    "(InvalidPlacementGroup.InUse)", check, timeout=PLACEMENT_RELEASE_WAIT, delay=5)
+    """EC2 counts a cluster's terminated instances in its placement group for a while."""
+    return _delete_when_released(aws, f"placement group {group} to be released by its terminated instances",
+                                 lambda: aws.call("ec2", "delete_placement_group", GroupName=group),
+                                 "InvalidPlacementGroup.Unknown", "InvalidPlacementGroup.InUse",
+                                 PLACEMENT_RELEASE_WAIT)
 
 
 def down(aws: Aws, name: str, log: Log = print, state: State | None = None) -> DownReport:

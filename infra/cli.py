@@ -138,8 +138,9 @@ def add_launch_commands(sub, aws: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
     p = sub.add_parser("autostop", parents=aws, help="change when an instance stops itself (runs on the instance)",
                        description="Idle = no trainer running, no interactive SSH session used within the idle "
-                                   "time, and no pull or sync; a Jupyter tunnel alone is not activity. The check "
-                                   "runs on the instance every minute.")
+                                   "time, no pull or sync, and no JupyterLab use (a busy kernel, or activity within "
+                                   "the idle time); an open tunnel alone is not activity. The check runs on the "
+                                   "instance every minute.")
     p.add_argument("name", nargs="?", default=DEFAULT_NAME)
     p.add_argument("-i", "--idle", type=float, metavar="MIN", help="idle minutes before stopping")
     p.add_argument("--down", action="store_true", help="terminate instead of stop (stop while runs are not pulled)")

@@ -1,7 +1,8 @@
 """JupyterLab on a machine, reached only through an SSH tunnel.
 
 The server binds 127.0.0.1 on the machine, so nothing is opened in the security group; its token is
-random, written to a mode-600 file there and passed by environment, never on a command line.
+random, written to a mode-600 file there and passed by environment, never on a command line. The port
+goes in a file beside it: the autostop watchdog asks the server, with that token, whether it is in use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
+from infra.agent.autostop import JUPYTER_JOB_PREFIX, jupyter_files
 from infra.errors import UserError
 from infra.poll import poll
 from infra.remote import free_port
@@ -33,11 +35,15 @@ def remote_free_port(target, python: str) -> int:
     return int(target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(code)}").stdout.strip())
 
 
-def ensure_jupyterlab(target, python: str, log) -> None:
+def ensure_jupyterlab(target, python: str, log) -> str:
+    """The interpreter to serve JupyterLab with: `python`, once it has jupyterlab. A missing one is
+    installed by setup_ec2.sh the way it installs the tool's requirements: with sudo -n where the env is
+    not writable (a root-owned /opt/pytorch), else into a venv layered over it, which is then the
+    interpreter (setup records it, and trainer runs use it too)."""
     if target.remote.run(f"{shlex.quote(python)} -c 'import jupyterlab'", warn=True).ok:
-        return
-    log(f"installing jupyterlab into {python} on {target.name} (once)")
-    target.remote.run(f"{shlex.quote(python)} -m pip install -q jupyterlab", timeout=900)
+        return python
+    log(f"installing jupyterlab for {python} on {target.name} (once)")
+    return target.setup(python, log, extra=["jupyterlab"])
 
 
 def wait_listening(target, python: str, port: int, job: str, timeout: float = READY_TIMEOUT_S) -> None:
@@ -83,18 +89,26 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
     if port is not None:
         check_port_free(port)
     python = target.ensure_setup(python, log=log)
-    ensure_jupyterlab(target, python, log)
+    python = ensure_jupyterlab(target, python, log)
     remote_port = remote_free_port(target, python)
     token = secrets.token_urlsafe(24)
-    job = f"jupyter-{time.strftime('%Y%m%d-%H%M%S')}"
+    job = f"{JUPYTER_JOB_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     wd = shlex.quote(target.remote.ep.workdir)
+    token_file, port_file = jupyter_files(job)  # where the autostop watchdog looks for them
     # the file is made empty with mode 600 first, then the token goes in over SFTP: it never appears
     # on a command line (the remote shell's argv is visible in `ps` to every user of the machine)
-    target.remote.run(f"mkdir -p {wd}/jobs && (umask 077 && : > {wd}/jobs/{job}.token)")
-    target.remote.conn.put(io.BytesIO(token.encode()), f"{target.remote.ep.workdir}/jobs/{job}.token")
+    target.remote.run(f"cd {wd} && mkdir -p jobs && (umask 077 && : > {token_file}) && "
+                      f"echo {remote_port} > {port_file}")
+    # over an SFTP session of its own, closed at once (not Fabric's cached one): left open for the life of
+    # the tunnel, it is a command under this SSH session, which the watchdog takes for a pull (activity)
+    sftp = target.remote.conn.client.open_sftp()
+    try:
+        sftp.putfo(io.BytesIO(token.encode()), f"{target.remote.ep.workdir}/{token_file}")
+    finally:
+        sftp.close()
     argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
             "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
-    target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": f"jobs/{job}.token"})
+    target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": token_file})
     if port is None:
         local_port = free_port(DEFAULT_PORT)
         if local_port != DEFAULT_PORT:
@@ -122,7 +136,7 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
             signal.signal(sig, signal.SIG_IGN)
         if not keep:
             target.remote.kill_job(job)
-            target.remote.run(f"rm -f {wd}/jobs/{job}.token", warn=True)
+            target.remote.run(f"cd {wd} && rm -f {token_file} {port_file}", warn=True)
             log(f"stopped JupyterLab on {target.name}")
         else:
             log(f"JupyterLab keeps running on {target.name} (job {job}); `mnist-cloud jupyter {target.name}` "

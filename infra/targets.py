@@ -188,15 +188,17 @@ class SSHTarget:
                               warn=True)
         return res.stdout.strip() or None if res.ok else None
 
-    def setup(self, python: str | None = None, log=print) -> str:
-        """Run setup_ec2.sh in the work dir (synced first), showing its output; returns the python it chose."""
+    def setup(self, python: str | None = None, log=print, extra: list[str] = ()) -> str:
+        """Run setup_ec2.sh in the work dir (synced first), showing its output; returns the python it chose.
+        `extra`: more requirements (jupyterlab), installed the way setup installs its own."""
         wd = shlex.quote(self.remote.ep.workdir)
         env = f"MNIST_CLOUD_PYTHON={shlex.quote(python)} " if python else ""
         script = SETUP_SCRIPT
         if getattr(self, "bundled", False):
             env += f"MNIST_CLOUD_REQUIREMENTS={BUNDLED_REQUIREMENTS} "
             script = BUNDLED_SETUP
-        res = self.remote.run(f"cd {wd} && {env}bash {script}", timeout=3600, warn=True, hide=True)
+        more = f" --extra {shlex.join(extra)}" if extra else ""
+        res = self.remote.run(f"cd {wd} && {env}bash {script}{more}", timeout=3600, warn=True, hide=True)
         for line in (res.stdout + res.stderr).splitlines():
             log(f"  [{self.label}] {line}")
         if not res.ok:

@@ -8,7 +8,8 @@ lives on the instance, so the laptop may be closed.
 
 Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session that was
 used within the idle time (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads
-it), and no SSH session without a terminal (a pull or a sync: sshd's `user@notty` process). A
+it), no SSH session without a terminal (a pull or a sync: sshd's `user@notty` process), and no
+`mnist-cloud jupyter` server with a busy kernel or used within the idle time (its API says). A
 Jupyter tunnel alone is not activity. After `idle_minutes` of that, it runs `shutdown -h now`; EC2
 then stops or terminates the instance, per its InstanceInitiatedShutdownBehavior. With
 `after_train`, it shuts down `grace_minutes` after a run it has seen ends (time to pull it).
@@ -36,6 +37,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT") or "/")  # cron passes it empty on a real machine
@@ -45,14 +48,19 @@ TRAINER_MARKERS = ("-m trainer", "torchrun", "trainer/__main__.py")
 MIN_GRACE_MINUTES = 3.0  # after a run ends: time for `logs -f` / `train --on` to pull it
 # where `mnist-cloud` keeps each name's work dir, under the login user's home (Endpoint.workdir)
 DEFAULT_WORK_DIRS = ["/home/*/mnist-cloud/*", "/root/mnist-cloud/*"]
+JUPYTER_JOB_PREFIX = "jupyter-"  # the jobs of `mnist-cloud jupyter` (infra/jupyter.py); see jupyter_files
+JUPYTER_TIMEOUT_S = 3.0
+CLOCK_SLACK_S = 60.0  # a last_activity further ahead than this is a broken answer
 
 
 def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_sessions: int,
-           boot: str = "", notty_sessions: int = 0, unpulled: list[str] = ()) -> tuple[str | None, dict, str]:
+           boot: str = "", notty_sessions: int = 0, unpulled: list[str] = (), busy_kernels: int = 0,
+           jupyter_used: float | None = None) -> tuple[str | None, dict, str]:
     """(action or None, new state, reason). Pure: the whole policy, testable without a machine.
 
     `pty_sessions` counts only terminals used within the idle time (see active_ptys); `notty_sessions`
-    counts SSH sessions without a terminal (pull, sync, rsync), which are activity too. `unpulled`
+    counts SSH sessions without a terminal (pull, sync, rsync), which are activity too, as are
+    `busy_kernels` and a `jupyter_used` (Unix time) within the idle time (see jupyter_activity). `unpulled`
     names runs not yet pulled: with action terminate, the instance stops instead.
 
     `boot` identifies this boot: the state file lives on the root volume and survives a stop/start,
@@ -74,6 +82,13 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
     if notty_sessions:
         state["last_active"] = now
         return None, state, f"{notty_sessions} SSH session(s) without a terminal (a pull or sync)"
+    if busy_kernels:  # e.g. a cell running fit()
+        state["last_active"] = now
+        return None, state, f"{busy_kernels} Jupyter kernel(s) busy"
+    # a time far ahead is a broken answer: taken as activity, it could keep the machine up for good
+    if jupyter_used is not None and now - activity_window(config) < jupyter_used <= now + CLOCK_SLACK_S:
+        state["last_active"] = max(state["last_active"], min(jupyter_used, now))
+        return None, state, f"JupyterLab used {max(now - jupyter_used, 0) / 60:.1f} min ago"
     idle_for = now - state["last_active"]
     idle_minutes = float(config.get("idle_minutes", 30))
     grace = max(MIN_GRACE_MINUTES, float(config.get("grace_minutes", MIN_GRACE_MINUTES)))
@@ -86,6 +101,12 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
         action, reason = shutdown(config, unpulled, f"idle for {idle_for / 60:.1f} min (limit {idle_minutes:g})")
         return action, state, reason
     return None, state, f"idle for {idle_for / 60:.1f} min of {idle_minutes:g}"
+
+
+def activity_window(config: dict) -> float:
+    """Seconds within which a use (a terminal's input, JupyterLab's) counts: the idle time, or the
+    shortest grace period with after_train alone."""
+    return float(config.get("idle_minutes", 30)) * 60 or MIN_GRACE_MINUTES * 60
 
 
 def shutdown(config: dict, unpulled: list[str], reason: str) -> tuple[str | None, str]:
@@ -171,6 +192,56 @@ def notty_sessions(proc: Path = Path("/proc")) -> int:
     return sum(1 for pid, (_, cmdline, netns) in table.items()
                if cmdline.startswith("sshd") and cmdline.endswith("@notty") and netns == mine
                and pid not in ancestors and pid in parents)
+
+
+def jupyter_files(job: str) -> tuple[str, str]:
+    """A `mnist-cloud jupyter` server's token file (mode 600) and port file (127.0.0.1), in its work dir."""
+    return f"jobs/{job}.token", f"jobs/{job}.port"
+
+
+def jupyter_servers(workdirs: list[Path]) -> list[tuple[int, str]]:
+    """(port, token) of each `mnist-cloud jupyter` server with files in these work dirs (a dead one's
+    files may linger: it does not answer)."""
+    servers = []
+    for workdir in workdirs:
+        for token_file in sorted(Path(workdir).glob(f"jobs/{JUPYTER_JOB_PREFIX}*.token")):
+            token_path, port_path = jupyter_files(token_file.name[:-len(".token")])
+            try:
+                servers.append((int((Path(workdir) / port_path).read_text()),
+                                (Path(workdir) / token_path).read_text().strip()))
+            except (OSError, ValueError):
+                continue
+    return servers
+
+
+def jupyter_activity(servers: list[tuple[int, str]], timeout: float = JUPYTER_TIMEOUT_S) -> tuple[int, float | None]:
+    """(busy kernels, latest last_activity as a Unix time or None) of these servers, from their
+    /api/status and /api/kernels. Jupyter Server counts any other API request as activity:
+    `no_track_activity` keeps ours out, or asking would keep the machine up. A server that is gone, slow
+    or answers nonsense adds nothing."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an http_proxy
+    busy, latest = 0, None
+    for port, token in servers:
+        def get(path: str):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}?no_track_activity=1",
+                                             headers={"Authorization": f"token {token}"})
+            with opener.open(request, timeout=timeout) as response:
+                return json.loads(response.read(1 << 20))
+
+        try:  # whatever a server answers, the watchdog carries on
+            used = iso_time(get("/api/status")["last_activity"])
+            kernels = get("/api/kernels")
+            busy += sum(1 for k in kernels if isinstance(k, dict) and k.get("execution_state") == "busy")
+        except Exception:
+            continue
+        latest = used if latest is None else max(latest, used)
+    return busy, latest
+
+
+def iso_time(text: str) -> float:
+    """Jupyter's "2025-01-02T03:04:05.678901Z" as a Unix time (fromisoformat takes "Z" from 3.11 on)."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
@@ -286,10 +357,10 @@ def main() -> int:
     config = load(CONFIG, {"enabled": False})
     state = load(STATE, {})
     now = time.time()
-    # a terminal counts when used within the idle time (the grace period, with after_train alone)
-    idle_seconds = float(config.get("idle_minutes", 30)) * 60 or MIN_GRACE_MINUTES * 60
-    action, new_state, reason = decide(now, config, state, trainer_running(), active_ptys(now, idle_seconds),
-                                       boot_id(), notty_sessions(), unpulled_runs(work_dirs(config)))
+    workdirs = work_dirs(config)
+    busy_kernels, jupyter_used = jupyter_activity(jupyter_servers(workdirs))
+    action, new_state, reason = decide(now, config, state, trainer_running(), active_ptys(now, activity_window(config)),
+                                       boot_id(), notty_sessions(), unpulled_runs(workdirs), busy_kernels, jupyter_used)
     save(STATE, new_state or state)
     print(f"mnist-cloud-autostop: {reason}" + (f" -> {action}" if action else ""), flush=True)
     if action == "shutdown":

@@ -3,6 +3,7 @@
 # Idempotent: a second run finds everything in place and installs nothing.
 #
 #   ./setup_ec2.sh            # run from the synced work dir (mnist-cloud does this on the first train --on)
+#   ./setup_ec2.sh --extra jupyterlab   # also these requirements, installed the same way (`mnist-cloud jupyter`)
 #
 # Python, in this order: $MNIST_CLOUD_PYTHON, the DLAMI's PyTorch env (${MNIST_CLOUD_DLAMI_ENV:-/opt/pytorch}),
 # then a venv at ${MNIST_CLOUD_VENV:-~/.mnist-cloud/venv} created with --system-site-packages (so a system
@@ -12,6 +13,12 @@
 # with `sudo -n`, else into that venv layered over the env (it sees the env's torch). Nothing is recorded in
 # .mnist-cloud-python until every requirement is in place.
 set -euo pipefail
+if [ "${1:-}" = "--extra" ]; then
+    shift  # what is left in "$@" are the extra requirements
+elif [ $# -gt 0 ]; then
+    echo "usage: $0 [--extra REQUIREMENT...]" >&2
+    exit 2
+fi
 cd "$(dirname "$0")"
 # the tool's own requirements: requirements.txt beside this script in a checkout; a project that is not
 # one gets them as .mnist-cloud-requirements.txt (its requirements.txt is its own)
@@ -42,11 +49,12 @@ if ! "$PY" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; then
 fi
 echo "setup: python $("$PY" -c 'import sys; print(sys.version.split()[0])') at $PY ($why)"
 
-# Requirements whose distribution is not installed at all (any installed version counts).
-missing=$("$PY" - "$REQUIREMENTS" <<'EOF'
+# Requirements (the file's, then --extra's) whose distribution is not installed at all (any installed
+# version counts).
+missing=$("$PY" - "$REQUIREMENTS" "$@" <<'EOF'
 import re, sys
 from importlib import metadata
-for line in open(sys.argv[1]):
+for line in [*open(sys.argv[1]), *sys.argv[2:]]:
     req = line.split("#")[0].strip()
     if not req:
         continue

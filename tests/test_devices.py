@@ -609,3 +609,29 @@ def test_measured_epoch_times_name_variants_the_bench_knows_and_include_each_gpu
         assert default.name in {e.variant for e in epoch_times(gpu=m.gpu)}
     assert epoch_times(instance_type="g4dn.xlarge") == []  # no T4 was measured: nothing is made up
     assert [e.variant for e in epoch_times(instance_type="p5e.48xlarge")][0] == "graph-amp-b256"
+
+
+@pytest.mark.slow
+def test_a_cuda_run_in_bf16_resumed_on_the_cpu_continues_in_the_cpus_precision(tmp_path, mnist_dir, capfd,
+                                                                                monkeypatch):
+    """The CUDA default trains in bf16 (--amp on); on a laptop CPU bf16 is 5x slower than fp32, so a
+    resume there takes the CPU's own default unless --amp on is typed again. The run is forged as a
+    CUDA one by its config.json (CI has no GPU)."""
+    fit(small(tmp_path, mnist_dir, run_id="gpu", amp="on", stop_after=1, train_limit=512, eval_limit=100))
+    run_dir = tmp_path / "runs" / "gpu"
+    config = json.loads((run_dir / "config.json").read_text())
+    config["device"]["type"] = "cuda"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    capfd.readouterr()
+    from trainer import train
+
+    engines, real_make_engine = [], train.make_engine
+    monkeypatch.setattr(train, "make_engine", lambda *a, **k: engines.append(real_make_engine(*a, **k)) or engines[-1])
+    fit(TrainConfig(resume=str(run_dir), device="cpu", progress=False), explicit={"resume", "device", "progress"})
+    assert "continues in this device's default precision" in capfd.readouterr().err
+    assert [e.amp_dtype for e in engines] == [None]  # fp32
+    fit(small(tmp_path, mnist_dir, run_id="again", amp="on", stop_after=1, train_limit=512, eval_limit=100))
+    engines.clear()
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), device="cpu", progress=False),
+        explicit={"resume", "device", "progress"})
+    assert [e.amp_dtype for e in engines] == [torch.bfloat16]  # saved on the CPU: kept as it was

@@ -22,6 +22,7 @@ from torch import nn
 
 import runspec
 from runspec.config import TrainConfig, from_dict
+from trainer import device as dev
 from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
 from trainer.device import device_name
@@ -264,6 +265,13 @@ def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, r
         flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
         print(f"note: resuming keeps the run's saved config; ignoring {flags}", file=sys.stderr)
     changes = {k: getattr(cfg, k) for k in (explicit & RESUMABLE_OVERRIDES) | INVOCATION_FLAGS}
+    saved_on = (run.read_config().get("device") or {}).get("type")
+    if saved.amp == "on" and saved_on == "cuda" and "amp" not in explicit \
+            and dev.resolve_device(changes.get("device", saved.device)).type != "cuda":
+        # precision is a choice per device (the CUDA default's bf16 is 5x slower than fp32 on a laptop CPU)
+        changes["amp"] = "auto"
+        print("note: this run trained with --amp on on CUDA; it continues in this device's default precision "
+              "(--amp on keeps it)", file=sys.stderr)
     return dataclasses.replace(saved, **changes), run
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -101,6 +102,33 @@ def run_cli(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path 
             timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def output_lines(proc: subprocess.Popen) -> queue.Queue:
+    """proc's stdout lines, read by a thread ("" at EOF), so that a silent hang fails at a deadline
+    instead of blocking in readline()."""
+    import threading
+
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [out.put(l) for l in iter(proc.stdout.readline, "")] + [out.put("")],
+                     daemon=True).start()
+    return out
+
+
+def first_line_with(out: queue.Queue, needle: str, timeout: float = 240) -> str:
+    """The first line from `out` (output_lines) that contains `needle`; fails with all it read before."""
+    seen, deadline = [], time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = out.get(timeout=left)
+        except queue.Empty:
+            break
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line.strip()
+    raise AssertionError(f"no line with {needle!r} within {timeout:.0f} s:\n" + "".join(seen))
 
 
 def wait_for(predicate, timeout=180, step=0.1):

@@ -15,7 +15,6 @@ import contextlib
 import http.server
 import json
 import os
-import queue
 import signal
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from cloud import launch_fresh
+from conftest import first_line_with, output_lines
 from test_unpulled import load_agent
 
 IDLE_S = 6.0  # the watchdog's idle time in these tests
@@ -108,23 +108,8 @@ def notebook(launched, env, mnist_cloud, code):
     proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code, env={**os.environ, **env},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in iter(proc.stdout.readline, "")] + [lines.put("")],
-                     daemon=True).start()
-    seen, url, deadline = [], None, time.monotonic() + 240
     try:
-        while url is None and (left := deadline - time.monotonic()) > 0:
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if not line:
-                break
-            seen.append(line)
-            if "/lab?token=" in line:
-                url = line.strip()
-        assert url, "".join(seen)
-        base, token = url.split("/lab?token=")
+        base, token = first_line_with(output_lines(proc), "/lab?token=").split("/lab?token=")
         yield base, token
     finally:
         proc.send_signal(signal.SIGINT)

@@ -15,29 +15,16 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from sshhost import USER
+from test_setup_script import tiny_wheel
 
 NAME = "nbsetup"
 DLAMI_ENV = "/opt/pytorch"  # setup_ec2.sh's default: found there without MNIST_CLOUD_PYTHON
-
-
-def fake_jupyterlab_wheel(directory: Path) -> Path:
-    """jupyterlab as pip sees it, offline: a wheel whose module only says its version."""
-    directory.mkdir(parents=True, exist_ok=True)
-    wheel = directory / "jupyterlab-0.0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("jupyterlab/__init__.py", "__version__ = '0.0.1'\n")
-        z.writestr("jupyterlab-0.0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: jupyterlab\nVersion: 0.0.1\n")
-        z.writestr("jupyterlab-0.0.1.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("jupyterlab-0.0.1.dist-info/RECORD", "")
-    return wheel
 
 
 def dlami_stand_in(tmp_path: Path) -> Path:
@@ -63,7 +50,7 @@ def root_owned_dlami(host, tmp_path):
     pointed at the local wheel (the login's pip.conf on that machine). Undone afterwards."""
     env_dir = dlami_stand_in(tmp_path)
     wheels = tmp_path / "wheels"
-    fake_jupyterlab_wheel(wheels)
+    tiny_wheel(wheels, "jupyterlab", "0.0.1")  # jupyterlab as pip sees it, offline
     pip_conf = host.home / ".config" / "pip" / "pip.conf"
     pip_conf.parent.mkdir(parents=True, exist_ok=True)
     pip_conf.write_text(f"[global]\nno-index = true\nfind-links = {wheels}\ndisable-pip-version-check = true\n")

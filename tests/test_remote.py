@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cloud import launch_fresh
-from conftest import LEAK_CANARY, REPO, assert_user_error, run_cli, wait_for
+from conftest import LEAK_CANARY, REPO, assert_user_error, first_line_with, output_lines, run_cli, wait_for
 from sshhost import SSHTestHost
 
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batch-size", "128"]
@@ -180,27 +180,8 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        import queue
-        import threading
-
-        url, lines, out = None, [], queue.Queue()
-        # a reader thread, so that a silent hang fails at the deadline instead of blocking in readline()
-        threading.Thread(target=lambda: [out.put(l) for l in iter(proc.stdout.readline, "")] + [out.put("")],
-                         daemon=True).start()
-        deadline = time.monotonic() + 240
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = out.get(timeout=left)
-            except queue.Empty:
-                break
-            if not line:
-                break
-            lines.append(line)
-            if "/lab?token=" in line:
-                url = line.strip()
-                break
-        assert url, "".join(lines)
-        base, token = url.split("/lab?token=")
+        out = output_lines(proc)
+        base, token = first_line_with(out, "/lab?token=").split("/lab?token=")
         ok = urllib.request.urlopen(urllib.request.Request(f"{base}/api/status",
                                                            headers={"Authorization": f"token {token}"}))
         assert ok.status == 200

@@ -14,15 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_wheel(directory: Path) -> Path:
-    """A requirement that installs offline: a one-module wheel."""
-    wheel = directory / "tinypkg-0.1-py3-none-any.whl"
+def tiny_wheel(directory: Path, name: str = "tinypkg", version: str = "0.1") -> Path:
+    """A requirement that installs offline: a one-module wheel whose module only says its version."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("tinypkg/__init__.py", "VERSION = '0.1'\n")
-        z.writestr("tinypkg-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n")
-        z.writestr("tinypkg-0.1.dist-info/WHEEL",
+        z.writestr(f"{name}/__init__.py", f"VERSION = __version__ = {version!r}\n")
+        z.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{name}-{version}.dist-info/WHEEL",
                    "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("tinypkg-0.1.dist-info/RECORD", "")
+        z.writestr(f"{name}-{version}.dist-info/RECORD", "")
     return wheel
 
 

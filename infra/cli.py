@@ -1,7 +1,7 @@
 """`mnist-cloud`: the laptop-side command line.
 
 It parses arguments and hands off to the layers below it: trainer commands run `python -m trainer`
-(never importing torch here), cloud commands call infra.provision, remote commands infra.remote.
+(never importing torch here), cloud commands call infra.ec2, remote commands infra.remote.
 Bad input is one line on stderr and exit code 2.
 """
 
@@ -482,8 +482,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    from infra.ec2 import LaunchSpec, console_fingerprints, launch
     from infra.pricing import hourly_price
-    from infra.provision import LaunchSpec, console_fingerprints, launch
     from infra.watchdog import installer
 
     from infra import settings
@@ -536,7 +536,8 @@ def cmd_launch(args) -> int:
 
 
 def cmd_attach(args) -> int:
-    from infra.provision import attach_host, attach_instance
+    from infra.ec2 import attach_instance
+    from infra.hosts import attach_host
 
     if args.host:
         if args.instance_id:
@@ -564,7 +565,7 @@ def _age(hours: float) -> str:
 
 
 def cmd_status(args) -> int:
-    from infra.provision import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
+    from infra.ec2 import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
     from infra.state import State
 
     state = State()
@@ -616,7 +617,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from infra.provision import stop
+    from infra.ec2 import stop
 
     inst = stop(session(args), args.name, log=say)
     paused = "; its spot request waits, and EC2 does not start it by itself" if inst.lifecycle == "spot" else ""
@@ -626,7 +627,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_start(args) -> int:
-    from infra.provision import start
+    from infra.ec2 import start
 
     inst = start(session(args), args.name, args.ssh_cidr, log=say)
     say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
@@ -634,7 +635,7 @@ def cmd_start(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from infra.provision import (
+    from infra.ec2 import (
         TAG_OWNER,
         DownIncomplete,
         caller_identity,
@@ -728,7 +729,7 @@ def cmd_autostop(args) -> int:
                             after_train=args.after_train, enabled=not args.cancel, grace_minutes=args.grace)
     host = State().get(args.name)
     if host is not None and host.kind == "ec2":
-        from infra.provision import autostop_for, set_autostop
+        from infra.ec2 import autostop_for, set_autostop
 
         config = autostop_for(set_autostop(session(args), args.name, config, log=say), config)
     target = target_for(args)

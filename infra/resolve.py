@@ -62,7 +62,7 @@ def resolve(name: str, region: str | None = None, profile: str | None = None) ->
         return [Resolved(host, Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path,
                                         port=host.port))]
     from infra.aws import Aws
-    from infra.provision import console_fingerprints, describe_instance
+    from infra.ec2 import console_fingerprints, describe_instance
 
     from infra import settings
 

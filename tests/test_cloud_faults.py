@@ -132,7 +132,7 @@ SSO_ROLE = "AWSReservedSSO_Trainers_0a1b2c3d4e5f6789"  # IAM Identity Center's r
 
 
 def test_owner_key_strips_only_botocores_session_names():
-    from infra.provision import owner_key, owner_label, same_owner
+    from infra.ec2 import owner_key, owner_label, same_owner
 
     role = f"arn:aws:sts::123456789012:assumed-role/{SSO_ROLE}"
     assert same_owner(f"{role}/botocore-session-1700000000", f"{role}/botocore-session-1700000999")

@@ -447,7 +447,7 @@ def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_p
     # against the module's moto server, not mock_aws(): that would reset the backends the server
     # shares, and every later test in the module would find its instance gone
     from cloud import aws_env
-    from infra import provision as P
+    from infra import ec2 as P
     from infra.aws import Aws
     from infra.state import State
 

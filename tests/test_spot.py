@@ -192,7 +192,7 @@ def spot_ec2(monkeypatch):
 
 # ---------------------------------------------------------------------------------- our functions, moto in process
 def launch_spot(aws, **kw):
-    from infra import provision as P
+    from infra import ec2 as P
 
     spec = P.LaunchSpec(name="sp", instance_type="g4dn.xlarge", spot=True, ssh_cidr="192.0.2.1/32",
                         wait_status_checks=False, **kw)
@@ -214,7 +214,7 @@ def test_spot_launch_asks_for_a_persistent_request_that_stops(aws, spot_ec2):
 
 
 def test_down_cancels_the_spot_request_before_it_terminates(aws, spot_ec2):
-    from infra import provision as P
+    from infra import ec2 as P
 
     inst, _ = launch_spot(aws)
     assert spot_ec2.request_of(inst.instance_id).type == "persistent"
@@ -225,7 +225,7 @@ def test_down_cancels_the_spot_request_before_it_terminates(aws, spot_ec2):
 
 
 def test_stop_works_for_a_persistent_spot_instance_and_autostop_stops_it(aws, spot_ec2):
-    from infra import provision as P
+    from infra import ec2 as P
     from infra.watchdog import AutostopConfig
 
     inst, _ = launch_spot(aws)
@@ -239,22 +239,25 @@ def test_stop_works_for_a_persistent_spot_instance_and_autostop_stops_it(aws, sp
 
 
 def test_stop_refuses_a_one_time_spot_instance(aws, spot_ec2, monkeypatch):
-    from infra import provision as P
+    from infra import ec2 as P
+    from infra.ec2 import launching
+    from infra.errors import UserError
 
-    monkeypatch.setattr(P, "SPOT_OPTIONS", {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"})
+    monkeypatch.setattr(launching, "SPOT_OPTIONS", {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"})
     launch_spot(aws)  # as an older mnist-cloud launched it
-    with pytest.raises(P.UserError, match="one-time spot instance"):
+    with pytest.raises(UserError, match="one-time spot instance"):
         P.stop(aws, "sp", log=lambda m: None)
 
 
 def test_an_interrupted_instance_shows_as_interrupted_and_start_says_ec2_starts_it(aws, spot_ec2):
-    from infra import provision as P
+    from infra import ec2 as P
+    from infra.errors import UserError
 
     inst, _ = launch_spot(aws)
     assert P.spot_interruptions(aws, P.find_instances(aws, "sp")) == {}
     spot_ec2.interrupt(inst.instance_id)
     assert P.spot_interruptions(aws, P.find_instances(aws, "sp")) == {inst.instance_id: "instance-stopped-no-capacity"}
-    with pytest.raises(P.UserError, match="only EC2 can start it"):
+    with pytest.raises(UserError, match="only EC2 can start it"):
         P.start(aws, "sp", ssh_cidr="192.0.2.1/32", log=lambda m: None)
     spot_ec2.capacity_returns(inst.instance_id)
     P.stop(aws, "sp", log=lambda m: None)  # a user's stop is no interruption

@@ -1,4 +1,4 @@
-"""infra.provision under moto.mock_aws: our functions, asserting on what EC2 then holds."""
+"""infra.ec2 under moto.mock_aws: our functions, asserting on what EC2 then holds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from cloud import DLAMI_ID, REGION, aws_env, seed_dlami
-from infra import provision as P
+from infra import ec2 as P
+from infra import hosts
 from infra.aws import Aws, CloudError, explain
+from infra.ec2 import launching
 from infra.errors import UserError
 from infra.state import State
 
@@ -233,14 +235,14 @@ def test_attach_refuses_open_key_file(aws, tmp_path):
     key.write_text("x")
     key.chmod(0o644)
     with pytest.raises(UserError, match="chmod 600"):
-        P.attach_host("me@127.0.0.1:2222", "box", str(key))
+        hosts.attach_host("me@127.0.0.1:2222", "box", str(key))
 
 
 @pytest.mark.parametrize("target,parsed", [("ubuntu@10.0.0.5", ("ubuntu", "10.0.0.5", 22)),
                                            ("me@box.lan:2222", ("me", "box.lan", 2222)),
                                            ("root@[::1]:2200", ("root", "::1", 2200))])
 def test_parse_ssh_target(target, parsed):
-    assert P.parse_ssh_target(target) == parsed
+    assert hosts.parse_ssh_target(target) == parsed
 
 
 # ---------------------------------------------------------------------------------- the aws layer
@@ -395,7 +397,7 @@ def test_a_security_group_that_stays_in_use_ends_down_in_one_line(aws, ec2, monk
 def _cluster_with_placement_group_in_use(aws, monkeypatch, times):
     """A two-node cluster whose placement group EC2 still counts as in use for `times` delete attempts
     after the instances terminated (moto has no placement groups: their answers are forged)."""
-    monkeypatch.setattr(P, "ensure_placement_group", lambda *a, **k: None)
+    monkeypatch.setattr(launching, "ensure_placement_group", lambda *a, **k: None)
     launch(aws, nodes=2, wait_status_checks=False)
     real_call = aws.call
     refused, deleted = [], []
@@ -556,7 +558,7 @@ def test_cluster_nodes_launch_in_node_0s_subnet(aws, monkeypatch):
         return real_call(service, operation, **kwargs)
 
     monkeypatch.setattr(aws, "call", first_zone_full)
-    monkeypatch.setattr(P, "ensure_placement_group", lambda *a, **k: None)  # moto has no DescribePlacementGroups
+    monkeypatch.setattr(launching, "ensure_placement_group", lambda *a, **k: None)  # moto has no DescribePlacementGroups
     node0 = launch(aws, nodes=3, wait_status_checks=False)
     subnets = {i.subnet_id for i in P.find_instances(aws, "exp")}
     zones = P.default_subnets(aws, P.default_vpc(aws))

@@ -13,7 +13,7 @@ import sys
 import runspec
 from infra import __version__
 from infra.errors import UserError
-from infra.targets import LocalTarget
+from infra.targets import run_trainer
 
 # Commands that are `python -m trainer <command> ...` run here, flags passed through untouched.
 TRAINER_COMMANDS = {
@@ -263,11 +263,11 @@ def cmd_train(rest: list[str]) -> int:
     rest = with_defaults(rest)
     if "-h" in rest or "--help" in rest:
         print(TRAIN_HELP, flush=True)
-        return LocalTarget().run(["train", "--help"])
+        return run_trainer(["train", "--help"])
     if not opts.on:
         if opts.detach or opts.python or opts.code or opts.gpus or opts.nodes or opts.env:
             raise UserError("--detach, --python, --code, --gpus, --nodes and --env need --on NAME")
-        return LocalTarget().run(["train", *rest])
+        return run_trainer(["train", *rest])
     return remote_train(opts, rest)
 
 
@@ -352,7 +352,7 @@ def model_for_machine(model: str | None, code) -> str | None:
     that directory, and the machine names it relative to its work dir. Other specs pass as typed."""
     from pathlib import Path
 
-    from infra.remote import local_files
+    from infra.transfer import local_files
 
     target, _, attr = (model or "").rpartition(":")
     if not target or not (target.endswith(".py") or "/" in target):
@@ -473,7 +473,7 @@ def cmd_report(args) -> int:
     import webbrowser
     from pathlib import Path
 
-    code = LocalTarget().run(["report", args.run] + (["--no-predictions"] if args.no_predictions else []))
+    code = run_trainer(["report", args.run] + (["--no-predictions"] if args.no_predictions else []))
     if code == 0 and args.open:
         url = (Path(args.run).resolve() / runspec.REPORT).as_uri()
         if not webbrowser.open(url):
@@ -884,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return cmd_sweep(global_aws(rest, args))
         if args.command in TRAINER_COMMANDS:
-            return LocalTarget().run([args.command, *rest])
+            return run_trainer([args.command, *rest])
         if rest:
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `mnist-cloud {args.command} --help`)")
         return CLOUD_COMMANDS[args.command](args)

@@ -54,9 +54,9 @@ def wait_listening(target, python: str, port: int, job: str, timeout: float = RE
     def listening() -> bool | None:
         if target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(probe)}", warn=True).ok:
             return True
-        state, code = target.remote.job_state(job)
+        state, code = target.jobs.job_state(job)
         if state == "finished":
-            tail = target.remote.run(f"tail -n 5 {target.remote.job_paths(job)['log']}", warn=True).stdout.strip()
+            tail = target.remote.run(f"tail -n 5 {target.jobs.job_paths(job)['log']}", warn=True).stdout.strip()
             raise UserError(f"JupyterLab exited on {target.name} (exit {code}): {tail.splitlines()[-1] if tail else ''}")
         return None
 
@@ -108,7 +108,7 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
         sftp.close()
     argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
             "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
-    target.remote.start_detached(argv, job, env_files={"JUPYTER_TOKEN": token_file})
+    target.jobs.start_detached(argv, job, env_files={"JUPYTER_TOKEN": token_file})
     if port is None:
         local_port = free_port(DEFAULT_PORT)
         if local_port != DEFAULT_PORT:
@@ -135,7 +135,7 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
         for sig in handlers:  # a second TERM/HUP (a closing terminal can send two) must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
         if not keep:
-            target.remote.kill_job(job)
+            target.jobs.kill_job(job)
             target.remote.run(f"cd {wd} && rm -f {token_file} {port_file}", warn=True)
             log(f"stopped JupyterLab on {target.name}")
         else:

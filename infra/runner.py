@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import runspec
-from infra.errors import UserError
+from infra.errors import ConnectionLost, UserError
 from infra.poll import poll
-from infra.remote import ConnectionLost
 from infra.targets import SSHTarget, code_dir
 
 RDZV_PORT = 29500
@@ -160,7 +159,7 @@ def _train_cluster(job: RemoteTrain, log) -> int:
         def rank0() -> SSHTarget | bool | None:
             holder = next((t for t in nodes if t.remote.run(f"test -f {t.remote.ep.workdir}/{marker}",
                                                              warn=True).ok), None)
-            if holder is None and all(t.remote.job_state(job.run_id)[0] == "finished" for t in nodes):
+            if holder is None and all(t.jobs.job_state(job.run_id)[0] == "finished" for t in nodes):
                 return False  # all ended before one said it was rank 0
             return holder
 

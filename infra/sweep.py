@@ -21,7 +21,7 @@ from pathlib import Path
 import runspec
 from infra.errors import UserError
 from infra.pricing import hourly_price
-from infra.targets import LocalTarget, SSHTarget, code_dir
+from infra.targets import SSHTarget, code_dir, run_trainer
 
 TARGET = runspec.TARGET
 
@@ -133,7 +133,7 @@ class LocalSlot:
         return None
 
     def execute(self, run_id: str, args: list[str], runs: Path) -> int:
-        return LocalTarget().run(["train", *args, "--run-id", run_id, "--out-dir", str(runs), "--no-progress"])
+        return run_trainer(["train", *args, "--run-id", run_id, "--out-dir", str(runs), "--no-progress"])
 
 
 @dataclass
@@ -332,7 +332,7 @@ def finish(plan: Plan, runs: Path, log) -> int:
     done = [str(runs / p.run_id) for p in plan.points if p.status == "completed"]
     curves = runs / f"{plan.name}.html"
     if len(done) >= 2:
-        LocalTarget().run(["compare", *done, "--out", str(curves)])
+        run_trainer(["compare", *done, "--out", str(curves)])
     log(f"summary: {summary_file}" + (f"; curves: {curves}" if len(done) >= 2 else ""))
     failed = [p.run_id for p in plan.points if p.status == "failed"]
     if failed:

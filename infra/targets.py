@@ -1,8 +1,8 @@
-"""Where `python -m trainer` runs. Both targets have the same verbs: sync, run, logs, pull.
+"""Where `python -m trainer` runs: here, or on a named machine.
 
-LocalTarget runs the trainer as a subprocess of the CLI with the CLI's own interpreter: there is
-nothing to sync or pull, the run directory is written in place. SSHTarget is a named machine (an
-EC2 instance we launched or adopted, or any SSH host): sync copies the code up, run starts the same
+Here, run_trainer runs it as a subprocess of the CLI with the CLI's own interpreter: there is nothing
+to sync or pull, the run directory is written in place. SSHTarget is a named machine (an EC2 instance
+we launched or adopted, or any SSH host): sync copies the code up, run starts the same
 `python -m trainer` detached, logs streams its console, pull brings runs/<run-id>/ back. After a run,
 both leave the same runs/<run-id>/ on the laptop.
 """
@@ -21,7 +21,9 @@ import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.poll import poll
-from infra.remote import Remote, TransferResult
+from infra.jobs import Jobs
+from infra.remote import Remote
+from infra.transfer import TransferResult, record_pulled, unpulled_runs, write_file
 from infra.state import Host
 
 SETUP_SCRIPT = "setup_ec2.sh"
@@ -88,35 +90,18 @@ def tool_files(project: Path) -> dict[str, Path]:
     return files
 
 
-class LocalTarget:
-    name = "local"
+def run_trainer(args: list[str], python: str = sys.executable, cwd: Path | None = None) -> int:
+    """Run `python -m trainer ARGS` here in the foreground; its output is ours and its exit code is returned.
 
-    def __init__(self, python: str = sys.executable, cwd: Path | None = None):
-        self.python = python
-        self.cwd = cwd
-
-    def sync(self, *args, **kwargs) -> None:
-        """Nothing to copy: the code is already here."""
-
-    def run(self, args: list[str]) -> int:
-        """Run `python -m trainer ARGS` in the foreground; its output is ours and its exit code is returned.
-
-        Ctrl-C at the terminal reaches the trainer too (same process group); we wait for it to finish
-        its way out and return its exit code."""
-        # the installed trainer, never a trainer.py of the user's project in the current directory
-        proc = subprocess.Popen(trainer_command(self.python, args), cwd=self.cwd,
-                                env={**os.environ, "PYTHONSAFEPATH": "1"})
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                continue
-
-    def logs(self, run_dir: Path) -> str:
-        return (Path(run_dir) / runspec.LOG).read_text()
-
-    def pull(self, *args, **kwargs) -> None:
-        """Nothing to fetch: the run directory is local."""
+    Ctrl-C at the terminal reaches the trainer too (same process group); we wait for it to finish
+    its way out and return its exit code."""
+    # the installed trainer, never a trainer.py of the user's project in the current directory
+    proc = subprocess.Popen(trainer_command(python, args), cwd=cwd, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 class SSHTarget:
@@ -127,6 +112,7 @@ class SSHTarget:
         self.name = host.name
         self.label = remote.ep.name  # "NAME", or "NAME/node1" for the other nodes of a cluster
         self.remote = remote
+        self.jobs = Jobs(remote)
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
         self.shutdown_behavior: str | None = None  # as this object last set it
@@ -231,24 +217,24 @@ class SSHTarget:
 
         self.keep_runs_on_shutdown(unpulled=True)  # this run is unpulled until pulled
         if self.lifecycle != "spot":
-            return self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+            return self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
         imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
         poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
         # the watcher travels with the run, from the package: the work dir may be any project
-        jobs = posixpath.join(self.remote._home(), self.remote.ep.workdir, "jobs")
+        jobs = posixpath.join(self.remote.home(), self.remote.ep.workdir, "jobs")
         self.remote.run(f"mkdir -p {shlex.quote(jobs)}")
-        self.remote.write_file(f"{jobs}/spot_watch.py", agent_source("spot_watch.py"))
+        write_file(self.remote, f"{jobs}/spot_watch.py", agent_source("spot_watch.py"))
         watch = [python, "jobs/spot_watch.py", "--pid-file", f"jobs/{run_id}.pid", "--imds", imds,
                  "--interval", poll]
         # What the instance runs by itself to continue this run once EC2 starts it again after an
         # interruption (the saved config.json holds the run's flags). Not for a cluster: its nodes come
         # back one by one, and the rendezvous needs them all.
         if not launcher or "--standalone" in launcher:
-            self.remote.record_job(run_id, [
-                self.remote.detached_command(trainer_argv([], True), run_id, env=env, append=True),
-                self.remote.detached_command(watch, f"{run_id}.spot-watch")])
-        pid = self.remote.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
-        self.remote.start_detached(watch, f"{run_id}.spot-watch")
+            self.jobs.record_job(run_id, [
+                self.jobs.detached_command(trainer_argv([], True), run_id, env=env, append=True),
+                self.jobs.detached_command(watch, f"{run_id}.spot-watch")])
+        pid = self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+        self.jobs.start_detached(watch, f"{run_id}.spot-watch")
         return pid
 
     def gpu_count(self, python: str) -> int:
@@ -271,11 +257,11 @@ class SSHTarget:
         return self.remote.push(local_run, f"{self.remote.ep.workdir}/runs/{local_run.name}", log=log)
 
     def logs(self, run_id: str, follow: bool) -> None:
-        self.remote.stream_log(run_id, follow)
+        self.jobs.stream_log(run_id, follow)
 
     def wait_finished(self, run_id: str, timeout: float = 30) -> tuple[str, int | None]:
         def ended() -> tuple[str, int | None] | None:
-            state, code = self.remote.job_state(run_id)
+            state, code = self.jobs.job_state(run_id)
             return (state, code) if state != "running" else None
 
         return poll(ended, timeout) or ("running", None)
@@ -284,12 +270,12 @@ class SSHTarget:
         """Bring runs/<run-id>/ here, then record on the machine which of its files are here now: a
         run whose files all are is no longer "unpulled" (see infra/agent/autostop.py)."""
         result = self.remote.pull(f"{self.remote.ep.workdir}/runs/{run_id}", Path(local_runs) / run_id, log=log)
-        self.remote.record_pulled(run_id, result.verified)
+        record_pulled(self.remote, run_id, result.verified)
         self.keep_runs_on_shutdown(unpulled=bool(self.unpulled_runs()))
         return result
 
     def unpulled_runs(self) -> list[str]:
-        return self.remote.unpulled_runs()
+        return unpulled_runs(self.remote)
 
     def keep_runs_on_shutdown(self, unpulled: bool) -> None:
         """Autostop with terminate: EC2 must stop the instance, not terminate it, while it holds
@@ -315,7 +301,7 @@ class SSHTarget:
         self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(agent_source('autostop.py'))} set-shutdown {behavior}")
 
     def runs(self) -> list[dict]:
-        return self.remote.list_runs()
+        return self.jobs.list_runs()
 
     def latest_run(self) -> str:
         runs = self.runs()
@@ -325,7 +311,7 @@ class SSHTarget:
 
     def check_run(self, run_id: str) -> None:
         """A run exists once its job was started, even before the trainer has made its directory."""
-        if self.remote.run(f"test -e {shlex.quote(self.remote.job_paths(run_id)['pid'])}", warn=True).ok:
+        if self.remote.run(f"test -e {shlex.quote(self.jobs.job_paths(run_id)['pid'])}", warn=True).ok:
             return
         if run_id not in {r["run_id"] for r in self.runs()}:
             raise UserError(f"{self.name} has no run {run_id!r}; `mnist-cloud runs {self.name}` lists them")

@@ -86,7 +86,7 @@ def install_over_ssh(remote, config: AutostopConfig, root: str = "") -> str:
     import shlex
 
     if not config.work_dirs:  # where this name's runs are; the watchdog looks at every name's too
-        config = replace(config, work_dirs=[posixpath.join(remote.run('printf %s "$HOME"').stdout, remote.ep.workdir)])
+        config = replace(config, work_dirs=[posixpath.join(remote.home(), remote.ep.workdir)])
     script = installer(config)
     # mktemp creates it (O_EXCL, mode 600, ours): no other user of a shared host can plant or swap
     # the script that root then runs, as they could with a predictable /tmp name

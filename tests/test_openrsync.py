@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from infra import remote as remote_module
-from infra.remote import Endpoint, Remote, RsyncChoice, is_openrsync, local_rsync
+from infra import transfer as remote_module
+from infra.remote import Endpoint, Remote
+from infra.transfer import RsyncChoice, is_openrsync, local_rsync
 
 REAL_RSYNC = "/usr/bin/rsync"
 

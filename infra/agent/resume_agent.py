@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-JOB_SUFFIX = ".job.json"  # written by infra/remote.py record_job
+JOB_SUFFIX = ".job.json"  # written by infra/jobs.py record_job
 NOTICE_SUFFIX = ".spot-notice"  # written by infra/agent/spot_watch.py
 LEGACY_STATUS_FILE = "config.json"  # records from before status_file: where the run's status was then
 RESUMABLE = {"interrupted", "running"}
@@ -74,7 +74,7 @@ def run_status(workdir: Path, run_id: str) -> str | None:
 def job_alive(workdir: Path, run_id: str) -> bool:
     """Whether the job's wrapper process lives. A pid file from an earlier boot may name a process
     that has since reused the number, so its command line must be the wrapper's: it ends by writing
-    jobs/RUN.exit (infra/remote.py detached_command)."""
+    jobs/RUN.exit (infra/jobs.py detached_command)."""
     try:
         pid = int((workdir / "jobs" / f"{run_id}.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -265,7 +265,7 @@ class ConfigSummary:
     cost: float | None = None
 
 
-def read_run(run_dir: Path) -> dict:
+def run_outcome(run_dir: Path) -> dict:
     """A completed run (pulled back here, wherever it ran): result.json's test accuracy and weights; the
     per-epoch test, when there is one, only for the peek. A damaged run is one line (runspec)."""
     run = runspec.read_run(run_dir)
@@ -273,10 +273,9 @@ def read_run(run_dir: Path) -> dict:
     rows = run.rows
     price = (run.config.get("cloud") or {}).get("price_per_hour")
     seconds = rows[-1]["elapsed"] if rows else 0.0
-    tested = [r for r in rows if r.get("test_acc") is not None]
     return {"test_acc": result["test_acc"], "weights": result.get("weights", "final"),
-            "tested_each_epoch": bool(tested),
-            "to_target": next((r["epoch"] for r in tested if r["test_acc"] >= TARGET), None),
+            "tested_each_epoch": run.tested_each_epoch,
+            "to_target": runspec.first_epoch_at_target(rows),
             "seconds": seconds, "cost": price * seconds / 3600 if price is not None else None}
 
 
@@ -288,7 +287,7 @@ def summarize(points: list[Point], runs: Path) -> list[ConfigSummary]:
         if p.status != "completed":
             s.failed += 1
             continue
-        r = read_run(runs / p.run_id)
+        r = run_outcome(runs / p.run_id)
         s.accs.append(r["test_acc"])
         s.weights.append(r["weights"])
         if r["tested_each_epoch"]:

@@ -36,7 +36,7 @@ TARGET = 99.4  # the seed projects' test accuracy goal (%): reported against, ne
 
 
 # What `mnist-cloud train --on` tells the trainer on the machine, through its environment (set by
-# infra/targets.py and infra/runner.py, read by trainer/train.py into config.json):
+# infra/targets.py and infra/runner.py, read by trainer/env.py and trainer/recorder.py into config.json):
 ENV_GIT_SHA = "MNIST_CLOUD_GIT_SHA"  # the laptop checkout's commit: the synced code has no .git
 ENV_GIT_DIRTY = "MNIST_CLOUD_GIT_DIRTY"  # "1" when that checkout had uncommitted changes
 ENV_NAME = "MNIST_CLOUD_NAME"  # the machine's name in `mnist-cloud ls`, for the report
@@ -211,6 +211,11 @@ class Run:
             raise UserError(f"{self.path}/{METRICS} has no epoch rows")
         return self.result
 
+    @property
+    def tested_each_epoch(self) -> bool:
+        """Whether the epochs carry a test accuracy (--test-every-epoch): a peek, see first_epoch_at_target."""
+        return any(r.get("test_acc") is not None for r in self.rows)
+
 
 def read_run(path: str | Path, strict: bool = True) -> Run:
     """A run directory's config, epochs and result, with one clear line for whatever is missing or damaged."""
@@ -223,6 +228,13 @@ def read_run(path: str | Path, strict: bool = True) -> Run:
         raise UserError(f"{path} is not a run directory (no {CONFIG}); pass runs/<run-id>")
     result = read_json(path / RESULT) if (path / RESULT).is_file() else None
     return Run(path, read_json(path / CONFIG), epochs(read_metrics(path / METRICS, strict)), result)
+
+
+def first_epoch_at_target(rows: list[dict[str, Any]], target: float = TARGET) -> int | None:
+    """The first epoch whose per-epoch test accuracy reached `target`; None when none did, or when no
+    epoch was tested (per-epoch test needs --test-every-epoch). For reports only: it peeks at the test
+    set, and nothing is ever decided on it."""
+    return next((r["epoch"] for r in rows if r.get("test_acc") is not None and r["test_acc"] >= target), None)
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:

@@ -10,12 +10,13 @@ process start to exit (data loading, every epoch, the final test, the report). T
 is result.json's "test_acc": the test accuracy of the weights the run delivers (its model.pt; "weights"
 says final or EMA). Per recipe it reports the min and median of that over seeds, never the best run.
 
-The seed pipeline is what the seed projects ran: seed 001's net and recipe on a torchvision-style
-DataLoader over PIL images with RandomRotation(7), batch 128, 2 workers. `--seed-pipeline full` (the
-default) trains it, testing after every epoch as the seed projects did, until it reaches 99.40% on
-test; its seconds to get there, over the median whole-run wall time of a recipe, is that recipe's
-speed-up. `full` and `throughput` also time training img/s of both pipelines on the same nets (ours at
-what `python -m trainer train --model NET` would use: batch, input size, augmentation); `skip` neither.
+The seed pipeline (scripts/seed_pipeline.py) is what the seed projects ran: seed 001's net and recipe
+on a torchvision-style DataLoader over PIL images with RandomRotation(7), batch 128, 2 workers.
+`--seed-pipeline full` (the default) trains it, testing after every epoch as the seed projects did,
+until it reaches 99.40% on test; its seconds to get there, over the median whole-run wall time of a
+recipe, is that recipe's speed-up. `full` and `throughput` also time training img/s of both pipelines on
+the same nets (ours at what `python -m trainer train --model NET` would use: batch, input size,
+augmentation); `skip` neither.
 
 Our recipes run first and benchmark.json (in --out) is rewritten after every run, so a crash late
 keeps the rows before it. The tables printed at the end are markdown, ready for the README.
@@ -36,8 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
 sys.path.insert(0, str(REPO))  # the script runs from a checkout: trainer/ is beside it, not installed
+sys.path.insert(0, str(SCRIPTS))  # and seed_pipeline.py beside this file, also when it is loaded as a module
 
 import runspec
 from runspec import UserError
@@ -95,17 +98,11 @@ def run_id(recipe: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------- one run of ours
-def peek_epoch(rows: list[dict], target: float = TARGET) -> int | None | str:
-    """First epoch whose test accuracy >= target: this PEEKS at the test set, so it is never a headline.
-    "n/a" when no epoch was tested (the trainer tests only at the end unless --test-every-epoch)."""
-    tested = [r for r in rows if r.get("test_acc") is not None]
-    if not tested:
-        return "n/a"
-    return next((r["epoch"] for r in tested if r["test_acc"] >= target), None)
-
-
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """A completed run's numbers: result.json (the delivered weights' test accuracy), config.json, metrics.jsonl."""
+def run_numbers(run_dir: Path) -> dict[str, Any]:
+    """A completed run's numbers: result.json (the delivered weights' test accuracy), config.json, metrics.jsonl.
+    "peek_epoch" is the first epoch whose test accuracy reached TARGET: it PEEKS at the test set, so it is
+    never a headline; "n/a" when no epoch was tested (the trainer tests only at the end unless
+    --test-every-epoch)."""
     run = runspec.read_run(run_dir)
     result, rows = run.completed(), run.rows
     return {"test_acc": result["test_acc"],
@@ -114,7 +111,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             "epochs": len(rows),
             "seconds_per_epoch": statistics.median(r["seconds"] for r in rows),
             "img_per_s": statistics.median(r["img_per_s"] for r in rows),
-            "peek_epoch": peek_epoch(rows)}
+            "peek_epoch": runspec.first_epoch_at_target(rows, TARGET) if run.tested_each_epoch else "n/a"}
 
 
 def run_recipe(name: str, flags: list[str], seed: int, runs_dir: Path, extra: list[str]) -> dict[str, Any]:
@@ -128,7 +125,7 @@ def run_recipe(name: str, flags: list[str], seed: int, runs_dir: Path, extra: li
     if proc.returncode:
         raise UserError(f"run {rid} failed (exit {proc.returncode}, its error is above; run directory "
                         f"{runs_dir / rid}); benchmark.json keeps the runs before it")
-    return {"recipe": name, "seed": seed, "flags": flags, **read_run(runs_dir / rid), "wall_seconds": wall}
+    return {"recipe": name, "seed": seed, "flags": flags, **run_numbers(runs_dir / rid), "wall_seconds": wall}
 
 
 # ---------------------------------------------------------------- summaries
@@ -262,101 +259,6 @@ def host_info(argv: list[str]) -> dict[str, Any]:
             "command": "python " + shlex.join(argv)}
 
 
-# ---------------------------------------------------------------- the seed projects' pipeline
-def seed_loaders(data_dir: str | None, seed: int, batch_size: int = 128, workers: int = 2):
-    """torchvision-MNIST-style datasets: uint8 array -> PIL image per item -> transforms."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
-
-    from trainer.data import load_mnist, split_indices
-    from trainer.fetch import resolve_data_dir
-
-    mnist = load_mnist(resolve_data_dir(data_dir))
-    train_idx, val_idx = split_indices(60000, 10000, seed)
-    norm = [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
-    train_tf = transforms.Compose([transforms.RandomRotation(7), *norm])
-    eval_tf = transforms.Compose(norm)
-
-    class PilMnist(torch.utils.data.Dataset):
-        def __init__(self, images, labels, transform):
-            self.images, self.labels, self.transform = images, labels, transform
-
-        def __len__(self):
-            return len(self.labels)
-
-        def __getitem__(self, i):
-            return self.transform(Image.fromarray(self.images[i].numpy(), mode="L")), int(self.labels[i])
-
-    def loader(images, labels, tf, shuffle):
-        return torch.utils.data.DataLoader(PilMnist(images, labels, tf), batch_size=batch_size, shuffle=shuffle,
-                                           num_workers=workers, persistent_workers=workers > 0,
-                                           generator=torch.Generator().manual_seed(seed))
-
-    return (loader(mnist.train_images[train_idx], mnist.train_labels[train_idx], train_tf, True),
-            loader(mnist.train_images[val_idx], mnist.train_labels[val_idx], eval_tf, False),
-            loader(mnist.test_images, mnist.test_labels, eval_tf, False))
-
-
-def time_to_target(rows: list[dict], target: float = TARGET) -> tuple[int | None, float | None]:
-    """The seed pipeline's own measure: (first epoch whose test accuracy >= target, seconds by then)."""
-    for r in rows:
-        if r["test_acc"] >= target:
-            return r["epoch"], r["elapsed"]
-    return None, None
-
-
-def seed_pipeline_run(data_dir: str | None, seed: int, max_epochs: int, workers: int) -> dict:
-    """Seed 001's net and recipe (SGD Nesterov, OneCycle max_lr 0.1, wd 1e-4) on the seed pipeline, tested
-    after every epoch (as the seed projects did) until TARGET; the clock starts at its first batch."""
-    import torch
-    import torch.nn.functional as F
-
-    from trainer.models import build_model, count_params
-
-    torch.manual_seed(seed)
-    train, val, test = seed_loaders(data_dir, seed, workers=workers)
-    model = build_model("seed001")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.95, nesterov=True, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, epochs=max_epochs, steps_per_epoch=len(train))
-
-    def evaluate(loader):
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for x, y in loader:
-                correct += (model(x).argmax(1) == y).sum().item()
-        model.train()
-        return 100.0 * correct / len(loader.dataset)
-
-    rows, started = [], time.perf_counter()
-    for epoch in range(1, max_epochs + 1):
-        t0 = time.perf_counter()
-        for x, y in train:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        train_s = time.perf_counter() - t0
-        row = {"epoch": epoch, "val_acc": evaluate(val), "test_acc": evaluate(test), "train_seconds": train_s,
-               "img_per_s": len(train.dataset) / train_s, "seconds": time.perf_counter() - t0,
-               "elapsed": time.perf_counter() - started}
-        rows.append(row)
-        print(f"  seed pipeline epoch {epoch}: val {row['val_acc']:.2f}% test {row['test_acc']:.2f}% "
-              f"({train_s:.0f}s train, {row['elapsed']:.0f}s total)", flush=True)
-        if row["test_acc"] >= TARGET:
-            break
-    epoch, seconds = time_to_target(rows)
-    return {"recipe": SEED_PIPELINE, "model": "seed001", "seed": seed, "workers": workers,
-            "params": count_params(model), "epochs": len(rows), "epoch_to_target": epoch,
-            "seconds_to_target": seconds, "final_test": rows[-1]["test_acc"],
-            "best_test": max(r["test_acc"] for r in rows),
-            "seconds_per_epoch": statistics.median(r["seconds"] for r in rows),
-            "train_seconds_per_epoch": statistics.median(r["train_seconds"] for r in rows),
-            "img_per_s": statistics.median(r["img_per_s"] for r in rows), "rows": rows}
-
-
 def trainer_defaults(model_name: str):
     """The TrainConfig `python -m trainer train --model NAME` would run: the defaults plus the model's recipe."""
     from trainer.cli import parse_train_args
@@ -375,6 +277,8 @@ def throughput(model_name: str, data_dir: str | None, steps: int, workers: int) 
     from trainer.data import load_mnist, make_splits, normalize
     from trainer.fetch import resolve_data_dir
     from trainer.models import build_model
+
+    import seed_pipeline
 
     cfg = trainer_defaults(model_name)
 
@@ -411,7 +315,7 @@ def throughput(model_name: str, data_dir: str | None, steps: int, workers: int) 
                 yield normalize(x).contiguous(memory_format=memory_format), data.train.labels[idx]
 
     def seeds():
-        train, _, _ = seed_loaders(data_dir, 1, workers=workers)
+        train, _, _ = seed_pipeline.loaders(data_dir, 1, workers=workers)
         while True:
             yield from train
 
@@ -472,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
     if args.seed_pipeline == "full":
         print(f"seed pipeline: training seed001 until {TARGET:.2f}% test", flush=True)
-        report["seed_pipeline"] = seed_pipeline_run(args.data_dir, seeds[0], args.seed_epochs, args.workers)
+        import seed_pipeline  # torch, torchvision and PIL: only once the seed pipeline runs
+
+        report["seed_pipeline"] = {"recipe": SEED_PIPELINE,
+                                   **seed_pipeline.run(args.data_dir, seeds[0], args.seed_epochs, args.workers)}
         save()
     print("\n" + render(report))
     print(f"\nruns and benchmark.json in {out}")

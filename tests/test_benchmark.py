@@ -51,10 +51,10 @@ def forged_report(tmp_path: Path) -> dict:
     runs = []
     for seed, delivered, wall in [(1, 99.45, 100.0), (2, 99.38, 130.0), (3, 99.52, 110.0)]:
         run = forge_run(tmp_path / f"net8k-{seed}", delivered, [None, None, None])
-        runs.append({"recipe": "net8k", "seed": seed, "flags": [], **bench.read_run(run), "wall_seconds": wall})
+        runs.append({"recipe": "net8k", "seed": seed, "flags": [], **bench.run_numbers(run), "wall_seconds": wall})
     for seed, delivered, wall in [(1, 99.61, 200.0), (2, 99.55, 240.0)]:
         run = forge_run(tmp_path / f"net20k-{seed}", delivered, [98.0, 99.41, 99.9], weights="final", params=18314)
-        runs.append({"recipe": "net20k", "seed": seed, "flags": ["--model", "net20k"], **bench.read_run(run),
+        runs.append({"recipe": "net20k", "seed": seed, "flags": ["--model", "net20k"], **bench.run_numbers(run),
                      "wall_seconds": wall})
     seed_pipeline = {"recipe": bench.SEED_PIPELINE, "model": "seed001", "seed": 1, "workers": 2, "params": 23760,
                      "epochs": 11, "epoch_to_target": 11, "seconds_to_target": 990.0, "final_test": 99.41,
@@ -63,7 +63,7 @@ def forged_report(tmp_path: Path) -> dict:
 
 
 def test_read_run_takes_test_acc_from_result_json_and_medians_from_epoch_rows(tmp_path):
-    run = bench.read_run(forge_run(tmp_path / "r", 99.47, [97.0, 98.0, 99.0], seconds=10.0))
+    run = bench.run_numbers(forge_run(tmp_path / "r", 99.47, [97.0, 98.0, 99.0], seconds=10.0))
     assert run["test_acc"] == 99.47  # result.json's delivered weights, not the last epoch row's 99.0
     assert run["weights"] == "ema"
     assert run["params"] == 7738
@@ -74,7 +74,7 @@ def test_read_run_takes_test_acc_from_result_json_and_medians_from_epoch_rows(tm
 
 
 def test_read_run_before_the_weights_key_existed(tmp_path):
-    run = bench.read_run(forge_run(tmp_path / "r", 99.47, [None], weights=None))
+    run = bench.run_numbers(forge_run(tmp_path / "r", 99.47, [None], weights=None))
     assert run["weights"] is None and run["peek_epoch"] == "n/a"
 
 
@@ -82,7 +82,7 @@ def test_read_run_refuses_a_run_without_result_json(tmp_path):
     path = forge_run(tmp_path / "r", 99.47, [None])
     (path / rd.RESULT).unlink()
     with pytest.raises(UserError, match="did not complete"):
-        bench.read_run(path)
+        bench.run_numbers(path)
 
 
 def test_summary_is_min_and_median_of_delivered_accuracy_and_speed_up_over_whole_run_wall(tmp_path):

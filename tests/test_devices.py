@@ -218,7 +218,8 @@ def test_distributed_stop_check_is_every_n_steps_on_every_rank(tmp_path, mnist_d
     from trainer.data import load_mnist, make_splits
     from trainer.distributed import Dist
     from trainer.models import build_model
-    from trainer.train import STOP_CHECK_EVERY, Engine, EpochProgress, train_one_epoch
+    from trainer.engine import Engine
+    from trainer.epoch import STOP_CHECK_EVERY, EpochProgress, train_one_epoch
 
     asked = []
 
@@ -346,7 +347,7 @@ def test_the_static_step_augments_the_epoch_ahead_in_batch_order(tmp_path, mnist
 
     from trainer import graphstep
     from trainer.distributed import Dist
-    from trainer.train import make_engine
+    from trainer.engine import make_engine
 
     images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (100,))

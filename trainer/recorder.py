@@ -2,7 +2,8 @@
 finished. Rank 0 has a `Recorder`, the other ranks a `Silent` one, so the loop never asks which rank it is.
 
 The run directory's writes go through rd.RunDir (runspec's atomic_write and append_jsonl), and rank 0
-alone reads the directory back: the config and checkpoint that a resume starts from.
+alone reads the directory back: the config and checkpoint that a resume starts from (found by
+trainer/resume.py).
 """
 
 from __future__ import annotations
@@ -21,22 +22,15 @@ import torch
 from torch import nn
 
 import runspec
-from runspec.config import TrainConfig, from_dict
-from trainer import device as dev
+from runspec.config import TrainConfig
 from trainer import rundir as rd
-from trainer.checkpoint import load_checkpoint, move_checkpoint, save_checkpoint
+from trainer.checkpoint import move_checkpoint, save_checkpoint
 from trainer.device import device_name
-from trainer.errors import CheckpointError, UserError
+from trainer.errors import UserError
 from trainer.models import get_spec
+from trainer.resume import load_resume_checkpoint, resolve_resume
 
-# On resume, everything comes from the run's config.json except these: flags about this invocation,
-# and flags that may differ on the machine it continues on (taken only when given).
-INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
-RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size", "amp", "channels_last", "compile_mode",
-                       "deterministic"}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# what a resume reads without a default; a checkpoint lacking one is as unusable as a damaged one
-RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "best_val_acc", "best_epoch", "rng")
 
 
 def recorder(main: bool) -> Recorder:
@@ -254,49 +248,3 @@ def write_run_report(run: rd.RunDir, log=print) -> None:
         log(f"report: {write_report(run.path)}")
     except UserError as e:
         log(f"report skipped: {e}")
-
-
-def resolve_resume(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, rd.RunDir]:
-    """The saved config of the run being resumed, with only the flags that may change applied."""
-    run = rd.RunDir.existing(cfg.resume)
-    saved = from_dict(run.read_config()["config"])
-    ignored = sorted(explicit - RESUMABLE_OVERRIDES - INVOCATION_FLAGS)
-    if ignored:
-        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-        print(f"note: resuming keeps the run's saved config; ignoring {flags}", file=sys.stderr)
-    changes = {k: getattr(cfg, k) for k in (explicit & RESUMABLE_OVERRIDES) | INVOCATION_FLAGS}
-    saved_on = (run.read_config().get("device") or {}).get("type")
-    if saved.amp == "on" and saved_on == "cuda" and "amp" not in explicit \
-            and dev.resolve_device(changes.get("device", saved.device)).type != "cuda":
-        # precision is a choice per device (the CUDA default's bf16 is 5x slower than fp32 on a laptop CPU)
-        changes["amp"] = "auto"
-        print("note: this run trained with --amp on on CUDA; it continues in this device's default precision "
-              "(--amp on keeps it)", file=sys.stderr)
-    return dataclasses.replace(saved, **changes), run
-
-
-def load_resume_checkpoint(run: rd.RunDir) -> tuple[dict[str, Any], str]:
-    """The newest readable checkpoint of a run, trying last.pt, then prev.pt, then best.pt.
-
-    Any damage (a flipped bit, a truncated copy, a file that is not ours) is reported in one line
-    with the file that was used instead, rather than ending the resume."""
-    found, skipped = [], []
-    for name in (rd.LAST, rd.PREV, rd.BEST):
-        path = run.file(name)
-        if not path.exists():
-            skipped += [f"{name} is missing"] if name == rd.LAST else []
-            continue
-        try:
-            ckpt = load_checkpoint(path, needs=RESUME_KEYS)  # on the CPU: load_state_dict moves it to the device
-        except CheckpointError as e:
-            skipped.append(f"{name} {e.problem}")
-            continue
-        found.append(((ckpt["epoch"], (ckpt.get("partial") or {}).get("step", 0)), name, ckpt))
-    if not found:
-        raise UserError(f"no usable checkpoint in {run.path} (last.pt, prev.pt and best.pt are missing or damaged); "
-                        "start a new run")
-    _, name, ckpt = max(found, key=lambda f: f[0])
-    if skipped:
-        print(f"warning: {'; '.join(skipped)}; resuming from {name} (epoch {ckpt['epoch']})",
-              file=sys.stderr, flush=True)
-    return ckpt, name

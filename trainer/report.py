@@ -66,16 +66,12 @@ class Run(runspec.Run):
         return f"{kind}, epoch {self.result.get('epochs')}"
 
     @property
-    def tested_each_epoch(self) -> bool:
-        return any(r.get("test_acc") is not None for r in self.rows)
-
-    @property
     def test_peek(self) -> str:
         """The first epoch whose test accuracy reached the target: a peek at the test set, 'n/a' without
         per-epoch test (--test-every-epoch)."""
         if not self.tested_each_epoch:
             return "n/a"
-        epoch = next((r["epoch"] for r in self.rows if (r.get("test_acc") or 0.0) >= self.target), None)
+        epoch = runspec.first_epoch_at_target(self.rows, self.target)
         return "not reached" if epoch is None else f"epoch {epoch}"
 
     @property

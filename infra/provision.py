@@ -177,7 +177,7 @@ def describe_instance(aws: Aws, instance_id: str) -> Instance:
 # The permissions come from the EBS user guide's "Requirements for Amazon EBS encryption".
 KMS_HINT = ("; a common cause is default EBS encryption with a KMS key you may not use: allow kms:CreateGrant, "
             "kms:Decrypt, kms:DescribeKey, kms:GenerateDataKeyWithoutPlaintext and kms:ReEncrypt* on it "
-            "(README, IAM section)")
+            "(docs/cloud.md#iam-permissions)")
 
 
 def launch_failure(desc: dict) -> str:

@@ -83,7 +83,7 @@ def explain(code: str, message: str, operation: str, region: str | None = None, 
                 "(Account > AWS Regions), or pick another --region")
     if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
         return (f"AWS denied {operation} ({code}): give your IAM identity the permissions listed in the "
-                f"README's 'Cloud' section")
+                "docs/cloud.md#iam-permissions")
     if code == "VcpuLimitExceeded":
         return ("your vCPU quota for this instance family is too low in this region: request an increase in "
                 "Service Quotas (EC2 'Running On-Demand G and VT instances' for g4dn/g5/g6), or pick a smaller type")

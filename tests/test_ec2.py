@@ -448,7 +448,7 @@ def test_other_errors_are_not_retried(aws):
         calls.append(1)
         raise _client_error("UnauthorizedOperation")
 
-    with pytest.raises(CloudError, match="AWS denied ec2:run_instances .*README") as err:
+    with pytest.raises(CloudError, match="AWS denied ec2:run_instances .*docs/cloud.md#iam-permissions") as err:
         aws.translating(denied, "ec2:run_instances")
     assert len(calls) == 1 and err.value.code == "UnauthorizedOperation"
 

@@ -105,7 +105,7 @@ def only_instance(aws: Aws, name: str) -> Instance:
 # The permissions come from the EBS user guide's "Requirements for Amazon EBS encryption".
 KMS_HINT = ("; a common cause is default EBS encryption with a KMS key you may not use: allow kms:CreateGrant, "
             "kms:Decrypt, kms:DescribeKey, kms:GenerateDataKeyWithoutPlaintext and kms:ReEncrypt* on it "
-            "(README, IAM section)")
+            "(docs/cloud.md#iam-permissions)")
 
 
 def launch_failure(desc: dict) -> str:

@@ -23,8 +23,8 @@ from infra.errors import UserError
 from infra.poll import poll
 from infra.jobs import Jobs
 from infra.remote import Remote
-from infra.transfer import TransferResult, record_pulled, unpulled_runs, write_file
 from infra.state import Host
+from infra.transfer import TransferResult, record_pulled, unpulled_runs, write_file
 
 SETUP_SCRIPT = "setup_ec2.sh"
 PYTHON_MARKER = ".mnist-cloud-python"

@@ -1086,3 +1086,19 @@ def set_autostop(aws: Aws, name: str, config, log: Log = print) -> Instance:
              Attribute="instanceInitiatedShutdownBehavior", Value=config.action)
     aws.call("ec2", "create_tags", Resources=[inst.instance_id], Tags=[{"Key": TAG_AUTOSTOP, "Value": config.tag}])
     return describe_instance(aws, inst.instance_id)
+
+
+# ---- down's owner filter (teardown)
+def instances_to_terminate(aws: Aws, name: str | None, any_owner: bool = False) -> list[Instance]:
+    """The live instances `down NAME` (or `down --all`: name None) acts on. --all: yours only, or everyone's
+    with any_owner. NAME: refused in one line if another owner's instance holds it, unless any_owner."""
+    alive = [i for i in find_instances(aws, name) if i.state not in ("terminated", "shutting-down")]
+    if name is None and not any_owner:
+        me = caller_identity(aws)
+        alive = [i for i in alive if same_owner(i.tags.get(TAG_OWNER), me)]
+    elif not any_owner and alive:
+        theirs = others_instances(alive, caller_identity(aws))
+        if theirs:
+            raise UserError(f"{name} is {owner_label(theirs[0].owner)}'s ({theirs[0].instance_id}), not yours: "
+                            f"`mnist-cloud down {name} --any-owner` terminates it anyway")
+    return alive

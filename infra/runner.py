@@ -1,6 +1,8 @@
-"""`mnist-cloud train --on NAME`: sync, set up, start the same `python -m trainer train` detached on the
-machine (or under torchrun: --gpus N on one machine, --nodes K across a cluster), stream rank 0's log,
-and pull runs/<run-id>/ back. The remote exit status becomes ours."""
+"""`mnist-cloud train --on NAME`: the job planned from the flags as typed (where the run lives is the
+laptop's to decide, the trainer flags are checked before anything moves), then sync, set up, start the
+same `python -m trainer train` detached on the machine (or under torchrun: --gpus N on one machine,
+--nodes K across a cluster), stream rank 0's log, and pull runs/<run-id>/ back. The remote exit status
+becomes ours."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import runspec
-from infra.errors import ConnectionLost, UserError
+from infra.errors import ConnectionLost, Parser, UserError
 from infra.poll import poll
-from infra.targets import SSHTarget, code_dir
+from infra.targets import SSHTarget, code_dir, new_run_id
+from runspec import ExitCode
 
 RDZV_PORT = 29500
 
@@ -32,6 +35,76 @@ class RemoteTrain:
     local_runs: Path = Path("runs")
     region: str | None = None
     profile: str | None = None
+
+
+# The trainer flags that say where a run lives: on a machine, the laptop decides them (the run is
+# runs/RUN there, and pulled into --out-dir here).
+PLACEMENT = ("out_dir", "run_id", "resume")
+
+
+def plan_remote_train(name: str, rest: list[str], *, detach: bool = False, python: str | None = None,
+                      code: str | None = None, gpus: str | None = None, nodes: str | None = None,
+                      env: list[str] = (), region: str | None = None, profile: str | None = None) -> RemoteTrain:
+    """`train --on NAME`'s job, from mnist-cloud train's own flags and the trainer flags as typed (`rest`):
+    checked here, in one line, before any sync or setup."""
+    resumed = placement_and_flags(rest, check=False)[0]["resume"]
+    checked = not resumed and not code
+    where, trainer_args = placement_and_flags(rest, check=checked, code=None if resumed else code_dir(code))
+    if where["resume"] and where["run_id"]:
+        raise UserError("--resume continues an existing run; it takes no --run-id")
+    if nodes is not None and (not nodes.isdigit() or int(nodes) < 1):
+        raise UserError(f"--nodes {nodes!r}: give the number of machines, e.g. --nodes 2")
+    resume = where["resume"]
+    run_id = Path(resume).name if resume else where["run_id"] or new_run_id(name, where["model"])
+    return RemoteTrain(name=name, trainer_args=trainer_args, run_id=run_id, resume=resume, detach=detach,
+                       python=python, code=code, gpus=gpus, nodes=int(nodes) if nodes else None,
+                       env=parse_env(env), local_runs=Path(where["out_dir"] or "runs"), region=region,
+                       profile=profile)
+
+
+def placement_and_flags(rest: list[str], check: bool, code=None) -> tuple[dict[str, str | None], list[str]]:
+    """({out_dir, run_id, resume, model}: what was typed, else None; the other trainer flags).
+
+    check: the flags are parsed and checked with the trainer's own definition (runspec.config), so a
+    typo fails here in one line, before any sync or setup, and the machine gets them as parsed.
+    Otherwise (a resume, whose flags are its config.json's, or --code, whose trainer may know other
+    flags) they pass through as typed."""
+    from runspec.config import parse_train_args, to_argv
+
+    if check:
+        _, typed = parse_train_args(rest)
+        where = {key: typed.pop(key, None) for key in PLACEMENT}
+        if "model" in typed and code is not None:
+            typed["model"] = model_for_machine(typed["model"], code)
+        return {**where, "model": typed.get("model")}, to_argv(typed)
+    p = Parser(prog="mnist-cloud train", add_help=False)
+    for key in (*PLACEMENT, "model"):
+        p.add_argument("--" + key.replace("_", "-"))
+    where, other = p.parse_known_args(rest)
+    model = ["--model", model_for_machine(where.model, code) if code is not None else where.model] if where.model else []
+    return vars(where), model + other
+
+
+def model_for_machine(model: str | None, code) -> str | None:
+    """`--model FILE.py:Name` on a machine: the file travels with the synced code, so it must lie in
+    that directory, and the machine names it relative to its work dir. Other specs pass as typed."""
+    from infra.transfer import local_files
+
+    target, _, attr = (model or "").rpartition(":")
+    if not target or not (target.endswith(".py") or "/" in target):
+        return model
+    path = Path(target).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"--model {model}: {target} does not exist")
+    try:
+        rel = path.relative_to(code).as_posix()
+    except ValueError:
+        raise UserError(f"--model {model}: {path} is outside {code}, the directory synced to the machine; "
+                        "move it into your project, or pass --code DIR") from None
+    if rel not in set(local_files(code)):
+        raise UserError(f"--model {model}: {rel} is not synced (ignored by .gitignore, or a name mnist-cloud "
+                        "never syncs); move or rename it")
+    return f"{rel}:{attr}"
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -95,28 +168,28 @@ def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = 
     reattach = f"reattach: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}"
     if job.detach:
         log(f"follow: mnist-cloud logs {name} {run_id} -f   |   fetch: mnist-cloud pull {name} {run_id}")
-        return 0
+        return ExitCode.OK
     try:
         target.logs(run_id, follow=True)
         _, code = target.wait_finished(run_id)
         for other in others:  # every node's torchrun must be done too
             _, other_code = other.wait_finished(run_id, timeout=120)
-            if code == 0 and other_code:
+            if code == ExitCode.OK and other_code:
                 code = other_code
     except KeyboardInterrupt:
         print(f"\nstopped streaming; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
-        return 130
+        return ExitCode.INTERRUPTED
     except ConnectionLost as e:
         print(f"\n{e}; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
-        return 255  # as ssh does when the connection fails
+        return ExitCode.CONNECTION_LOST
     if not target.has_run(run_id):
         log(f"{run_id} ended (exit {code}) before writing a run directory; see the log above")
-        return code if code is not None else 1
+        return code if code is not None else ExitCode.FAILED
     pulled = target.pull(run_id, job.local_runs, log=log)
     result_file = job.local_runs / run_id / runspec.RESULT
-    if code is not None and code > 128:
-        log(f"{run_id} was interrupted (signal {code - 128}); its checkpoint is pulled. Continue it with: "
-            f"mnist-cloud train --on {name} --resume {run_id}")
+    if code is not None and code > ExitCode.KILLED_BY_SIGNAL:
+        log(f"{run_id} was interrupted (signal {code - ExitCode.KILLED_BY_SIGNAL}); its checkpoint is pulled. "
+            f"Continue it with: mnist-cloud train --on {name} --resume {run_id}")
     elif result_file.exists():
         result = json.loads(result_file.read_text())
         weights = "EMA of the weights" if result.get("weights") == "ema" else "final weights"
@@ -124,7 +197,7 @@ def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = 
             f"{job.local_runs / run_id}")
     else:
         log(f"{run_id} ended with exit {code}; partial results pulled into {job.local_runs / run_id}")
-    return code if code is not None else 1
+    return code if code is not None else ExitCode.FAILED
 
 
 def _train_cluster(job: RemoteTrain, log) -> int:

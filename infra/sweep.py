@@ -164,7 +164,7 @@ class MachineSlot:
         env = {**runspec.git_env(self.source), **({"CUDA_VISIBLE_DEVICES": str(self.gpu)} if self.gpu is not None else {})}
         self.target.run(args, run_id, self.python, env=env)
         _, exit_code = self.target.wait_finished(run_id, timeout=math.inf)
-        if exit_code == 0:
+        if exit_code == runspec.ExitCode.OK:
             self.target.pull(run_id, runs, log=lambda m: None)
         return exit_code
 
@@ -181,9 +181,6 @@ def machine_slots(names: list[str], log, python: str | None = None, code: str | 
             gpus = target.gpu_count(py)
         slots += [MachineSlot(name, py, gpu if gpus else None, source, region, profile) for gpu in range(max(gpus, 1))]
     return slots
-
-
-INTERRUPTED = 130  # the trainer's exit code after Ctrl-C (128 + SIGINT): the user's stop, not a failure
 
 
 def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, log) -> bool:
@@ -218,11 +215,11 @@ def run(points: list[Point], slots: list, trainer_args: list[str], runs: Path, l
                     started = time.monotonic()
                     exit_code = slot.execute(run_id, [*trainer_args, *p.args], runs)
                     p.seconds, p.where = time.monotonic() - started, slot.where
-                    if exit_code == INTERRUPTED:
+                    if exit_code == runspec.ExitCode.INTERRUPTED:  # Ctrl-C: the user's stop, not a failure
                         p.run_id, p.status = run_id, "interrupted"
                         stop.set()
                         say(f"[{slot.where}] {run_id} interrupted; the sweep stops here")
-                    elif exit_code == 0:
+                    elif exit_code == runspec.ExitCode.OK:
                         p.run_id, p.status = run_id, "completed"
                         say(f"[{slot.where}] {run_id} done")
                     elif p.attempts < 2:
@@ -339,4 +336,4 @@ def finish(plan: Plan, runs: Path, log) -> int:
     missing = [p.run_id for p in plan.points if p.status not in ("completed", "failed")]
     if missing:
         log(f"{len(missing)} run(s) interrupted or not started: {', '.join(missing)}")
-    return 1 if failed or missing else 0
+    return runspec.ExitCode.FAILED if failed or missing else runspec.ExitCode.OK

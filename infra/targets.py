@@ -331,3 +331,18 @@ def has_option(args: list[str], flag: str) -> bool:
 def env_python() -> str | None:
     """$MNIST_CLOUD_REMOTE_PYTHON: the interpreter to use on remote machines, if the user pins one."""
     return os.environ.get("MNIST_CLOUD_REMOTE_PYTHON") or None
+
+
+def wait_for_ssh(name: str, instance_id: str, address: str, boot_fingerprints, log=print) -> None:
+    """Wait until a new instance of `name` answers SSH at `address`. The first connection is checked against
+    the host key fingerprints the instance printed at boot (`boot_fingerprints()`, asked only then, since
+    cloud-init prints them late and they are polled for); a key pinned by an earlier connection is checked
+    instead."""
+    from infra.remote import Endpoint, pinned_keys
+    from infra.state import State
+
+    host = State().get(name)
+    ep = Endpoint(name=name, host=address, user=host.user, key_path=host.key_path, alias=instance_id)
+    expected = None if pinned_keys(instance_id) else boot_fingerprints()
+    with Remote(ep, expected_fingerprints=expected or None) as remote:
+        remote.wait_ready(timeout=600, log=log)

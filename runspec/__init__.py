@@ -17,6 +17,7 @@ Standard library only, and one file: `python3 -c` runs it on a machine where not
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import subprocess
@@ -50,6 +51,19 @@ class UserError(Exception):
 
     The one such type on both sides: `python -m trainer` and `mnist-cloud` print it as one line on
     stderr and exit with code 2. Anything else is a bug and keeps its traceback."""
+
+
+class ExitCode(enum.IntEnum):
+    """The exit statuses of `mnist-cloud`, `python -m trainer` and scripts/, named in one place. A remote
+    run's own status passes through `train --on` as the trainer's process gave it. (The agents under
+    infra/agent/ run alone on the instance, without runspec, and spell theirs as numbers.)"""
+
+    OK = 0
+    FAILED = 1  # a run, a sweep's run, a model's claims or a benchmark failed
+    BAD_INPUT = 2  # a UserError: one line on stderr
+    KILLED_BY_SIGNAL = 128  # plus N: killed by signal N (the shell's convention); a run stopped this way resumes
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the user's stop, not a failure
+    CONNECTION_LOST = 255  # as ssh says when the connection fails: the run goes on on the machine
 
 
 # ---------------------------------------------------------------------------------- files

@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     print("\n" + render(report))
     print(f"\nruns and benchmark.json in {out}")
-    return 0
+    return runspec.ExitCode.OK
 
 
 if __name__ == "__main__":
@@ -391,4 +391,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(runspec.ExitCode.BAD_INPUT)

@@ -107,7 +107,7 @@ def worker(args) -> int:
             "compile_s": sum(r.get("compile_seconds", 0.0) for r in rows),
             "epoch_s": statistics.median(r["train_seconds"] for r in rows),
             "test_acc": result["test_acc"], "run_s": time.perf_counter() - started}), flush=True)
-    return 0
+    return runspec.ExitCode.OK
 
 
 def run_variant(variant: str, seeds: list[int], args, runs: Path) -> list[dict]:
@@ -221,7 +221,7 @@ def main() -> int:
     write(out, banner, args, results, variants, winner)
     print(f"\n{(out / 'gpu_bench.md').read_text()}")
     print(f"gpu_bench.json and gpu_bench.md: {out}; runs: {runs}")
-    return 1 if results and all("error" in r for r in results) else 0
+    return runspec.ExitCode.FAILED if results and all("error" in r for r in results) else runspec.ExitCode.OK
 
 
 def _is_variant(name: str) -> bool:

@@ -86,7 +86,7 @@ def main() -> int:
         print(f"| {n} x {rows[0]['threads']} | {secs:.1f} | {ips:,.0f} | {base / secs:.2f}x | "
               f"{min(accs):.2f}% / {statistics.median(accs):.2f}% |")
     print(f"\nruns and scaling.json in {out}")
-    return 0
+    return runspec.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import runspec
+
 
 def kernels_in_run(steps: int, cuda_graph: bool, args, out: Path) -> int:
     import torch
@@ -52,7 +54,7 @@ def main() -> int:
 
     if args.device != "cuda" or not torch.cuda.is_available():
         print("step_launches.py counts CUDA kernels: it needs a CUDA GPU", file=sys.stderr)
-        return 2
+        return runspec.ExitCode.BAD_INPUT
     from trainer import graphstep
 
     graphstep.StaticStep.run = graphstep.StaticStep._step  # eager, so the profiler sees every kernel
@@ -66,7 +68,7 @@ def main() -> int:
         print(f"{name}: {counts[name]:.1f} kernels per step ({few} in 20 steps' run, {many} in 40's)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(counts, indent=2))
-    return 0
+    return runspec.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli(installed, env, project):  # noqa: F811
     def run(*args, cwd=None):
-        return subprocess.run([sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "infra.commands", *args], capture_output=True, text=True,
                               cwd=cwd or project, env={**os.environ, **env, "PYTHONPATH": str(installed)},
                               timeout=600)
 

@@ -272,7 +272,8 @@ def test_only_the_resolver_meets_ec2_below_the_cli():
     endpoints there. The provisioning commands (infra/ec2/, the CLI) are the AWS layer's users."""
     graph = _project_graph()
     ec2 = {name for name in graph if name == "infra.ec2" or name.startswith("infra.ec2.")}
-    allowed = {"infra.aws", "infra.cli", "infra.resolve", "infra.pricing", "infra"} | ec2
+    allowed = {"infra.aws", "infra.commands.options", "infra.commands.launch", "infra.commands.lifecycle",
+               "infra.resolve", "infra.pricing", "infra"} | ec2
     for name, deps in graph.items():
         if name.startswith("infra") and name not in allowed:
             assert not deps & ({"infra.aws"} | ec2), (name, deps & ({"infra.aws"} | ec2))
@@ -329,7 +330,7 @@ def test_the_other_ranks_recorder_is_silent_in_every_method():
 
 def test_infra_never_imports_torch():
     assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
-    code = "import sys, infra.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, infra.commands; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -386,7 +387,8 @@ def test_mnist_cloud_train_rejects_a_bad_flag_before_torch_is_imported(mnist_clo
 
 
 def test_global_region_and_profile_reach_pass_through_commands():
-    from infra.cli import build_parser, global_aws
+    from infra.commands import build_parser
+    from infra.commands.options import global_aws
 
     args, rest = build_parser().parse_known_args(["--region", "eu-west-1", "--profile", "work", "train", "--on", "x"])
     assert global_aws(rest, args) == ["--profile", "work", "--region", "eu-west-1", "--on", "x"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.cli import build_parser, main
+from infra.commands import build_parser, main
 
 SAVED = Path(__file__).resolve().parent / "help"
 COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)

@@ -174,7 +174,7 @@ def test_a_trainer_py_of_the_project_never_shadows_the_trainer(project, mnist_cl
 def test_with_code_dir_the_model_file_is_named_relative_to_it_and_must_be_synced(project):
     """train --on NAME --code DIR --model DIR/mynet.py:Net: the machine gets mynet.py:Net; a file git
     ignores would never arrive, so it is refused before anything connects."""
-    from infra.cli import placement_and_flags
+    from infra.runner import placement_and_flags
     from runspec import UserError
 
     _, argv = placement_and_flags(["--model", f"{project / 'mynet.py'}:Net", "--epochs", "1"], check=False,

@@ -48,7 +48,7 @@ def test_a_wheel_install_launches_with_autostop_on(installed, tmp_path):
     with moto_server() as endpoint:
         seed_dlami()
         env = {**os.environ, **aws_env(tmp_path, AWS_ENDPOINT_URL=endpoint), "PYTHONPATH": str(installed)}
-        proc = subprocess.run([sys.executable, "-m", "infra.cli", "launch", "--instance", "g4dn.xlarge", "--name",
+        proc = subprocess.run([sys.executable, "-m", "infra.commands", "launch", "--instance", "g4dn.xlarge", "--name",
                                "wheel", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh", "--spot"],
                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
         where = subprocess.run([sys.executable, "-c", "import infra; print(infra.__file__)"], capture_output=True,

@@ -298,7 +298,7 @@ def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
     """What list_runs runs on the machine (runspec, as `python3 -c`), run here on a forged workdir: test
     accuracy and weights come from result.json (per-epoch test is null without --test-every-epoch)."""
     import runspec
-    from infra.cli import runs_table
+    from infra.commands.machine import runs_table
 
     def forge(run_id, status, result=None):
         d = tmp_path / "runs" / run_id

@@ -111,7 +111,7 @@ def test_train_takes_model_and_epochs_from_the_project(tmp_path, mnist_cloud, mn
 
 def test_a_resume_never_takes_the_files_model_or_epochs(files):
     """A resume's flags are its config.json's: not even an abbreviated --res gets the defaults added."""
-    from infra.cli import with_defaults
+    from infra.commands.train import with_defaults
 
     project, _ = files
     (project / "mnist-cloud.toml").write_text('model = "seed002-gap"\nepochs = 4\n')

@@ -143,8 +143,8 @@ def cmd_train(argv: list[str]) -> int:
 
     result = fit(from_namespace(args), explicit)
     if result.get("status") == "interrupted":
-        return 128 + result["signal"]  # the shell's convention for "killed by signal N"
-    return 0
+        return runspec.ExitCode.KILLED_BY_SIGNAL + result["signal"]
+    return runspec.ExitCode.OK
 
 
 def add_models(sub) -> None:
@@ -168,7 +168,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         spec = get_spec(args.summary)
         print(format_table(layer_table(spec.build(), args.input_size), title=f"{spec.name}: {spec.description}"))
-        return 0
+        return runspec.ExitCode.OK
     def macs(model) -> int | None:
         try:
             return count_macs(model, args.input_size)
@@ -185,7 +185,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                      "note": spec.note})
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return runspec.ExitCode.OK
 
     def yn(v: bool) -> str:
         return "yes" if v else "-"
@@ -204,7 +204,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     size = f"{args.input_size}x{args.input_size} image" + ("; - where the model cannot take it"
                                                            if any(r["macs"] is None for r in rows) else "")
     print(f"params and MACs (per {size}) are counted from the code; `--summary MODEL` shows the layer table")
-    return 0
+    return runspec.ExitCode.OK
 
 
 def add_check(sub) -> None:
@@ -231,7 +231,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                          input_size=args.input_size)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
-        return 0 if result.ok else 1
+        return runspec.ExitCode.OK if result.ok else runspec.ExitCode.FAILED
 
     def yn(v: bool) -> str:
         return "yes" if v else "no"
@@ -244,7 +244,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in runspec.table(["claim", "wanted", "actual", ""], rows):
             print(line)
         print("every claim holds" if result.ok else f"{len(result.failures)} claim(s) fail")
-    return 0 if result.ok else 1
+    return runspec.ExitCode.OK if result.ok else runspec.ExitCode.FAILED
 
 
 def _device(name: str):
@@ -278,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"{ckpt['model_name']}, {describe_weights(ckpt, path)}: test accuracy {acc:.2f}% "
               f"({round(acc * n / 100)}/{n}), loss {loss:.4f}")
-    return 0
+    return runspec.ExitCode.OK
 
 
 def describe_weights(ckpt: dict, path: Path) -> str:
@@ -310,7 +310,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             top = "  ".join(f"{d}:{float(probs[d]):.3f}" for d in range(10))
             print(f"{path}: {digit} ({100 * float(probs[digit]):.1f}%)  |  {top}")
-    return 0
+    return runspec.ExitCode.OK
 
 
 def add_data(sub) -> None:
@@ -328,7 +328,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     path = resolve_data_dir(args.data_dir)
     mnist = load_mnist(path)
     print(f"{path}: {len(mnist.train_labels)} training + {len(mnist.test_labels)} test images, sha256 verified")
-    return 0
+    return runspec.ExitCode.OK
 
 
 def add_report(sub) -> None:
@@ -344,7 +344,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from trainer.report import write_report
 
     print(write_report(args.run, predictions=not args.no_predictions))
-    return 0
+    return runspec.ExitCode.OK
 
 
 def add_compare(sub) -> None:
@@ -361,7 +361,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out, table = write_compare(args.runs, args.out)
     print(table)
     print(f"overlaid curves: {out}")
-    return 0
+    return runspec.ExitCode.OK
 
 
 def build_parser() -> Parser:
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return runspec.ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return runspec.ExitCode.INTERRUPTED

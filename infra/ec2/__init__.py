@@ -19,13 +19,14 @@ from infra.ec2.network import default_subnets, default_vpc, ensure_security_grou
 from infra.ec2.owners import caller_identity, others_instances, owner_key, owner_label, same_owner
 from infra.ec2.spot import spot_interruptions
 from infra.ec2.tags import TAG_OWNER
-from infra.ec2.teardown import GROUP_RELEASE_WAIT, PLACEMENT_RELEASE_WAIT, DownIncomplete, DownReport, down, down_all
+from infra.ec2.teardown import (GROUP_RELEASE_WAIT, PLACEMENT_RELEASE_WAIT, DownIncomplete, DownReport, down, down_all,
+                                 instances_to_terminate)
 
 __all__ = [
     "GROUP_RELEASE_WAIT", "PLACEMENT_RELEASE_WAIT", "TAG_OWNER",
     "DownIncomplete", "DownReport", "Instance", "LaunchSpec",
     "attach_instance", "autostop_for", "caller_identity", "console_fingerprints", "default_subnets", "default_vpc",
-    "describe_instance", "down", "down_all", "ensure_security_group", "find_instances", "find_security_group",
+    "describe_instance", "down", "down_all", "instances_to_terminate", "ensure_security_group", "find_instances", "find_security_group",
     "launch", "others_instances", "owner_key", "owner_label", "resolve_dlami", "same_owner", "set_autostop",
     "spot_interruptions", "start", "stop",
 ]

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from infra.aws import Aws, CloudError
-from infra.ec2.instances import find_instances, wait_for_state
+from infra.ec2.instances import Instance, find_instances, wait_for_state
 from infra.ec2.network import find_security_group
-from infra.ec2.owners import caller_identity, same_owner
+from infra.ec2.owners import caller_identity, others_instances, owner_label, same_owner
 from infra.ec2.spot import cancel_spot_requests
 from infra.ec2.tags import TAG_NAME, TAG_NODE, TAG_OWNER, Log, resource_prefix
+from infra.errors import UserError
 from infra.hosts import check_name
 from infra.state import State, keys_dir
 
@@ -170,3 +171,18 @@ def down_all(aws: Aws, log: Log = print, state: State | None = None, any_owner: 
     if report.left:
         raise DownIncomplete(report)
     return report
+
+
+def instances_to_terminate(aws: Aws, name: str | None, any_owner: bool = False) -> list[Instance]:
+    """The live instances `down NAME` (or `down --all`: name None) acts on. --all: yours only, or everyone's
+    with any_owner. NAME: refused in one line if another owner's instance holds it, unless any_owner."""
+    alive = [i for i in find_instances(aws, name) if i.state not in ("terminated", "shutting-down")]
+    if name is None and not any_owner:
+        me = caller_identity(aws)
+        alive = [i for i in alive if same_owner(i.tags.get(TAG_OWNER), me)]
+    elif not any_owner and alive:
+        theirs = others_instances(alive, caller_identity(aws))
+        if theirs:
+            raise UserError(f"{name} is {owner_label(theirs[0].owner)}'s ({theirs[0].instance_id}), not yours: "
+                            f"`mnist-cloud down {name} --any-owner` terminates it anyway")
+    return alive

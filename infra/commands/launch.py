@@ -1,0 +1,122 @@
+"""The commands that give a name a machine: launch (a new EC2 instance, or the one already called NAME)
+and attach (an EC2 instance or any SSH host that exists already)."""
+
+from __future__ import annotations
+
+from infra.commands.options import DEFAULT_NAME, cloud_command, say, session
+from infra.errors import UserError
+from runspec import ExitCode
+
+
+def add_launch(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="Launch an EC2 instance from the newest PyTorch Deep Learning AMI, or reuse the "
+                                  "instance already called NAME (starting it if stopped). SSH is opened only to "
+                                  "your address; IMDSv2 is required; the root volume is encrypted gp3.")
+    p.add_argument("--instance", metavar="TYPE", help="instance type, e.g. g4dn.xlarge (default: the config's instance)")
+    p.add_argument("--name", default=DEFAULT_NAME, help="name for the instance and its resources (default: %(default)s)")
+    p.add_argument("--spot", action="store_true",
+                   help="spot instance: stops on interruption, and its runs resume when EC2 starts it again; "
+                        "other zones, then on-demand, if none")
+    p.add_argument("--ami", help="AMI id (default: the newest PyTorch DLAMI, from SSM)")
+    p.add_argument("--disk-gb", type=int, default=100, help="root volume size in GB (default: %(default)s)")
+    p.add_argument("--key-name", help="use this existing EC2 key pair (default: create one for the name)")
+    p.add_argument("--key", metavar="PATH", help="private key file for --key-name")
+    p.add_argument("--public-key", metavar="PATH", help="import this public key (e.g. ~/.ssh/id_ed25519.pub) instead")
+    p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
+    p.add_argument("--autostop", type=float, metavar="MIN",
+                   help="stop after this many idle minutes (no trainer, no SSH terminal); 0 = never (default: the "
+                        "config's autostop, else 30)")
+    p.add_argument("--autostop-after-train", action="store_true",
+                   help="also stop 3 minutes after a run ends (time to pull it)")
+    p.add_argument("--down", action="store_true",
+                   help="autostop terminates instead of stopping (it stops while runs are not pulled)")
+    p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
+    p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
+    p.add_argument("--nodes", type=int, default=1, metavar="K",
+                   help="a cluster of K instances in a cluster placement group, open to each other only (default: 1)")
+    p.set_defaults(handler=cmd_launch)
+
+
+def cmd_launch(args) -> int:
+    from infra import settings
+    from infra.pricing import hourly_price
+    from infra.ec2 import LaunchSpec, console_fingerprints, launch
+    from infra.watchdog import installer
+
+    found = settings.resolve({"autostop": args.autostop, "instance": args.instance})  # the files, read once
+    args.autostop, args.instance = found["autostop"].value, found["instance"].value
+    if not args.instance:
+        raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
+                        "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")
+    if args.autostop < 0:
+        raise UserError("--autostop is minutes of idle time, 0 or more")
+    spec = LaunchSpec(name=args.name, instance_type=args.instance, spot=args.spot, ami=args.ami,
+                      disk_gb=args.disk_gb, key_name=args.key_name, key_path=args.key, public_key=args.public_key,
+                      ssh_cidr=args.ssh_cidr, autostop_minutes=args.autostop,
+                      autostop_action="terminate" if args.down else "stop",
+                      autostop_after_train=args.autostop_after_train,
+                      wait_status_checks=not args.no_wait_checks, nodes=args.nodes)
+    # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
+    # boot: both work with the laptop closed
+    if spec.autostop.enabled or spec.spot:
+        spec.user_data = installer(spec.autostop)
+
+    def wait_ssh(inst):
+        if args.no_wait_ssh:
+            return
+        from infra.targets import wait_for_ssh
+
+        wait_for_ssh(args.name, inst.instance_id, inst.public_ip,
+                     lambda: console_fingerprints(aws, inst.instance_id, log=say), log=say)
+        say(f"SSH is up on {inst.public_ip}")
+
+    aws = session(args)
+    inst = launch(aws, spec, log=say, wait_ready=wait_ssh)
+    per_hour = hourly_price(inst.instance_type)
+    price = f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
+    say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) at "
+        f"{inst.public_ip or 'no public IP'}{price}")
+    nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""
+    if args.nodes > 1:
+        say(f"cluster: {args.nodes} nodes, node 0 = {inst.instance_id}")
+    say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
+        f"delete: mnist-cloud down {args.name}")
+    return ExitCode.OK
+
+
+def add_attach(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="`attach i-0123...` adopts an EC2 instance; `attach --host USER@HOST[:PORT] --key "
+                                  "PATH --name NAME` adopts any SSH machine. Remote commands then work the same.")
+    p.add_argument("instance_id", nargs="?", help="EC2 instance id")
+    p.add_argument("--host", metavar="USER@HOST[:PORT]", help="a machine that is not on EC2")
+    p.add_argument("--key", metavar="PATH", help="private key (required with --host)")
+    p.add_argument("--name", default=DEFAULT_NAME, help="name to use (default: %(default)s)")
+    p.add_argument("--user", default="ubuntu", help="SSH user for an EC2 instance (default: %(default)s)")
+    p.set_defaults(handler=cmd_attach)
+
+
+def cmd_attach(args) -> int:
+    from infra.ec2 import attach_instance
+    from infra.hosts import attach_host
+
+    if args.host:
+        if args.instance_id:
+            raise UserError("give either an instance id or --host, not both")
+        if not args.key:
+            raise UserError("--host needs --key PATH (the private key to log in with)")
+
+        def can_log_in(host):
+            from infra.remote import Endpoint, Remote
+
+            ep = Endpoint(name=host.name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+            with Remote(ep) as remote:
+                remote.run("true", timeout=30)
+
+        attach_host(args.host, args.name, args.key, log=say, verify=can_log_in)
+        return ExitCode.OK
+    if not args.instance_id:
+        raise UserError("give an EC2 instance id (i-...) or --host USER@HOST --key PATH")
+    attach_instance(session(args), args.instance_id, args.name, args.user, args.key, log=say)
+    return ExitCode.OK

@@ -1,0 +1,221 @@
+"""The commands of an instance's life: status (ls), stop, start, autostop, and down, which ends it."""
+
+from __future__ import annotations
+
+import runspec
+from infra.commands.options import cloud_command, confirm, machine_name, say, session, target_for
+from infra.errors import UserError
+from runspec import ExitCode
+
+
+def add_status(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p, default=None, help="only this name")
+    p.add_argument("--any-owner", action="store_true",
+                   help="also the instances other people of this account launched, with an OWNER column")
+    p.set_defaults(handler=cmd_status)
+
+
+
+def cmd_status(args) -> int:
+    from infra.ec2 import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
+    from infra.state import State
+
+    state = State()
+    ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
+    needs_aws = not (args.name and ssh_hosts)
+    aws = session(args) if needs_aws else None
+    every = find_instances(aws, args.name) if needs_aws else []
+    theirs = set()
+    if every and not args.any_owner:  # yours only: a team account holds everyone's
+        theirs = {i.instance_id for i in others_instances(every, caller_identity(aws))}
+    instances = [i for i in every if i.instance_id not in theirs]
+    interrupted = spot_interruptions(aws, instances) if needs_aws else {}
+    owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
+    rows = []
+    for i in instances:
+        cost = i.cost_so_far
+        shown = i.state
+        if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
+            shown = "interrupting" if i.state == "running" else "interrupted"
+        rows.append([i.name, i.instance_id, i.instance_type, shown, i.lifecycle, i.public_ip or "-",
+                     _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
+                     *(f(i) for f in owner)])
+    blank = ["-"] * len(owner)
+    for h in ssh_hosts:
+        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
+    known = {i.name for i in every} | {h.name for h in ssh_hosts}
+    for h in state.all():  # cached names whose instance is gone: say so, EC2 is the truth
+        if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name):
+            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-", *blank])
+    if theirs:
+        say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
+    if not rows:
+        say(f"no instances{f' named {args.name!r}' if args.name else ''}. Launch one: "
+            "mnist-cloud launch --instance g4dn.xlarge")
+        return ExitCode.OK
+    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP",
+              *(["OWNER"] if owner else [])]
+    for line in runspec.table(header, rows):
+        say(line)
+    for i in instances:
+        if i.instance_id in interrupted:
+            say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "
+                f"returns, and its interrupted runs resume by themselves: `mnist-cloud logs {i.name} -f` follows them. "
+                f"Until then only its disk bills")
+    if any(r[3] == "gone" for r in rows):
+        say("'gone': the instance no longer exists in EC2 (terminated outside mnist-cloud?); "
+            "`mnist-cloud down NAME` tidies up")
+    return ExitCode.OK
+
+
+def _age(hours: float) -> str:
+    minutes = int(hours * 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if hours else "-"
+
+
+def add_stop(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.set_defaults(handler=cmd_stop)
+
+
+def cmd_stop(args) -> int:
+    from infra.ec2 import stop
+
+    inst = stop(session(args), args.name, log=say)
+    paused = "; its spot request waits, and EC2 does not start it by itself" if inst.lifecycle == "spot" else ""
+    say(f"{args.name} ({inst.instance_id}) is {inst.state}; its disk is kept{paused}. `mnist-cloud start {args.name}` "
+        f"resumes it, `mnist-cloud down {args.name}` deletes it")
+    return ExitCode.OK
+
+
+def add_start(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.add_argument("--ssh-cidr", metavar="CIDR", help="who may SSH in (default: your public IP as a /32)")
+    p.set_defaults(handler=cmd_start)
+
+
+def cmd_start(args) -> int:
+    from infra.ec2 import start
+
+    inst = start(session(args), args.name, args.ssh_cidr, log=say)
+    say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
+    return ExitCode.OK
+
+
+def add_autostop(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="Idle = no trainer running, no interactive SSH session used within the idle "
+                                  "time, no pull or sync, and no JupyterLab use (a busy kernel, or activity within "
+                                  "the idle time); an open tunnel alone is not activity. The check runs on the "
+                                  "instance every minute.")
+    machine_name(p)
+    p.add_argument("-i", "--idle", type=float, metavar="MIN", help="idle minutes before stopping")
+    p.add_argument("--down", action="store_true", help="terminate instead of stop (stop while runs are not pulled)")
+    p.add_argument("--after-train", action="store_true", help="stop when a run ends, after the grace period")
+    p.add_argument("--grace", type=float, default=3, metavar="MIN",
+                   help="--after-train: minutes to wait after a run ends, 3 at least (default: %(default)s)")
+    p.add_argument("--cancel", action="store_true", help="turn autostop off")
+    p.set_defaults(handler=cmd_autostop)
+
+
+def cmd_autostop(args) -> int:
+    from infra.state import State
+    from infra.watchdog import AutostopConfig, install_over_ssh
+
+    if args.cancel and (args.idle is not None or args.down or args.after_train):
+        raise UserError("--cancel turns autostop off; it takes no other option")
+    if args.idle is not None and args.idle < 0:
+        raise UserError("-i/--idle is minutes, 0 or more")
+    if not args.cancel and args.idle is None and not args.after_train:
+        raise UserError("give -i MIN, --after-train, or --cancel")
+    if args.grace < 3:
+        raise UserError("--grace is minutes after a run ends, 3 or more (time to pull the run)")
+    config = AutostopConfig(idle_minutes=args.idle or 0, action="terminate" if args.down else "stop",
+                            after_train=args.after_train, enabled=not args.cancel, grace_minutes=args.grace)
+    host = State().get(args.name)
+    if host is not None and host.kind == "ec2":
+        from infra.ec2 import autostop_for, set_autostop
+
+        config = autostop_for(set_autostop(session(args), args.name, config, log=say), config)
+    target = target_for(args)
+    with target.remote:
+        line = install_over_ssh(target.remote, config)
+        if config.enabled:  # terminate: EC2 stops it instead while runs are not pulled
+            target.keep_runs_on_shutdown(unpulled=bool(target.unpulled_runs()))
+    say(line or f"autostop on {args.name}: {config.tag}")
+    return ExitCode.OK
+
+
+def add_down(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="Terminate (not just stop) every instance of NAME, then delete its security group "
+                                  "and any key pair mnist-cloud created for it. --all sweeps every name you own.")
+    machine_name(p, default=None)
+    p.add_argument("--all", action="store_true", help="every resource tagged as yours (an assumed role's "
+                   "earlier sessions count as you)")
+    p.add_argument("--any-owner", action="store_true",
+                   help="also machines tagged by OTHER people or roles of this account (NAME: one of theirs; "
+                        "--all: everyone's)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--no-pull", action="store_true",
+                   help="refuse (exit 2, naming them) instead of pulling unpulled runs into runs/ first")
+    p.add_argument("--discard-runs", action="store_true",
+                   help="terminate even if the machine holds runs not pulled yet (they are deleted with it)")
+    p.set_defaults(handler=cmd_down)
+
+
+def cmd_down(args) -> int:
+    from infra.ec2 import DownIncomplete, down, down_all, instances_to_terminate, owner_label
+
+    if args.all == bool(args.name):
+        raise UserError("give a NAME, or --all")
+    if args.no_pull and args.discard_runs:
+        raise UserError("--no-pull refuses when runs are unpulled, --discard-runs deletes them: give one")
+    aws = session(args)
+    alive = instances_to_terminate(aws, None if args.all else args.name, any_owner=args.any_owner)
+    if args.all and args.any_owner:
+        confirm("Terminate every mnist-cloud instance in this account and region, INCLUDING OTHER PEOPLE'S, "
+                "and delete their groups and keys?", args.yes)
+    elif args.all:
+        confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
+    elif alive:
+        whose = {owner_label(i.owner) for i in alive if i.owner} if args.any_owner else set()
+        confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name}"
+                f"{', owned by ' + ', '.join(sorted(whose)) if whose else ''})?", args.yes)
+    found = keep_runs(args, alive)
+    if found:
+        from pathlib import Path
+
+        from infra.unpulled import pull_all
+
+        pull_all(found, Path("runs"), log=say)
+    incomplete = None
+    try:
+        report = down_all(aws, log=say, any_owner=args.any_owner) if args.all else down(aws, args.name, log=say)
+    except DownIncomplete as e:  # what was deleted is said first, then the one line of what is left
+        report, incomplete = e.report, e
+    if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
+            or report.placement_groups or incomplete):
+        say(f"nothing to delete{'' if args.all else f' for {args.name!r}'}")
+        return ExitCode.OK
+    say(f"deleted: {len(report.terminated)} instance(s) {' '.join(report.terminated)}; "
+        f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
+        f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
+    if incomplete:
+        raise incomplete
+    return ExitCode.OK
+
+
+def keep_runs(args, alive) -> list:
+    """The unpulled runs on the instances `down` is about to terminate (to pull them), or a one-line
+    refusal; nothing with --discard-runs."""
+    from infra.unpulled import check, refuse
+
+    if args.discard_runs or not alive:
+        return []
+    found, problems = check(alive, getattr(args, "region", None), getattr(args, "profile", None))
+    refuse(found, problems, pull=not args.no_pull)
+    return found

@@ -1,0 +1,205 @@
+"""The commands that work on a named machine over SSH: setup, sync, logs, runs, pull, jupyter, ssh, and the
+host records behind them (ssh-config, forget-host)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import runspec
+from infra.commands.options import cloud_command, code_option, machine_name, python_option, say, target_for
+from infra.errors import UserError
+from runspec import ExitCode
+
+
+def add_setup(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    python_option(p, help="interpreter to use there (default: $MNIST_CLOUD_REMOTE_PYTHON, the DLAMI's, a venv)")
+    code_option(p)
+    p.set_defaults(handler=cmd_setup)
+
+
+def cmd_setup(args) -> int:
+    from infra.targets import code_dir
+
+    target = target_for(args)
+    with target.remote:
+        py = target.prepare(code_dir(args.code), args.python, log=say, setup=True)
+    say(f"{args.name} is set up: python {py}")
+    return ExitCode.OK
+
+
+def add_sync(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    code_option(p)
+    p.set_defaults(handler=cmd_sync)
+
+
+def cmd_sync(args) -> int:
+    from infra.targets import code_dir
+
+    target = target_for(args)
+    with target.remote:
+        synced = target.sync(code_dir(args.code), log=say)
+    say(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
+        f"{args.name}:~/{target.remote.ep.workdir}")
+    for rel in synced.changed[:20]:
+        say(f"  {rel}")
+    return ExitCode.OK
+
+
+def add_logs(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the run ends (Ctrl-C detaches)")
+    p.set_defaults(handler=cmd_logs)
+
+
+def cmd_logs(args) -> int:
+    target = target_for(args)
+    with target.remote:
+        run_id = args.run or target.latest_run()
+        if args.run:
+            target.check_run(run_id)
+        if args.follow:  # to the end of the run, then pull it: what an attached `train --on` does
+            from pathlib import Path
+
+            from infra.runner import RemoteTrain, _follow
+
+            job = RemoteTrain(name=args.name, trainer_args=[], run_id=run_id, local_runs=Path("runs"))
+            code = _follow(target, job, log=say)
+            if code in (ExitCode.INTERRUPTED, ExitCode.CONNECTION_LOST):  # detached from a run that goes on
+                return code
+            say(f"{run_id} finished with exit {code}")
+            return code
+        target.logs(run_id, follow=False)
+    return ExitCode.OK
+
+
+def add_runs(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.set_defaults(handler=cmd_runs)
+
+
+def cmd_runs(args) -> int:
+    target = target_for(args)
+    with target.remote:
+        runs = target.runs()
+    if not runs:
+        say(f"no runs on {args.name} yet")
+        return ExitCode.OK
+    for line in runs_table(runs):
+        say(line)
+    return ExitCode.OK
+
+
+def runs_table(runs: list[dict]) -> list[str]:
+    """`mnist-cloud runs`: TEST ACC is result.json's, the weights the run delivers (WEIGHTS: final or ema)."""
+    rows = []
+    for r in runs:
+        status = "running" if r["alive"] else (r["status"] or "?")
+        if not r["alive"] and status == "running":
+            status = "died"  # config says running but no process: killed, or the machine rebooted
+        acc = f"{r['test_acc']:.2f}%" if isinstance(r.get("test_acc"), (int, float)) else "-"
+        rows.append([r["run_id"], status, r["epochs"], acc, r.get("weights") or "-"])
+    return runspec.table(["RUN", "STATUS", "EPOCHS", "TEST ACC", "WEIGHTS"], rows, right=(2, 3))
+
+
+def add_pull(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("--to", default="runs", metavar="DIR", help="local runs directory (default: %(default)s)")
+    p.set_defaults(handler=cmd_pull)
+
+
+def cmd_pull(args) -> int:
+    from pathlib import Path
+
+    target = target_for(args)
+    with target.remote:
+        run_id = args.run or target.latest_run()
+        target.check_run(run_id)
+        res = target.pull(run_id, Path(args.to), log=say)
+    say(f"pulled {res.files} file(s), {res.bytes:,} bytes ({res.method}) into {Path(args.to) / run_id}")
+    return ExitCode.OK
+
+
+def add_jupyter(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="Start JupyterLab on the machine bound to 127.0.0.1 with a random token, forward a "
+                                  "local port to it over SSH and print the URL. Ctrl-C closes the tunnel and stops "
+                                  "the server (--keep leaves it running). No port is opened in the security group.")
+    machine_name(p)
+    p.add_argument("--port", type=int, help="local port (default: 8888, or a free one if 8888 is taken)")
+    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
+    python_option(p, help="interpreter on the machine (default: the one setup chose)")
+    code_option(p, help="checkout to sync first (default: the current directory)")
+    p.set_defaults(handler=cmd_jupyter)
+
+
+def cmd_jupyter(args) -> int:
+    from infra.jupyter import check_port_free, serve
+    from infra.targets import code_dir
+
+    if args.port is not None:
+        check_port_free(args.port)
+    target = target_for(args)
+    with target.remote:
+        python = target.prepare(code_dir(args.code), args.python, log=say, ready_timeout=60)
+        serve(target, args.port, keep=args.keep, python=python, log=say)
+    return ExitCode.OK
+
+
+def add_ssh(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    machine_name(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run instead of a shell (after --)")
+    p.set_defaults(handler=cmd_ssh)
+
+
+def cmd_ssh(args) -> int:
+    import subprocess
+
+    target = target_for(args)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    with target.remote:
+        argv = target.remote.ssh_argv(tty=not cmd) + (["-t"] if not cmd and sys.stdin.isatty() else [])
+    return subprocess.call([*argv, target.remote.target(), *cmd])
+
+
+def add_ssh_config(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary)
+    p.add_argument("names", nargs="*", help="names to include (default: all)")
+    p.set_defaults(handler=cmd_ssh_config)
+
+
+def cmd_ssh_config(args) -> int:
+    from infra.sshconfig import write_ssh_config
+
+    path, names = write_ssh_config(args.names)
+    say(f"wrote {len(names)} host(s) to {path}: {', '.join('mnist-' + n for n in names)}")
+    say(f"add this line at the top of ~/.ssh/config (once):  Include {path}")
+    return ExitCode.OK
+
+
+def add_forget_host(sub, name: str, summary: str) -> None:
+    p = sub.add_parser(name, help=summary)
+    machine_name(p, required=True)
+    p.set_defaults(handler=cmd_forget_host)
+
+
+def cmd_forget_host(args) -> int:
+    from infra.remote import forget_host
+    from infra.state import State
+
+    host = State().get(args.name)
+    if host is None:
+        raise UserError(f"unknown name {args.name!r}")
+    forget_host(host.instance_id or f"{host.host}:{host.port}")
+    say(f"forgot the pinned host key of {args.name}; the next connection pins the key it sees")
+    return ExitCode.OK

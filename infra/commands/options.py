@@ -1,0 +1,103 @@
+"""What the command modules share: the options more than one command takes, each declared here once (a
+machine's name, --code, --python, --region/--profile), and the few helpers a handler uses to talk to
+the user (say, confirm) or to reach AWS and a named machine (session, target_for).
+
+Cheap to import, like every command module: boto3, fabric and paramiko load inside the helpers, when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra.errors import Parser, UserError
+
+__all__ = ["DEFAULT_NAME", "Parser", "aws_group", "aws_options", "cloud_command", "code_option", "confirm",
+           "global_aws", "machine_name", "python_option", "say", "session", "target_for"]
+
+DEFAULT_NAME = "mnist"
+CODE_HELP = "checkout to sync (default: the current directory)"
+
+
+def machine_name(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_NAME, required: bool = False,
+                 help: str | None = None) -> None:
+    """NAME: the machine a command works on, a name from `launch` or `attach` (optional unless required)."""
+    if required:
+        p.add_argument("name", help=help)
+    else:
+        p.add_argument("name", nargs="?", default=default, help=help)
+
+
+def code_option(p: argparse.ArgumentParser, help: str | None = CODE_HELP) -> None:
+    """--code DIR: the project to sync to the machine."""
+    p.add_argument("--code", metavar="DIR", help=help)
+
+
+def python_option(p: argparse.ArgumentParser, help: str | None = None, metavar: str | None = None) -> None:
+    """--python: the interpreter to use on the machine."""
+    p.add_argument("--python", metavar=metavar, help=help)
+
+
+def aws_options(p, region_help: str | None = "AWS region (default: the AWS config / AWS_DEFAULT_REGION)",
+                profile_help: str | None = "AWS profile from ~/.aws/config (default: AWS_PROFILE)",
+                default=argparse.SUPPRESS) -> None:
+    """--region and --profile. SUPPRESS (the cloud commands): a value typed before the command is kept
+    unless one typed after it replaces it."""
+    p.add_argument("--region", default=default, help=region_help)
+    p.add_argument("--profile", default=default, help=profile_help)
+
+
+def aws_group() -> argparse.ArgumentParser:
+    """The "AWS" group of --region and --profile, as a parent parser: mnist-cloud's own, and every cloud
+    command's."""
+    p = argparse.ArgumentParser(add_help=False)
+    aws_options(p.add_argument_group("AWS"))
+    return p
+
+
+def cloud_command(sub, name: str, summary: str, **kwargs) -> Parser:
+    """A command's parser that takes the AWS group, as every command that may reach EC2 does."""
+    return sub.add_parser(name, parents=[aws_group()], help=summary, **kwargs)
+
+
+def global_aws(rest: list[str], args) -> list[str]:
+    """`mnist-cloud --region R --profile P train ...`: the global options, handed to a pass-through
+    command as if typed after it (one typed after it wins)."""
+    from infra.targets import has_option
+
+    for key in ("region", "profile"):
+        value = getattr(args, key, None)
+        if value is not None and not has_option(rest, f"--{key}"):
+            rest = [f"--{key}", value, *rest]
+    return rest
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UserError(f"{question} needs --yes when not run from a terminal")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise UserError("cancelled; nothing was changed")
+
+
+def session(args):
+    """The AWS session for --region/--profile, else the config's, else the AWS defaults."""
+    from infra import settings
+    from infra.aws import Aws
+
+    found = settings.resolve({"region": getattr(args, "region", None), "profile": getattr(args, "profile", None)})
+    return Aws(region=found["region"].value, profile=found["profile"].value)
+
+
+def target_for(args):
+    """The machine called args.name, to work on over SSH."""
+    from infra.targets import SSHTarget
+
+    return SSHTarget.resolve(args.name, getattr(args, "region", None), getattr(args, "profile", None))

@@ -23,13 +23,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, NamedTuple
+from typing import IO, Any, Callable, NamedTuple, Protocol
 
 from infra.agent import source as agent_source
 from infra.errors import HostKeyMismatch, UserError
 
-if TYPE_CHECKING:
-    from infra.remote import Remote
+
+
+class Connection(Protocol):
+    """What a transfer needs of a connection (infra.remote.Remote is the one): Fabric's `conn`, the endpoint
+    `ep`, `target`, `run`, `home()` and `ssh_argv()`. Described here rather than imported, so that the
+    connection can hand work to its Transfer (as Fabric's Connection.put does) without an import cycle."""
+
+    conn: Any
+    ep: Any
+    target: str
+
+    def run(self, command: str, **kwargs) -> Any: ...
+
+    def home(self) -> str: ...
+
+    def ssh_argv(self, *args, **kwargs) -> list[str]: ...
 
 # Never synced: run outputs, caches, VCS data and anything that looks like a secret.
 SYNC_EXCLUDES = [
@@ -147,12 +161,12 @@ class RemoteFile(NamedTuple):
     size: int
 
 
-def run_agent(remote: Remote, *args: str, warn: bool = False):
+def run_agent(remote: Connection, *args: str, warn: bool = False):
     """Run the watchdog script's tool side on the machine (stdlib python3 there, nothing installed)."""
     return remote.run(f"python3 -c {shlex.quote(agent_source('autostop.py'))} {shlex.join(args)}", warn=warn)
 
 
-def remote_stats(remote: Remote, directory: str) -> dict[str, RemoteFile]:
+def remote_stats(remote: Connection, directory: str) -> dict[str, RemoteFile]:
     """{relative path: RemoteFile} under a remote directory (temp files left out)."""
     stats = {}
     for line in run_agent(remote, "stats", directory, warn=True).stdout.splitlines():
@@ -162,7 +176,7 @@ def remote_stats(remote: Remote, directory: str) -> dict[str, RemoteFile]:
     return stats
 
 
-def remote_hashes(remote: Remote, directory: str, exclude_top: tuple[str, ...] = ()) -> dict[str, str]:
+def remote_hashes(remote: Connection, directory: str, exclude_top: tuple[str, ...] = ()) -> dict[str, str]:
     """{relative path: sha256} of the regular files under a remote directory."""
     prune = " ".join(f"-path ./{shlex.quote(t)} -prune -o" for t in exclude_top)
     out = remote.run(f"cd {shlex.quote(directory)} 2>/dev/null && find . {prune} -type f -print0 | "
@@ -175,18 +189,18 @@ def remote_hashes(remote: Remote, directory: str, exclude_top: tuple[str, ...] =
     return hashes
 
 
-def record_pulled(remote: Remote, run_id: str, verified: dict[str, str]) -> list[str]:
+def record_pulled(remote: Connection, run_id: str, verified: dict[str, str]) -> list[str]:
     """Record on the machine which files of a run are pulled (those still matching `verified`);
     returns the run's files left unrecorded (changed meanwhile: the run stays unpulled)."""
     return json.loads(run_agent(remote, "record", remote.ep.workdir, run_id, json.dumps(verified)).stdout)
 
 
-def unpulled_runs(remote: Remote) -> list[str]:
+def unpulled_runs(remote: Connection) -> list[str]:
     """Runs on the machine with a file not pulled yet, or changed since its pull."""
     return json.loads(run_agent(remote, "unpulled", remote.ep.workdir).stdout)
 
 
-def put_atomic(remote: Remote, source: str | IO[bytes], dest: str, mode: int | None = None) -> None:
+def put_atomic(remote: Connection, source: str | IO[bytes], dest: str, mode: int | None = None) -> None:
     """Put a local file (Fabric keeps its mode: an executable stays one) or a file object at the absolute
     path `dest` on the machine, whole or not at all: under a temp name of its own, then renamed. `mode`
     is set before the rename. dest's directory must exist."""
@@ -198,7 +212,7 @@ def put_atomic(remote: Remote, source: str | IO[bytes], dest: str, mode: int | N
     sftp.posix_rename(tmp, dest)
 
 
-def write_file(remote: Remote, path: str, text: str, mode: int = 0o600) -> None:
+def write_file(remote: Connection, path: str, text: str, mode: int = 0o600) -> None:
     """Write `text` to an absolute `path` on the machine whole or not at all; its directory must exist."""
     put_atomic(remote, io.BytesIO(text.encode()), path, mode)
 
@@ -280,7 +294,7 @@ class Transfer:
     the first transfer, and whether an rsync call has gone through (after which rsync's exit 1 or 2 is a
     real failure, not "this rsync cannot")."""
 
-    def __init__(self, remote: Remote):
+    def __init__(self, remote: Connection):
         self.remote = remote
         self._choice: RsyncChoice | None = None
         self._rsync_worked = False

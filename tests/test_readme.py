@@ -118,3 +118,13 @@ def test_the_link_check_finds_a_dead_link_and_a_dead_anchor(tmp_path):
     assert broken_links(page) == ["missing.md: no such file", "other.md#iam: other.md has no heading with that anchor"]
     assert named_pages("see docs/cloud.md#iam-permissions, docs/gpu.md, not mydocs/x.md") == [
         "docs/cloud.md#iam-permissions", "docs/gpu.md"]
+
+
+def test_the_exit_code_table_is_the_enum():
+    """docs/reference.md's table of exit codes lists runspec.ExitCode, member for member."""
+    from runspec import ExitCode
+
+    page = (REPO / "docs" / "reference.md").read_text()
+    section = page.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = {int(code): name for code, name in re.findall(r"^\| (\d+) \| `(\w+)` \|", section, re.M)}
+    assert rows == {member.value: member.name for member in ExitCode}

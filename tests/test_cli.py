@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, run_cli
+from fixtures import REPO
+from fixtures.cli import assert_user_error, run_cli
 
 TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "3072", "--no-progress"]
 

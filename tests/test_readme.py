@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import REPO
+from fixtures import REPO
 
 
 def quick_start_commands() -> list[str]:

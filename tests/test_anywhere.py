@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cloud import launch_fresh
-from conftest import assert_user_error
-from test_own_model import MYNET, NET_PARAMS
-from test_package import installed  # noqa: F401  (the wheel, pip-installed into a directory of its own)
+from fixtures.aws import launch_fresh
+from fixtures.cli import assert_user_error
+from fixtures.project import MYNET, NET_PARAMS
 
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--no-report"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def user_project(tmp_path_factory) -> Path:
     """A user's project: one model file and its own requirements.txt, no mnist-cloud checkout."""
     root = tmp_path_factory.mktemp("user") / "mynet"
     root.mkdir()
@@ -32,18 +31,18 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli(installed, env, project):  # noqa: F811
+def wheel_cli(installed_wheel, laptop_env, user_project):
     def run(*args, cwd=None):
         return subprocess.run([sys.executable, "-m", "infra.commands", *args], capture_output=True, text=True,
-                              cwd=cwd or project, env={**os.environ, **env, "PYTHONPATH": str(installed)},
-                              timeout=600)
+                              cwd=cwd or user_project, timeout=600,
+                              env={**os.environ, **laptop_env, "PYTHONPATH": str(installed_wheel)})
 
     return run
 
 
 @pytest.fixture(scope="module")
-def machine(cli, moto):
-    launch_fresh(cli, moto, "anywhere")
+def machine(wheel_cli, ssh_host_moto):
+    launch_fresh(wheel_cli, ssh_host_moto, "anywhere")
     return "anywhere"
 
 
@@ -52,38 +51,40 @@ def digest(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_train_on_from_a_project_that_is_not_a_checkout(cli, machine, installed, project, host, mnist_dir):  # noqa: F811
+def test_train_on_from_a_project_that_is_not_a_checkout(wheel_cli, machine, installed_wheel, user_project, ssh_host,
+                                                        mnist_dir):
     where = subprocess.run(
         [sys.executable, "-c", "import infra, trainer; print(infra.__file__, trainer.__file__)"], capture_output=True,
-        text=True, cwd=project, env={**os.environ, "PYTHONPATH": str(installed)})
-    assert all(p.startswith(str(installed)) for p in where.stdout.split()), where.stdout  # the wheel's code
-    out = cli("train", "--on", machine, "--model", "mynet.py:Net", *TINY, "--data-dir", str(mnist_dir),
-              "--run-id", "any1")
+        text=True, cwd=user_project, env={**os.environ, "PYTHONPATH": str(installed_wheel)})
+    assert all(p.startswith(str(installed_wheel)) for p in where.stdout.split()), where.stdout  # the wheel's code
+    out = wheel_cli("train", "--on", machine, "--model", "mynet.py:Net", *TINY, "--data-dir", str(mnist_dir),
+                    "--run-id", "any1")
     assert out.returncode == 0, out.stdout + out.stderr
-    work = host.home / "mnist-cloud" / machine
+    work = ssh_host.home / "mnist-cloud" / machine
     # the project, and beside it the installed trainer and the tool's own bootstrap and requirements
     assert (work / "mynet.py").read_text() == MYNET
-    assert digest(work / "trainer" / "train.py") == digest(installed / "trainer" / "train.py")
-    assert digest(work / "runspec" / "__init__.py") == digest(installed / "runspec" / "__init__.py")
-    assert (work / "requirements.txt").read_text() == (project / "requirements.txt").read_text()
-    assert digest(work / ".mnist-cloud-requirements.txt") == digest(installed / "infra" / "agent" / "requirements.txt")
+    assert digest(work / "trainer" / "train.py") == digest(installed_wheel / "trainer" / "train.py")
+    assert digest(work / "runspec" / "__init__.py") == digest(installed_wheel / "runspec" / "__init__.py")
+    assert (work / "requirements.txt").read_text() == (user_project / "requirements.txt").read_text()
+    assert (digest(work / ".mnist-cloud-requirements.txt")
+            == digest(installed_wheel / "infra" / "agent" / "requirements.txt"))
     assert (work / ".mnist-cloud-python").is_file()  # setup ran, with the bundled bootstrap
-    run = project / "runs" / "any1"
+    run = user_project / "runs" / "any1"
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["name"] == "mynet.py:Net" and config["model"]["params"] == NET_PARAMS
     # the bundled trainer ran (no .git beside it); the checkout's would have recorded its commit
     assert config["git"]["sha"] is None and (run / "model.pt").exists()
-    again = cli("setup", machine)
+    again = wheel_cli("setup", machine)
     assert again.returncode == 0 and "all requirements already installed" in again.stdout, again.stdout + again.stderr
     # a second sync keeps the bundled files (the project's mirror does not delete them) and sends nothing new
-    synced = cli("sync", machine)  # a deleting first pass would make the second send the trainer again
+    synced = wheel_cli("sync", machine)  # a deleting first pass would make the second send the trainer again
     assert synced.returncode == 0 and "synced 0 file(s)" in synced.stdout, synced.stdout + synced.stderr
     assert (work / "trainer" / "train.py").exists()
 
 
-def test_a_project_in_the_way_or_the_home_directory_is_one_line(cli, machine, tmp_path):
+def test_a_project_in_the_way_or_the_home_directory_is_one_line(wheel_cli, machine, tmp_path):
     clash = tmp_path / "clash"
     (clash / "trainer").mkdir(parents=True)  # the project's own trainer/ would shadow the tool's
-    assert_user_error(cli("sync", machine, "--code", str(clash)), "trainer is in the way")
-    home = cli("train", "--on", machine, "--epochs", "1", cwd=Path.home())
+    assert_user_error(wheel_cli("sync", machine, "--code", str(clash)), "trainer is in the way")
+    home = wheel_cli("train", "--on", machine, "--epochs", "1", cwd=Path.home())
     assert_user_error(home, "is your home directory or above it")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from cloud import launch_fresh
-from conftest import first_line_with, output_lines
-from test_unpulled import load_agent
+from fixtures.aws import launch_fresh
+from fixtures.cli import first_line_with, output_lines
+from fixtures.instance import load_agent
 
 IDLE_S = 6.0  # the watchdog's idle time in these tests
 
@@ -75,7 +75,7 @@ def iso(t: float) -> str:
 @pytest.mark.parametrize("body", ["not json", '{"started": "x"}', '{"last_activity": "yesterday"}',
                                   '["a list"]', "hang", "die"])
 def test_a_server_that_answers_nonsense_or_nothing_adds_no_activity(body):
-    agent = load_agent()
+    agent = load_agent("autostop")
     with answering(body) as port:
         assert agent.jupyter_activity([(port, "t")], timeout=1) == (0, None)
     assert agent.jupyter_activity([(port, "t")], timeout=1) == (0, None)  # gone: connection refused
@@ -83,7 +83,7 @@ def test_a_server_that_answers_nonsense_or_nothing_adds_no_activity(body):
 
 def test_a_last_activity_ahead_of_the_clock_does_not_keep_the_machine_up():
     """A broken clock or answer must not keep a machine up for good: far in the future is not use."""
-    agent = load_agent()
+    agent = load_agent("autostop")
     now = time.time()
     with answering(json.dumps({"last_activity": iso(now + 86400)})) as port:
         used = agent.jupyter_activity([(port, "t")], timeout=1)
@@ -97,15 +97,15 @@ def test_a_last_activity_ahead_of_the_clock_does_not_keep_the_machine_up():
 
 # ---------------------------------------------------------------------------------- for real
 @pytest.fixture(scope="module")
-def launched(cli, moto):
-    launch_fresh(cli, moto, "nb")
+def launched(cli, ssh_host_moto):
+    launch_fresh(cli, ssh_host_moto, "nb")
     return "nb"
 
 
 @pytest.fixture(scope="module")
-def notebook(launched, env, mnist_cloud, code):
+def notebook(launched, laptop_env, mnist_cloud, project_checkout):
     """`mnist-cloud jupyter nb` running for the module: (base URL through the tunnel, token)."""
-    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code, env={**os.environ, **env},
+    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=project_checkout, env={**os.environ, **laptop_env},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -120,7 +120,7 @@ def notebook(launched, env, mnist_cloud, code):
 
 
 @pytest.fixture(scope="module")
-def tick(launched, env, host, tmp_path_factory):
+def tick(launched, laptop_env, ssh_host, tmp_path_factory):
     """The watchdog, installed over SSH into a root of its own; tick() runs it once on the machine (as
     its timer does, with /usr/bin/python3) after an hour of no other activity, and returns what it
     said and whether it called `shutdown`."""
@@ -133,7 +133,7 @@ def tick(launched, env, host, tmp_path_factory):
     (fakebin / "shutdown").write_text(f"#!/bin/sh\necho \"$@\" >> {fired}\n")
     (fakebin / "shutdown").chmod(0o755)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MNIST_CLOUD_HOME", env["MNIST_CLOUD_HOME"])
+        mp.setenv("MNIST_CLOUD_HOME", laptop_env["MNIST_CLOUD_HOME"])
         h = State().get(launched)
         with Remote(Endpoint(name=launched, host=h.host, user=h.user, key_path=h.key_path,
                              alias=h.instance_id)) as remote:
@@ -144,8 +144,8 @@ def tick(launched, env, host, tmp_path_factory):
         state = root / "var/lib/mnist-cloud/autostop-state.json"
         state.write_text(json.dumps({"boot": boot, "last_active": time.time() - 3600}))
         fired.unlink(missing_ok=True)
-        out = host.exec(f"MNIST_CLOUD_ROOT={root} PATH={fakebin}:$PATH /usr/bin/python3 "
-                        f"{root}/usr/local/bin/mnist-cloud-autostop")
+        out = ssh_host.exec(f"MNIST_CLOUD_ROOT={root} PATH={fakebin}:$PATH /usr/bin/python3 "
+                            f"{root}/usr/local/bin/mnist-cloud-autostop")
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout, fired.exists()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud import aws_env, moto_server, seed_dlami
-from conftest import assert_user_error, run_cli
+from fixtures.aws import aws_env, moto_server, seed_dlami
+from fixtures.cli import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")

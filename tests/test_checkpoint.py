@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from fixtures.cli import assert_user_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, run_cli
+from fixtures import REPO
+from fixtures.cli import assert_user_error, run_cli
 
 TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "3072", "--no-progress"]
 
@@ -199,139 +198,6 @@ def test_unreadable_image_is_one_line_and_exit_2(trained, mnist_cloud, tmp_path)
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not a png")
     assert_user_error(run_cli([*mnist_cloud, "predict", str(run_dir), str(bad)]), "cannot decode")
-
-
-# ---------------------------------------------------------------- the layering rule
-def _imports(package: str) -> set[str]:
-    names = set()
-    for path in (REPO / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-    return names
-
-
-def test_trainer_never_imports_cloud_libraries():
-    assert not _imports("trainer") & {"boto3", "botocore", "fabric", "paramiko", "invoke", "infra"}
-
-
-def test_runspec_is_standard_library_only():
-    """It runs as `python3 -c` on a machine where nothing is installed (remote.list_runs)."""
-    outside = _imports("runspec") - set(sys.stdlib_module_names) - {"runspec"}  # its own modules are fine
-    assert not outside, outside
-    assert not _imports("trainer") & {"infra"} and not _imports("infra") & {"trainer"}
-
-
-def _module_imports(path: Path, name: str) -> set[str]:
-    """The project modules a file imports, at any level (inside functions too), relative imports resolved."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            module = ".".join(x for x in (base, node.module) if x)
-            out |= {module} | {f"{module}.{a.name}" for a in node.names}
-    return out
-
-
-def _project_graph() -> dict[str, set[str]]:
-    files = {}
-    for package in ("runspec", "trainer", "infra", "scripts"):
-        for path in (REPO / package).rglob("*.py"):
-            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-            files[name] = path
-    return {name: {m for m in _module_imports(path, name) if m in files and m != name}
-            for name, path in files.items()}
-
-
-def test_no_import_cycles_among_the_projects_modules():
-    """Counting imports inside functions: a cycle hidden in a function is still a knot to untie."""
-    graph, cycles = _project_graph(), []
-
-    def visit(node, stack):
-        for dep in sorted(graph[node]):
-            if dep in stack:
-                cycles.append(stack[stack.index(dep):] + [dep])
-            elif dep not in done:
-                visit(dep, stack + [dep])
-        done.add(node)
-
-    done: set[str] = set()
-    for start in sorted(graph):
-        if start not in done:
-            visit(start, [start])
-    assert not cycles, cycles
-
-
-def test_only_the_resolver_meets_ec2_below_the_cli():
-    """The transport (SSH, sync, jobs, agents) reaches EC2 only through infra/resolve.py: a name becomes
-    endpoints there. The provisioning commands (infra/ec2/, the CLI) are the AWS layer's users."""
-    graph = _project_graph()
-    ec2 = {name for name in graph if name == "infra.ec2" or name.startswith("infra.ec2.")}
-    allowed = {"infra.aws", "infra.commands.options", "infra.commands.launch", "infra.commands.lifecycle",
-               "infra.resolve", "infra.pricing", "infra"} | ec2
-    for name, deps in graph.items():
-        if name.startswith("infra") and name not in allowed:
-            assert not deps & ({"infra.aws"} | ec2), (name, deps & ({"infra.aws"} | ec2))
-    for path in (REPO / "infra").rglob("*.py"):
-        if path.stem not in {"aws", "provision", "cli", "resolve"}:
-            assert not {m.split(".")[0] for m in _module_imports(path, "infra")} & {"boto3", "botocore"}, path
-
-
-def test_run_directory_file_names_are_spelled_only_in_runspec():
-    """A string that is a run file's name (or ends in /NAME) appears in runspec and nowhere else in the
-    code; prose (docstrings, help) may still name the files."""
-    import runspec
-
-    names = {value for key, value in vars(runspec).items()  # CONFIG, METRICS, ... and any name added later
-             if key.isupper() and not key.startswith("ENV_") and isinstance(value, str) and "." in value}
-    assert {runspec.CONFIG, runspec.METRICS, runspec.RESULT, runspec.MODEL, runspec.REPORT} <= names
-    # the resume agent is one standalone file on the instance (it cannot import runspec there); its one
-    # spelling reads job records written before they named their status file
-    allowed = {("infra/agent/resume_agent.py", "LEGACY_STATUS_FILE")}
-    spelled = []
-    for package in ("trainer", "infra", "scripts"):
-        for path in (REPO / package).rglob("*.py"):
-            tree = ast.parse(path.read_text())
-            exempt = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                      for t in n.targets if isinstance(t, ast.Name)
-                      and (str(path.relative_to(REPO)), t.id) in allowed}
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in exempt and (
-                        node.value in names or node.value.endswith(tuple("/" + n for n in names))):
-                    spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
-    assert not spelled, spelled
-
-
-def test_no_function_is_longer_than_a_screenful_and_a_half():
-    """About 120 lines at most: a longer one hides steps that deserve names of their own."""
-    long = []
-    for package in ("runspec", "trainer", "infra", "scripts"):
-        for path in (REPO / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 120:
-                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
-                                f"({node.end_lineno - node.lineno + 1} lines)")
-    assert not long, long
-
-
-def test_the_other_ranks_recorder_is_silent_in_every_method():
-    """Rank 0 writes the run; a method added to Recorder without its Silent twin would have every rank
-    write it."""
-    from trainer.recorder import Recorder, Silent
-
-    ours = {name for name, value in vars(Recorder).items() if not name.startswith("_")}
-    assert ours and ours <= set(vars(Silent)), sorted(ours - set(vars(Silent)))
-
-
-def test_infra_never_imports_torch():
-    assert not _imports("infra") & {"torch", "torchvision", "trainer", "numpy"}
-    code = "import sys, infra.commands; assert 'torch' not in sys.modules, 'torch was imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 # Run trainer.cli.main in a fresh interpreter, then fail (a traceback, exit 1) if torch was imported.

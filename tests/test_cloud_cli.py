@@ -3,49 +3,29 @@
 from __future__ import annotations
 
 import functools
-import http.server
 import json
 import stat
-import threading
 import urllib.request
 
 import pytest
 
-from cloud import DLAMI_ID, aws_env, seed_dlami
-from cloud import moto_server as cloud_moto_server
-from conftest import assert_user_error, run_cli
+from fixtures.aws import DLAMI_ID, aws_env, ec2_client, moto_server, seed_dlami
+from fixtures.cli import assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def moto_server():
-    with cloud_moto_server() as url:  # instances' public IPs are loopback: nothing here leaves the machine
+def loopback_moto():
+    """A moto server on 127.0.0.1 whose instances' public IPs are loopback: nothing here leaves the machine."""
+    with moto_server() as url:
         yield url
 
 
-@pytest.fixture(scope="module")
-def ip_service():
-    """A what-is-my-IP service on loopback, so `launch` can detect 'our' public address offline."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"198.51.100.23\n")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-
-
 @pytest.fixture
-def cloud(moto_server, ip_service, tmp_path, mnist_cloud):
-    """cloud(*args) runs mnist-cloud against a freshly reset, DLAMI-seeded moto server."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+def moto_cli(loopback_moto, ip_service, tmp_path, mnist_cloud):
+    """moto_cli(*args) runs mnist-cloud against a freshly reset, DLAMI-seeded moto server."""
+    urllib.request.urlopen(urllib.request.Request(f"{loopback_moto}/moto-api/reset", method="POST")).read()
     seed_dlami()
-    env = aws_env(tmp_path, AWS_ENDPOINT_URL=moto_server, MNIST_CLOUD_IP_URL=ip_service)
+    env = aws_env(tmp_path, AWS_ENDPOINT_URL=loopback_moto, MNIST_CLOUD_IP_URL=ip_service)
 
     def run(*args, extra_env=None):
         if args and args[0] == "launch":
@@ -54,15 +34,8 @@ def cloud(moto_server, ip_service, tmp_path, mnist_cloud):
         return run_cli([*mnist_cloud, *args], env_extra={**env, **(extra_env or {})}, cwd=tmp_path)
 
     run.home = tmp_path / "mnist-cloud-home"
-    run.endpoint = moto_server
+    run.endpoint = loopback_moto
     return run
-
-
-def ec2_client(endpoint):
-    import boto3
-
-    return boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing")
 
 
 def started_hours_ago(endpoint, name: str, hours: float) -> None:
@@ -92,58 +65,58 @@ def status_row(cloud, name: str, extra_env=None) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_launch_status_stop_start_down(cloud):
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
+def test_launch_status_stop_start_down(moto_cli):
+    out = moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
     assert out.returncode == 0, out.stderr
     assert f"AMI {DLAMI_ID}" in out.stdout and "newest PyTorch DLAMI" in out.stdout
     assert "SSH (22) from 198.51.100.23/32 only" in out.stdout
     assert "ready: exp1" in out.stdout and "mnist-cloud down exp1" in out.stdout
-    key = cloud.home / "keys" / "mnist-cloud-exp1.pem"
+    key = moto_cli.home / "keys" / "mnist-cloud-exp1.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_text().splitlines()[1] not in out.stdout + out.stderr
 
     # cost so far = hours up x the hourly price: here from the user's prices.json, at a price no table has
-    prices = cloud.home.parent / "prices.json"
+    prices = moto_cli.home.parent / "prices.json"
     prices.write_text(json.dumps({"g4dn.xlarge": 1.234}))
-    started_hours_ago(cloud.endpoint, "exp1", 10)
-    row = status_row(cloud, "exp1", extra_env={"MNIST_CLOUD_PRICES": str(prices)})
+    started_hours_ago(moto_cli.endpoint, "exp1", 10)
+    row = status_row(moto_cli, "exp1", extra_env={"MNIST_CLOUD_PRICES": str(prices)})
     assert row["TYPE"] == "g4dn.xlarge" and row["STATE"] == "running" and row["LIFECYCLE"] == "on-demand"
     assert row["UPTIME"] == "10h00m" and row["COST"] == f"${10 * 1.234:.2f}" == "$12.34"
     assert row["AUTOSTOP"] == "30m:stop"
 
-    again = cloud("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
+    again = moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "exp1")
     assert again.returncode == 0 and "already exists" in again.stdout
-    assert len([l for l in cloud("ls").stdout.splitlines() if l.startswith("exp1")]) == 1
+    assert len([l for l in moto_cli("ls").stdout.splitlines() if l.startswith("exp1")]) == 1
 
-    assert cloud("stop", "exp1").returncode == 0
-    stopped = status_row(cloud, "exp1")
+    assert moto_cli("stop", "exp1").returncode == 0
+    stopped = status_row(moto_cli, "exp1")
     assert stopped["STATE"] == "stopped" and stopped["UPTIME"] == "-" and stopped["COST"] == "$0.00"  # disk only
-    started = cloud("start", "exp1")
+    started = moto_cli("start", "exp1")
     assert started.returncode == 0 and "running" in started.stdout
 
     # moto's instances here have no SSH: nothing can check them for unpulled runs, so down refuses
-    assert_user_error(cloud("down", "exp1", "--yes"), "exp1 cannot be checked", "--discard-runs")
-    assert "running" in cloud("status", "exp1").stdout
-    down = cloud("down", "exp1", "--yes", "--discard-runs")
+    assert_user_error(moto_cli("down", "exp1", "--yes"), "exp1 cannot be checked", "--discard-runs")
+    assert "running" in moto_cli("status", "exp1").stdout
+    down = moto_cli("down", "exp1", "--yes", "--discard-runs")
     assert down.returncode == 0, down.stderr
     assert "1 instance(s)" in down.stdout and "1 key pair(s)" in down.stdout
-    assert "no instances" in cloud("status").stdout
+    assert "no instances" in moto_cli("status").stdout
     assert not key.exists()
-    assert "nothing to delete" in cloud("down", "exp1", "--yes").stdout
+    assert "nothing to delete" in moto_cli("down", "exp1", "--yes").stdout
 
 
 @pytest.mark.slow
-def test_spot_launch_and_down_all(cloud):
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "a", "--spot").returncode == 0
-    assert cloud("launch", "--instance", "g5.xlarge", "--name", "b", "--ssh-cidr", "192.0.2.1/32").returncode == 0
-    assert status_row(cloud, "a")["LIFECYCLE"] == "spot"
+def test_spot_launch_and_down_all(moto_cli):
+    assert moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "a", "--spot").returncode == 0
+    assert moto_cli("launch", "--instance", "g5.xlarge", "--name", "b", "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    assert status_row(moto_cli, "a")["LIFECYCLE"] == "spot"
     # without prices.json: the built-in table, us-east-1's on-demand list price of a g5.xlarge ($1.006/h)
-    started_hours_ago(cloud.endpoint, "b", 3)
-    b = status_row(cloud, "b")
+    started_hours_ago(moto_cli.endpoint, "b", 3)
+    b = status_row(moto_cli, "b")
     assert b["UPTIME"] == "3h00m" and b["COST"] == f"${3 * 1.006:.2f}" == "$3.02"
-    down = cloud("down", "--all", "--yes", "--discard-runs")  # no SSH here to check them for runs
+    down = moto_cli("down", "--all", "--yes", "--discard-runs")  # no SSH here to check them for runs
     assert down.returncode == 0 and "2 instance(s)" in down.stdout
-    ec2 = ec2_client(cloud.endpoint)
+    ec2 = ec2_client(moto_cli.endpoint)
     tagged = [{"Name": "tag-key", "Values": ["mnist-cloud:name"]}]
     alive = [i for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]
              if i["State"]["Name"] != "terminated"]
@@ -152,22 +125,24 @@ def test_spot_launch_and_down_all(cloud):
 
 
 @pytest.mark.slow
-def test_terminated_behind_our_back(cloud):
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "gone", "--ssh-cidr", "192.0.2.1/32").returncode == 0
-    ec2 = ec2_client(cloud.endpoint)
+def test_terminated_behind_our_back(moto_cli):
+    assert moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "gone",
+                    "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    ec2 = ec2_client(moto_cli.endpoint)
     ids = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
     ec2.terminate_instances(InstanceIds=ids)
-    status = cloud("status", "gone")
+    status = moto_cli("status", "gone")
     assert status.returncode == 0 and "gone" in status.stdout.split("\n")[1]
-    down = cloud("down", "gone", "--yes")
+    down = moto_cli("down", "gone", "--yes")
     assert down.returncode == 0 and "1 security group(s)" in down.stdout
-    assert "nothing to delete" in cloud("down", "gone", "--yes").stdout
+    assert "nothing to delete" in moto_cli("down", "gone", "--yes").stdout
 
 
-def test_down_without_yes_off_a_terminal_changes_nothing(cloud):
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "keep", "--ssh-cidr", "192.0.2.1/32").returncode == 0
-    assert_user_error(cloud("down", "keep"), "needs --yes")
-    assert "running" in cloud("status", "keep").stdout
+def test_down_without_yes_off_a_terminal_changes_nothing(moto_cli):
+    assert moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "keep",
+                    "--ssh-cidr", "192.0.2.1/32").returncode == 0
+    assert_user_error(moto_cli("down", "keep"), "needs --yes")
+    assert "running" in moto_cli("status", "keep").stdout
 
 
 @pytest.mark.parametrize("args,env,needles", [
@@ -188,10 +163,10 @@ def test_down_without_yes_off_a_terminal_changes_nothing(cloud):
     (["attach", "i-0123456789abcdef0"], {}, ["no instance i-0123456789abcdef0"]),
     (["status", "--bogus"], {}, ["unrecognized arguments: --bogus"]),
 ])
-def test_bad_input(cloud, args, env, needles):
-    proc = cloud(*args, extra_env=env)
+def test_bad_input(moto_cli, args, env, needles):
+    proc = moto_cli(*args, extra_env=env)
     assert_user_error(proc, *needles)
-    ec2 = ec2_client(cloud.endpoint)
+    ec2 = ec2_client(moto_cli.endpoint)
     assert [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == []  # nothing launched
 
 

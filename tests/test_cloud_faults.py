@@ -7,34 +7,35 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from cloud import Faults, aws_env, seed_dlami
-from cloud import moto_server as cloud_moto_server
-from conftest import assert_user_error, run_cli
-from test_cloud_cli import ec2_client, ip_service  # noqa: F401 (a fixture)
+from fixtures.aws import Faults, aws_env, ec2_client, moto_server, seed_dlami
+from fixtures.cli import assert_user_error, run_cli
 
 FAULTS = Faults()
 
 
 @pytest.fixture(scope="module")
-def moto_server():
-    with cloud_moto_server(faults=FAULTS) as url:  # public IPs are loopback: nothing here leaves the machine
+def faulty_moto():
+    """A moto server on 127.0.0.1 that answers with the FAULTS a test sets up; public IPs are loopback:
+    nothing here leaves the machine."""
+    with moto_server(faults=FAULTS) as url:
         yield url
 
 
 @pytest.fixture
-def cloud(moto_server, ip_service, tmp_path, mnist_cloud):  # noqa: F811
-    """cloud(*args, extra_env=...) runs mnist-cloud against a reset, DLAMI-seeded, fault-free moto server."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
+def faulty_moto_cli(faulty_moto, ip_service, tmp_path, mnist_cloud):
+    """faulty_moto_cli(*args, extra_env=...) runs mnist-cloud against a reset, DLAMI-seeded, fault-free
+    moto server."""
+    urllib.request.urlopen(urllib.request.Request(f"{faulty_moto}/moto-api/reset", method="POST")).read()
     seed_dlami()
     FAULTS.clear()
-    env = aws_env(tmp_path, AWS_ENDPOINT_URL=moto_server, MNIST_CLOUD_IP_URL=ip_service)
+    env = aws_env(tmp_path, AWS_ENDPOINT_URL=faulty_moto, MNIST_CLOUD_IP_URL=ip_service)
 
     def run(*args, extra_env=None):
         if args and args[0] == "launch":
             args = (*args, "--no-wait-ssh", "--no-wait-checks")
         return run_cli([*mnist_cloud, *args], env_extra={**env, **(extra_env or {})}, cwd=tmp_path)
 
-    run.endpoint = moto_server
+    run.endpoint = faulty_moto
     yield run
     FAULTS.clear()
 
@@ -51,38 +52,38 @@ def alive(endpoint) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- retries
-def test_throttled_calls_are_retried_by_botocore(cloud):
+def test_throttled_calls_are_retried_by_botocore(faulty_moto_cli):
     FAULTS.fail("RunInstances", "RequestLimitExceeded", times=2, status=503)
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "busy")
+    out = faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "busy")
     assert out.returncode == 0, out.stderr
     assert FAULTS.hits["RunInstances"] == 2 and len(FAULTS.sent["RunInstances"]) == 3
-    assert alive(cloud.endpoint) == {"busy": "running"}
+    assert alive(faulty_moto_cli.endpoint) == {"busy": "running"}
 
 
-def test_throttling_past_every_retry_is_one_line(cloud):
+def test_throttling_past_every_retry_is_one_line(faulty_moto_cli):
     FAULTS.fail("RunInstances", "RequestLimitExceeded", times=10, status=503)
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "busy", extra_env={"AWS_MAX_ATTEMPTS": "2"})
+    out = faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "busy", extra_env={"AWS_MAX_ATTEMPTS": "2"})
     assert_user_error(out, "throttled ec2:run_instances", "run the command again")
     assert len(FAULTS.sent["RunInstances"]) == 2  # AWS_MAX_ATTEMPTS counts the first attempt too
 
 
 @pytest.mark.slow
-def test_a_dropped_connection_during_a_wait_polls_again(cloud):
+def test_a_dropped_connection_during_a_wait_polls_again(faulty_moto_cli):
     # botocore's own retries are off (1 attempt), so the wait itself must survive the dropped connections
     FAULTS.drop("DescribeInstances", times=2, when=lambda q: "InstanceId.1" in q)
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "flaky", extra_env={"AWS_MAX_ATTEMPTS": "1"})
+    out = faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "flaky", extra_env={"AWS_MAX_ATTEMPTS": "1"})
     assert out.returncode == 0, out.stderr
     assert FAULTS.hits["DescribeInstances"] == 2 and "ready: flaky" in out.stdout
 
 
 @pytest.mark.slow
-def test_not_found_right_after_a_create_is_waited_out(cloud):
+def test_not_found_right_after_a_create_is_waited_out(faulty_moto_cli):
     FAULTS.fail("AuthorizeSecurityGroupIngress", "InvalidGroup.NotFound", times=2)
     FAULTS.fail("RunInstances", "InvalidKeyPair.NotFound", times=1)
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "fresh")
+    out = faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "fresh")
     assert out.returncode == 0, out.stderr
     assert FAULTS.hits["AuthorizeSecurityGroupIngress"] == 2 and FAULTS.hits["RunInstances"] == 1
-    assert alive(cloud.endpoint) == {"fresh": "running"}
+    assert alive(faulty_moto_cli.endpoint) == {"fresh": "running"}
 
 
 # ---------------------------------------------------------------------------------- owners
@@ -104,28 +105,30 @@ def assume(endpoint, session_name: str, role: str = "trainer") -> dict[str, str]
 
 
 @pytest.mark.slow
-def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(cloud):
-    first, second = assume(cloud.endpoint, "botocore-session-1"), assume(cloud.endpoint, "botocore-session-2")
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "monday", extra_env=first).returncode == 0
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "tuesday", extra_env=second).returncode == 0
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "colleague").returncode == 0  # an IAM user
-    assert set(alive(cloud.endpoint)) == {"monday", "tuesday", "colleague"}
+def test_down_all_finds_earlier_sessions_of_the_same_role_but_not_other_people(faulty_moto_cli):
+    first = assume(faulty_moto_cli.endpoint, "botocore-session-1")
+    second = assume(faulty_moto_cli.endpoint, "botocore-session-2")
+    assert faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "monday", extra_env=first).returncode == 0
+    assert faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "tuesday", extra_env=second).returncode == 0
+    assert faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "colleague").returncode == 0  # an IAM user
+    assert set(alive(faulty_moto_cli.endpoint)) == {"monday", "tuesday", "colleague"}
 
-    third = assume(cloud.endpoint, "botocore-session-3")
+    third = assume(faulty_moto_cli.endpoint, "botocore-session-3")
     # these instances have no SSH: down checks the earlier sessions' machines for unpulled runs, not the colleague's
-    refused = cloud("down", "--all", "--yes", extra_env=third)
+    refused = faulty_moto_cli("down", "--all", "--yes", extra_env=third)
     assert refused.returncode == 2 and "monday cannot be checked" in refused.stderr
     assert "tuesday cannot be checked" in refused.stderr and "colleague" not in refused.stderr
-    down = cloud("down", "--all", "--yes", "--discard-runs", extra_env=third)
+    down = faulty_moto_cli("down", "--all", "--yes", "--discard-runs", extra_env=third)
     assert down.returncode == 0, down.stderr
     assert "2 instance(s)" in down.stdout
-    assert alive(cloud.endpoint) == {"colleague": "running"}  # someone else's: left alone
+    assert alive(faulty_moto_cli.endpoint) == {"colleague": "running"}  # someone else's: left alone
 
-    assert_user_error(cloud("down", "--all", "--any-owner", extra_env=third), "INCLUDING OTHER PEOPLE'S", "--yes")
-    assert alive(cloud.endpoint) == {"colleague": "running"}
-    everyone = cloud("down", "--all", "--any-owner", "--yes", "--discard-runs", extra_env=third)
+    assert_user_error(faulty_moto_cli("down", "--all", "--any-owner", extra_env=third), "INCLUDING OTHER PEOPLE'S",
+                      "--yes")
+    assert alive(faulty_moto_cli.endpoint) == {"colleague": "running"}
+    everyone = faulty_moto_cli("down", "--all", "--any-owner", "--yes", "--discard-runs", extra_env=third)
     assert everyone.returncode == 0 and "1 instance(s)" in everyone.stdout
-    assert alive(cloud.endpoint) == {}
+    assert alive(faulty_moto_cli.endpoint) == {}
 
 
 SSO_ROLE = "AWSReservedSSO_Trainers_0a1b2c3d4e5f6789"  # IAM Identity Center's role for a permission set
@@ -143,32 +146,32 @@ def test_owner_key_strips_only_botocores_session_names():
 
 
 @pytest.mark.slow
-def test_sso_teammates_sharing_a_role_do_not_touch_each_others_machines(cloud):
-    alice, bob = assume(cloud.endpoint, "alice", SSO_ROLE), assume(cloud.endpoint, "bob", SSO_ROLE)
-    assert cloud("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=alice).returncode == 0
-    ec2 = ec2_client(cloud.endpoint)
+def test_sso_teammates_sharing_a_role_do_not_touch_each_others_machines(faulty_moto_cli):
+    alice, bob = assume(faulty_moto_cli.endpoint, "alice", SSO_ROLE), assume(faulty_moto_cli.endpoint, "bob", SSO_ROLE)
+    assert faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=alice).returncode == 0
+    ec2 = ec2_client(faulty_moto_cli.endpoint)
     groups = lambda: sorted((g["GroupName"], str(g["IpPermissions"])) for g in ec2.describe_security_groups()["SecurityGroups"])
     before = groups()
 
     # bob's launch of the same name is refused in one line, and alice's /32 stays
-    assert_user_error(cloud("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=bob),
+    assert_user_error(faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "mnist", extra_env=bob),
                             f"mnist is {SSO_ROLE}/alice's instance", "--name mnist-bob")
-    assert groups() == before and alive(cloud.endpoint) == {"mnist": "running"}
+    assert groups() == before and alive(faulty_moto_cli.endpoint) == {"mnist": "running"}
 
     # status: bob sees none of his own, and is told the team's are hidden; --any-owner shows them, with owners
-    mine = cloud("status", extra_env=bob)
+    mine = faulty_moto_cli("status", extra_env=bob)
     assert mine.returncode == 0 and "mnist " not in mine.stdout and "--any-owner" in mine.stdout
-    team = cloud("status", "--any-owner", extra_env=bob)
+    team = faulty_moto_cli("status", "--any-owner", extra_env=bob)
     assert team.returncode == 0 and "OWNER" in team.stdout and f"{SSO_ROLE}/alice" in team.stdout
-    assert "mnist" in cloud("status", extra_env=alice).stdout
+    assert "mnist" in faulty_moto_cli("status", extra_env=alice).stdout
 
     # down: bob's NAME is refused, his --all leaves alice's machine, --any-owner on the name takes it
-    assert_user_error(cloud("down", "mnist", "--yes", extra_env=bob), "alice's", "--any-owner")
-    assert cloud("down", "--all", "--yes", "--discard-runs", extra_env=bob).returncode == 0
-    assert alive(cloud.endpoint) == {"mnist": "running"}
-    taken = cloud("down", "mnist", "--any-owner", "--yes", "--discard-runs", extra_env=bob)
+    assert_user_error(faulty_moto_cli("down", "mnist", "--yes", extra_env=bob), "alice's", "--any-owner")
+    assert faulty_moto_cli("down", "--all", "--yes", "--discard-runs", extra_env=bob).returncode == 0
+    assert alive(faulty_moto_cli.endpoint) == {"mnist": "running"}
+    taken = faulty_moto_cli("down", "mnist", "--any-owner", "--yes", "--discard-runs", extra_env=bob)
     assert taken.returncode == 0, taken.stderr
-    assert alive(cloud.endpoint) == {}
+    assert alive(faulty_moto_cli.endpoint) == {}
 
 
 # ---------------------------------------------------------------------------------- credentials and regions
@@ -181,7 +184,7 @@ def no_keys(tmp_path, config_text: str) -> dict[str, str]:
     return {"AWS_CONFIG_FILE": str(config), "HOME": str(home), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
 
 
-def test_an_expired_sso_login_is_one_line_at_once_with_the_login_command(cloud, tmp_path):
+def test_an_expired_sso_login_is_one_line_at_once_with_the_login_command(faulty_moto_cli, tmp_path):
     """A legacy SSO profile whose cached token has expired: botocore fails at the first signed call,
     locally, with UnauthorizedSSOTokenError; that is not a network blip to poll but a login to redo."""
     import hashlib
@@ -194,22 +197,22 @@ def test_an_expired_sso_login_is_one_line_at_once_with_the_login_command(cloud, 
     cache.mkdir(parents=True)
     (cache / f"{hashlib.sha1(start.encode()).hexdigest()}.json").write_text(json.dumps(
         {"startUrl": start, "region": "us-east-1", "accessToken": "old", "expiresAt": "2020-01-01T00:00:00Z"}))
-    out = cloud("status", "--profile", "team", extra_env=env)
+    out = faulty_moto_cli("status", "--profile", "team", extra_env=env)
     assert_user_error(out, "SSO login for profile 'team' has expired", "`aws sso login --profile team`")
     assert not FAULTS.sent  # nothing was sent anywhere
 
 
-def test_expired_credentials_in_the_middle_of_a_wait_end_it_at_once(cloud):
+def test_expired_credentials_in_the_middle_of_a_wait_end_it_at_once(faulty_moto_cli):
     # three answers, then it would work: the old rule polled through them as transient and launched
     FAULTS.fail("DescribeInstances", "ExpiredToken", times=3, when=lambda q: "InstanceId.1" in q)
-    out = cloud("launch", "--instance", "g4dn.xlarge", "--name", "late")
+    out = faulty_moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "late")
     assert_user_error(out, "session credentials have expired (ExpiredToken)", "aws sso login")
     assert FAULTS.hits["DescribeInstances"] == 1  # asked once, not polled
 
 
-def test_request_expired_names_the_clock(cloud):
+def test_request_expired_names_the_clock(faulty_moto_cli):
     FAULTS.fail("DescribeInstances", "RequestExpired", times=3)
-    assert_user_error(cloud("status"), "clock may be off", "date -u")
+    assert_user_error(faulty_moto_cli("status"), "clock may be off", "date -u")
     assert FAULTS.hits["DescribeInstances"] == 1
 
 
@@ -223,17 +226,18 @@ def test_a_region_botocores_list_does_not_know_yet_is_not_refused(tmp_path, monk
     assert Aws(region="xx-future-1").region == "xx-future-1"
 
 
-def test_a_region_that_does_not_answer_is_one_line_at_once(cloud):
+def test_a_region_that_does_not_answer_is_one_line_at_once(faulty_moto_cli):
     # a mistyped region's endpoint does not resolve; here the endpoint is a closed loopback port, the same
     # EndpointConnectionError. Nothing has answered yet, so it is no blip to poll
-    out = cloud("status", "--region", "us-esat-1", extra_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-                                                              "AWS_MAX_ATTEMPTS": "1"})
+    out = faulty_moto_cli("status", "--region", "us-esat-1", extra_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                                                                        "AWS_MAX_ATTEMPTS": "1"})
     assert_user_error(out, "cannot reach AWS", "check --region ('us-esat-1'")
 
 
-def test_a_region_not_enabled_for_the_account_says_so(cloud):
+def test_a_region_not_enabled_for_the_account_says_so(faulty_moto_cli):
     FAULTS.fail("DescribeInstances", "OptInRequired", times=3, status=401)
-    assert_user_error(cloud("status", "--region", "me-south-1"), "region me-south-1 is not enabled", "--region")
+    assert_user_error(faulty_moto_cli("status", "--region", "me-south-1"), "region me-south-1 is not enabled",
+                      "--region")
     assert FAULTS.hits["DescribeInstances"] == 1
 
 
@@ -254,12 +258,12 @@ def test_one_process_resolves_its_credentials_once(tmp_path, monkeypatch):
     assert count.read_text().count("x") == 1
 
 
-def test_an_assumed_roles_credentials_are_kept_in_the_aws_clis_cache(cloud, tmp_path):
+def test_an_assumed_roles_credentials_are_kept_in_the_aws_clis_cache(faulty_moto_cli, tmp_path):
     env = no_keys(tmp_path, "[profile base]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
                             "[profile role]\nrole_arn = arn:aws:iam::123456789012:role/trainer\n"
                             "source_profile = base\nregion = us-east-1\n")
     for _ in range(2):
-        out = cloud("status", "--profile", "role", extra_env=env)
+        out = faulty_moto_cli("status", "--profile", "role", extra_env=env)
         assert out.returncode == 0, out.stderr
     assert list((tmp_path / "home" / ".aws" / "cli" / "cache").glob("*.json"))  # where the AWS CLI looks
     assert len(FAULTS.sent["AssumeRole"]) == 1  # the second command took them from there: no second MFA code

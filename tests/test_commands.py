@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from fixtures import REPO
 
 HEAVY = ("boto3", "botocore", "fabric", "paramiko", "torch")
 

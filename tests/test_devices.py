@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from fixtures.devices import NoFloat64
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from runspec.config import TrainConfig
@@ -27,17 +28,6 @@ def epochs(run_dir):
 
 
 # ---------------------------------------------------------------------------------- MPS: no float64
-class NoFloat64(TorchDispatchMode):
-    """MPS has no float64: fail on any op that makes one, as an MPS run would at that op."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                raise AssertionError(f"{func} made a float64 tensor; MPS has no float64")
-        return out
-
-
 def float64_tensors(obj, path="") -> list[str]:
     if isinstance(obj, torch.Tensor):
         return [path] if obj.dtype == torch.float64 else []
@@ -504,7 +494,7 @@ def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from fixtures import REPO
 
     proc = subprocess.run([sys.executable, "scripts/gpu_bench.py", "--device", "cpu", "--quick", "--seeds", "1",
                            "--variants", "fp32,graph", "--data-dir", str(mnist_dir), "--out", str(tmp_path)],
@@ -578,7 +568,7 @@ def test_every_cuda_default_is_a_variant_the_bench_measures():
     """The rule's table names variants as scripts/gpu_bench.py does, and each one's flags are that name's."""
     import importlib.util
 
-    from conftest import REPO
+    from fixtures import REPO
     from trainer.device import CUDA_VARIANTS
 
     spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "scripts" / "gpu_bench.py")
@@ -596,7 +586,7 @@ def test_measured_epoch_times_name_variants_the_bench_knows_and_include_each_gpu
     scripts/gpu_bench.py does, says where it was measured, and its GPU's CUDA default is among them."""
     import importlib.util
 
-    from conftest import REPO
+    from fixtures import REPO
     from infra.measured import MEASURED, epoch_times
     from trainer.device import cuda_default
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud import aws_env, moto_server, seed_dlami
-from conftest import REPO, epochs_without_timing, run_cli
-from sshhost import tools_available
+from fixtures import REPO
+from fixtures.aws import aws_env, moto_server, seed_dlami
+from fixtures.cli import run_cli
+from fixtures.runs import epochs_without_timing
+from fixtures.sshhost import tools_available
 from trainer.checkpoint import load_checkpoint
 
 TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "8192", "--eval-limit", "2000", "--batch-size", "128", "--no-progress",
@@ -108,7 +110,7 @@ def cluster(tmp_path_factory):
     reason = tools_available()
     if reason:
         pytest.skip(reason)
-    from sshhost import USER, Bridge, SSHTestHost, ensure_user
+    from fixtures.sshhost import USER, Bridge, SSHTestHost, ensure_user
 
     work = tmp_path_factory.mktemp("cluster")
     ensure_user(USER)  # kept: another test session may be using it

@@ -7,7 +7,7 @@ import stat
 import pytest
 from botocore.exceptions import ClientError
 
-from cloud import DLAMI_ID, REGION, aws_env, seed_dlami
+from fixtures.aws import DLAMI_ID, REGION, aws_env, seed_dlami
 from infra import ec2 as P
 from infra import hosts
 from infra.aws import Aws, CloudError, explain
@@ -286,7 +286,7 @@ def test_throttling_backs_off_longer_each_time_then_says_so_in_one_line(aws, mon
 
     import botocore.endpoint
     from botocore.retries import standard
-    from cloud import Faults
+    from fixtures.aws import Faults
 
     from infra.aws import MAX_ATTEMPTS
 

@@ -1,6 +1,6 @@
 """`mnist-cloud jupyter` installs JupyterLab the way setup_ec2.sh installs the tool's requirements.
 
-The machine is the real SSH test host (tests/sshhost.py). In its own mount namespace, /opt/pytorch is a
+The machine is the real SSH test host (tests/fixtures/sshhost.py). In its own mount namespace, /opt/pytorch is a
 read-only stand-in for a Deep Learning AMI's root-owned PyTorch env: it sees this test's torch, but not
 its JupyterLab. There is no passwordless sudo. pip installs offline, from a local one-module jupyterlab
 wheel, as tests/test_setup_script.py installs its tinypkg.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from sshhost import USER
-from test_setup_script import tiny_wheel
+from fixtures import REPO
+from fixtures.install import tiny_wheel
+from fixtures.sshhost import USER
 
 NAME = "nbsetup"
 DLAMI_ENV = "/opt/pytorch"  # setup_ec2.sh's default: found there without MNIST_CLOUD_PYTHON
@@ -45,13 +45,13 @@ def dlami_stand_in(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def root_owned_dlami(host, tmp_path):
+def root_owned_dlami(ssh_host, tmp_path):
     """/opt/pytorch on the machine, read-only (root cannot write to it either), no `sudo -n`, and pip
     pointed at the local wheel (the login's pip.conf on that machine). Undone afterwards."""
     env_dir = dlami_stand_in(tmp_path)
     wheels = tmp_path / "wheels"
     tiny_wheel(wheels, "jupyterlab", "0.0.1")  # jupyterlab as pip sees it, offline
-    pip_conf = host.home / ".config" / "pip" / "pip.conf"
+    pip_conf = ssh_host.home / ".config" / "pip" / "pip.conf"
     pip_conf.parent.mkdir(parents=True, exist_ok=True)
     pip_conf.write_text(f"[global]\nno-index = true\nfind-links = {wheels}\ndisable-pip-version-check = true\n")
     refuse = tmp_path / "sudo"
@@ -61,18 +61,18 @@ def root_owned_dlami(host, tmp_path):
     mounts = ["mount -t tmpfs mnist-cloud-test /opt", f"mkdir {DLAMI_ENV}",
               f"mount --bind {env_dir} {DLAMI_ENV}", f"mount -o remount,ro,bind {DLAMI_ENV}",
               *(f"mount --bind {refuse} {s}" for s in sudos)]
-    done = host.exec(" && ".join(mounts))
+    done = ssh_host.exec(" && ".join(mounts))
     assert done.returncode == 0, done.stderr
     try:
         yield env_dir
     finally:
-        host.exec("; ".join([*(f"umount {s}" for s in sudos), f"umount {DLAMI_ENV}", "umount /opt"]))
-        shutil.rmtree(host.home / ".config" / "pip", ignore_errors=True)
-        shutil.rmtree(host.home / ".mnist-cloud", ignore_errors=True)
+        ssh_host.exec("; ".join([*(f"umount {s}" for s in sudos), f"umount {DLAMI_ENV}", "umount /opt"]))
+        shutil.rmtree(ssh_host.home / ".config" / "pip", ignore_errors=True)
+        shutil.rmtree(ssh_host.home / ".mnist-cloud", ignore_errors=True)
 
 
 @pytest.fixture
-def target(host, tmp_path):
+def target(ssh_host, tmp_path):
     """This machine as `mnist-cloud` reaches it (key login over SSH), with setup_ec2.sh and the tool's
     requirements in its work dir, as a sync leaves them."""
     from infra.remote import Endpoint, Remote
@@ -81,21 +81,21 @@ def target(host, tmp_path):
 
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host.authorize(key.with_suffix(".pub").read_text())
-    workdir = host.home / "mnist-cloud" / NAME
+    ssh_host.authorize(key.with_suffix(".pub").read_text())
+    workdir = ssh_host.home / "mnist-cloud" / NAME
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "infra" / "agent" / "setup_ec2.sh", workdir / "setup_ec2.sh")
     shutil.copy(REPO / "infra" / "agent" / "requirements.txt", workdir / "requirements.txt")
-    remote = Remote(Endpoint(name=NAME, host=host.addr, user=USER, key_path=str(key)))
+    remote = Remote(Endpoint(name=NAME, host=ssh_host.addr, user=USER, key_path=str(key)))
     try:
-        yield SSHTarget(Host(name=NAME, kind="ssh", host=host.addr, user=USER, key_path=str(key)), remote)
+        yield SSHTarget(Host(name=NAME, kind="ssh", host=ssh_host.addr, user=USER, key_path=str(key)), remote)
     finally:
         remote.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_jupyterlab_goes_into_a_layered_venv_when_the_dlami_env_is_read_only(host, root_owned_dlami, target):
+def test_jupyterlab_goes_into_a_layered_venv_when_the_dlami_env_is_read_only(ssh_host, root_owned_dlami, target):
     from infra.jupyter import ensure_jupyterlab
 
     said: list[str] = []
@@ -109,7 +109,7 @@ def test_jupyterlab_goes_into_a_layered_venv_when_the_dlami_env_is_read_only(hos
     venv_python = os.path.join(pwd.getpwnam(USER).pw_dir, ".mnist-cloud", "venv", "bin", "python")
     assert chosen == venv_python, "\n".join(said)  # what JupyterLab is then started with
     assert any("is not writable" in line and "installing into" in line for line in said), "\n".join(said)
-    assert (host.home / "mnist-cloud" / NAME / ".mnist-cloud-python").read_text().strip() == venv_python
+    assert (ssh_host.home / "mnist-cloud" / NAME / ".mnist-cloud-python").read_text().strip() == venv_python
     both = target.remote.run(f"{shlex.quote(chosen)} -c 'import jupyterlab, torch; print(jupyterlab.__version__)'")
     assert both.stdout.strip() == "0.0.1"  # the new package, and the env's torch underneath
     assert not list(root_owned_dlami.rglob("jupyterlab*"))  # the DLAMI env itself is untouched

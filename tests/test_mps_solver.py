@@ -4,7 +4,7 @@ way, and the augmentation going through the fallback when the solver refuses the
 
 import pytest
 import torch
-from test_devices import NoFloat64
+from fixtures.devices import NoFloat64
 
 from trainer import augment as aug
 from trainer.augment import AugmentConfig, augment, perspective_matrices

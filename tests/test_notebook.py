@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
+from fixtures import REPO
 
 NOTEBOOK = REPO / "notebooks" / "train_on_instance.ipynb"
 

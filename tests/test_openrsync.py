@@ -1,7 +1,7 @@
 """macOS 15.4+ installs openrsync as /usr/bin/rsync: it has no --itemize-changes, which sync reads to list
 what it moved. Sync and pull then go over SFTP, or through a real rsync found beside it (Homebrew's), and
 the sync line says which and why. A stand-in `rsync` first on PATH behaves like openrsync; the machine is
-the real SSH test host (tests/sshhost.py)."""
+the real SSH test host (tests/fixtures/sshhost.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from fixtures.cli import run_cli
 from infra import transfer as remote_module
 from infra.remote import Endpoint, Remote
 from infra.transfer import RsyncChoice, is_openrsync, local_rsync
@@ -100,15 +100,15 @@ def test_a_real_rsync_later_on_path_or_from_homebrew_is_used(tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------- over SSH
 @pytest.fixture(scope="module")
-def key(host, tmp_path_factory) -> Path:
+def key(ssh_host, tmp_path_factory) -> Path:
     key = tmp_path_factory.mktemp("key") / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host.authorize(key.with_suffix(".pub").read_text())
+    ssh_host.authorize(key.with_suffix(".pub").read_text())
     return key
 
 
 @pytest.fixture
-def project(tmp_path) -> Path:
+def small_project(tmp_path) -> Path:
     """A small project (not a checkout: the installed trainer travels with it), with a secret lying in it."""
     root = tmp_path / "project"
     (root / "src").mkdir(parents=True)
@@ -118,25 +118,26 @@ def project(tmp_path) -> Path:
     return root
 
 
-def test_sync_with_openrsync_goes_over_sftp_and_the_sync_line_says_so(host, key, project, tmp_path, mnist_cloud):
+def test_sync_with_openrsync_goes_over_sftp_and_the_sync_line_says_so(ssh_host, key, small_project, tmp_path,
+                                                                      mnist_cloud):
     fake, calls = fake_rsync(tmp_path / "bin", OPENRSYNC)
     # nothing but the stand-in on PATH: no real rsync beside it (the console script's python is absolute)
     env = {"PATH": str(fake.parent)}
-    attached = run_cli([*mnist_cloud, "attach", "--host", f"ubuntu@{host.addr}", "--key", str(key),
+    attached = run_cli([*mnist_cloud, "attach", "--host", f"ubuntu@{ssh_host.addr}", "--key", str(key),
                         "--name", "mac"], env_extra=env)
     assert attached.returncode == 0, attached.stdout + attached.stderr
-    out = run_cli([*mnist_cloud, "sync", "mac", "--code", str(project)], env_extra=env, timeout=120)
+    out = run_cli([*mnist_cloud, "sync", "mac", "--code", str(small_project)], env_extra=env, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("synced "))
     assert re.fullmatch(rf"synced \d+ file\(s\), [\d,]+ bytes \(sftp: openrsync at {re.escape(str(fake))} lacks "
                         r"--itemize-changes\) to mac:~/mnist-cloud/mac", line), line
-    workdir = host.home / "mnist-cloud" / "mac"
+    workdir = ssh_host.home / "mnist-cloud" / "mac"
     assert (workdir / "src" / "net.py").read_text() == "import torch\n"
     assert (workdir / "trainer" / "__main__.py").is_file()  # the installed trainer went with it
     assert not (workdir / ".env").exists()
     assert calls.read_text().splitlines() == ["--version"]  # asked who it is, and never to transfer
 
-    again = run_cli([*mnist_cloud, "sync", "mac", "--code", str(project)], env_extra=env, timeout=120)
+    again = run_cli([*mnist_cloud, "sync", "mac", "--code", str(small_project)], env_extra=env, timeout=120)
     assert again.returncode == 0 and "synced 0 file(s)" in again.stdout, again.stdout + again.stderr
 
 
@@ -149,18 +150,18 @@ def remote_for(host, key: Path, name: str) -> Remote:
     (1, "syntax or usage error", "--itemize-changes: unknown option"),
     (2, "protocol incompatibility", "protocol version mismatch -- is your shell clean?"),
 ])
-def test_an_rsync_that_cannot_do_the_first_call_means_sftp(host, key, project, tmp_path, monkeypatch,
+def test_an_rsync_that_cannot_do_the_first_call_means_sftp(ssh_host, key, small_project, tmp_path, monkeypatch,
                                                            code, meaning, message):
     fake, calls = fake_rsync(tmp_path / "bin", REFUSING, code=code, meaning=meaning, message=message)
     monkeypatch.setenv("PATH", str(fake.parent))
     monkeypatch.setattr(remote_module, "HOMEBREW_RSYNC", ())
     said = []
-    with remote_for(host, key, f"refused{code}") as remote:
-        synced = remote.sync(project, log=said.append)
+    with remote_for(ssh_host, key, f"refused{code}") as remote:
+        synced = remote.sync(small_project, log=said.append)
         why = f"{fake} failed with exit {code} ({meaning})"
         assert synced.method == f"sftp: {why}" and synced.files == 2  # pyproject.toml, src/net.py
         assert said == [f"{why}; using SFTP"]
-        workdir = host.home / "mnist-cloud" / f"refused{code}"
+        workdir = ssh_host.home / "mnist-cloud" / f"refused{code}"
         assert (workdir / "src" / "net.py").is_file() and not (workdir / ".env").exists()
         (workdir / "runs" / "r1").mkdir(parents=True)
         (workdir / "runs" / "r1" / "metrics.jsonl").write_text('{"epoch": 1}\n')
@@ -173,13 +174,13 @@ def test_an_rsync_that_cannot_do_the_first_call_means_sftp(host, key, project, t
     assert len(calls.read_text().splitlines()) == 2  # --version, and the one call it could not do
 
 
-def test_homebrew_rsync_beside_openrsync_syncs_over_rsync(host, key, project, tmp_path, monkeypatch):
+def test_homebrew_rsync_beside_openrsync_syncs_over_rsync(ssh_host, key, small_project, tmp_path, monkeypatch):
     fake, calls = fake_rsync(tmp_path / "bin", OPENRSYNC)
     monkeypatch.setenv("PATH", os.pathsep.join([str(fake.parent), str(Path(REAL_RSYNC).parent)]))
     monkeypatch.setattr(remote_module, "HOMEBREW_RSYNC", ())
-    with remote_for(host, key, "brew") as remote:
-        synced = remote.sync(project, log=lambda m: None)
+    with remote_for(ssh_host, key, "brew") as remote:
+        synced = remote.sync(small_project, log=lambda m: None)
     assert synced.method == f"rsync: {REAL_RSYNC}, as openrsync at {fake} lacks --itemize-changes"
     assert sorted(synced.changed) == ["pyproject.toml", "src/net.py"]
-    assert (host.home / "mnist-cloud" / "brew" / "src" / "net.py").is_file()
+    assert (ssh_host.home / "mnist-cloud" / "brew" / "src" / "net.py").is_file()
     assert calls.read_text().splitlines() == ["--version"]

@@ -7,53 +7,24 @@ from __future__ import annotations
 import base64
 import gzip
 import os
-import shutil
 import subprocess
 import sys
-import zipfile
-from pathlib import Path
 
-import pytest
-from cloud import aws_env, moto_server, seed_dlami
-from conftest import REPO
-
-AGENTS = ["infra/agent/autostop.py", "infra/agent/spot_watch.py", "infra/agent/resume_agent.py",
-          "infra/agent/mnist-cloud-autostop.service", "infra/agent/mnist-cloud-autostop.timer",
-          "infra/agent/mnist-cloud-resume.service", "infra/agent/install-autostop.sh", "infra/agent/install-resume.sh",
-          "infra/agent/setup_ec2.sh", "infra/agent/requirements.txt"]
+from fixtures.aws import aws_env, moto_server, seed_dlami
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """`pip install --no-deps` of a wheel built from this checkout into a directory of its own."""
-    out = tmp_path_factory.mktemp("wheel")
-    source = out / "mnist-cloud"  # a copy: building writes build/ and *.egg-info into the tree
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "build", "dist",
-                                                                "__pycache__", "*.egg-info", ".pytest_cache"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(out / "dist"), str(source)], capture_output=True, text=True, cwd=out, check=False)
-    assert built.returncode == 0, built.stderr[-3000:]
-    wheel = next((out / "dist").glob("mnist_cloud-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert set(AGENTS) <= names, sorted(set(AGENTS) - names)
-    target = out / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                           str(wheel)], capture_output=True, text=True, cwd=out, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return target
-
-
-def test_a_wheel_install_launches_with_autostop_on(installed, tmp_path):
+def test_a_wheel_install_launches_with_autostop_on(installed_wheel, tmp_path):
     """Before the agents were package data (they were scripts/*.py), this launch failed: no wheel had them."""
     with moto_server() as endpoint:
         seed_dlami()
-        env = {**os.environ, **aws_env(tmp_path, AWS_ENDPOINT_URL=endpoint), "PYTHONPATH": str(installed)}
+        env = {**os.environ, **aws_env(tmp_path, AWS_ENDPOINT_URL=endpoint), "PYTHONPATH": str(installed_wheel)}
         proc = subprocess.run([sys.executable, "-m", "infra.commands", "launch", "--instance", "g4dn.xlarge", "--name",
                                "wheel", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh", "--spot"],
                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
         where = subprocess.run([sys.executable, "-c", "import infra; print(infra.__file__)"], capture_output=True,
                                text=True, cwd=tmp_path, env=env, check=False)
-        assert where.stdout.strip().startswith(str(installed)), where.stdout  # the wheel's code, not the checkout's
+        # the wheel's code, not the checkout's
+        assert where.stdout.strip().startswith(str(installed_wheel)), where.stdout
         assert proc.returncode == 0, proc.stderr
         import boto3
 
@@ -67,5 +38,6 @@ def test_a_wheel_install_launches_with_autostop_on(installed, tmp_path):
               for block in script.split("<<'MNIST_CLOUD_SCRIPT'")[1:]
               for block in [block.split("MNIST_CLOUD_SCRIPT")[0]]]
     agents = {gzip.decompress(p).decode() for p in packed}
-    assert agents == {(installed / "infra" / "agent" / name).read_text() for name in ("autostop.py", "resume_agent.py")}
+    assert agents == {(installed_wheel / "infra" / "agent" / name).read_text()
+                      for name in ("autostop.py", "resume_agent.py")}
     assert "mnist-cloud-autostop.timer" in script and "OnUnitActiveSec=1min" in script

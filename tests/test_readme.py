@@ -4,7 +4,7 @@ the manual in docs/ keep no placeholder where a figure belongs, and no link that
 import re
 from pathlib import Path
 
-from conftest import REPO
+from fixtures import REPO
 
 
 def quick_start_commands() -> list[str]:

@@ -3,8 +3,6 @@ that nothing is lost."""
 
 from __future__ import annotations
 
-import http.server
-import importlib.util
 import json
 import os
 import re
@@ -12,24 +10,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cloud import launch_fresh
-from conftest import REPO, assert_user_error, epochs_written, wait_for
+from fixtures import REPO
+from fixtures.aws import launch_fresh
+from fixtures.cli import assert_user_error, wait_for
+from fixtures.instance import FakeImds, load_agent
+from fixtures.runs import epochs_written
 
 # ~5 s epochs on 2 CPU cores: long enough to interrupt in the middle
 LONG = ["--device", "cpu", "--epochs", "3", "--train-limit", "6144", "--eval-limit", "500", "--no-report"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "infra" / "agent" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------- the watchdog's policy
@@ -56,7 +49,7 @@ NOW = 100_000.0
     ("after_train, run still going", {"idle_minutes": 0, "after_train": True}, {"seen_trainer": True}, True, 0, None),
 ])
 def test_watchdog_decision(case, config, state, trainer, ptys, expected):
-    autostop = load_script("autostop")
+    autostop = load_agent("autostop")
     action, new_state, reason = autostop.decide(NOW, config, state, trainer, ptys)
     assert action == expected, (case, reason)
     if trainer or ptys:
@@ -87,7 +80,7 @@ def test_watchdog_decision(case, config, state, trainer, ptys, expected):
      "shutdown", "EC2 will stop it"),
 ])
 def test_watchdog_decision_sessions_and_unpulled_runs(case, config, state, notty, unpulled, expected, says):
-    autostop = load_script("autostop")
+    autostop = load_agent("autostop")
     action, new_state, reason = autostop.decide(NOW, config, state, False, 0, notty_sessions=notty,
                                                 unpulled=unpulled)
     assert action == expected and says in reason, (case, reason)
@@ -100,7 +93,7 @@ def test_watchdog_decision_sessions_and_unpulled_runs(case, config, state, notty
     {"boot": "before-stop", "last_active": NOW - 5 * 60, "seen_trainer": True},  # a run of the last boot
 ])
 def test_watchdog_forgets_the_state_of_an_earlier_boot(old_state):
-    autostop = load_script("autostop")
+    autostop = load_agent("autostop")
     config = {"idle_minutes": 30, "after_train": True}
     action, state, reason = autostop.decide(NOW, config, old_state, False, 0, boot="after-start")
     assert action is None, reason
@@ -119,8 +112,8 @@ def test_watchdog_under_cron_reads_the_real_root(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def launched(cli, moto):
-    launch_fresh(cli, moto, "rel")
+def launched(cli, ssh_host_moto):
+    launch_fresh(cli, ssh_host_moto, "rel")
     return "rel"
 
 
@@ -129,7 +122,7 @@ def remote_dir(host, name="rel") -> Path:
 
 
 # ---------------------------------------------------------------------------------- the watchdog, for real
-def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir, env):
+def test_watchdog_fires_only_when_idle(cli, launched, ssh_host, tmp_path, mnist_dir, laptop_env):
     """The real script on the test host, a fake `shutdown` on PATH: it fires after the idle time, and
     never while a run or an interactive (pty) session is alive. The test host has its own PID
     namespace and terminals, so nothing else on this machine counts; idle time is made by backdating
@@ -152,9 +145,9 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         state_file.write_text(json.dumps({**state, "last_active": time.time() - minutes * 60}))
 
     def ptys() -> list[str]:
-        return [p for p in host.exec("ls /dev/pts").stdout.split() if p.isdigit()]
+        return [p for p in ssh_host.exec("ls /dev/pts").stdout.split() if p.isdigit()]
 
-    os.environ["MNIST_CLOUD_HOME"] = env["MNIST_CLOUD_HOME"]
+    os.environ["MNIST_CLOUD_HOME"] = laptop_env["MNIST_CLOUD_HOME"]
     h = State().get(launched)
     ep = Endpoint(name=launched, host=h.host, user=h.user, key_path=h.key_path, alias=h.instance_id)
     with Remote(ep) as remote:
@@ -181,7 +174,7 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
         wait_for(lambda: "a trainer is running" in tick(), timeout=60, step=0.5)
         backdate(60)
         assert "a trainer is running" in tick() and not fired.exists()
-        wait_for(lambda: (remote_dir(host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
+        wait_for(lambda: (remote_dir(ssh_host) / "jobs" / "busy.exit").exists(), timeout=300, step=1)
         assert not fired.exists()
 
         # an interactive session (a pty) keeps it up while used; a tunnel-like session without one does not count
@@ -196,7 +189,7 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
             assert "interactive session" in tick() and not fired.exists()
             # still open, but no input for longer than the idle time (its atime, as `w` reads it): idle
             for name in ptys():
-                assert host.exec(f"touch -a -d @{int(time.time()) - 31 * 60} /dev/pts/{name}").returncode == 0
+                assert ssh_host.exec(f"touch -a -d @{int(time.time()) - 31 * 60} /dev/pts/{name}").returncode == 0
             backdate(31)
             said = tick()
             assert "-> shutdown" in said and fired.exists(), said
@@ -210,14 +203,14 @@ def test_watchdog_fires_only_when_idle(cli, launched, host, tmp_path, mnist_dir,
 
 
 @pytest.mark.slow
-def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, host):
+def test_autostop_command_changes_it_and_status_shows_it(cli, launched, ssh_host_moto, ssh_host):
     import boto3
 
     for line in cli("runs", launched).stdout.splitlines()[1:]:  # earlier tests' runs: all pulled
         assert cli("pull", launched, line.split()[0]).returncode == 0
     out = cli("autostop", launched, "-i", "10", "--down")
     assert out.returncode == 0, out.stderr
-    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+    ec2 = boto3.client("ec2", endpoint_url=ssh_host_moto, region_name="us-east-1", aws_access_key_id="t",
                        aws_secret_access_key="t")
     iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
                if any(t["Value"] == launched for t in i.get("Tags", [])) and i["State"]["Name"] == "running")
@@ -225,7 +218,7 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, ho
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
     # what the watchdog on the machine will read (sshd gives sessions MNIST_CLOUD_ROOT=<host dir>/root)
-    installed = host.dir / "root" / "etc" / "mnist-cloud" / "autostop.json"
+    installed = ssh_host.dir / "root" / "etc" / "mnist-cloud" / "autostop.json"
 
     def on_machine() -> dict:
         return json.loads(installed.read_text())
@@ -233,7 +226,7 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, ho
     assert {k: on_machine()[k] for k in ("enabled", "idle_minutes", "action")} == {
         "enabled": True, "idle_minutes": 10, "action": "terminate"}
     # with a run not pulled yet, EC2 must stop it instead (the instance cannot change this itself)
-    run_dir = remote_dir(host) / "runs" / "unpulled-one"
+    run_dir = remote_dir(ssh_host) / "runs" / "unpulled-one"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text("{}")
     try:
@@ -250,12 +243,12 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, moto, ho
     assert_user_error(cli("autostop", launched), "-i MIN")
 
 
-def test_launch_installs_the_watchdog_by_user_data(cli, launched, moto):
+def test_launch_installs_the_watchdog_by_user_data(cli, launched, ssh_host_moto):
     import base64
 
     import boto3
 
-    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+    ec2 = boto3.client("ec2", endpoint_url=ssh_host_moto, region_name="us-east-1", aws_access_key_id="t",
                        aws_secret_access_key="t")
     iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
                if any(t["Value"] == launched for t in i.get("Tags", [])))
@@ -266,34 +259,35 @@ def test_launch_installs_the_watchdog_by_user_data(cli, launched, moto):
 
 # ---------------------------------------------------------------------------------- fault injection
 @pytest.mark.slow
-def test_1_ssh_connection_killed_mid_training(cli, launched, host, mnist_cloud, code, env, mnist_dir):
+def test_1_ssh_connection_killed_mid_training(cli, launched, ssh_host, mnist_cloud, project_checkout, laptop_env,
+                                              mnist_dir):
     proc = subprocess.Popen([*mnist_cloud, "train", "--on", launched, *LONG, "--data-dir", str(mnist_dir),
-                             "--run-id", "cut"], cwd=code, env={**os.environ, **env},
+                             "--run-id", "cut"], cwd=project_checkout, env={**os.environ, **laptop_env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = remote_dir(host) / "runs" / "cut"
+    run_dir = remote_dir(ssh_host) / "runs" / "cut"
     wait_for(lambda: epochs_written(run_dir) == [1])
-    host.kill_connections()
+    ssh_host.kill_connections()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "keeps training on rel" in err + out, (out, err)
     follow = cli("logs", launched, "cut", "-f")  # reattach: streams to the end
     assert follow.returncode == 0 and "Epoch: 3 |" in follow.stdout and "finished with exit 0" in follow.stdout
     pulled = cli("pull", launched, "cut")
     assert pulled.returncode == 0
-    assert epochs_written(code / "runs" / "cut") == [1, 2, 3]
+    assert epochs_written(project_checkout / "runs" / "cut") == [1, 2, 3]
 
 
 @pytest.mark.slow
-def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched, host, code, mnist_dir):
+def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched, ssh_host, project_checkout, mnist_dir):
     start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "killed", "--detach")
     assert start.returncode == 0, start.stderr
-    run_dir = remote_dir(host) / "runs" / "killed"
+    run_dir = remote_dir(ssh_host) / "runs" / "killed"
     wait_for(lambda: epochs_written(run_dir) == [1])  # epoch 2 under way (how far depends on the CPU)
     # the trainer itself, not its wrapper shell (which must live on to record the exit code); looked
     # up on the machine, so a run of the same name elsewhere on this computer is never touched
-    killed = host.exec(r"pkill -KILL -e -f '^\S*python\S* -m trainer train .*--run-id killed'")
+    killed = ssh_host.exec(r"pkill -KILL -e -f '^\S*python\S* -m trainer train .*--run-id killed'")
     assert killed.returncode == 0 and "killed" in killed.stdout, "trainer process not found"
-    wait_for(lambda: (remote_dir(host) / "jobs" / "killed.exit").exists(), timeout=30)
-    assert (remote_dir(host) / "jobs" / "killed.exit").read_text().strip() == "137"
+    wait_for(lambda: (remote_dir(ssh_host) / "jobs" / "killed.exit").exists(), timeout=30)
+    assert (remote_dir(ssh_host) / "jobs" / "killed.exit").read_text().strip() == "137"
     done = max(epochs_written(run_dir))  # the last epoch whose row was written before the kill
     assert done < 3, "the run finished before the kill; the test needs a longer run"
     resumed = cli("train", "--on", launched, "--resume", "killed")
@@ -301,67 +295,27 @@ def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched,
     at = re.search(r"resuming \S*killed from \S+ at the end of epoch (\d+)", resumed.stdout)
     # the row is written just before the checkpoint: a kill between the two redoes that one epoch
     assert at and int(at[1]) in (done - 1, done) and int(at[1]) >= 1, resumed.stdout
-    assert epochs_written(code / "runs" / "killed") == [1, 2, 3]  # every epoch exactly once
-
-
-class FakeImds:
-    """The instance metadata service, IMDSv2 only, on the host side of the test host's veth pair."""
-
-    def __init__(self, address: str):
-        self.notice = None
-        self.token = "imds-token-" + os.urandom(4).hex()
-        self.unauthorized = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_PUT(self):
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    self._reply(200, outer.token)
-                else:
-                    self._reply(400, "")
-
-            def do_GET(self):
-                if self.headers.get("X-aws-ec2-metadata-token") != outer.token:
-                    outer.unauthorized += 1
-                    return self._reply(401, "")
-                if self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
-                    return self._reply(200, json.dumps(outer.notice))
-                self._reply(404, "")
-
-            def _reply(self, code, body):
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://{address}:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    assert epochs_written(project_checkout / "runs" / "killed") == [1, 2, 3]  # every epoch exactly once
 
 
 @pytest.mark.slow
-def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, code, mnist_dir, mnist_cloud, env):
-    imds = FakeImds(f"{host.subnet}.1")
+def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, ssh_host, project_checkout, mnist_dir,
+                                                        mnist_cloud, laptop_env):
+    imds = FakeImds(f"{ssh_host.subnet}.1")
     try:
         out = cli("launch", "--instance", "g4dn.xlarge", "--name", "spot", "--spot", "--ssh-cidr", "192.0.2.10/32")
         assert out.returncode == 0 and ", spot)" in out.stdout, out.stdout + out.stderr
         # poll every 0.5 s (default 5 s), so the notice lands long before epochs 2-3 end on any machine
-        run_env = {**os.environ, **env, "MNIST_CLOUD_IMDS_URL": imds.url, "MNIST_CLOUD_SPOT_POLL": "0.5"}
+        run_env = {**os.environ, **laptop_env, "MNIST_CLOUD_IMDS_URL": imds.url, "MNIST_CLOUD_SPOT_POLL": "0.5"}
         proc = subprocess.Popen([*mnist_cloud, "train", "--on", "spot", *LONG, "--train-limit", "12288",
                                  "--data-dir", str(mnist_dir),
-                                 "--run-id", "preempted"], cwd=code, env=run_env, stdout=subprocess.PIPE,
+                                 "--run-id", "preempted"], cwd=project_checkout, env=run_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        run_dir = remote_dir(host, "spot") / "runs" / "preempted"
+        run_dir = remote_dir(ssh_host, "spot") / "runs" / "preempted"
         wait_for(lambda: epochs_written(run_dir) == [1])
         noticed = time.monotonic()
         imds.notice = {"action": "terminate", "time": "2026-11-22T12:00:00Z"}
-        watch_log = remote_dir(host, "spot") / "jobs" / "preempted.spot-watch.log"
+        watch_log = remote_dir(ssh_host, "spot") / "jobs" / "preempted.spot-watch.log"
         try:
             wait_for(lambda: json.loads((run_dir / "config.json").read_text())["status"] == "interrupted", timeout=30)
         except AssertionError:
@@ -371,12 +325,12 @@ def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, cod
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 128 + signal.SIGTERM, (out, err)
         assert "--resume preempted" in out
-        local = code / "runs" / "preempted"
+        local = project_checkout / "runs" / "preempted"
         assert (local / "last.pt").exists() and json.loads((local / "config.json").read_text())["status"] == "interrupted"
         assert imds.unauthorized == 0  # every GET carried the IMDSv2 token
 
         imds.notice = None
-        resumed = subprocess.run([*mnist_cloud, "train", "--on", "spot", "--resume", "preempted"], cwd=code,
+        resumed = subprocess.run([*mnist_cloud, "train", "--on", "spot", "--resume", "preempted"], cwd=project_checkout,
                                  env=run_env, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert epochs_written(local) == [1, 2, 3]
@@ -395,33 +349,34 @@ def test_3_spot_notice_checkpoints_and_resume_continues(cli, launched, host, cod
 
 
 @pytest.mark.slow
-def test_resume_on_a_new_instance_pushes_the_local_run(cli, launched, host, code, mnist_dir):
+def test_resume_on_a_new_instance_pushes_the_local_run(cli, launched, ssh_host, project_checkout, mnist_dir):
     """The instance is gone (here: its work dir wiped), the laptop still has the run: it goes up first."""
     start = cli("train", "--on", launched, *LONG, "--epochs", "2", "--data-dir", str(mnist_dir),
                 "--run-id", "moved", "--stop-after", "1")
     assert start.returncode == 0, start.stdout + start.stderr
     import shutil
 
-    shutil.rmtree(remote_dir(host) / "runs" / "moved")
+    shutil.rmtree(remote_dir(ssh_host) / "runs" / "moved")
     resumed = cli("train", "--on", launched, "--resume", "moved")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "pushed the local copy" in resumed.stdout
-    assert epochs_written(code / "runs" / "moved") == [1, 2]
+    assert epochs_written(project_checkout / "runs" / "moved") == [1, 2]
 
 
-def test_4_interrupted_pull_leaves_no_half_file(cli, launched, host, code, mnist_cloud, env):
+def test_4_interrupted_pull_leaves_no_half_file(cli, launched, ssh_host, project_checkout, mnist_cloud, laptop_env):
     """A pull killed mid-file: never a half file under the real name, and the next pull removes the
     temp file the killed one left (the project's own cleanup: rsync does not) and completes."""
-    run_dir = remote_dir(host) / "runs" / "halfpull"  # its own run: no other test has to run first
+    run_dir = remote_dir(ssh_host) / "runs" / "halfpull"  # its own run: no other test has to run first
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text('{"run_id": "halfpull", "status": "completed"}')
     big = run_dir / "big.bin"
     big.write_bytes(os.urandom(6 * 1024 * 1024))
-    local = code / "runs" / "halfpull"
-    host.limit_rate("4mbit")  # 6 MiB take about 12 s: the kill below always lands mid-file
+    local = project_checkout / "runs" / "halfpull"
+    ssh_host.limit_rate("4mbit")  # 6 MiB take about 12 s: the kill below always lands mid-file
     try:
-        proc = subprocess.Popen([*mnist_cloud, "pull", launched, "halfpull"], cwd=code, env={**os.environ, **env},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen([*mnist_cloud, "pull", launched, "halfpull"], cwd=project_checkout,
+                                env={**os.environ, **laptop_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
 
         def temp_files() -> list[Path]:
             return [p for p in local.iterdir() if p.name.startswith(".big.bin.")] if local.is_dir() else []
@@ -433,7 +388,7 @@ def test_4_interrupted_pull_leaves_no_half_file(cli, launched, host, code, mnist
         assert left and left[0].stat().st_size < big.stat().st_size  # killed mid-file: its temp file stays
         assert not (local / "big.bin").exists()  # never a half file under its real name
     finally:
-        host.limit_rate(None)
+        ssh_host.limit_rate(None)
     again = cli("pull", launched, "halfpull")
     assert again.returncode == 0, again.stderr
     try:
@@ -443,15 +398,15 @@ def test_4_interrupted_pull_leaves_no_half_file(cli, launched, host, code, mnist
         shutil.rmtree(run_dir)  # pulled: nothing left unpulled for the module's later tests
 
 
-def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch, moto):
+def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch, ssh_host_moto):
     # against the module's moto server, not mock_aws(): that would reset the backends the server
     # shares, and every later test in the module would find its instance gone
-    from cloud import aws_env
+    from fixtures.aws import aws_env
     from infra import ec2 as P
     from infra.aws import Aws
     from infra.state import State
 
-    for k, v in aws_env(tmp_path, AWS_ENDPOINT_URL=moto).items():
+    for k, v in aws_env(tmp_path, AWS_ENDPOINT_URL=ssh_host_moto).items():
         monkeypatch.setenv(k, v)
     aws = Aws()
 
@@ -476,11 +431,11 @@ def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_p
         "State"]["Name"] == "terminated"
 
 
-def test_down_terminates_and_removes_what_launch_made(cli, launched, moto):
+def test_down_terminates_and_removes_what_launch_made(cli, launched, ssh_host_moto):
     """Its own machine, so it holds whatever order the tests run in; `down` must make it disappear."""
     import boto3
 
-    ec2 = boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
+    ec2 = boto3.client("ec2", endpoint_url=ssh_host_moto, region_name="us-east-1", aws_access_key_id="t",
                        aws_secret_access_key="t")
     out = cli("launch", "--instance", "g4dn.xlarge", "--name", "gone", "--ssh-cidr", "192.0.2.10/32")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -19,16 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from cloud import launch_fresh
-from conftest import LEAK_CANARY, REPO, assert_user_error, first_line_with, output_lines, run_cli, wait_for
-from sshhost import SSHTestHost
+from fixtures import REPO
+from fixtures.aws import launch_fresh
+from fixtures.cli import assert_user_error, first_line_with, output_lines, run_cli, wait_for
+from fixtures.ssh import LEAK_CANARY
+from fixtures.sshhost import SSHTestHost
 
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batch-size", "128"]
 
 
 @pytest.fixture(scope="module")
-def launched(cli, moto):
-    assert "SSH is up" in launch_fresh(cli, moto, "e2e").stdout
+def launched(cli, ssh_host_moto):
+    assert "SSH is up" in launch_fresh(cli, ssh_host_moto, "e2e").stdout
     yield "e2e"
 
 
@@ -38,14 +40,14 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, mnist_dir):
+def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, project_checkout, mnist_dir):
     out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "synced" in out.stdout and "setting up e2e" in out.stdout
     assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance
     assert re.search(r"test accuracy \d+\.\d\d% \(final weights, model.pt\)", out.stdout), out.stdout
-    local = code / "runs" / "remote1"
-    remote = host.home / "mnist-cloud" / "e2e" / "runs" / "remote1"
+    local = project_checkout / "runs" / "remote1"
+    remote = ssh_host.home / "mnist-cloud" / "e2e" / "runs" / "remote1"
     assert (local / "result.json").exists() and (local / "model.pt").exists()
     assert tree_hashes(local) == tree_hashes(remote)  # the pulled run dir is the remote one, byte for byte
     config = json.loads((local / "config.json").read_text())
@@ -61,27 +63,27 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, host, code, 
 
 
 @pytest.mark.slow
-def test_your_own_model_file_travels_with_the_code(cli, launched, host, code, mnist_dir):
+def test_your_own_model_file_travels_with_the_code(cli, launched, ssh_host, project_checkout, mnist_dir):
     """`--model models/mynet.py:Net` (the path as typed on the laptop, absolute here) trains there as it
     would here, and comes back like any other run."""
-    from test_own_model import MYNET, NET_PARAMS
+    from fixtures.project import MYNET, NET_PARAMS
 
-    (code / "models").mkdir(exist_ok=True)
-    (code / "models" / "mynet.py").write_text(MYNET)
-    out = cli("train", "--on", launched, "--model", f"{code / 'models' / 'mynet.py'}:Net", *TINY, "--no-report",
-              "--data-dir", str(mnist_dir), "--run-id", "own-model")
+    (project_checkout / "models").mkdir(exist_ok=True)
+    (project_checkout / "models" / "mynet.py").write_text(MYNET)
+    out = cli("train", "--on", launched, "--model", f"{project_checkout / 'models' / 'mynet.py'}:Net", *TINY,
+              "--no-report", "--data-dir", str(mnist_dir), "--run-id", "own-model")
     assert out.returncode == 0, out.stdout + out.stderr
-    local = code / "runs" / "own-model"
+    local = project_checkout / "runs" / "own-model"
     model = json.loads((local / "config.json").read_text())["model"]
     assert model["name"] == "models/mynet.py:Net" and model["params"] == NET_PARAMS  # named as the machine has it
     assert model["source"]["sha256"] == hashlib.sha256(MYNET.encode()).hexdigest()
-    assert (host.home / "mnist-cloud" / "e2e" / "models" / "mynet.py").read_text() == MYNET
+    assert (ssh_host.home / "mnist-cloud" / "e2e" / "models" / "mynet.py").read_text() == MYNET
     assert (local / "model.pt").exists()
 
 
-def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched, host):
+def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched, ssh_host):
     assert cli("sync", launched).returncode == 0
-    workdir = host.home / "mnist-cloud" / "e2e"
+    workdir = ssh_host.home / "mnist-cloud" / "e2e"
     assert (workdir / "trainer" / "train.py").exists()
     names = {p.name for p in workdir.rglob("*")}
     assert ".env" not in names and "deploy.pem" not in names and ".aws" not in names and "id_ed25519" not in names
@@ -90,10 +92,10 @@ def test_secrets_never_reach_the_instance_and_resync_sends_nothing(cli, launched
     assert again.returncode == 0 and "synced 0 file(s)" in again.stdout
 
 
-def test_sync_keeps_notebooks_made_on_the_machine(cli, launched, host):
+def test_sync_keeps_notebooks_made_on_the_machine(cli, launched, ssh_host):
     """Jupyter runs in the work dir: a notebook written there must survive the next sync, while a
     file deleted here is still deleted there (the mirror stays a mirror for code)."""
-    workdir = host.home / "mnist-cloud" / "e2e"
+    workdir = ssh_host.home / "mnist-cloud" / "e2e"
     assert cli("sync", launched).returncode == 0
     notebook, stale = workdir / "analysis.ipynb", workdir / "trainer" / "stale_module.py"
     notebook.write_text('{"cells": []}')
@@ -106,9 +108,9 @@ def test_sync_keeps_notebooks_made_on_the_machine(cli, launched, host):
         notebook.unlink(missing_ok=True)
 
 
-def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched, host, code):
+def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched, ssh_host, project_checkout):
     assert cli("sync", launched).returncode == 0
-    path = code / "trainer" / "__init__.py"
+    path = project_checkout / "trainer" / "__init__.py"
     before = path.stat()
     text = path.read_text()
     path.write_text(text.replace("0.1.0", "0.9.0"))  # same length
@@ -116,7 +118,7 @@ def test_changed_file_is_synced_even_with_the_same_size_and_mtime(cli, launched,
     try:
         out = cli("sync", launched)
         assert "synced 1 file(s)" in out.stdout
-        assert "0.9.0" in (host.home / "mnist-cloud" / "e2e" / "trainer" / "__init__.py").read_text()
+        assert "0.9.0" in (ssh_host.home / "mnist-cloud" / "e2e" / "trainer" / "__init__.py").read_text()
     finally:
         path.write_text(text)
         cli("sync", launched)
@@ -129,38 +131,39 @@ def test_remote_exit_status_becomes_ours(cli, launched, mnist_dir):
     assert "unknown model 'nope'" in out.stdout
 
 
-def test_detach_then_logs_follow_and_pull(cli, launched, code, mnist_dir, host):
+def test_detach_then_logs_follow_and_pull(cli, launched, project_checkout, mnist_dir, ssh_host):
     out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "detached1", "--detach")
     assert out.returncode == 0 and "mnist-cloud logs e2e detached1 -f" in out.stdout
     # AWS credentials never reach the instance: not in the trainer's environment, not in any file there
     # the pid file names the job's wrapper shell (in the machine's own PID namespace); the trainer is its child
-    wrapper = (host.home / "mnist-cloud" / "e2e" / "jobs" / "detached1.pid").read_text().strip()
+    wrapper = (ssh_host.home / "mnist-cloud" / "e2e" / "jobs" / "detached1.pid").read_text().strip()
 
     def trainer() -> str:
-        return host.exec(f"pgrep -P {wrapper} -f 'python.* -m trainer train'").stdout.strip()
+        return ssh_host.exec(f"pgrep -P {wrapper} -f 'python.* -m trainer train'").stdout.strip()
 
     wait_for(trainer, timeout=60, step=0.05)  # still starting: torch alone takes seconds to import
-    environ = host.exec(f"cat /proc/{trainer()}/environ").stdout
-    assert "PATH=" in environ and "--run-id\0detached1" in host.exec(f"cat /proc/{trainer()}/cmdline").stdout
+    environ = ssh_host.exec(f"cat /proc/{trainer()}/environ").stdout
+    assert "PATH=" in environ and "--run-id\0detached1" in ssh_host.exec(f"cat /proc/{trainer()}/cmdline").stdout
     assert LEAK_CANARY not in environ and "AWS_SECRET_ACCESS_KEY" not in environ
-    leaked = subprocess.run(["grep", "-rl", LEAK_CANARY, str(host.home / "mnist-cloud")], capture_output=True, text=True)
+    leaked = subprocess.run(["grep", "-rl", LEAK_CANARY, str(ssh_host.home / "mnist-cloud")], capture_output=True,
+                            text=True)
     assert leaked.stdout == ""
     follow = cli("logs", launched, "detached1", "-f")
     assert follow.returncode == 0 and "test accuracy" in follow.stdout and "finished with exit 0" in follow.stdout
     pulled = cli("pull", launched, "detached1")
-    assert pulled.returncode == 0 and (code / "runs" / "detached1" / "result.json").exists()
+    assert pulled.returncode == 0 and (project_checkout / "runs" / "detached1" / "result.json").exists()
     again = cli("pull", launched, "detached1")
     assert "pulled 0 file(s)" in again.stdout  # incremental
 
 
-def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
-    remote = host.home / "mnist-cloud" / "e2e" / "runs" / "edited"  # its own run: needs no other test first
+def test_pull_keeps_a_locally_edited_file(cli, launched, project_checkout, ssh_host):
+    remote = ssh_host.home / "mnist-cloud" / "e2e" / "runs" / "edited"  # its own run: needs no other test first
     remote.mkdir(parents=True)
     (remote / "config.json").write_text('{"run_id": "edited", "status": "completed"}')
     (remote / "train.log").write_text("Epoch: 1 | Train Loss: 0.1\n")
     os.utime(remote / "train.log", (time.time() - 3600,) * 2)  # written an hour ago
     assert cli("pull", launched, "edited").returncode == 0
-    local = code / "runs" / "edited" / "train.log"
+    local = project_checkout / "runs" / "edited" / "train.log"
     local.write_text("my notes\n")  # edited here since
     out = cli("pull", launched, "edited")
     assert out.returncode == 0 and "kept your local edit" in out.stdout and "replaced 1 local file" in out.stdout
@@ -171,12 +174,12 @@ def test_pull_keeps_a_locally_edited_file(cli, launched, code, host):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])  # Ctrl-C; `kill`, or a closed terminal (SIGHUP alike)
-def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host, stop):
+def test_jupyter_through_the_tunnel(cli, launched, laptop_env, mnist_cloud, project_checkout, ssh_host, stop):
     # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) has SIGINT ignored, the
     # child would inherit that, and Python then installs no KeyboardInterrupt handler (seen in CI runs
     # started with `&`). PYTHONFAULTHANDLER: if it hangs anyway, SIGABRT below prints every thread's stack.
-    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=code,
-                            env={**os.environ, **env, "PYTHONFAULTHANDLER": "1"},
+    proc = subprocess.Popen([*mnist_cloud, "jupyter", launched], cwd=project_checkout,
+                            env={**os.environ, **laptop_env, "PYTHONFAULTHANDLER": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -194,7 +197,7 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host,
             urllib.request.urlopen(f"{base}/api/status")
         assert denied.value.code == 403
         # bound to the instance's loopback only: not reachable on its network address
-        listening = host.exec("ss -ltnH")
+        listening = ssh_host.exec("ss -ltnH")
         jupyter_ports = [l.split()[3] for l in listening.stdout.splitlines() if ":22 " not in l and l.strip()]
         assert jupyter_ports and all(a.startswith("127.0.0.1:") for a in jupyter_ports), listening.stdout
         proc.send_signal(getattr(signal, stop))
@@ -207,7 +210,7 @@ def test_jupyter_through_the_tunnel(cli, launched, env, mnist_cloud, code, host,
         rest = "".join(iter(lambda: out.get(timeout=10), ""))  # what the reader got after the URL, to EOF
         assert proc.returncode == 0, rest
         assert "stopped JupyterLab" in rest
-        remaining = [l for l in host.exec("ss -ltnH").stdout.splitlines() if "127.0.0.1:" in l]
+        remaining = [l for l in ssh_host.exec("ss -ltnH").stdout.splitlines() if "127.0.0.1:" in l]
         assert remaining == []  # the server is gone
     finally:
         if proc.poll() is None:
@@ -229,7 +232,7 @@ def test_ssh_runs_a_command(cli, launched):
     assert out.returncode == 0 and out.stdout.startswith("hello-from /")
 
 
-def test_ssh_config_entry(cli, launched, env):
+def test_ssh_config_entry(cli, launched, laptop_env):
     out = cli("ssh-config")
     assert out.returncode == 0
     text = (cli.home / "ssh_config").read_text()
@@ -239,8 +242,8 @@ def test_ssh_config_entry(cli, launched, env):
     assert probe.returncode == 0, probe.stderr
 
 
-def test_changed_host_key_is_refused(cli, launched, host):
-    host.restart_with_new_host_key()
+def test_changed_host_key_is_refused(cli, launched, ssh_host):
+    ssh_host.restart_with_new_host_key()
     try:
         out = cli("runs", launched)
         assert_user_error(out, "CHANGED")
@@ -253,36 +256,37 @@ def test_changed_host_key_is_refused(cli, launched, host):
 
 
 @pytest.mark.slow
-def test_attach_host_runs_the_same_flow(cli, host, code, mnist_dir, tmp_path):
+def test_attach_host_runs_the_same_flow(cli, ssh_host, project_checkout, mnist_dir, tmp_path):
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host.authorize((tmp_path / "id_ed25519.pub").read_text())
-    out = cli("attach", "--host", f"ubuntu@{host.addr}", "--key", str(key), "--name", "box")
+    ssh_host.authorize((tmp_path / "id_ed25519.pub").read_text())
+    out = cli("attach", "--host", f"ubuntu@{ssh_host.addr}", "--key", str(key), "--name", "box")
     assert out.returncode == 0, out.stderr
     out = cli("train", "--on", "box", *TINY, "--data-dir", str(mnist_dir), "--run-id", "boxrun")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert (code / "runs" / "boxrun" / "result.json").exists()
+    assert (project_checkout / "runs" / "boxrun" / "result.json").exists()
 
 
-def test_attach_host_closed_port_records_nothing(cli, tmp_path, host):
+def test_attach_host_closed_port_records_nothing(cli, tmp_path, ssh_host):
     key = tmp_path / "k"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     before = (cli.home / "state.json").read_text()
-    assert_user_error(cli("attach", "--host", f"ubuntu@{host.addr}:2", "--key", str(key), "--name", "closed"),
+    assert_user_error(cli("attach", "--host", f"ubuntu@{ssh_host.addr}:2", "--key", str(key), "--name", "closed"),
                       "cannot reach closed")
     assert (cli.home / "state.json").read_text() == before
 
 
 @pytest.mark.slow
-def test_sweep_on_the_instance_pulls_every_run(cli, launched, code, mnist_dir, host):
+def test_sweep_on_the_instance_pulls_every_run(cli, launched, project_checkout, mnist_dir, ssh_host):
     out = cli("sweep", "--on", launched, "--seeds", "1,2", *TINY, "--no-report", "--data-dir", str(mnist_dir),
               "--name", "rsweep")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sweep: 2 run(s) on 1 slot(s): e2e" in out.stdout  # no GPU there: one run at a time
-    points = json.loads((code / "runs" / "rsweep.json").read_text())["points"]
+    points = json.loads((project_checkout / "runs" / "rsweep.json").read_text())["points"]
     assert [p["status"] for p in points] == ["completed", "completed"]
     for p in points:
-        local, remote = code / "runs" / p["run_id"], host.home / "mnist-cloud" / "e2e" / "runs" / p["run_id"]
+        local = project_checkout / "runs" / p["run_id"]
+        remote = ssh_host.home / "mnist-cloud" / "e2e" / "runs" / p["run_id"]
         assert tree_hashes(local) == tree_hashes(remote)  # ran there, pulled back whole
         assert json.loads((local / "config.json").read_text())["config"]["seed"] == p["seed"]
     line = next(l for l in out.stdout.splitlines() if l.startswith("defaults "))
@@ -325,26 +329,27 @@ def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
                                               ["c-gone", "died", "2", "-", "-"]]
 
 
-def test_sftp_fallback_syncs_and_pulls_the_same(host, code, tmp_path, monkeypatch):
+def test_sftp_fallback_syncs_and_pulls_the_same(ssh_host, project_checkout, tmp_path, monkeypatch):
     """When rsync is missing on either side the same sync/pull runs over SFTP."""
     from infra.remote import Endpoint, Remote
 
     monkeypatch.setenv("MNIST_CLOUD_HOME", str(tmp_path / "home"))
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    host.authorize((tmp_path / "id_ed25519.pub").read_text())
-    ep = Endpoint(name="sftp", host=host.addr, user="ubuntu", key_path=str(key), workdir="mnist-cloud/sftp-test")
+    ssh_host.authorize((tmp_path / "id_ed25519.pub").read_text())
+    ep = Endpoint(name="sftp", host=ssh_host.addr, user="ubuntu", key_path=str(key), workdir="mnist-cloud/sftp-test")
     with Remote(ep) as remote:
-        first = remote.sync(code, log=lambda m: None, force_sftp=True)
+        first = remote.sync(project_checkout, log=lambda m: None, force_sftp=True)
         assert first.method == "sftp" and first.files > 20
-        workdir = host.home / "mnist-cloud" / "sftp-test"
-        assert (workdir / "trainer" / "train.py").read_bytes() == (code / "trainer" / "train.py").read_bytes()
+        workdir = ssh_host.home / "mnist-cloud" / "sftp-test"
+        assert ((workdir / "trainer" / "train.py").read_bytes()
+                == (project_checkout / "trainer" / "train.py").read_bytes())
         names = {p.name for p in workdir.rglob("*")}
         assert not names & {".env", "deploy.pem", "credentials", "id_ed25519"}
-        assert remote.sync(code, log=lambda m: None, force_sftp=True).files == 0
+        assert remote.sync(project_checkout, log=lambda m: None, force_sftp=True).files == 0
         (workdir / "made-there.ipynb").write_text("{}")  # a notebook from Jupyter on the machine
         (workdir / "trainer" / "stale_module.py").write_text("x = 1\n")  # code deleted here
-        remote.sync(code, log=lambda m: None, force_sftp=True)
+        remote.sync(project_checkout, log=lambda m: None, force_sftp=True)
         assert (workdir / "made-there.ipynb").exists() and not (workdir / "trainer" / "stale_module.py").exists()
         (workdir / "runs" / "r1").mkdir(parents=True)
         (workdir / "runs" / "r1" / "metrics.jsonl").write_text('{"epoch": 1}\n')

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, run_cli
+from fixtures.cli import assert_user_error, run_cli
 from runspec.config import TrainConfig
 from trainer.train import fit
 

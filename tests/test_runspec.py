@@ -90,7 +90,7 @@ def test_atomic_write_leaves_a_temp_name_the_pull_record_skips_and_keeps_the_uma
     a write in progress, not a run file; a finished write has open()'s mode under the caller's umask."""
     import importlib.util
 
-    from conftest import REPO
+    from fixtures import REPO
 
     spec = importlib.util.spec_from_file_location("autostop", REPO / "infra" / "agent" / "autostop.py")
     autostop = importlib.util.module_from_spec(spec)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cloud import aws_env, moto_server, seed_dlami
-from conftest import assert_user_error, run_cli
+from fixtures.aws import aws_env, moto_server, seed_dlami
+from fixtures.cli import assert_user_error, run_cli
 
 
 @pytest.fixture

@@ -6,25 +6,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from fixtures.install import tiny_wheel
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_wheel(directory: Path, name: str = "tinypkg", version: str = "0.1") -> Path:
-    """A requirement that installs offline: a one-module wheel whose module only says its version."""
-    directory.mkdir(parents=True, exist_ok=True)
-    wheel = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(f"{name}/__init__.py", f"VERSION = __version__ = {version!r}\n")
-        z.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        z.writestr(f"{name}-{version}.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr(f"{name}-{version}.dist-info/RECORD", "")
-    return wheel
 
 
 @pytest.fixture

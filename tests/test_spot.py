@@ -12,21 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
-from cloud import REGION, seed_dlami
-from conftest import REPO, assert_user_error, epochs_written, run_cli, wait_for
-from sshhost import tools_available
+from fixtures.aws import REGION, seed_dlami
+from fixtures.cli import assert_user_error, run_cli, wait_for
+from fixtures.instance import FakeImds, load_agent
+from fixtures.runs import epochs_written
+from fixtures.sshhost import tools_available
 
 # ~3-5 s epochs on 2 shared CPU cores: long enough to interrupt the second one
 TINY = ["--device", "cpu", "--epochs", "3", "--train-limit", "4096", "--eval-limit", "300", "--no-report"]
-
-
-def load_agent():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("resume_agent", REPO / "infra" / "agent" / "resume_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------- the agent's policy
@@ -43,14 +36,14 @@ def load_agent():
     ("no run directory yet", True, True, None, False, False),
 ])
 def test_agent_decision(case, notice, record, status, alive, expected):
-    go, why = load_agent().decide(has_notice=notice, has_record=record, status=status, alive=alive)
+    go, why = load_agent("resume_agent").decide(has_notice=notice, has_record=record, status=status, alive=alive)
     assert go is expected, (case, why)
     assert why
 
 
 def test_agent_leaves_a_finished_or_stopped_run_alone_and_resumes_only_once(tmp_path):
     """The real agent over a work dir: it starts exactly the interrupted run, once, even when run twice."""
-    agent = load_agent()
+    agent = load_agent("resume_agent")
     work = tmp_path / "home" / "mnist-cloud" / "box"
     jobs = work / "jobs"
     jobs.mkdir(parents=True)
@@ -72,7 +65,7 @@ def test_agent_leaves_a_finished_or_stopped_run_alone_and_resumes_only_once(tmp_
 
 def test_agent_still_reads_a_job_record_from_before_status_file(tmp_path):
     """A spot run started by the previous version (its record names no status file) still resumes."""
-    agent = load_agent()
+    agent = load_agent("resume_agent")
     work = tmp_path / "home" / "mnist-cloud" / "box"
     (work / "jobs").mkdir(parents=True)
     (work / "runs" / "old").mkdir(parents=True)
@@ -82,7 +75,7 @@ def test_agent_still_reads_a_job_record_from_before_status_file(tmp_path):
 
 
 def test_agent_refuses_a_record_others_can_write(tmp_path):
-    agent = load_agent()
+    agent = load_agent("resume_agent")
     work = tmp_path / "home" / "mnist-cloud" / "box"
     (work / "jobs").mkdir(parents=True)
     (work / "runs" / "r").mkdir(parents=True)
@@ -278,19 +271,18 @@ def status(run_dir: Path) -> str | None:
 
 @pytest.mark.slow
 @pytestmark_ssh
-def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, code, mnist_dir, env, mnist_cloud,
-                                                             spot_ec2, tmp_path):
+def test_spot_interruption_resumes_on_the_instance_by_itself(cli, ssh_host_moto, ssh_host, project_checkout, mnist_dir,
+                                                             laptop_env, mnist_cloud, spot_ec2, tmp_path):
     """Notice -> checkpoint -> EC2 stops the instance -> EC2 starts it -> the boot's agent resumes the
     run -> it finishes with every epoch exactly once; `status` and `logs -f` say so, `down` cancels."""
     import base64
     import urllib.request as u
 
     import boto3
-    from test_reliability import FakeImds
 
-    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    u.urlopen(u.Request(f"{ssh_host_moto}/moto-api/reset", method="POST")).read()
     seed_dlami()
-    imds = FakeImds(f"{host.subnet}.1")
+    imds = FakeImds(f"{ssh_host.subnet}.1")
     try:
         out = cli("launch", "--instance", "g4dn.xlarge", "--name", "sp", "--spot", "--autostop", "0",
                   "--ssh-cidr", "192.0.2.10/32")
@@ -298,7 +290,7 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
         sent = spot_ec2.sent[-1]
         assert (sent["InstanceMarketOptions.SpotOptions.SpotInstanceType"],
                 sent["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"]) == ("persistent", "stop")
-        ec2 = boto3.client("ec2", endpoint_url=moto, region_name=REGION, aws_access_key_id="t",
+        ec2 = boto3.client("ec2", endpoint_url=ssh_host_moto, region_name=REGION, aws_access_key_id="t",
                            aws_secret_access_key="t")
         iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
                    if i["State"]["Name"] == "running")
@@ -308,22 +300,22 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, moto, host, co
         user_data = tmp_path / "user-data.sh"
         user_data.write_bytes(base64.b64decode(
             ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]))
-        installed = host.exec(f"MNIST_CLOUD_ROOT={root} bash {user_data}")
+        installed = ssh_host.exec(f"MNIST_CLOUD_ROOT={root} bash {user_data}")
         assert "resume agent" in installed.stdout, installed.stdout + installed.stderr
         reboot = (root / "etc/cron.d/mnist-cloud-resume").read_text().strip()
         assert reboot.startswith("@reboot root ")
 
         def boot() -> str:
             """What cron does at boot: the @reboot line's command, as root, on the instance."""
-            done = host.exec(reboot.removeprefix("@reboot root "))
+            done = ssh_host.exec(reboot.removeprefix("@reboot root "))
             assert done.returncode == 0, done.stdout + done.stderr
             return (root / "var/log/mnist-cloud-resume.log").read_text()
 
-        run_env = {**env, "MNIST_CLOUD_IMDS_URL": imds.url, "MNIST_CLOUD_SPOT_POLL": "0.3"}
+        run_env = {**laptop_env, "MNIST_CLOUD_IMDS_URL": imds.url, "MNIST_CLOUD_SPOT_POLL": "0.3"}
         start = run_cli([*mnist_cloud, "train", "--on", "sp", *TINY, "--data-dir", str(mnist_dir), "--run-id", "r",
-                         "--detach"], env_extra=run_env, cwd=code, timeout=300)
+                         "--detach"], env_extra=run_env, cwd=project_checkout, timeout=300)
         assert start.returncode == 0, start.stdout + start.stderr
-        work = host.home / "mnist-cloud" / "sp"
+        work = ssh_host.home / "mnist-cloud" / "sp"
         run_dir = work / "runs" / "r"
         assert json.loads((work / "jobs" / "r.job.json").read_text())["resume"]  # what the agent will run
 

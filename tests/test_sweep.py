@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from cloud import aws_env, moto_server, seed_dlami
-from conftest import assert_user_error, run_cli
+from fixtures.aws import aws_env, moto_server, seed_dlami
+from fixtures.cli import assert_user_error, run_cli
 
 TINY = ["--epochs", "1", "--train-limit", "1024", "--eval-limit", "300", "--no-report"]
 
@@ -139,7 +139,7 @@ def test_ctrl_c_stops_a_local_sweep_after_the_trainer_has_saved(tmp_path, mnist_
     import subprocess
     import time
 
-    from conftest import wait_for
+    from fixtures.cli import wait_for
 
     proc = subprocess.Popen([*mnist_cloud, "sweep", "--local", "--seeds", "1,2", "--epochs", "3", "--train-limit",
                              "8192", "--eval-limit", "300", "--no-report", "--data-dir", str(mnist_dir), "--name",

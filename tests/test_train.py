@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import epochs_without_timing, wait_for
+from fixtures.cli import wait_for
+from fixtures.runs import epochs_without_timing
 from trainer import rundir as rd
 from trainer.checkpoint import load_checkpoint
 from runspec.config import TrainConfig

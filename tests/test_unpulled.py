@@ -1,7 +1,7 @@
 """No run is destroyed before it is pulled: the pull record on the machine, `down` pulling (or
 refusing), autostop stopping instead of terminating, and what counts as activity. The watchdog's
 activity rules run against fake /dev/pts and /proc trees; `down` runs against the real sshd and the
-moto server (conftest's `host`, `moto`, `cli`)."""
+moto server (fixtures/ssh.py's `ssh_host`, `ssh_host_moto`, `cli`)."""
 
 from __future__ import annotations
 
@@ -12,27 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-from cloud import seed_dlami
-from conftest import REPO, assert_user_error
-from sshhost import tools_available
+from fixtures.aws import ec2_client, seed_dlami
+from fixtures.cli import assert_user_error
+from fixtures.instance import load_agent
+from fixtures.sshhost import tools_available
 
 TINY = ["--device", "cpu", "--epochs", "1", "--train-limit", "1024", "--eval-limit", "500", "--batch-size", "128",
         "--no-report"]
 
 
-def load_agent():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("autostop", REPO / "infra" / "agent" / "autostop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------------------------- activity
 def test_a_terminal_counts_only_while_it_is_used(tmp_path):
     """A pty's atime is its last input (as `w` reads it): an old one is a forgotten shell."""
-    agent = load_agent()
+    agent = load_agent("autostop")
     pts = tmp_path / "pts"
     pts.mkdir()
     now = time.time()
@@ -54,7 +46,7 @@ def fake_process(proc: Path, pid: int, ppid: int, cmdline: str, netns: str = "ne
 
 
 def test_ssh_sessions_without_a_terminal_count_when_they_run_something(tmp_path):
-    agent = load_agent()
+    agent = load_agent("autostop")
     proc = tmp_path / "proc"
     proc.mkdir()
     fake_process(proc, 1, 0, "/sbin/init")
@@ -90,7 +82,7 @@ def hashes(run_dir: Path) -> dict[str, str]:
 
 
 def test_a_run_is_unpulled_until_every_file_is_recorded_and_again_when_it_changes(tmp_path):
-    agent = load_agent()
+    agent = load_agent("autostop")
     work = tmp_path / "mnist-cloud" / "box"
     write_run(work / "runs" / "r1")
     write_run(work / "runs" / "r2")
@@ -113,12 +105,13 @@ ssh = pytest.mark.skipif(tools_available() is not None, reason=str(tools_availab
 
 
 @pytest.fixture(scope="module")
-def fresh(moto):
+def seeded_moto(ssh_host_moto):
+    """ssh_host_moto, reset and seeded with the DLAMI once for this module's launches."""
     import urllib.request as u
 
-    u.urlopen(u.Request(f"{moto}/moto-api/reset", method="POST")).read()
+    u.urlopen(u.Request(f"{ssh_host_moto}/moto-api/reset", method="POST")).read()
     seed_dlami()
-    return moto
+    return ssh_host_moto
 
 
 def launch(cli, name: str, *extra: str) -> None:
@@ -126,22 +119,15 @@ def launch(cli, name: str, *extra: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def instance_state(moto, name: str) -> str:
-    ec2 = ec2_client(moto)
+def instance_state(endpoint, name: str) -> str:
+    ec2 = ec2_client(endpoint)
     states = [i["State"]["Name"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
               if {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get("mnist-cloud:name") == name]
     return states[-1] if states else "none"
 
 
-def ec2_client(moto):
-    import boto3
-
-    return boto3.client("ec2", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="t",
-                        aws_secret_access_key="t")
-
-
-def shutdown_behavior(moto, name: str) -> str:
-    ec2 = ec2_client(moto)
+def shutdown_behavior(endpoint, name: str) -> str:
+    ec2 = ec2_client(endpoint)
     iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
                if i["State"]["Name"] == "running"
                and {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get("mnist-cloud:name") == name)
@@ -157,64 +143,65 @@ def remote_run(host, name: str, run_id: str, epochs: int = 1) -> Path:
 
 
 @ssh
-def test_down_pulls_unpulled_runs_first(cli, fresh, host, code):
+def test_down_pulls_unpulled_runs_first(cli, seeded_moto, ssh_host, project_checkout):
     launch(cli, "keep1")
-    remote = remote_run(host, "keep1", "keep1-run")
+    remote = remote_run(ssh_host, "keep1", "keep1-run")
     out = cli("down", "keep1", "--yes")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "pulled keep1-run from keep1 before terminating it" in out.stdout
-    assert hashes(code / "runs" / "keep1-run") == hashes(remote)  # every file, byte for byte
-    assert instance_state(fresh, "keep1") == "terminated"
+    assert hashes(project_checkout / "runs" / "keep1-run") == hashes(remote)  # every file, byte for byte
+    assert instance_state(seeded_moto, "keep1") == "terminated"
 
 
 @ssh
-def test_down_no_pull_refuses_naming_the_runs_and_discard_runs_goes_ahead(cli, fresh, host, code):
+def test_down_no_pull_refuses_naming_the_runs_and_discard_runs_goes_ahead(cli, seeded_moto, ssh_host, project_checkout):
     launch(cli, "keep2")
-    remote_run(host, "keep2", "keep2-a")
-    remote_run(host, "keep2", "keep2-b")
+    remote_run(ssh_host, "keep2", "keep2-a")
+    remote_run(ssh_host, "keep2", "keep2-b")
     refused = cli("down", "keep2", "--yes", "--no-pull")
     assert_user_error(refused, "keep2 holds unpulled run(s) keep2-a, keep2-b", "--discard-runs")
-    assert instance_state(fresh, "keep2") == "running"
-    assert not (code / "runs" / "keep2-a").exists()
+    assert instance_state(seeded_moto, "keep2") == "running"
+    assert not (project_checkout / "runs" / "keep2-a").exists()
     # --all checks the same, per machine
     assert_user_error(cli("down", "--all", "--yes", "--no-pull"), "keep2 holds unpulled run(s) keep2-a, keep2-b")
-    assert instance_state(fresh, "keep2") == "running"
+    assert instance_state(seeded_moto, "keep2") == "running"
     gone = cli("down", "keep2", "--yes", "--discard-runs")
     assert gone.returncode == 0, gone.stdout + gone.stderr
-    assert instance_state(fresh, "keep2") == "terminated" and not (code / "runs" / "keep2-a").exists()
+    assert instance_state(seeded_moto, "keep2") == "terminated" and not (project_checkout / "runs" / "keep2-a").exists()
 
 
 @pytest.mark.slow
 @ssh
-def test_pull_then_down_terminates_without_pulling_again_until_the_run_changes(cli, fresh, host, code):
+def test_pull_then_down_terminates_without_pulling_again_until_the_run_changes(cli, seeded_moto, ssh_host,
+                                                                               project_checkout):
     launch(cli, "keep3")
-    remote = remote_run(host, "keep3", "keep3-run")
+    remote = remote_run(ssh_host, "keep3", "keep3-run")
     assert cli("pull", "keep3", "keep3-run").returncode == 0
-    record = json.loads((host.home / "mnist-cloud" / "keep3" / "jobs" / "keep3-run.pulled.json").read_text())
+    record = json.loads((ssh_host.home / "mnist-cloud" / "keep3" / "jobs" / "keep3-run.pulled.json").read_text())
     assert set(record["files"]) == set(hashes(remote))  # the record is on the machine
-    remote_run(host, "keep3", "keep3-run", epochs=2)  # resumed there: it wrote another epoch
+    remote_run(ssh_host, "keep3", "keep3-run", epochs=2)  # resumed there: it wrote another epoch
     assert_user_error(cli("down", "keep3", "--yes", "--no-pull"), "keep3 holds unpulled run(s) keep3-run")
     assert cli("pull", "keep3").returncode == 0  # the newest run
     out = cli("down", "keep3", "--yes", "--no-pull")  # nothing left to pull: --no-pull does not refuse
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "pulled" not in out.stdout and instance_state(fresh, "keep3") == "terminated"
-    assert len((code / "runs" / "keep3-run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "pulled" not in out.stdout and instance_state(seeded_moto, "keep3") == "terminated"
+    assert len((project_checkout / "runs" / "keep3-run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @ssh
-def test_down_of_a_stopped_instance_refuses_with_what_to_do(cli, fresh, host):
+def test_down_of_a_stopped_instance_refuses_with_what_to_do(cli, seeded_moto, ssh_host):
     launch(cli, "keep4")
     assert cli("stop", "keep4").returncode == 0
     assert_user_error(cli("down", "keep4", "--yes"), "keep4 is stopped", "mnist-cloud start keep4", "--discard-runs")
-    assert instance_state(fresh, "keep4") == "stopped"
+    assert instance_state(seeded_moto, "keep4") == "stopped"
     assert cli("down", "keep4", "--yes", "--discard-runs").returncode == 0
-    assert instance_state(fresh, "keep4") == "terminated"
+    assert instance_state(seeded_moto, "keep4") == "terminated"
 
 
 @pytest.mark.slow
 @ssh
-def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, fresh, host, code, env, mnist_dir,
-                                                                    tmp_path, monkeypatch):
+def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, seeded_moto, ssh_host, project_checkout,
+                                                                  laptop_env, mnist_dir, tmp_path, monkeypatch):
     """launch --down: a run started on it sets EC2's shutdown behaviour to stop, and the watchdog
     (the real script, a fake `shutdown`) says it stops instead; `logs -f` pulls the run when it
     ends, which sets terminate again."""
@@ -223,13 +210,13 @@ def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, fresh, ho
     from infra.watchdog import AutostopConfig, install_over_ssh
 
     launch(cli, "keep5", "--down")
-    assert shutdown_behavior(fresh, "keep5") == "terminate"  # nothing on it yet
+    assert shutdown_behavior(seeded_moto, "keep5") == "terminate"  # nothing on it yet
     root, fakebin = tmp_path / "root", tmp_path / "bin"
     fakebin.mkdir()
     fired = tmp_path / "shutdown-called"
     (fakebin / "shutdown").write_text(f"#!/bin/sh\necho \"$@\" >> {fired}\n")
     (fakebin / "shutdown").chmod(0o755)
-    monkeypatch.setenv("MNIST_CLOUD_HOME", env["MNIST_CLOUD_HOME"])
+    monkeypatch.setenv("MNIST_CLOUD_HOME", laptop_env["MNIST_CLOUD_HOME"])
     h = State().get("keep5")
     with Remote(Endpoint(name="keep5", host=h.host, user=h.user, key_path=h.key_path, alias=h.instance_id)) as remote:
         install_over_ssh(remote, AutostopConfig(idle_minutes=0.01, action="terminate"), root=str(root))
@@ -242,15 +229,16 @@ def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, fresh, ho
         start = cli("train", "--on", "keep5", *TINY, "--data-dir", str(mnist_dir), "--run-id", "keep5-run",
                     "--detach")
         assert start.returncode == 0, start.stdout + start.stderr
-        assert shutdown_behavior(fresh, "keep5") == "stop"
+        assert shutdown_behavior(seeded_moto, "keep5") == "stop"
         assert json.loads((root / "etc/mnist-cloud/autostop.json").read_text())["shutdown_behavior"] == "stop"
         follow = cli("logs", "keep5", "keep5-run", "-f")
         assert follow.returncode == 0, follow.stdout + follow.stderr
-        assert "(final weights, model.pt)" in follow.stdout and (code / "runs" / "keep5-run" / "result.json").exists()
-        assert shutdown_behavior(fresh, "keep5") == "terminate"  # all pulled: terminate is safe again
+        assert ("(final weights, model.pt)" in follow.stdout
+                and (project_checkout / "runs" / "keep5-run" / "result.json").exists())
+        assert shutdown_behavior(seeded_moto, "keep5") == "terminate"  # all pulled: terminate is safe again
         assert json.loads((root / "etc/mnist-cloud/autostop.json").read_text())["shutdown_behavior"] == "terminate"
 
-        remote_run(host, "keep5", "keep5-more")  # a run made without mnist-cloud, e.g. by hand over ssh
+        remote_run(ssh_host, "keep5", "keep5-more")  # a run made without mnist-cloud, e.g. by hand over ssh
         tick()
         time.sleep(1)
         said = tick()

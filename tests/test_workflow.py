@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO
+from fixtures import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 

@@ -281,7 +281,9 @@ def test_2_sigkill_mid_epoch_then_resume_redoes_at_most_one_epoch(cli, launched,
     start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "killed", "--detach")
     assert start.returncode == 0, start.stderr
     run_dir = remote_dir(ssh_host) / "runs" / "killed"
-    wait_for(lambda: epochs_written(run_dir) == [1])  # epoch 2 under way (how far depends on the CPU)
+    # epoch 2 under way (how far depends on the CPU), after epoch 1's checkpoint: its row is written just
+    # before it, and on a loaded machine a kill between the two left a run with nothing to resume from
+    wait_for(lambda: epochs_written(run_dir) == [1] and (run_dir / "last.pt").exists())
     # the trainer itself, not its wrapper shell (which must live on to record the exit code); looked
     # up on the machine, so a run of the same name elsewhere on this computer is never touched
     killed = ssh_host.exec(r"pkill -KILL -e -f '^\S*python\S* -m trainer train .*--run-id killed'")

@@ -403,13 +403,14 @@ def test_4_interrupted_pull_leaves_no_half_file(cli, launched, ssh_host, project
 def test_5_ctrl_c_during_launch_leaves_a_tagged_instance_that_down_removes(tmp_path, monkeypatch, ssh_host_moto):
     # against the module's moto server, not mock_aws(): that would reset the backends the server
     # shares, and every later test in the module would find its instance gone
-    from fixtures.aws import aws_env
+    from fixtures.aws import aws_env, seed_dlami
     from infra import ec2 as P
     from infra.aws import Aws
     from infra.state import State
 
     for k, v in aws_env(tmp_path, AWS_ENDPOINT_URL=ssh_host_moto).items():
         monkeypatch.setenv(k, v)
+    seed_dlami()  # as the module's earlier launches did: the test also runs alone
     aws = Aws()
 
     def interrupted(*args, **kwargs):

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="MNIST IDX directory (default: $MNIST_DATA_DIR, else the trainer's choice)")
     p.add_argument("--json", default=None, help="also write the result, every epoch's row included, here "
                                                 "(default: none)")
-    p.add_argument("--dry-run", action="store_true", help="one batch of one epoch, then the tests (default: off)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="one batch of one epoch, then the tests: a smoke test, its timings mean nothing (default: off)")
     args = p.parse_args(argv)
     result = run(args.data_dir, args.seed, args.epochs, args.workers, args.dry_run)
     reached = (f"{TARGET:.2f}% test at epoch {result['epoch_to_target']} after {result['seconds_to_target']:.0f} s"

@@ -175,6 +175,18 @@ def test_a_zero_quota_in_one_region_blocks_only_that_region_and_says_how_to_ask(
     assert alone.returncode == 1, alone.stdout + alone.stderr  # no row can launch
 
 
+def test_the_vcpus_the_account_already_runs_count_against_the_quota(plan):
+    get, default = quotas({("us-east-1", "L-DB2E81BA"): 6.0})
+    plan.faults.answer_json(QUOTA, get)
+    run_instance_elsewhere(plan.url, "us-east-1", "g4dn.xlarge")  # 4 of the 6 in use: 2 left, 4 needed
+    out = plan("--instance", "g4dn.xlarge", "--region", "us-east-1")
+    assert out.returncode == 1, out.stdout + out.stderr
+    row = table_row(out, "us-east-1", "g4dn.xlarge", "on-demand")
+    assert row["QUOTA"] == "2/4" and row["OK"] == "no"
+    assert "is 6 (applied) with 4 in use: 2 free, 4 needed" in out.stdout
+    assert "--quota-code L-DB2E81BA --desired-value 8 --region us-east-1" in out.stdout
+
+
 def test_a_denied_service_quotas_call_is_an_unknown_not_a_failure(plan):
     plan.faults.answer_json(QUOTA, lambda request, region: json_error(
         "AccessDeniedException", "User: arn:aws:iam::123456789012:user/alice is not authorized to perform: "

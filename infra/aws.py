@@ -60,10 +60,11 @@ class CloudError(UserError):
     """An AWS failure, already reduced to one actionable line. `code` is AWS's error code (or botocore's
     exception name); `transient` says whether asking again later may succeed."""
 
-    def __init__(self, message: str, code: str = "", transient: bool = False):
+    def __init__(self, message: str, code: str = "", transient: bool = False, detail: str = ""):
         super().__init__(message)
         self.code = code
         self.transient = transient
+        self.detail = detail  # AWS's own message (e.g. which action an UnauthorizedOperation denied)
 
 
 def refresh_hint(profile: str | None) -> str:
@@ -108,7 +109,8 @@ def translate(e: Exception, operation: str, region: str | None = None, profile: 
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         message = e.response.get("Error", {}).get("Message", str(e))
-        return CloudError(explain(code, message, operation, region, profile), code, transient=code in TRANSIENT_CODES)
+        return CloudError(explain(code, message, operation, region, profile), code, transient=code in TRANSIENT_CODES,
+                          detail=message)
     if isinstance(e, SSO_ERRORS):
         login = f"aws sso login --profile {profile}" if profile else "aws sso login"
         return CloudError(f"your AWS SSO login{f' for profile {profile!r}' if profile else ''} has expired or is "
@@ -183,7 +185,9 @@ class Aws:
 
     def client(self, service: str):
         if service not in self._clients:
-            self._clients[service] = self.session.client(service, config=self._config)
+            # the region named here: boto3 writes a session's region into the botocore session it shares with
+            # every Aws of this profile, so the newest Aws's region would otherwise win
+            self._clients[service] = self.session.client(service, region_name=self.region, config=self._config)
         return self._clients[service]
 
     def call(self, service: str, operation: str, settle: tuple[str, ...] = (), **kwargs) -> dict:

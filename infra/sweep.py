@@ -68,11 +68,15 @@ def epochs_of(trainer_args: list[str], default: int = 15) -> int:
     return default
 
 
+def run_hours(trainer_args: list[str], epoch_seconds: float) -> float:
+    """Hours of training of one run with these trainer flags (its --epochs, else the sweep's default)."""
+    return epochs_of(trainer_args) * epoch_seconds / 3600
+
+
 def estimate(points: list[Point], trainer_args: list[str], instance_types: list[str], slots: int,
              epoch_seconds: float) -> tuple[float, float]:
     """(hours of wall time, USD) for the whole sweep, with every machine billed while it lasts."""
-    run_hours = epochs_of(trainer_args) * epoch_seconds / 3600
-    wall = len(points) * run_hours / max(slots, 1)
+    wall = len(points) * run_hours(trainer_args, epoch_seconds) / max(slots, 1)
     prices = [hourly_price(t) for t in instance_types]
     if any(p is None for p in prices):
         unknown = [t for t, p in zip(instance_types, prices) if p is None]

@@ -48,6 +48,8 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
     "sweep": CommandInfo("sweep", "add_sweep",
                          "run a grid of models x seeds x --set values, locally or across machines, and summarize"),
     "report": CommandInfo("local", "add_report", "(re)generate a run's report.html; --open shows it"),
+    "plan": CommandInfo("plan", "add_plan",
+                        "what a launch would meet: quota, zones, live price, permission, cost"),
     "launch": CommandInfo("launch", "add_launch", "launch (or reuse) a named EC2 GPU instance"),
     "attach": CommandInfo("launch", "add_attach", "adopt an existing EC2 instance or any SSH host under a name"),
     "status": CommandInfo("lifecycle", "add_status", "show instances: state, lifecycle, IP, uptime, cost so far"),

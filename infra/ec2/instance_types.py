@@ -1,4 +1,6 @@
-"""What an instance type is: its architecture, vCPUs and GPUs, from describe_instance_types."""
+"""What an instance type is (its architecture, vCPUs and GPUs, from describe_instance_types), the smallest
+type with a given GPU, where a type is offered (describe_instance_type_offerings), and which regions the
+account has enabled."""
 
 from __future__ import annotations
 
@@ -32,3 +34,39 @@ def instance_type_info(aws: Aws, instance_type: str) -> InstanceTypeInfo:
                      for g in t.get("GpuInfo", {}).get("Gpus", []))
     return InstanceTypeInfo(instance_type, "x86_64" if "x86_64" in archs else "arm64",
                             t.get("VCpuInfo", {}).get("DefaultVCpus", 0), gpus)
+
+
+def vcpus_of(aws: Aws, instance_types: list[str]) -> dict[str, int]:
+    """{type: default vCPUs} for the given types."""
+    found = aws.paginate("ec2", "describe_instance_types", "InstanceTypes", InstanceTypes=instance_types)
+    return {t["InstanceType"]: t.get("VCpuInfo", {}).get("DefaultVCpus", 0) for t in found}
+
+
+def smallest_with_gpu(aws: Aws, gpu: str) -> str:
+    """The smallest instance type whose GPU AWS names `gpu` (GpuInfo: 'T4', 'L4', 'A10G', 'T4g', ...):
+    fewest GPUs, then fewest vCPUs, then least memory."""
+    every = aws.paginate("ec2", "describe_instance_types", "InstanceTypes")
+    with_it = [t for t in every if any(g.get("Name", "").lower() == gpu.lower()
+                                       for g in t.get("GpuInfo", {}).get("Gpus", []))]
+    if not with_it:
+        names = sorted({g.get("Name", "") for t in every for g in t.get("GpuInfo", {}).get("Gpus", [])})
+        raise UserError(f"no instance type in {aws.region} has a GPU named {gpu!r}; AWS's names: {', '.join(names)}")
+
+    def size(t: dict) -> tuple:
+        gpus = sum(g.get("Count", 1) for g in t["GpuInfo"]["Gpus"])
+        return gpus, t.get("VCpuInfo", {}).get("DefaultVCpus", 0), t.get("MemoryInfo", {}).get("SizeInMiB", 0)
+
+    return min(with_it, key=lambda t: (size(t), t["InstanceType"]))["InstanceType"]
+
+
+def offering_zones(aws: Aws, instance_type: str) -> list[str]:
+    """The availability zones of this region that offer the type, sorted."""
+    found = aws.paginate("ec2", "describe_instance_type_offerings", "InstanceTypeOfferings",
+                         LocationType="availability-zone",
+                         Filters=[{"Name": "instance-type", "Values": [instance_type]}])
+    return sorted({o["Location"] for o in found})
+
+
+def enabled_regions(aws: Aws) -> list[str]:
+    """Every region enabled for the account (DescribeRegions without AllRegions)."""
+    return sorted(r["RegionName"] for r in aws.call("ec2", "describe_regions")["Regions"])

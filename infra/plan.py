@@ -278,10 +278,19 @@ def plan_rows(sessions: dict[str, Aws], pricing: Aws, instance_types: list[str],
         return [f.result() for f in futures]
 
 
-def plan(regions: list[str | None], profile: str | None, instance_types: list[str], gpus: list[str], spot: bool,
-         nodes: int = 1, epochs: int = DEFAULT_EPOCHS) -> list[PlanRow]:
-    """The rows for regions (["all"]: every region enabled for the account; [None]: the AWS default) and
-    instance types, or the smallest type with each GPU in `gpus` (read in the first region)."""
+@dataclass
+class Where:
+    """What the rows are asked of: a session per region (made in the calling thread), the Price List
+    session, and the instance types (the smallest with each GPU, for --gpu-type)."""
+
+    sessions: dict[str, Aws]
+    pricing: Aws
+    instance_types: list[str]
+
+
+def where(regions: list[str | None], profile: str | None, instance_types: list[str], gpus: list[str]) -> Where:
+    """Sessions for regions (["all"]: every region enabled for the account; [None]: the AWS default) and
+    the instance types, or the smallest type with each GPU in `gpus` (read in the first region)."""
     first = Aws(region=None if regions == ["all"] else regions[0], profile=profile)
     if regions == ["all"]:
         regions = list(types.enabled_regions(first))
@@ -293,7 +302,14 @@ def plan(regions: list[str | None], profile: str | None, instance_types: list[st
     sessions = {aws.region: aws for aws in sessions.values()}
     pricing = next((aws for r, aws in sessions.items() if r in prices.PRICING_REGIONS), None) or \
         Aws(region=prices.PRICING_REGIONS[0], profile=profile)
-    return plan_rows(sessions, pricing, instance_types, spot, nodes, epochs)
+    return Where(sessions, pricing, instance_types)
+
+
+def plan(regions: list[str | None], profile: str | None, instance_types: list[str], gpus: list[str], spot: bool,
+         nodes: int = 1, epochs: int = DEFAULT_EPOCHS) -> list[PlanRow]:
+    """The rows for regions and instance types (or GPUs), as `where` reads them."""
+    found = where(regions, profile, instance_types, gpus)
+    return plan_rows(found.sessions, found.pricing, found.instance_types, spot, nodes, epochs)
 
 
 def _money(usd: float | None, digits: int = 3) -> str:

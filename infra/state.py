@@ -61,6 +61,7 @@ class Host:
     region: str | None = None
     key_name: str | None = None
     created_key: bool = False  # the key pair is ours to delete with the name
+    instance_type: str | None = None  # as launched (EC2 is the truth: `status` reads it live)
     extra: dict = field(default_factory=dict)
 
 

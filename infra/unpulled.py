@@ -25,9 +25,10 @@ class Unpulled:
         return sorted(self.runs)
 
 
-def check(instances, region: str | None = None, profile: str | None = None) -> tuple[list[Unpulled], list[str]]:
+def check(instances, region: str | None = None, profile: str | None = None,
+          regions: dict[str, str] | None = None) -> tuple[list[Unpulled], list[str]]:
     """([Unpulled] per name with unpulled runs, [why a name could not be checked]) for the live
-    instances about to be terminated."""
+    instances about to be terminated. `regions`: name -> the region it was found in, where that differs."""
     found, problems = [], []
     for name in sorted({i.name for i in instances}):
         mine = [i for i in instances if i.name == name]
@@ -39,7 +40,7 @@ def check(instances, region: str | None = None, profile: str | None = None) -> t
             continue
         item = Unpulled(name)
         try:
-            item.nodes = SSHTarget.resolve_cluster(name, region, profile)
+            item.nodes = SSHTarget.resolve_cluster(name, (regions or {}).get(name, region), profile)
             item.runs = newest_unpulled(item.nodes)
         except UserError as e:
             close(item)

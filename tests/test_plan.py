@@ -15,11 +15,9 @@ import urllib.request
 import pytest
 
 from fixtures.aws import Faults, aws_env, json_error, moto_server, seed_dlami
+from fixtures.forged import DEFAULT_QUOTA, PRICES, QUOTA, price_list, quotas, spot_history
 from fixtures.cli import run_cli
 
-QUOTA = "ServiceQuotasV20190624.GetServiceQuota"
-DEFAULT_QUOTA = "ServiceQuotasV20190624.GetAWSDefaultServiceQuota"
-PRICES = "AWSPriceListService.GetProducts"
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
 
 
@@ -28,76 +26,6 @@ def forged():
     faults = Faults()
     with moto_server(faults=faults) as url:
         yield url, faults
-
-
-def quota_answer(region: str, code: str, value: float) -> dict:
-    """GetServiceQuota's answer, as Service Quotas sends it."""
-    return {"Quota": {"ServiceCode": "ec2", "ServiceName": "Amazon Elastic Compute Cloud (Amazon EC2)",
-                      "QuotaArn": f"arn:aws:servicequotas:{region}:123456789012:ec2/{code}", "QuotaCode": code,
-                      "QuotaName": "Running On-Demand G and VT instances", "Value": value, "Unit": "None",
-                      "Adjustable": True, "GlobalQuota": False}}
-
-
-def quotas(applied: dict[tuple[str, str], float], defaults: dict[str, float] | None = None):
-    """Handlers for Service Quotas: `applied` (region, code) -> value, else NoSuchResourceException (as AWS
-    answers where no value has been applied) and AWS's default from `defaults` (code -> value)."""
-    def get(request, region):
-        assert request["ServiceCode"] == "ec2"
-        value = applied.get((region, request["QuotaCode"]))
-        if value is None:
-            return json_error("NoSuchResourceException", f"The request failed because the specified quota "
-                              f"{request['QuotaCode']} does not exist.")
-        return 200, quota_answer(region, request["QuotaCode"], value)
-
-    def default(request, region):
-        return 200, quota_answer(region, request["QuotaCode"], (defaults or {}).get(request["QuotaCode"], 0.0))
-
-    return get, default
-
-
-def product(instance_type: str, region: str, usd: str) -> str:
-    """One Price List product, as GetProducts lists it: a JSON string."""
-    sku = "JRTCKXETXFZZ"
-    return json.dumps({
-        "product": {"productFamily": "Compute Instance", "sku": sku,
-                    "attributes": {"instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
-                                   "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used"}},
-        "serviceCode": "AmazonEC2",
-        "terms": {"OnDemand": {f"{sku}.JRTCKXETXF": {
-            "offerTermCode": "JRTCKXETXF", "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "termAttributes": {},
-            "priceDimensions": {f"{sku}.JRTCKXETXF.6YS6EN2CT7": {
-                "unit": "Hrs", "beginRange": "0", "endRange": "Inf", "appliesTo": [],
-                "rateCode": f"{sku}.JRTCKXETXF.6YS6EN2CT7",
-                "description": f"${usd} per On Demand Linux {instance_type} Instance Hour",
-                "pricePerUnit": {"USD": usd}}}}}},
-        "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z"})
-
-
-def price_list(usd: dict[tuple[str, str], str]):
-    """GetProducts: (region, type) -> USD per hour, read from the request's TERM_MATCH filters."""
-    def get(request, region):
-        assert request["ServiceCode"] == "AmazonEC2"
-        f = {x["Field"]: x["Value"] for x in request["Filters"]}
-        price = usd.get((f["regionCode"], f["instanceType"]))
-        return 200, {"FormatVersion": "aws_v1",
-                     "PriceList": [product(f["instanceType"], f["regionCode"], price)] if price else []}
-
-    return get
-
-
-def spot_history(prices: dict[str, list[tuple[str, str]]]):
-    """DescribeSpotPriceHistory: zone -> [(USD, timestamp), ...], as EC2's XML."""
-    def get(params, region):
-        items = "".join(
-            f"<item><instanceType>{params['InstanceType.1']}</instanceType><productDescription>Linux/UNIX"
-            f"</productDescription><spotPrice>{usd}</spotPrice><timestamp>{at}</timestamp>"
-            f"<availabilityZone>{zone}</availabilityZone></item>"
-            for zone, entries in prices.items() if zone.startswith(region) for usd, at in entries)
-        return 200, ('<DescribeSpotPriceHistoryResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
-                     f"<requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId><spotPriceHistorySet>{items}"
-                     "</spotPriceHistorySet><nextToken/></DescribeSpotPriceHistoryResponse>")
-
-    return get
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ and attach (an EC2 instance or any SSH host that exists already)."""
 
 from __future__ import annotations
 
-from infra.commands.options import DEFAULT_NAME, cloud_command, say, session
+from infra.commands.options import DEFAULT_NAME, cloud_command, names, say, session, state_region
 from infra.errors import UserError
 from runspec import ExitCode
 
@@ -12,8 +12,17 @@ def add_launch(sub, name: str, summary: str) -> None:
     p = cloud_command(sub, name, summary,
                       description="Launch an EC2 instance from the newest PyTorch Deep Learning AMI, or reuse the "
                                   "instance already called NAME (starting it if stopped). SSH is opened only to "
-                                  "your address; IMDSv2 is required; the root volume is encrypted gp3.")
-    p.add_argument("--instance", metavar="TYPE", help="instance type, e.g. g4dn.xlarge (default: the config's instance)")
+                                  "your address; IMDSv2 is required; the root volume is encrypted gp3. Given "
+                                  "several types (--instance A,B or --gpu-type T4,L4) or regions (--region R1,R2 "
+                                  "or all), it checks each as `mnist-cloud plan` does, skips those that cannot "
+                                  "launch, and tries the rest cheapest first (spot ones first with --spot), zone "
+                                  "by zone, until one has capacity.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--instance", metavar="TYPE[,TYPE]",
+                       help="instance type(s), e.g. g4dn.xlarge or g4dn.xlarge,g6.xlarge (default: the config's "
+                            "instance)")
+    which.add_argument("--gpu-type", metavar="GPU[,GPU]",
+                       help="the smallest instance type with this GPU, as AWS names it: T4, L4, A10G, T4g, ...")
     p.add_argument("--name", default=DEFAULT_NAME, help="name for the instance and its resources (default: %(default)s)")
     p.add_argument("--spot", action="store_true",
                    help="spot instance: stops on interruption, and its runs resume when EC2 starts it again; "
@@ -40,13 +49,13 @@ def add_launch(sub, name: str, summary: str) -> None:
 
 def cmd_launch(args) -> int:
     from infra import settings
-    from infra.pricing import hourly_price
     from infra.ec2 import LaunchSpec, console_fingerprints, launch
     from infra.watchdog import installer
 
-    found = settings.resolve({"autostop": args.autostop, "instance": args.instance})  # the files, read once
+    found = settings.resolve({"autostop": args.autostop, "instance": args.instance, "profile":
+                              getattr(args, "profile", None), "epochs": None})  # the files, read once
     args.autostop, args.instance = found["autostop"].value, found["instance"].value
-    if not args.instance:
+    if not args.instance and not args.gpu_type:
         raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
                         "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")
     if args.autostop < 0:
@@ -62,7 +71,7 @@ def cmd_launch(args) -> int:
     if spec.autostop.enabled or spec.spot:
         spec.user_data = installer(spec.autostop)
 
-    def wait_ssh(inst):
+    def wait_ssh(aws, inst):
         if args.no_wait_ssh:
             return
         from infra.targets import wait_for_ssh
@@ -71,18 +80,44 @@ def cmd_launch(args) -> int:
                      lambda: console_fingerprints(aws, inst.instance_id, log=say), log=say)
         say(f"SSH is up on {inst.public_ip}")
 
-    aws = session(args)
-    inst = launch(aws, spec, log=say, wait_ready=wait_ssh)
-    per_hour = hourly_price(inst.instance_type)
-    price = f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
-    say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) at "
-        f"{inst.public_ip or 'no public IP'}{price}")
+    regions = names(getattr(args, "region", None), "--region")
+    gpus = names(args.gpu_type, "--gpu-type") if args.gpu_type else []
+    types = [] if gpus else names(args.instance, "--instance")
+    if gpus or len(types) > 1 or len(regions) > 1 or regions == ["all"]:
+        from infra.landing import land
+        from infra.plan import where
+
+        if not spec.ssh_cidr:  # asked once, not once per region tried
+            from infra.ec2.network import detect_public_ip
+
+            spec.ssh_cidr = detect_public_ip()
+        inst, row, aws = land(where(regions or [state_region(args.name) or session(args).region],
+                                    found["profile"].value, types, gpus), spec, args.spot, log=say,
+                              epochs=found["epochs"].value, wait_ready=wait_ssh)
+        if row is not None:
+            price = f", ${row.usd_per_hour:.4f}/h ({row.price_source})" if row.usd_per_hour is not None else ""
+        else:
+            price = _table_price(inst.instance_type)
+    else:
+        spec.instance_type = types[0]
+        aws = session(args, args.name)
+        inst = launch(aws, spec, log=say, wait_ready=lambda i: wait_ssh(aws, i))
+        price = _table_price(inst.instance_type)
+    say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) in {inst.zone or aws.region} "
+        f"at {inst.public_ip or 'no public IP'}{price}")
     nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""
     if args.nodes > 1:
         say(f"cluster: {args.nodes} nodes, node 0 = {inst.instance_id}")
     say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
         f"delete: mnist-cloud down {args.name}")
     return ExitCode.OK
+
+
+def _table_price(instance_type: str) -> str:
+    from infra.pricing import hourly_price
+
+    per_hour = hourly_price(instance_type)
+    return f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
 
 
 def add_attach(sub, name: str, summary: str) -> None:

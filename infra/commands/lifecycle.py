@@ -2,60 +2,89 @@
 
 from __future__ import annotations
 
+import argparse
+
 import runspec
-from infra.commands.options import cloud_command, confirm, machine_name, say, session, target_for
+from infra.commands.options import cloud_command, confirm, machine_name, names, say, session, target_for
 from infra.errors import UserError
 from runspec import ExitCode
 
 
 def add_status(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary)
+    p = cloud_command(sub, name, summary,
+                      description="Your instances, live from EC2, in the configured region and in every region the "
+                                  "state knows (where `launch` landed them); --all-regions looks in every region "
+                                  "enabled for the account, concurrently.")
     machine_name(p, default=None, help="only this name")
     p.add_argument("--any-owner", action="store_true",
                    help="also the instances other people of this account launched, with an OWNER column")
+    p.add_argument("--all-regions", action="store_true",
+                   help="look in every region enabled for the account, not only the ones the state knows")
     p.set_defaults(handler=cmd_status)
 
+
+def status_regions(args, state) -> dict:
+    """The sessions `status` looks through: NAME's region, or the configured one plus every region the
+    state knows; every enabled region with --all-regions."""
+    from infra.ec2.regions import every_region, sessions
+
+    first = session(args, args.name)
+    if args.all_regions:
+        return every_region(first, getattr(args, "profile", None))
+    known = [] if args.name or getattr(args, "region", None) else [h.region for h in state.all() if h.kind == "ec2"]
+    return sessions(first, known, getattr(args, "profile", None))
 
 
 def cmd_status(args) -> int:
     from infra.ec2 import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
+    from infra.ec2.regions import in_each
     from infra.state import State
 
     state = State()
     ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
     needs_aws = not (args.name and ssh_hosts)
-    aws = session(args) if needs_aws else None
-    every = find_instances(aws, args.name) if needs_aws else []
+    regions = status_regions(args, state) if needs_aws else {}
+    found = in_each(regions, lambda aws: find_instances(aws, args.name))
+    every = [i for region in found for i in found[region]]
+    region_of = {i.instance_id: region for region in found for i in found[region]}
     theirs = set()
     if every and not args.any_owner:  # yours only: a team account holds everyone's
-        theirs = {i.instance_id for i in others_instances(every, caller_identity(aws))}
+        theirs = {i.instance_id for i in others_instances(every, caller_identity(next(iter(regions.values()))))}
     instances = [i for i in every if i.instance_id not in theirs]
-    interrupted = spot_interruptions(aws, instances) if needs_aws else {}
+    interrupted: dict[str, str] = {}
+    for part in in_each(regions, lambda aws: spot_interruptions(
+            aws, [i for i in instances if region_of[i.instance_id] == aws.region])).values():
+        interrupted.update(part)
     owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
+    where = [lambda i: region_of[i.instance_id]] if len(regions) > 1 else []
     rows = []
     for i in instances:
         cost = i.cost_so_far
         shown = i.state
         if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
             shown = "interrupting" if i.state == "running" else "interrupted"
-        rows.append([i.name, i.instance_id, i.instance_type, shown, i.lifecycle, i.public_ip or "-",
-                     _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
+        rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
+                     i.public_ip or "-", _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
                      *(f(i) for f in owner)])
-    blank = ["-"] * len(owner)
+    blank, gap = ["-"] * len(owner), ["-"] * len(where)
     for h in ssh_hosts:
-        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
+        rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
     known = {i.name for i in every} | {h.name for h in ssh_hosts}
-    for h in state.all():  # cached names whose instance is gone: say so, EC2 is the truth
-        if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name):
-            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-", *blank])
+    gone = [h for h in state.all()  # cached names whose instance is gone: say so, EC2 is the truth
+            if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
+            and (h.region in regions or not h.region)]
+    for h in gone:
+        rows.append([h.name, *(h.region or "-" for _ in where), h.instance_id or "-", "?", "gone", "-", "-", "-",
+                     "-", "-", *blank])
     if theirs:
         say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
-        say(f"no instances{f' named {args.name!r}' if args.name else ''}. Launch one: "
+        looked = f" in {', '.join(regions)}" if regions else ""
+        say(f"no instances{f' named {args.name!r}' if args.name else ''}{looked}. Launch one: "
             "mnist-cloud launch --instance g4dn.xlarge")
         return ExitCode.OK
-    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP",
-              *(["OWNER"] if owner else [])]
+    header = ["NAME", *(["REGION"] if where else []), "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME",
+              "COST SO FAR", "AUTOSTOP", *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
     for i in instances:
@@ -63,7 +92,7 @@ def cmd_status(args) -> int:
             say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "
                 f"returns, and its interrupted runs resume by themselves: `mnist-cloud logs {i.name} -f` follows them. "
                 f"Until then only its disk bills")
-    if any(r[3] == "gone" for r in rows):
+    if gone:
         say("'gone': the instance no longer exists in EC2 (terminated outside mnist-cloud?); "
             "`mnist-cloud down NAME` tidies up")
     return ExitCode.OK
@@ -83,7 +112,7 @@ def add_stop(sub, name: str, summary: str) -> None:
 def cmd_stop(args) -> int:
     from infra.ec2 import stop
 
-    inst = stop(session(args), args.name, log=say)
+    inst = stop(session(args, args.name), args.name, log=say)
     paused = "; its spot request waits, and EC2 does not start it by itself" if inst.lifecycle == "spot" else ""
     say(f"{args.name} ({inst.instance_id}) is {inst.state}; its disk is kept{paused}. `mnist-cloud start {args.name}` "
         f"resumes it, `mnist-cloud down {args.name}` deletes it")
@@ -100,7 +129,7 @@ def add_start(sub, name: str, summary: str) -> None:
 def cmd_start(args) -> int:
     from infra.ec2 import start
 
-    inst = start(session(args), args.name, args.ssh_cidr, log=say)
+    inst = start(session(args, args.name), args.name, args.ssh_cidr, log=say)
     say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
     return ExitCode.OK
 
@@ -139,7 +168,7 @@ def cmd_autostop(args) -> int:
     if host is not None and host.kind == "ec2":
         from infra.ec2 import autostop_for, set_autostop
 
-        config = autostop_for(set_autostop(session(args), args.name, config, log=say), config)
+        config = autostop_for(set_autostop(session(args, args.name), args.name, config, log=say), config)
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)
@@ -152,10 +181,15 @@ def cmd_autostop(args) -> int:
 def add_down(sub, name: str, summary: str) -> None:
     p = cloud_command(sub, name, summary,
                       description="Terminate (not just stop) every instance of NAME, then delete its security group "
-                                  "and any key pair mnist-cloud created for it. --all sweeps every name you own.")
+                                  "and any key pair mnist-cloud created for it. NAME is found in the region it was "
+                                  "launched in. --all sweeps every name you own, in the configured region, every "
+                                  "region the state knows and those --region lists (R1,R2); --all --all-regions "
+                                  "sweeps every region enabled for the account.")
     machine_name(p, default=None)
     p.add_argument("--all", action="store_true", help="every resource tagged as yours (an assumed role's "
                    "earlier sessions count as you)")
+    p.add_argument("--all-regions", action="store_true",
+                   help="with --all: every region enabled for the account, not only the ones the state knows")
     p.add_argument("--any-owner", action="store_true",
                    help="also machines tagged by OTHER people or roles of this account (NAME: one of theirs; "
                         "--all: everyone's)")
@@ -167,55 +201,83 @@ def add_down(sub, name: str, summary: str) -> None:
     p.set_defaults(handler=cmd_down)
 
 
+def down_regions(args) -> dict:
+    """Where `down` looks: NAME's region; for --all, the configured region, every region the state knows
+    and those --region lists, or every enabled region with --all-regions."""
+    from infra.ec2.regions import every_region, sessions
+    from infra.state import State
+
+    if not args.all:
+        aws = session(args, args.name)
+        return {aws.region: aws}
+    asked = names(getattr(args, "region", None), "--region")
+    first = session(argparse.Namespace(region=asked[0] if asked else None, profile=getattr(args, "profile", None)))
+    if args.all_regions:
+        return every_region(first, getattr(args, "profile", None))
+    return sessions(first, [*asked, *(h.region for h in State().all() if h.kind == "ec2")],
+                    getattr(args, "profile", None))
+
+
 def cmd_down(args) -> int:
-    from infra.ec2 import DownIncomplete, down, down_all, instances_to_terminate, owner_label
+    from infra.ec2 import DownIncomplete, DownReport, down, down_all, instances_to_terminate, owner_label
+    from infra.ec2.regions import in_each
 
     if args.all == bool(args.name):
         raise UserError("give a NAME, or --all")
+    if args.all_regions and not args.all:
+        raise UserError("--all-regions goes with --all; a NAME is found in its own region")
     if args.no_pull and args.discard_runs:
         raise UserError("--no-pull refuses when runs are unpulled, --discard-runs deletes them: give one")
-    aws = session(args)
-    alive = instances_to_terminate(aws, None if args.all else args.name, any_owner=args.any_owner)
+    regions = down_regions(args)
+    found_in = in_each(regions, lambda aws: instances_to_terminate(aws, None if args.all else args.name,
+                                                                   any_owner=args.any_owner))
+    alive = [i for region in found_in for i in found_in[region]]
+    where = f" in {', '.join(regions)}" if len(regions) > 1 else f" in {next(iter(regions))}"
     if args.all and args.any_owner:
-        confirm("Terminate every mnist-cloud instance in this account and region, INCLUDING OTHER PEOPLE'S, "
+        confirm(f"Terminate every mnist-cloud instance in this account{where}, INCLUDING OTHER PEOPLE'S, "
                 "and delete their groups and keys?", args.yes)
     elif args.all:
-        confirm("Terminate every mnist-cloud instance you own and delete their groups and keys?", args.yes)
+        confirm(f"Terminate every mnist-cloud instance you own{where} and delete their groups and keys?", args.yes)
     elif alive:
         whose = {owner_label(i.owner) for i in alive if i.owner} if args.any_owner else set()
         confirm(f"Terminate {', '.join(i.instance_id for i in alive)} ({args.name}"
                 f"{', owned by ' + ', '.join(sorted(whose)) if whose else ''})?", args.yes)
-    found = keep_runs(args, alive)
+    found = keep_runs(args, alive, {i.name: region for region in found_in for i in found_in[region]})
     if found:
         from pathlib import Path
 
         from infra.unpulled import pull_all
 
         pull_all(found, Path("runs"), log=say)
-    incomplete = None
-    try:
-        report = down_all(aws, log=say, any_owner=args.any_owner) if args.all else down(aws, args.name, log=say)
-    except DownIncomplete as e:  # what was deleted is said first, then the one line of what is left
-        report, incomplete = e.report, e
+    report, left = DownReport(), []
+    for aws in regions.values():
+        try:
+            part = down_all(aws, log=say, any_owner=args.any_owner) if args.all else down(aws, args.name, log=say)
+        except DownIncomplete as e:  # what was deleted is said first, then the one line of what is left
+            part = e.report
+            left.extend(part.left)
+        for key in ("terminated", "security_groups", "key_pairs", "volumes", "placement_groups"):
+            getattr(report, key).extend(getattr(part, key))
     if not (report.terminated or report.security_groups or report.key_pairs or report.volumes
-            or report.placement_groups or incomplete):
-        say(f"nothing to delete{'' if args.all else f' for {args.name!r}'}")
+            or report.placement_groups or left):
+        say(f"nothing to delete{'' if args.all else f' for {args.name!r}'}{where if args.all else ''}")
         return ExitCode.OK
     say(f"deleted: {len(report.terminated)} instance(s) {' '.join(report.terminated)}; "
         f"{len(report.security_groups)} security group(s); {len(report.key_pairs)} key pair(s); "
         f"{len(report.volumes)} detached volume(s); {len(report.placement_groups)} placement group(s)")
-    if incomplete:
-        raise incomplete
+    if left:
+        report.left = left
+        raise DownIncomplete(report)
     return ExitCode.OK
 
 
-def keep_runs(args, alive) -> list:
+def keep_runs(args, alive, regions: dict[str, str]) -> list:
     """The unpulled runs on the instances `down` is about to terminate (to pull them), or a one-line
-    refusal; nothing with --discard-runs."""
+    refusal; nothing with --discard-runs. `regions`: each name's region."""
     from infra.unpulled import check, refuse
 
     if args.discard_runs or not alive:
         return []
-    found, problems = check(alive, getattr(args, "region", None), getattr(args, "profile", None))
+    found, problems = check(alive, None, getattr(args, "profile", None), regions)
     refuse(found, problems, pull=not args.no_pull)
     return found

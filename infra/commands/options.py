@@ -14,7 +14,7 @@ import sys
 from infra.errors import Parser, UserError
 
 __all__ = ["DEFAULT_NAME", "Parser", "aws_group", "aws_options", "cloud_command", "code_option", "confirm",
-           "global_aws", "machine_name", "python_option", "say", "session", "target_for"]
+           "global_aws", "machine_name", "names", "python_option", "say", "session", "state_region", "target_for"]
 
 DEFAULT_NAME = "mnist"
 CODE_HELP = "checkout to sync (default: the current directory)"
@@ -73,6 +73,14 @@ def global_aws(rest: list[str], args) -> list[str]:
     return rest
 
 
+def names(text: str | None, what: str) -> list[str]:
+    """A comma-separated option (--instance A,B, --region R1,R2) as a list, order kept, repeats dropped."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if text is not None and not items:
+        raise UserError(f"{what} is empty; give a comma-separated list")
+    return list(dict.fromkeys(items))
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -87,13 +95,26 @@ def confirm(question: str, yes: bool) -> None:
         raise UserError("cancelled; nothing was changed")
 
 
-def session(args):
-    """The AWS session for --region/--profile, else the config's, else the AWS defaults."""
+def session(args, name: str | None = None):
+    """The AWS session for --region/--profile, else, for a `name` the state knows on EC2, the region it was
+    launched in (a name is found without --region wherever it landed), else the config's, else the AWS
+    defaults."""
     from infra import settings
     from infra.aws import Aws
 
-    found = settings.resolve({"region": getattr(args, "region", None), "profile": getattr(args, "profile", None)})
+    region = getattr(args, "region", None)
+    if region is None and name:
+        region = state_region(name)
+    found = settings.resolve({"region": region, "profile": getattr(args, "profile", None)})
     return Aws(region=found["region"].value, profile=found["profile"].value)
+
+
+def state_region(name: str) -> str | None:
+    """The region the state records for an EC2 name, None for a name it does not know (or an SSH host)."""
+    from infra.state import State
+
+    host = State().get(name)
+    return host.region if host is not None and host.kind == "ec2" else None
 
 
 def target_for(args):

@@ -3,7 +3,7 @@ is spent (the rows are built in infra/plan.py)."""
 
 from __future__ import annotations
 
-from infra.commands.options import cloud_command, say
+from infra.commands.options import cloud_command, names, say
 from infra.errors import UserError
 from runspec import ExitCode
 
@@ -25,13 +25,6 @@ def add_plan(sub, name: str, summary: str) -> None:
     p.add_argument("--nodes", type=int, default=1, metavar="K", help="vCPUs for K instances (default: 1)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.set_defaults(handler=cmd_plan)
-
-
-def names(text: str | None, what: str) -> list[str]:
-    items = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if text is not None and not items:
-        raise UserError(f"{what} is empty; give a comma-separated list")
-    return list(dict.fromkeys(items))
 
 
 def cmd_plan(args) -> int:

@@ -13,7 +13,7 @@ from infra.ec2.autostop import autostop_for, set_autostop
 from infra.ec2.images import resolve_dlami
 from infra.ec2.instances import Instance, describe_instance, find_instances
 from infra.ec2.keys import console_fingerprints
-from infra.ec2.launching import LaunchSpec, launch
+from infra.ec2.launching import LaunchSpec, NoCapacity, launch
 from infra.ec2.lifecycle import start, stop
 from infra.ec2.network import default_subnets, default_vpc, ensure_security_group, find_security_group
 from infra.ec2.owners import caller_identity, others_instances, owner_key, owner_label, same_owner
@@ -24,7 +24,7 @@ from infra.ec2.teardown import (GROUP_RELEASE_WAIT, PLACEMENT_RELEASE_WAIT, Down
 
 __all__ = [
     "GROUP_RELEASE_WAIT", "PLACEMENT_RELEASE_WAIT", "TAG_OWNER",
-    "DownIncomplete", "DownReport", "Instance", "LaunchSpec",
+    "DownIncomplete", "DownReport", "Instance", "LaunchSpec", "NoCapacity",
     "attach_instance", "autostop_for", "caller_identity", "console_fingerprints", "default_subnets", "default_vpc",
     "describe_instance", "down", "down_all", "instances_to_terminate", "ensure_security_group", "find_instances", "find_security_group",
     "launch", "others_instances", "owner_key", "owner_label", "resolve_dlami", "same_owner", "set_autostop",

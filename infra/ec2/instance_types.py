@@ -44,9 +44,14 @@ def vcpus_of(aws: Aws, instance_types: list[str]) -> dict[str, int]:
 
 def smallest_with_gpu(aws: Aws, gpu: str) -> str:
     """The smallest instance type whose GPU AWS names `gpu` (GpuInfo: 'T4', 'L4', 'A10G', 'T4g', ...):
-    fewest GPUs, then fewest vCPUs, then least memory."""
+    fewest GPUs, then fewest vCPUs, then least memory. Whole GPUs only: a fractional one (g6f: its
+    GpuPartitionSize is under 1, and its Count 0) needs a GRID driver that the PyTorch DLAMI lacks."""
     every = aws.paginate("ec2", "describe_instance_types", "InstanceTypes")
-    with_it = [t for t in every if any(g.get("Name", "").lower() == gpu.lower()
+
+    def whole(g: dict) -> bool:
+        return g.get("Count", 1) >= 1 and g.get("GpuPartitionSize", 1) >= 1
+
+    with_it = [t for t in every if any(g.get("Name", "").lower() == gpu.lower() and whole(g)
                                        for g in t.get("GpuInfo", {}).get("Gpus", []))]
     if not with_it:
         names = sorted({g.get("Name", "") for t in every for g in t.get("GpuInfo", {}).get("Gpus", [])})

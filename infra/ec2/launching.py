@@ -41,6 +41,14 @@ CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "SpotM
 DEFAULT_USER = "ubuntu"  # the Deep Learning AMI's login
 
 
+class NoCapacity(UserError):
+    """Every zone (and market) a launch may try answered with a capacity error; `code` is the last one."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class LaunchSpec:
     name: str
@@ -58,6 +66,8 @@ class LaunchSpec:
     user_data: str | None = None  # e.g. the autostop watchdog installer
     wait_status_checks: bool = True
     nodes: int = 1  # K > 1: a cluster of K instances in one placement group
+    zones: list[str] | None = None  # only these zones, in this order (a candidate of `launch` over lists)
+    on_demand_fallback: bool = True  # a spot launch falls back to on-demand in its region (not over lists)
 
     @property
     def autostop(self):
@@ -71,7 +81,8 @@ class LaunchSpec:
 
 def _record(state: State, inst: Instance, key: KeyInfo, region: str, user: str = DEFAULT_USER) -> None:
     state.put(Host(name=inst.name, kind="ec2", host=inst.public_ip, user=user, key_path=str(key.private_key),
-                   instance_id=inst.instance_id, region=region, key_name=key.key_name, created_key=key.created))
+                   instance_id=inst.instance_id, region=region, key_name=key.key_name, created_key=key.created,
+                   instance_type=inst.instance_type))
 
 
 def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = None,
@@ -190,14 +201,18 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
     """run_instances: spot in each AZ in turn, then on demand (saying so); capacity errors only.
     `pin`: the only subnet to use (a cluster's later nodes)."""
     subnets = [s for s in describe_default_subnets(aws, vpc) if pin in (None, s["SubnetId"])]
+    if spec.zones is not None:  # a candidate's offering zones, cheapest first
+        subnets = sorted((s for s in subnets if s["AvailabilityZone"] in spec.zones),
+                         key=lambda s: spec.zones.index(s["AvailabilityZone"]))
     zones = [(s["AvailabilityZone"], s["SubnetId"]) for s in subnets]
     private = {s["SubnetId"] for s in subnets if not s.get("MapPublicIpOnLaunch", True)}
     # EC2 picks the zone when no subnet is named; not when pinned, nor when a subnet gives no public address
-    anywhere = not zones or not (pin or private)
+    anywhere = spec.zones is None and (not zones or not (pin or private))
     plans: list[tuple[bool, str | None, str | None]] = []
     if spec.spot:
-        plans += [(True, zone, subnet) for zone, subnet in zones] or [(True, None, None)]
-    plans += [(False, None, None)] * anywhere + [(False, zone, subnet) for zone, subnet in zones]
+        plans += [(True, zone, subnet) for zone, subnet in zones] or [(True, None, None)] * (spec.zones is None)
+    if not spec.spot or spec.on_demand_fallback:
+        plans += [(False, None, None)] * anywhere + [(False, zone, subnet) for zone, subnet in zones]
     if spec.spot and spec.autostop_action == "terminate":
         log("note: autostop on a spot instance stops it (terminating it would make its persistent request "
             "launch a new one); `mnist-cloud down` deletes it")
@@ -226,8 +241,11 @@ def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: 
             where = zone or "the default zone"
             log(f"no {'spot' if spot else 'on-demand'} capacity for {spec.instance_type} in {where} ({e.code}); "
                 "trying the next option")
-    raise UserError(f"no capacity for {spec.instance_type} in {aws.region} ({last_error.code}); "
-                    "try another instance type or --region")
+    if last_error is None:
+        raise UserError(f"{aws.region}'s default VPC has no subnet in a zone that offers {spec.instance_type} "
+                        f"({', '.join(spec.zones or [])})")
+    raise NoCapacity(f"no capacity for {spec.instance_type} in {aws.region} ({last_error.code}); try another "
+                     "instance type or --region, or give several: --instance A,B --region R1,R2", last_error.code)
 
 
 def wait_up(aws: Aws, spec: LaunchSpec, instance_id: str, key: KeyInfo, log: Log, state: State,

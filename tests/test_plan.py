@@ -131,8 +131,22 @@ def test_a_denied_service_quotas_call_is_an_unknown_not_a_failure(plan):
 def test_gpu_type_names_the_smallest_instance_type_with_that_gpu(plan):
     [row] = rows_of(plan("--gpu-type", "T4", "--region", "us-east-1", "--json"))
     assert row["instance_type"] == "g4dn.xlarge" and row["gpu"] == "T4" and row["vcpus_needed"] == 4
+    # whole GPUs only: g6f.large has a fraction of an L4 (moto: Count 0; AWS: GpuPartitionSize under 1)
+    [l4] = rows_of(plan("--gpu-type", "L4", "--region", "us-east-1", "--json"))
+    assert l4["instance_type"] == "g6.xlarge", l4["instance_type"]
     unknown = plan("--gpu-type", "Q9000", "--region", "us-east-1")
     assert unknown.returncode == 2 and "no instance type in us-east-1 has a GPU named 'Q9000'" in unknown.stderr
+
+
+def test_region_all_is_every_region_enabled_for_the_account(plan):
+    import boto3
+
+    ec2 = boto3.client("ec2", endpoint_url=plan.url, region_name="us-east-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    enabled = {r["RegionName"] for r in ec2.describe_regions()["Regions"]}
+    rows = rows_of(plan("--instance", "g4dn.xlarge", "--region", "all", "--json"))
+    assert {r["region"] for r in rows} == enabled and len(rows) == len(enabled) > 3
+    assert all(r["ok"] for r in rows if r["region"] in REGIONS)  # the DLAMI is seeded in these only
 
 
 def test_a_dozen_rows_take_about_the_slowest_row_not_their_sum(plan):

@@ -16,9 +16,13 @@ def add_status(sub, name: str, summary: str) -> None:
     p.set_defaults(handler=cmd_status)
 
 
+# What status's PRICED BY column says of a Price's kind; a starred one has a footnote that says what and why.
+PRICED_BY = {"spot": "spot-history", "on-demand": "price-list", "fallback": "fallback*", "unknown": "unknown*"}
+
 
 def cmd_status(args) -> int:
-    from infra.ec2 import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
+    from infra.ec2 import caller_identity, find_instances, machine_prices, others_instances, owner_label, \
+        spot_interruptions
     from infra.state import State
 
     state = State()
@@ -31,33 +35,41 @@ def cmd_status(args) -> int:
         theirs = {i.instance_id for i in others_instances(every, caller_identity(aws))}
     instances = [i for i in every if i.instance_id not in theirs]
     interrupted = spot_interruptions(aws, instances) if needs_aws else {}
+    prices = machine_prices(aws, instances) if needs_aws else {}  # the running ones; the others bill no hours
     owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
     rows = []
     for i in instances:
-        cost = i.cost_so_far
+        price = prices.get(i.instance_id)
+        cost = 0.0 if price is None else i.cost_so_far(price)
         shown = i.state
         if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
             shown = "interrupting" if i.state == "running" else "interrupted"
+        per_hour = "-" if price is None or price.usd_per_hour is None else f"{price.usd_per_hour:.4f}"
         rows.append([i.name, i.instance_id, i.instance_type, shown, i.lifecycle, i.public_ip or "-",
-                     _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
-                     *(f(i) for f in owner)])
+                     _age(i.uptime_hours), per_hour, "-" if price is None else PRICED_BY[price.kind],
+                     "?" if cost is None else f"${cost:.2f}", i.autostop, *(f(i) for f in owner)])
     blank = ["-"] * len(owner)
     for h in ssh_hosts:
-        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
+        rows.append([h.name, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
+                     *blank])
     known = {i.name for i in every} | {h.name for h in ssh_hosts}
     for h in state.all():  # cached names whose instance is gone: say so, EC2 is the truth
         if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name):
-            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-", *blank])
+            rows.append([h.name, h.instance_id or "-", "?", "gone", "-", "-", "-", "-", "-", "-", "-", *blank])
     if theirs:
         say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
         say(f"no instances{f' named {args.name!r}' if args.name else ''}. Launch one: "
             "mnist-cloud launch --instance g4dn.xlarge")
         return ExitCode.OK
-    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "COST SO FAR", "AUTOSTOP",
-              *(["OWNER"] if owner else [])]
+    header = ["NAME", "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME", "USD/H", "PRICED BY", "COST SO FAR",
+              "AUTOSTOP", *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
+    for i in instances:
+        price = prices.get(i.instance_id)
+        if price is not None and price.kind in ("fallback", "unknown"):
+            say(f"* {i.name} ({i.instance_id}): {price.source}" + (f"; {price.note}" if price.note else ""))
     for i in instances:
         if i.instance_id in interrupted:
             say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "

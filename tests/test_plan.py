@@ -14,12 +14,11 @@ import urllib.request
 
 import pytest
 
-from fixtures.aws import Faults, aws_env, json_error, moto_server, seed_dlami
+from fixtures.aws import PRICE_LIST, Faults, aws_env, json_error, moto_server, price_list, seed_dlami, spot_history
 from fixtures.cli import run_cli
 
 QUOTA = "ServiceQuotasV20190624.GetServiceQuota"
 DEFAULT_QUOTA = "ServiceQuotasV20190624.GetAWSDefaultServiceQuota"
-PRICES = "AWSPriceListService.GetProducts"
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
 
 
@@ -55,51 +54,6 @@ def quotas(applied: dict[tuple[str, str], float], defaults: dict[str, float] | N
     return get, default
 
 
-def product(instance_type: str, region: str, usd: str) -> str:
-    """One Price List product, as GetProducts lists it: a JSON string."""
-    sku = "JRTCKXETXFZZ"
-    return json.dumps({
-        "product": {"productFamily": "Compute Instance", "sku": sku,
-                    "attributes": {"instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
-                                   "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used"}},
-        "serviceCode": "AmazonEC2",
-        "terms": {"OnDemand": {f"{sku}.JRTCKXETXF": {
-            "offerTermCode": "JRTCKXETXF", "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "termAttributes": {},
-            "priceDimensions": {f"{sku}.JRTCKXETXF.6YS6EN2CT7": {
-                "unit": "Hrs", "beginRange": "0", "endRange": "Inf", "appliesTo": [],
-                "rateCode": f"{sku}.JRTCKXETXF.6YS6EN2CT7",
-                "description": f"${usd} per On Demand Linux {instance_type} Instance Hour",
-                "pricePerUnit": {"USD": usd}}}}}},
-        "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z"})
-
-
-def price_list(usd: dict[tuple[str, str], str]):
-    """GetProducts: (region, type) -> USD per hour, read from the request's TERM_MATCH filters."""
-    def get(request, region):
-        assert request["ServiceCode"] == "AmazonEC2"
-        f = {x["Field"]: x["Value"] for x in request["Filters"]}
-        price = usd.get((f["regionCode"], f["instanceType"]))
-        return 200, {"FormatVersion": "aws_v1",
-                     "PriceList": [product(f["instanceType"], f["regionCode"], price)] if price else []}
-
-    return get
-
-
-def spot_history(prices: dict[str, list[tuple[str, str]]]):
-    """DescribeSpotPriceHistory: zone -> [(USD, timestamp), ...], as EC2's XML."""
-    def get(params, region):
-        items = "".join(
-            f"<item><instanceType>{params['InstanceType.1']}</instanceType><productDescription>Linux/UNIX"
-            f"</productDescription><spotPrice>{usd}</spotPrice><timestamp>{at}</timestamp>"
-            f"<availabilityZone>{zone}</availabilityZone></item>"
-            for zone, entries in prices.items() if zone.startswith(region) for usd, at in entries)
-        return 200, ('<DescribeSpotPriceHistoryResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
-                     f"<requestId>59dbff89-35bd-4eac-99ed-be587EXAMPLE</requestId><spotPriceHistorySet>{items}"
-                     "</spotPriceHistorySet><nextToken/></DescribeSpotPriceHistoryResponse>")
-
-    return get
-
-
 @pytest.fixture
 def plan(forged, tmp_path, mnist_cloud):
     """plan(*args) runs `mnist-cloud plan` against the freshly reset, DLAMI-seeded moto server; its Faults
@@ -112,7 +66,7 @@ def plan(forged, tmp_path, mnist_cloud):
     get, default = quotas({}, {code: 64.0 for code in ("L-DB2E81BA", "L-3819A6DF", "L-417A185B", "L-7212CCBC")})
     faults.answer_json(QUOTA, get)
     faults.answer_json(DEFAULT_QUOTA, default)
-    faults.answer_json(PRICES, price_list({(r, t): "0.5260000000" for r in REGIONS
+    faults.answer_json(PRICE_LIST, price_list({(r, t): "0.5260000000" for r in REGIONS
                                            for t in ("g4dn.xlarge", "g6.xlarge")}))
     faults.answer_query("DescribeSpotPriceHistory", spot_history({}))
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url)
@@ -226,26 +180,26 @@ def test_prices_are_live_spot_the_cheapest_newest_per_zone_and_on_demand_from_th
         # the older entry of a zone is history, not its price now
         "us-east-1b": [("0.2100", "2026-12-04T18:00:00.000Z"), ("0.0900", "2026-12-01T00:00:00.000Z")],
     }))
-    plan.faults.answer_json(PRICES, price_list({("us-east-1", "g4dn.xlarge"): "0.6310000000"}))
+    plan.faults.answer_json(PRICE_LIST, price_list({("us-east-1", "g4dn.xlarge"): "0.6310000000"}))
     rows = {r["market"]: r for r in rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-east-1", "--spot",
                                                  "--json"))}
     assert rows["spot"]["usd_per_hour"] == 0.21 and rows["spot"]["price_source"] == "live spot, us-east-1b"
     assert rows["on-demand"]["usd_per_hour"] == 0.631
     assert rows["on-demand"]["price_source"] == "live, AWS Price List"
-    [asked] = plan.faults.sent[PRICES]
+    [asked] = plan.faults.sent[PRICE_LIST]
     assert {"Type": "TERM_MATCH", "Field": "regionCode", "Value": "us-east-1"} in asked["Filters"]
     # the default run: 10 epochs at T4's labelled estimate plus launch and setup, at the live price
     assert rows["on-demand"]["run_usd"] == pytest.approx(0.631 * rows["on-demand"]["run_seconds"] / 3600)
     assert "estimate for T4" in rows["on-demand"]["run_basis"]
 
     # the Price List answer is kept for an hour: asked again, the API is not
-    plan.faults.answer_json(PRICES, lambda request, region: json_error("AccessDeniedException", "denied"))
+    plan.faults.answer_json(PRICE_LIST, lambda request, region: json_error("AccessDeniedException", "denied"))
     [again] = rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-east-1", "--json"))
-    assert again["usd_per_hour"] == 0.631 and len(plan.faults.sent[PRICES]) == 1
+    assert again["usd_per_hour"] == 0.631 and len(plan.faults.sent[PRICE_LIST]) == 1
 
 
 def test_without_the_price_list_the_built_in_table_is_a_labelled_fallback(plan):
-    plan.faults.answer_json(PRICES, lambda request, region: json_error(
+    plan.faults.answer_json(PRICE_LIST, lambda request, region: json_error(
         "AccessDeniedException", "User: arn:aws:iam::123456789012:user/alice is not authorized to perform: "
         "pricing:GetProducts"))
     [row] = rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-west-2", "--json"))

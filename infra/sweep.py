@@ -321,7 +321,8 @@ def table(summaries: list[ConfigSummary]) -> str:
                      f"{statistics.median(s.seconds):.0f}s" if s.seconds else "-",
                      "-" if s.cost is None else f"${s.cost:.3f}"])
     sources = Counter(source for s in summaries for source in s.price_sources)
-    priced = [f"cost priced by: {'; '.join(f'{source} ({n} run(s))' for source, n in sources.items())}"] if sources else []
+    by_source = "; ".join(f"{source} ({n} run(s))" for source, n in sources.items())
+    priced = [f"cost priced by: {by_source}"] if sources else []
     return "\n".join([*runspec.table(header, rows), *priced])
 
 

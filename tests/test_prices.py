@@ -63,7 +63,8 @@ def launch(url: str, name: str, instance_type: str, hours_ago: float) -> str:
     tags = [{"ResourceType": "instance", "Tags": [{"Key": "mnist-cloud:name", "Value": name}]}]
     [inst] = ec2_client(url).run_instances(ImageId=DLAMI_ID, InstanceType=instance_type, MinCount=1, MaxCount=1,
                                            TagSpecifications=tags)["Instances"]
-    ec2_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_instance(inst["InstanceId"]).launch_time -= timedelta(hours=hours_ago)
+    moved = ec2_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_instance(inst["InstanceId"])
+    moved.launch_time -= timedelta(hours=hours_ago)
     return inst["InstanceId"]
 
 

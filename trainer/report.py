@@ -345,7 +345,8 @@ def render(run: Run, plots: dict[str, bytes], note: str = "") -> str:
         "data": json.dumps(run.config.get("data")),
     }
     if cloud:
-        priced = f"${cloud.get('price_per_hour')}/h" + (f", {cloud['price_source']}" if cloud.get("price_source") else "")
+        priced_by = f", {cloud['price_source']}" if cloud.get("price_source") else ""
+        priced = f"${cloud.get('price_per_hour')}/h{priced_by}"
         env["instance"] = f"{cloud.get('name')} {cloud.get('instance_type')} ({priced})"
     env_rows = "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(str(v))}</td></tr>'
                        for k, v in env.items())

@@ -126,7 +126,8 @@ def pricing_session(aws: Aws) -> Aws:
     return aws if aws.region in PRICING_REGIONS else Aws(region=PRICING_REGIONS[0], profile=aws.profile)
 
 
-def spot_history(aws: Aws, instance_type: str, zone: str, start: datetime, end: datetime) -> list[tuple[datetime, float]]:
+def spot_history(aws: Aws, instance_type: str, zone: str, start: datetime,
+                 end: datetime) -> list[tuple[datetime, float]]:
     """[(timestamp, USD per hour)] of Linux spot `instance_type` in `zone` from start to end, oldest first. EC2
     also returns the last change before `start`: the price in force then. Raises CloudError."""
     records = aws.paginate("ec2", "describe_spot_price_history", "SpotPriceHistory", InstanceTypes=[instance_type],

@@ -23,7 +23,7 @@ from infra.ec2 import prices, quotas
 from infra.ec2.images import DLAMI_UNSUPPORTED, resolve_dlami
 from infra.ec2.network import default_subnets, default_vpc
 from infra.errors import UserError
-from infra.pricing import hourly_price
+from infra.pricing import fallback_price
 
 T = TypeVar("T")
 DENIED = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
@@ -123,13 +123,10 @@ def fill_price(row: PlanRow, aws: Aws, pricing: Aws) -> None:
         found = asking(row, "on-demand price", "pricing:GetProducts",
                        lambda: prices.on_demand_price(pricing, row.region, row.instance_type))
         if found is not None:
-            row.usd_per_hour, row.price_source = found, "live, AWS Price List"
+            row.usd_per_hour, row.price_source = found, prices.LIVE_ON_DEMAND
     if row.usd_per_hour is None:
-        row.usd_per_hour = hourly_price(row.instance_type)
-        if row.usd_per_hour is not None:
-            row.price_source = "fallback: built-in table (us-east-1 on-demand)"
-        else:
-            row.price_source = "unknown"
+        fallback = fallback_price(row.instance_type)
+        row.usd_per_hour, row.price_source = fallback.usd_per_hour, fallback.source
 
 
 def fill_quota(row: PlanRow, aws: Aws, vcpus_per_node: int | None) -> None:
@@ -301,7 +298,7 @@ def where(regions: list[str | None], profile: str | None, instance_types: list[s
     sessions = {r: first if r in (first.region, None) else Aws(region=r, profile=profile) for r in regions}
     sessions = {aws.region: aws for aws in sessions.values()}
     pricing = next((aws for r, aws in sessions.items() if r in prices.PRICING_REGIONS), None) or \
-        Aws(region=prices.PRICING_REGIONS[0], profile=profile)
+        prices.pricing_session(first)
     return Where(sessions, pricing, instance_types)
 
 

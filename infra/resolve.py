@@ -9,6 +9,7 @@ this returns and never imports the AWS layer itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class Resolved:
     instance_type: str | None = None
     lifecycle: str | None = None  # "spot" or "on-demand" on EC2
     shutdown: Shutdown | None = None  # None: not EC2
+    price: Callable[[], Any] | None = None  # asks AWS for the machine's Price (infra/ec2/prices.py); None: not EC2
 
 
 def known_host(name: str) -> Host:
@@ -62,11 +64,12 @@ def resolve(name: str, region: str | None = None, profile: str | None = None) ->
         return [Resolved(host, Endpoint(name=name, host=host.host, user=host.user, key_path=host.key_path,
                                         port=host.port))]
     from infra.aws import Aws
-    from infra.ec2 import console_fingerprints, describe_instance
+    from infra.ec2 import console_fingerprints, describe_instance, machine_price, pricing_session
 
     from infra import settings
 
     aws = Aws(region=region or host.region, profile=settings.value("profile", profile))
+    pricing = pricing_session(aws)  # made here, in the calling thread; asked only when a run starts
     out = []
     for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
         inst = describe_instance(aws, instance_id)
@@ -86,5 +89,6 @@ def resolve(name: str, region: str | None = None, profile: str | None = None) ->
             console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
         ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
                       alias=instance_id, workdir=f"mnist-cloud/{name}")
-        out.append(Resolved(host, ep, expected, inst.instance_type, inst.lifecycle, Shutdown(aws, inst)))
+        out.append(Resolved(host, ep, expected, inst.instance_type, inst.lifecycle, Shutdown(aws, inst),
+                            price=lambda inst=inst: machine_price(aws, pricing, inst)))
     return out

@@ -15,6 +15,7 @@ import re
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,6 +265,7 @@ class ConfigSummary:
     epochs_to_target: list[int | None] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     cost: float | None = None
+    price_sources: list[str] = field(default_factory=list)  # where each costed run's price came from
 
 
 def run_outcome(run_dir: Path) -> dict:
@@ -272,12 +274,14 @@ def run_outcome(run_dir: Path) -> dict:
     run = runspec.read_run(run_dir)
     result = run.completed()
     rows = run.rows
-    price = (run.config.get("cloud") or {}).get("price_per_hour")
+    cloud = run.config.get("cloud") or {}
+    price = cloud.get("price_per_hour")
     seconds = rows[-1]["elapsed"] if rows else 0.0
     return {"test_acc": result["test_acc"], "weights": result.get("weights", "final"),
             "tested_each_epoch": run.tested_each_epoch,
             "to_target": runspec.first_epoch_at_target(rows),
-            "seconds": seconds, "cost": price * seconds / 3600 if price is not None else None}
+            "seconds": seconds, "cost": price * seconds / 3600 if price is not None else None,
+            "price_source": cloud.get("price_source") or ("unknown" if price is not None else None)}
 
 
 def summarize(points: list[Point], runs: Path) -> list[ConfigSummary]:
@@ -296,6 +300,7 @@ def summarize(points: list[Point], runs: Path) -> list[ConfigSummary]:
         s.seconds.append(r["seconds"])
         if r["cost"] is not None:
             s.cost = (s.cost or 0.0) + r["cost"]
+            s.price_sources.append(r["price_source"])
     return list(out.values())
 
 
@@ -315,7 +320,10 @@ def table(summaries: list[ConfigSummary]) -> str:
                      f"{max(s.accs):.2f}%" if s.accs else "-", to_target,
                      f"{statistics.median(s.seconds):.0f}s" if s.seconds else "-",
                      "-" if s.cost is None else f"${s.cost:.3f}"])
-    return "\n".join(runspec.table(header, rows))
+    sources = Counter(source for s in summaries for source in s.price_sources)
+    by_source = "; ".join(f"{source} ({n} run(s))" for source, n in sources.items())
+    priced = [f"cost priced by: {by_source}"] if sources else []
+    return "\n".join([*runspec.table(header, rows), *priced])
 
 
 def finish(plan: Plan, runs: Path, log) -> int:

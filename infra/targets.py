@@ -15,12 +15,14 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import runspec
 from infra.agent import source as agent_source
 from infra.errors import UserError
 from infra.poll import poll
+from infra.pricing import Price, fallback_price
 from infra.jobs import Jobs
 from infra.remote import Remote
 from infra.state import Host
@@ -107,7 +109,8 @@ def run_trainer(args: list[str], python: str = sys.executable, cwd: Path | None 
 class SSHTarget:
     """A named machine reached over SSH."""
 
-    def __init__(self, host: Host, remote: Remote, instance_type: str | None = None, lifecycle: str | None = None):
+    def __init__(self, host: Host, remote: Remote, instance_type: str | None = None, lifecycle: str | None = None,
+                 price: Callable[[], Price] | None = None):
         self.host = host
         self.name = host.name
         self.label = remote.ep.name  # "NAME", or "NAME/node1" for the other nodes of a cluster
@@ -115,20 +118,21 @@ class SSHTarget:
         self.jobs = Jobs(remote)
         self.instance_type = instance_type
         self.lifecycle = lifecycle  # "spot" or "on-demand" on EC2
+        self.price = price  # asks AWS what an hour of this machine costs (infra/resolve.py); None: not EC2
         self.shutdown_behavior: str | None = None  # as this object last set it
         self.bundled = False  # the last sync sent the installed trainer with a project (setup runs its bootstrap)
         self.shutdown = None  # EC2's shutdown behaviour (infra.resolve.Shutdown): kept safe for unpulled runs
 
     def job_env(self) -> dict[str, str]:
-        """What the trainer records about where it ran, for the report's header and cost."""
-        from infra.pricing import hourly_price
-
+        """What the trainer records about where it ran, for the report's header and cost: the machine's
+        price now (for spot, the mean over its uptime so far) and where that price came from."""
         env = {runspec.ENV_NAME: self.name}
         if self.instance_type:
             env[runspec.ENV_INSTANCE_TYPE] = self.instance_type
-            price = hourly_price(self.instance_type)
-            if price is not None:
-                env[runspec.ENV_PRICE] = str(price)
+            price = self.price() if self.price else fallback_price(self.instance_type)
+            if price.usd_per_hour is not None:
+                env[runspec.ENV_PRICE] = str(price.usd_per_hour)
+                env[runspec.ENV_PRICE_SOURCE] = price.source
         return env
 
     @classmethod
@@ -144,7 +148,7 @@ class SSHTarget:
         targets = []
         for r in resolve(name, region, profile):
             target = cls(r.host, Remote(r.ep, expected_fingerprints=r.expected_fingerprints),
-                         instance_type=r.instance_type, lifecycle=r.lifecycle)
+                         instance_type=r.instance_type, lifecycle=r.lifecycle, price=r.price)
             target.shutdown = r.shutdown
             targets.append(target)
         return targets

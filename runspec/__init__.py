@@ -42,7 +42,8 @@ ENV_GIT_SHA = "MNIST_CLOUD_GIT_SHA"  # the laptop checkout's commit: the synced 
 ENV_GIT_DIRTY = "MNIST_CLOUD_GIT_DIRTY"  # "1" when that checkout had uncommitted changes
 ENV_NAME = "MNIST_CLOUD_NAME"  # the machine's name in `mnist-cloud ls`, for the report
 ENV_INSTANCE_TYPE = "MNIST_CLOUD_INSTANCE_TYPE"
-ENV_PRICE = "MNIST_CLOUD_PRICE"  # on-demand $/hour, for the report's cost line
+ENV_PRICE = "MNIST_CLOUD_PRICE"  # $/hour of the machine, for the report's cost line
+ENV_PRICE_SOURCE = "MNIST_CLOUD_PRICE_SOURCE"  # where that price came from (live spot, the Price List, a fallback)
 ENV_RANK0_FILE = "MNIST_CLOUD_RANK0_FILE"  # `train --on --nodes`: rank 0 writes "HOST PID" here
 
 
@@ -171,7 +172,8 @@ def cloud_info() -> dict[str, Any] | None:
         return None
     price = os.environ.get(ENV_PRICE)
     return {"name": os.environ[ENV_NAME], "instance_type": os.environ.get(ENV_INSTANCE_TYPE),
-            "price_per_hour": float(price) if price else None}
+            "price_per_hour": float(price) if price else None,
+            "price_source": os.environ.get(ENV_PRICE_SOURCE) if price else None}
 
 
 # ---------------------------------------------------------------------------------- reading a run

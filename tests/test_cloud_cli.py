@@ -58,7 +58,7 @@ def status_row(cloud, name: str, extra_env=None) -> dict[str, str]:
     out = cloud("status", name, extra_env=extra_env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    header = lines[0].replace("COST SO FAR", "COST").split()
+    header = lines[0].replace("COST SO FAR", "COST").replace("PRICED BY", "PRICED_BY").split()
     [row] = [l.split() for l in lines[1:] if l.startswith(name + " ")]
     assert len(row) == len(header), lines
     return dict(zip(header, row))

@@ -11,7 +11,7 @@ import pytest
 
 from fixtures.aws import Faults, aws_env, ec2_client, moto_server, seed_dlami
 from fixtures.cli import run_cli
-from fixtures.forged import DEFAULT_QUOTA, PRICES, QUOTA, QUOTA_CODES, price_list, quotas, spot_history
+from fixtures.forged import DEFAULT_QUOTA, PRICE_LIST, QUOTA, QUOTA_CODES, price_list, quotas, spot_history
 
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
 
@@ -35,7 +35,7 @@ def cloud(forged, ip_service, tmp_path, mnist_cloud):
     get, default = quotas({}, {code: 64.0 for code in QUOTA_CODES})
     faults.answer_json(QUOTA, get)
     faults.answer_json(DEFAULT_QUOTA, default)
-    faults.answer_json(PRICES, price_list({(r, t): "0.5260000000" for r in REGIONS
+    faults.answer_json(PRICE_LIST, price_list({(r, t): "0.5260000000" for r in REGIONS
                                            for t in ("g4dn.xlarge", "g6.xlarge")}))
     faults.answer_query("DescribeSpotPriceHistory", spot_history({}))
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url, MNIST_CLOUD_IP_URL=ip_service)
@@ -82,7 +82,7 @@ def test_a_launch_over_lists_skips_what_cannot_launch_then_fails_over_to_the_nex
     # (g4dn, cheaper) has no capacity in any zone; the L4 (g6) lands there.
     get, default = quotas({("us-east-1", "L-DB2E81BA"): 0.0}, {code: 64.0 for code in QUOTA_CODES})
     cloud.faults.answer_json(QUOTA, get)
-    cloud.faults.answer_json(PRICES, price_list({("us-east-1", "g4dn.xlarge"): "0.3000000000",
+    cloud.faults.answer_json(PRICE_LIST, price_list({("us-east-1", "g4dn.xlarge"): "0.3000000000",
                                                  ("us-west-2", "g4dn.xlarge"): "0.5000000000",
                                                  ("us-east-1", "g6.xlarge"): "0.3100000000",
                                                  ("us-west-2", "g6.xlarge"): "0.6000000000"}))
@@ -129,7 +129,7 @@ def test_spot_candidates_all_come_before_on_demand_and_a_region_given_up_is_left
         "us-east-1a": [("0.2500", "2026-12-04T19:00:00.000Z")],
         "us-west-2b": [("0.2000", "2026-12-04T19:00:00.000Z")]}))
     # on demand in us-west-2 is cheaper than spot in us-east-1: spot still goes first, as --spot asks
-    cloud.faults.answer_json(PRICES, price_list({("us-east-1", "g4dn.xlarge"): "0.5000000000",
+    cloud.faults.answer_json(PRICE_LIST, price_list({("us-east-1", "g4dn.xlarge"): "0.5000000000",
                                                  ("us-west-2", "g4dn.xlarge"): "0.2200000000"}))
     cloud.faults.fail("RunInstances", "InsufficientInstanceCapacity", times=50,
                       when=lambda q: q.get("InstanceMarketOptions.MarketType") == "spot")

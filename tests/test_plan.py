@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from fixtures.aws import Faults, aws_env, json_error, moto_server, seed_dlami
-from fixtures.forged import DEFAULT_QUOTA, PRICES, QUOTA, price_list, quotas, spot_history
+from fixtures.forged import DEFAULT_QUOTA, PRICE_LIST, QUOTA, price_list, quotas, spot_history
 from fixtures.cli import run_cli
 
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
@@ -40,7 +40,7 @@ def plan(forged, tmp_path, mnist_cloud):
     get, default = quotas({}, {code: 64.0 for code in ("L-DB2E81BA", "L-3819A6DF", "L-417A185B", "L-7212CCBC")})
     faults.answer_json(QUOTA, get)
     faults.answer_json(DEFAULT_QUOTA, default)
-    faults.answer_json(PRICES, price_list({(r, t): "0.5260000000" for r in REGIONS
+    faults.answer_json(PRICE_LIST, price_list({(r, t): "0.5260000000" for r in REGIONS
                                            for t in ("g4dn.xlarge", "g6.xlarge")}))
     faults.answer_query("DescribeSpotPriceHistory", spot_history({}))
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url)
@@ -168,26 +168,26 @@ def test_prices_are_live_spot_the_cheapest_newest_per_zone_and_on_demand_from_th
         # the older entry of a zone is history, not its price now
         "us-east-1b": [("0.2100", "2026-12-04T18:00:00.000Z"), ("0.0900", "2026-12-01T00:00:00.000Z")],
     }))
-    plan.faults.answer_json(PRICES, price_list({("us-east-1", "g4dn.xlarge"): "0.6310000000"}))
+    plan.faults.answer_json(PRICE_LIST, price_list({("us-east-1", "g4dn.xlarge"): "0.6310000000"}))
     rows = {r["market"]: r for r in rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-east-1", "--spot",
                                                  "--json"))}
     assert rows["spot"]["usd_per_hour"] == 0.21 and rows["spot"]["price_source"] == "live spot, us-east-1b"
     assert rows["on-demand"]["usd_per_hour"] == 0.631
     assert rows["on-demand"]["price_source"] == "live, AWS Price List"
-    [asked] = plan.faults.sent[PRICES]
+    [asked] = plan.faults.sent[PRICE_LIST]
     assert {"Type": "TERM_MATCH", "Field": "regionCode", "Value": "us-east-1"} in asked["Filters"]
     # the default run: 10 epochs at T4's labelled estimate plus launch and setup, at the live price
     assert rows["on-demand"]["run_usd"] == pytest.approx(0.631 * rows["on-demand"]["run_seconds"] / 3600)
     assert "estimate for T4" in rows["on-demand"]["run_basis"]
 
     # the Price List answer is kept for an hour: asked again, the API is not
-    plan.faults.answer_json(PRICES, lambda request, region: json_error("AccessDeniedException", "denied"))
+    plan.faults.answer_json(PRICE_LIST, lambda request, region: json_error("AccessDeniedException", "denied"))
     [again] = rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-east-1", "--json"))
-    assert again["usd_per_hour"] == 0.631 and len(plan.faults.sent[PRICES]) == 1
+    assert again["usd_per_hour"] == 0.631 and len(plan.faults.sent[PRICE_LIST]) == 1
 
 
 def test_without_the_price_list_the_built_in_table_is_a_labelled_fallback(plan):
-    plan.faults.answer_json(PRICES, lambda request, region: json_error(
+    plan.faults.answer_json(PRICE_LIST, lambda request, region: json_error(
         "AccessDeniedException", "User: arn:aws:iam::123456789012:user/alice is not authorized to perform: "
         "pricing:GetProducts"))
     [row] = rows_of(plan("--instance", "g4dn.xlarge", "--region", "us-west-2", "--json"))

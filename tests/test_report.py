@@ -114,6 +114,17 @@ def test_report_renders_offline_with_every_plot_and_the_right_numbers(browser, f
 
 
 @pytest.mark.slow
+def test_the_reports_cost_says_where_the_price_came_from(finished):
+    from trainer.report import load_run, render
+
+    run = load_run(finished)  # as `train --on` records it (runspec.cloud_info)
+    run.config["cloud"] = {"name": "m", "instance_type": "g4dn.xlarge", "price_per_hour": 0.631,
+                           "price_source": "live, AWS Price List"}
+    page = render(run, {})
+    assert f'data-field="est. cost">${run.cost:.3f} (live, AWS Price List)</div>' in page
+    assert "m g4dn.xlarge ($0.631/h, live, AWS Price List)" in page
+
+
 def test_confusion_matrix_is_the_delivered_weights_at_their_input_size(delivered_ema):
     from trainer.report import load_run, test_predictions
 

@@ -100,10 +100,10 @@ def test_estimate_counts_every_run_on_every_slot():
     assert usd == pytest.approx(hours * 2 * 0.526)
 
 
-def _forged_run(root, run_id, result, test_per_epoch):
+def _forged_run(root, run_id, result, test_per_epoch, cloud=None):
     d = root / run_id
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"status": "completed", "config": {}}))
+    (d / "config.json").write_text(json.dumps({"status": "completed", "config": {}, "cloud": cloud}))
     rows = [{"epoch": e, "test_acc": t, "elapsed": 10.0 * e} for e, t in enumerate(test_per_epoch, 1)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "result.json").write_text(json.dumps(result))
@@ -128,6 +128,18 @@ def test_summary_is_the_delivered_weights_not_the_last_epochs_test(tmp_path):
     assert lines[1].split()[:9] == ["a", "2/2", "ema", "99.35%", "99.40%", "99.45%", "2", "(1/2", "reached)"]
     assert lines[2].split()[:7] == ["b", "1/2", "(1", "failed)", "final", "99.20%", "99.20%"]
     assert lines[2].split()[8] == "n/a"  # nothing to peek at: not "not reached"
+
+
+def test_the_summarys_cost_says_where_each_runs_price_came_from(tmp_path):
+    from infra.sweep import Point, summarize, table
+
+    spot = {"name": "m", "instance_type": "g4dn.xlarge", "price_per_hour": 0.36,
+            "price_source": "live spot, us-east-1b, mean over uptime"}
+    for run_id in ("s1", "s2"):
+        _forged_run(tmp_path, run_id, {"test_acc": 99.4}, [None] * 10, cloud=spot)  # 100 s each
+    [s] = summarize([Point("s", i, [], f"s{i}", status="completed") for i in (1, 2)], tmp_path)
+    assert s.cost == pytest.approx(2 * 0.36 * 100 / 3600)
+    assert table([s]).splitlines()[-1] == "cost priced by: live spot, us-east-1b, mean over uptime (2 run(s))"
 
 
 @pytest.mark.slow

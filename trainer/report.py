@@ -311,7 +311,8 @@ def render(run: Run, plots: dict[str, bytes], note: str = "") -> str:
         ("wall time", _duration(run.seconds)),
     ]
     if run.cost is not None:
-        cards.append(("est. cost", f"${run.cost:.3f}"))
+        source = cloud.get("price_source")
+        cards.append(("est. cost", f"${run.cost:.3f}" + (f" ({source})" if source else "")))
     card_html = "".join(f'<div class="card"><div class="k">{html.escape(k)}</div>'
                         f'<div class="v" data-field="{html.escape(k)}">{html.escape(str(v))}</div></div>'
                         for k, v in cards)
@@ -344,7 +345,9 @@ def render(run: Run, plots: dict[str, bytes], note: str = "") -> str:
         "data": json.dumps(run.config.get("data")),
     }
     if cloud:
-        env["instance"] = f"{cloud.get('name')} {cloud.get('instance_type')} (${cloud.get('price_per_hour')}/h)"
+        priced_by = f", {cloud['price_source']}" if cloud.get("price_source") else ""
+        priced = f"${cloud.get('price_per_hour')}/h{priced_by}"
+        env["instance"] = f"{cloud.get('name')} {cloud.get('instance_type')} ({priced})"
     env_rows = "".join(f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(str(v))}</td></tr>'
                        for k, v in env.items())
     summary = (run.path / rd.SUMMARY).read_text() if (run.path / rd.SUMMARY).exists() else "(no summary.txt)"

@@ -35,8 +35,13 @@ def status_regions(args, state) -> dict:
     return sessions(first, known, getattr(args, "profile", None))
 
 
+# What status's PRICED BY column says of a Price's kind; a starred one has a footnote that says what and why.
+PRICED_BY = {"spot": "spot-history", "on-demand": "price-list", "fallback": "fallback*", "unknown": "unknown*"}
+
+
 def cmd_status(args) -> int:
-    from infra.ec2 import caller_identity, find_instances, others_instances, owner_label, spot_interruptions
+    from infra.ec2 import caller_identity, find_instances, machine_prices, others_instances, owner_label, \
+        spot_interruptions
     from infra.ec2.regions import in_each
     from infra.state import State
 
@@ -55,27 +60,34 @@ def cmd_status(args) -> int:
     for part in in_each(regions, lambda aws: spot_interruptions(
             aws, [i for i in instances if region_of[i.instance_id] == aws.region])).values():
         interrupted.update(part)
+    prices = {}
+    for region, aws in regions.items():  # the running ones; the others bill no hours
+        prices.update(machine_prices(aws, [i for i in instances if region_of[i.instance_id] == region]))
     owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
     where = [lambda i: region_of[i.instance_id]] if len(regions) > 1 else []
     rows = []
     for i in instances:
-        cost = i.cost_so_far
+        price = prices.get(i.instance_id)
+        cost = 0.0 if price is None else i.cost_so_far(price)
         shown = i.state
         if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
             shown = "interrupting" if i.state == "running" else "interrupted"
+        per_hour = "-" if price is None or price.usd_per_hour is None else f"{price.usd_per_hour:.4f}"
         rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
-                     i.public_ip or "-", _age(i.uptime_hours), "?" if cost is None else f"${cost:.2f}", i.autostop,
-                     *(f(i) for f in owner)])
+                     i.public_ip or "-", _age(i.uptime_hours), per_hour,
+                     "-" if price is None else PRICED_BY[price.kind], "?" if cost is None else f"${cost:.2f}",
+                     i.autostop, *(f(i) for f in owner)])
     blank, gap = ["-"] * len(owner), ["-"] * len(where)
     for h in ssh_hosts:
-        rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", *blank])
+        rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
+                     *blank])
     known = {i.name for i in every} | {h.name for h in ssh_hosts}
     gone = [h for h in state.all()  # cached names whose instance is gone: say so, EC2 is the truth
             if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
             and (h.region in regions or not h.region)]
     for h in gone:
         rows.append([h.name, *(h.region or "-" for _ in where), h.instance_id or "-", "?", "gone", "-", "-", "-",
-                     "-", "-", *blank])
+                     "-", "-", "-", "-", *blank])
     if theirs:
         say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
@@ -84,9 +96,13 @@ def cmd_status(args) -> int:
             "mnist-cloud launch --instance g4dn.xlarge")
         return ExitCode.OK
     header = ["NAME", *(["REGION"] if where else []), "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME",
-              "COST SO FAR", "AUTOSTOP", *(["OWNER"] if owner else [])]
+              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
+    for i in instances:
+        price = prices.get(i.instance_id)
+        if price is not None and price.kind in ("fallback", "unknown"):
+            say(f"* {i.name} ({i.instance_id}): {price.source}" + (f"; {price.note}" if price.note else ""))
     for i in instances:
         if i.instance_id in interrupted:
             say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "

@@ -7,12 +7,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from infra.aws import Aws, CloudError
 from infra.ec2.tags import TAG_AUTOSTOP, TAG_NAME, TAG_NODE, TAG_OWNER
 from infra.errors import UserError
 from infra.hosts import check_name
-from infra.pricing import estimate_cost
+
+if TYPE_CHECKING:
+    from infra.pricing import Price
 
 ALIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
@@ -40,9 +43,10 @@ class Instance:
             return 0.0
         return max(0.0, (datetime.now(timezone.utc) - self.launch_time).total_seconds() / 3600)
 
-    @property
-    def cost_so_far(self) -> float | None:
-        return estimate_cost(self.instance_type, self.uptime_hours)
+    def cost_so_far(self, price: "Price") -> float | None:
+        """What its uptime has cost at `price` (infra/ec2/prices.py machine_price: for spot, the mean over
+        that uptime); None when the price is unknown."""
+        return price.cost(self.uptime_hours)
 
     @property
     def autostop(self) -> str:

@@ -85,7 +85,7 @@ def land(where: Where, spec: LaunchSpec, spot: bool, log: Log = print, epochs: i
         log(f"trying {row.instance_type} {row.market} in {row.region} at {_price(row)}"
             + (f", zones {', '.join(zones)}" if zones else ""))
         one = replace(spec, instance_type=row.instance_type, spot=row.market == "spot", zones=zones,
-                      on_demand_fallback=False)
+                      on_demand_fallback=False, price_text=_price(row))
         try:
             return launch(aws, one, log, wait_ready=_ready(wait_ready, aws)), row, aws
         except NoCapacity as e:

@@ -97,12 +97,12 @@ def cmd_launch(args) -> int:
         if row is not None:
             price = f", ${row.usd_per_hour:.4f}/h ({row.price_source})" if row.usd_per_hour is not None else ""
         else:
-            price = _table_price(inst.instance_type)
+            price = _live_price(aws, inst)
     else:
         spec.instance_type = types[0]
         aws = session(args, args.name)
         inst = launch(aws, spec, log=say, wait_ready=lambda i: wait_ssh(aws, i))
-        price = _table_price(inst.instance_type)
+        price = _live_price(aws, inst)
     say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) in {inst.zone or aws.region} "
         f"at {inst.public_ip or 'no public IP'}{price}")
     nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""
@@ -113,11 +113,12 @@ def cmd_launch(args) -> int:
     return ExitCode.OK
 
 
-def _table_price(instance_type: str) -> str:
-    from infra.pricing import hourly_price
+def _live_price(aws, inst) -> str:
+    """", $X/h (where the figure comes from)": the Price List or the zone's spot history, else the table."""
+    from infra.ec2.prices import machine_price, pricing_session
 
-    per_hour = hourly_price(instance_type)
-    return f", ${per_hour:.3f}/h on demand" if per_hour is not None else ""
+    price = machine_price(aws, pricing_session(aws), inst)
+    return "" if price.usd_per_hour is None else f", ${price.usd_per_hour:.4f}/h ({price.source})"
 
 
 def add_attach(sub, name: str, summary: str) -> None:

@@ -68,6 +68,7 @@ class LaunchSpec:
     nodes: int = 1  # K > 1: a cluster of K instances in one placement group
     zones: list[str] | None = None  # only these zones, in this order (a candidate of `launch` over lists)
     on_demand_fallback: bool = True  # a spot launch falls back to on-demand in its region (not over lists)
+    price_text: str | None = None  # the live price, where the caller knows it (launch over lists)
 
     @property
     def autostop(self):
@@ -100,8 +101,9 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
         log(f"WARNING: --ssh-cidr {cidr} opens SSH to the whole internet; prefer your own /32")
     price = hourly_price(spec.instance_type)
     log(f"instance type {info.name}: {info.architecture}, {info.vcpus} vCPUs, "
-        f"{info.gpus or 'no GPU (training runs on its CPU)'}, "
-        f"{f'${price:.3f}/h on demand' if price is not None else 'price unknown (add it to prices.json)'}")
+        f"{info.gpus or 'no GPU (training runs on its CPU)'}, " + (spec.price_text or (
+            f"${price:.3f}/h on demand in the built-in table" if price is not None
+            else "price unknown (add it to prices.json)")))
     owner = caller_identity(aws)
 
     if not 1 <= spec.nodes <= 64:

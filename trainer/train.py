@@ -67,7 +67,13 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
     Under torchrun every rank runs this; rank 0 alone owns the run directory and the console."""
     dist = Dist.from_env()
     try:
-        return _fit(cfg, explicit, dist)
+        result = _fit(cfg, explicit, dist)
+        # every rank reaches the end before any tears the group down: gloo aborts a rank ("terminate called
+        # without an active exception") whose peer destroys its pairs while it still holds them, as a rank
+        # that stops early (--stop-after) while rank 0 writes last.pt did, one run in four. Not on an error,
+        # where the other ranks may never come.
+        dist.barrier()
+        return result
     finally:
         dist.shutdown()
 

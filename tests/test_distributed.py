@@ -89,7 +89,7 @@ def test_distributed_resume(two_processes, tmp_path, mnist_dir):
                                  "print(c['world_size'], len(c['rng_ranks']))", str(tmp_path / "runs" / "r" / "last.pt")],
                                 capture_output=True, text=True, cwd=REPO)
     assert ckpt_world.stdout.split() == ["2", "2"]  # every rank's RNG state is in the checkpoint
-    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "r"), "--no-progress"], tmp_path, mnist_dir)
+    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "r"), "--no-progress", "--no-report"], tmp_path, mnist_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     split = tmp_path / "runs" / "r"
     assert [r["epoch"] for r in epochs(split)] == [1, 2, 3]
@@ -191,7 +191,7 @@ def test_distributed_resume_of_a_model_not_the_default(tmp_path, mnist_dir):
              "500", "--no-progress", "--no-report"]
     first = torchrun(2, [*small, "--run-id", "g", "--stop-after", "1"], tmp_path, mnist_dir)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "g"), "--no-progress"], tmp_path, mnist_dir)
+    second = torchrun(2, ["--resume", str(tmp_path / "runs" / "g"), "--no-progress", "--no-report"], tmp_path, mnist_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [r["epoch"] for r in epochs(tmp_path / "runs" / "g")] == [1, 2]
     assert json.loads((tmp_path / "runs" / "g" / "config.json").read_text())["config"]["model"] == "seed002-gap"

@@ -166,16 +166,16 @@ def test_two_nodes_through_the_cli(cluster, tmp_path, mnist_cloud, mnist_dir):
     assert nodes == ["0", "1"]
 
     out = cli("train", "--on", "duo", "--nodes", "2", "--env", "GLOO_SOCKET_IFNAME=eth0",
-              "--epochs", "2", "--train-limit", "4096", "--eval-limit", "1000", "--data-dir", str(mnist_dir),
-              "--run-id", "duo-run")
+              "--epochs", "2", "--train-limit", "1024", "--eval-limit", "300", "--no-report", "--data-dir",
+              str(mnist_dir), "--run-id", "duo-run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "rendezvous at" in out.stdout and "test accuracy" in out.stdout and "(final weights, model.pt)" in out.stdout
     config = json.loads((code / "runs" / "duo-run" / "config.json").read_text())
     assert config["distributed"]["world_size"] == 2 and config["status"] == "completed"
     assert len(epochs(code / "runs" / "duo-run")) == 2
 
-    out = cli("train", "--on", "duo", "--gpus", "2", "--epochs", "1", "--train-limit", "2048", "--eval-limit", "500",
-              "--data-dir", str(mnist_dir), "--run-id", "pair")  # one machine, torchrun x 2 (CPU: gloo)
+    out = cli("train", "--on", "duo", "--gpus", "2", "--epochs", "1", "--train-limit", "1024", "--eval-limit", "300",
+              "--no-report", "--data-dir", str(mnist_dir), "--run-id", "pair")  # one machine, torchrun x 2 (CPU: gloo)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((code / "runs" / "pair" / "config.json").read_text())["distributed"]["world_size"] == 2
 

@@ -273,7 +273,8 @@ def test_resume_skips_a_bit_flipped_last_pt_and_says_which_it_used(stopped_run, 
     run_dir = copy_run(stopped_run, tmp_path, sidecar)
     flip_inside_a_tensor(run_dir / "last.pt")
     capfd.readouterr()
-    result = fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume", "progress"})
+    result = fit(TrainConfig(resume=str(run_dir), progress=False, report=False),
+                 explicit={"resume", "progress", "report"})
     assert result["status"] == "completed" and result["epochs"] == 3
     notes = [line for line in capfd.readouterr().err.splitlines() if "last.pt" in line]
     assert len(notes) == 1, notes

@@ -94,13 +94,15 @@ def test_a_gpu_run_resumes_on_the_cpu_reseeded_and_repeatable(tmp_path, mnist_di
     _forge(run_dir / "last.pt", **forged)
     shutil.copytree(run_dir, tmp_path / "runs" / "again")
     capfd.readouterr()
-    first = fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume", "progress"})
+    first = fit(TrainConfig(resume=str(run_dir), progress=False, report=False),
+                explicit={"resume", "progress", "report"})
     err = capfd.readouterr().err
     assert first["status"] == "completed" and first["epochs"] == 2
     notes = [l for l in err.splitlines() if "random state" in l]
     assert len(notes) == 1 and "re-seeded from (seed 1, epoch 2, step 0)" in notes[0], err
     # the re-seeding is a function of (seed, epoch, step): the same resume twice gives the same run
-    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), progress=False), explicit={"resume", "progress"})
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), progress=False, report=False),
+        explicit={"resume", "progress", "report"})
     strip = lambda rows: [{k: v for k, v in r.items() if k not in {"seconds", "train_seconds", "img_per_s", "elapsed"}}
                           for r in rows]
     assert strip(epochs(run_dir)) == strip(epochs(tmp_path / "runs" / "again"))
@@ -391,7 +393,8 @@ def test_cuda_graph_run_interrupted_mid_epoch_resumes_exactly(tmp_path, mnist_di
     result = fit(small(tmp_path, mnist_dir, run_id="split", **common))
     assert result["status"] == "interrupted"
     monkeypatch.undo()
-    fit(TrainConfig(resume=str(tmp_path / "runs" / "split"), progress=False), explicit={"resume", "progress"})
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "split"), progress=False, report=False),
+        explicit={"resume", "progress", "report"})
     timing = {"seconds", "train_seconds", "img_per_s", "elapsed", "compile_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     straight, split = strip(epochs(tmp_path / "runs" / "straight")), strip(epochs(tmp_path / "runs" / "split"))
@@ -425,7 +428,8 @@ def test_cuda_graph_flag_on_the_cpu_runs_the_static_step_like_the_eager_one(tmp_
     common = dict(train_limit=2048, eval_limit=1000, rotate=0)
     fit(small(tmp_path, mnist_dir, run_id="eager", **common))
     fit(small(tmp_path, mnist_dir, run_id="static", cuda_graph=True, stop_after=1, **common))
-    fit(TrainConfig(resume=str(tmp_path / "runs" / "static"), progress=False), explicit={"resume", "progress"})
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "static"), progress=False, report=False),
+        explicit={"resume", "progress", "report"})
     eager, static = epochs(tmp_path / "runs" / "eager"), epochs(tmp_path / "runs" / "static")
     assert [r["epoch"] for r in static] == [1, 2]
     for a, b in zip(eager, static):
@@ -618,11 +622,13 @@ def test_a_cuda_run_in_bf16_resumed_on_the_cpu_continues_in_the_cpus_precision(t
 
     engines, real_make_engine = [], train.make_engine
     monkeypatch.setattr(train, "make_engine", lambda *a, **k: engines.append(real_make_engine(*a, **k)) or engines[-1])
-    fit(TrainConfig(resume=str(run_dir), device="cpu", progress=False), explicit={"resume", "device", "progress"})
+    # no report on the resumes: it is not what this test is about, and plotting it was most of its time
+    fit(TrainConfig(resume=str(run_dir), device="cpu", progress=False, report=False),
+        explicit={"resume", "device", "progress", "report"})
     assert "continues in this device's default precision" in capfd.readouterr().err
     assert [e.amp_dtype for e in engines] == [None]  # fp32
     fit(small(tmp_path, mnist_dir, run_id="again", amp="on", stop_after=1, train_limit=512, eval_limit=100))
     engines.clear()
-    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), device="cpu", progress=False),
-        explicit={"resume", "device", "progress"})
+    fit(TrainConfig(resume=str(tmp_path / "runs" / "again"), device="cpu", progress=False, report=False),
+        explicit={"resume", "device", "progress", "report"})
     assert [e.amp_dtype for e in engines] == [torch.bfloat16]  # saved on the CPU: kept as it was

@@ -116,7 +116,7 @@ def test_resume_redoes_a_half_recorded_epoch_exactly_once(tmp_path, mnist_dir):
     # a crash after metrics were written for an epoch whose checkpoint never landed
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "train_loss": 9.9}) + "\n")
-    fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume"})
+    fit(TrainConfig(resume=str(run_dir), progress=False, report=False), explicit={"resume", "report"})
     assert [r["epoch"] for r in _epochs(run_dir)] == [1, 2]
 
 
@@ -130,7 +130,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, mnist_di
     # best.pt may hold epoch 2 too (when validation improved), and would then rightly be preferred:
     # damage it as well, so that only prev.pt (epoch 1) is left to resume from
     (run_dir / "best.pt").write_bytes(b"garbage")
-    result = fit(TrainConfig(resume=str(run_dir), progress=False), explicit={"resume"})
+    result = fit(TrainConfig(resume=str(run_dir), progress=False, report=False), explicit={"resume", "report"})
     assert result["status"] == "completed" and result["epochs"] == 3
     err = capfd.readouterr().err
     assert "last.pt is corrupt or truncated" in err and "resuming from prev.pt (epoch 1)" in err

@@ -35,6 +35,7 @@ class RemoteTrain:
     local_runs: Path = Path("runs")
     region: str | None = None
     profile: str | None = None
+    desktop_notify: bool = True  # a desktop notification when the followed run ends (infra/desktop.py)
 
 
 # The trainer flags that say where a run lives: on a machine, the laptop decides them (the run is
@@ -181,23 +182,37 @@ def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = 
         return ExitCode.INTERRUPTED
     except ConnectionLost as e:
         print(f"\n{e}; {run_id} keeps training on {name}.\n{reattach}", file=sys.stderr, flush=True)
+        tell(job, "lost the connection", f"{run_id} keeps training on {name}; mnist-cloud logs {name} {run_id} -f")
         return ExitCode.CONNECTION_LOST
     if not target.has_run(run_id):
         log(f"{run_id} ended (exit {code}) before writing a run directory; see the log above")
+        tell(job, "failed", f"exit {code} on {name} before writing a run directory")
         return code if code is not None else ExitCode.FAILED
     pulled = target.pull(run_id, job.local_runs, log=log)
     result_file = job.local_runs / run_id / runspec.RESULT
     if code is not None and code > ExitCode.KILLED_BY_SIGNAL:
         log(f"{run_id} was interrupted (signal {code - ExitCode.KILLED_BY_SIGNAL}); its checkpoint is pulled. "
             f"Continue it with: mnist-cloud train --on {name} --resume {run_id}")
+        tell(job, "interrupted", f"signal {code - ExitCode.KILLED_BY_SIGNAL} on {name}; its checkpoint is pulled")
     elif result_file.exists():
         result = json.loads(result_file.read_text())
         weights = "EMA of the weights" if result.get("weights") == "ema" else "final weights"
         log(f"test accuracy {result['test_acc']:.2f}% ({weights}, model.pt) | {pulled.files} file(s) pulled into "
             f"{job.local_runs / run_id}")
+        tell(job, "finished",
+             f"test accuracy {result['test_acc']:.2f}% on {name}; pulled into {job.local_runs / run_id}")
     else:
         log(f"{run_id} ended with exit {code}; partial results pulled into {job.local_runs / run_id}")
+        tell(job, "failed", f"exit {code} on {name}; partial results pulled into {job.local_runs / run_id}")
     return code if code is not None else ExitCode.FAILED
+
+
+def tell(job: RemoteTrain, what: str, detail: str) -> None:
+    """The desktop notification that the followed run ended (unless --no-desktop-notify)."""
+    if job.desktop_notify:
+        from infra.desktop import notify
+
+        notify(f"mnist-cloud: {job.run_id} {what}", detail)
 
 
 def _train_cluster(job: RemoteTrain, log) -> int:

@@ -40,8 +40,20 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, project_checkout, mnist_dir):
-    out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1")
+def desktop(tmp_path) -> tuple[dict[str, str], Path]:
+    """A laptop desktop session whose notify-send records each notification (title, body) in a file."""
+    bin_dir, said = tmp_path / "bin", tmp_path / "notifications"
+    bin_dir.mkdir()
+    tool = bin_dir / "notify-send"
+    tool.write_text(f'#!/bin/sh\nshift\nprintf "%s | %s\\n" "$1" "$2" >> {said}\n')
+    tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DISPLAY": ":99"}, said
+
+
+def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, project_checkout, mnist_dir,
+                                                      tmp_path):
+    session, said = desktop(tmp_path)
+    out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1", env=session)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "synced" in out.stdout and "setting up e2e" in out.stdout
     assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance
@@ -52,6 +64,11 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, pr
     assert tree_hashes(local) == tree_hashes(remote)  # the pulled run dir is the remote one, byte for byte
     config = json.loads((local / "config.json").read_text())
     assert config["status"] == "completed" and config["git"]["sha"] is None  # the copy has no .git
+    result = json.loads((local / "result.json").read_text())
+    # the laptop says so on the desktop when the run it follows ends
+    assert said.read_text().splitlines() == [
+        f"mnist-cloud: remote1 finished | test accuracy {result['test_acc']:.2f}% on {launched}; pulled into "
+        f"runs/remote1"]
 
     runs = cli("runs", launched)
     assert runs.returncode == 0, runs.stdout + runs.stderr
@@ -63,16 +80,19 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, pr
 
 
 @pytest.mark.slow
-def test_your_own_model_file_travels_with_the_code(cli, launched, ssh_host, project_checkout, mnist_dir):
+def test_your_own_model_file_travels_with_the_code(cli, launched, ssh_host, project_checkout, mnist_dir, tmp_path):
     """`--model models/mynet.py:Net` (the path as typed on the laptop, absolute here) trains there as it
     would here, and comes back like any other run."""
     from fixtures.project import MYNET, NET_PARAMS
 
     (project_checkout / "models").mkdir(exist_ok=True)
     (project_checkout / "models" / "mynet.py").write_text(MYNET)
+    session, said = desktop(tmp_path)
     out = cli("train", "--on", launched, "--model", f"{project_checkout / 'models' / 'mynet.py'}:Net", *TINY,
-              "--no-report", "--data-dir", str(mnist_dir), "--run-id", "own-model")
+              "--no-report", "--data-dir", str(mnist_dir), "--run-id", "own-model", "--no-desktop-notify",
+              env=session)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert not said.exists()  # --no-desktop-notify: a desktop there, and nothing shown on it
     local = project_checkout / "runs" / "own-model"
     model = json.loads((local / "config.json").read_text())["model"]
     assert model["name"] == "models/mynet.py:Net" and model["params"] == NET_PARAMS  # named as the machine has it
@@ -131,7 +151,7 @@ def test_remote_exit_status_becomes_ours(cli, launched, mnist_dir):
     assert "unknown model 'nope'" in out.stdout
 
 
-def test_detach_then_logs_follow_and_pull(cli, launched, project_checkout, mnist_dir, ssh_host):
+def test_detach_then_logs_follow_and_pull(cli, launched, project_checkout, mnist_dir, ssh_host, tmp_path):
     out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "detached1", "--detach")
     assert out.returncode == 0 and "mnist-cloud logs e2e detached1 -f" in out.stdout
     # AWS credentials never reach the instance: not in the trainer's environment, not in any file there
@@ -148,8 +168,10 @@ def test_detach_then_logs_follow_and_pull(cli, launched, project_checkout, mnist
     leaked = subprocess.run(["grep", "-rl", LEAK_CANARY, str(ssh_host.home / "mnist-cloud")], capture_output=True,
                             text=True)
     assert leaked.stdout == ""
-    follow = cli("logs", launched, "detached1", "-f")
+    session, said = desktop(tmp_path)
+    follow = cli("logs", launched, "detached1", "-f", env=session)
     assert follow.returncode == 0 and "test accuracy" in follow.stdout and "finished with exit 0" in follow.stdout
+    assert said.read_text().startswith("mnist-cloud: detached1 finished | test accuracy ")
     pulled = cli("pull", launched, "detached1")
     assert pulled.returncode == 0 and (project_checkout / "runs" / "detached1" / "result.json").exists()
     again = cli("pull", launched, "detached1")

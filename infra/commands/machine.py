@@ -55,6 +55,8 @@ def add_logs(sub, name: str, summary: str) -> None:
     machine_name(p)
     p.add_argument("run", nargs="?", help="run id (default: the newest)")
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the run ends (Ctrl-C detaches)")
+    p.add_argument("--no-desktop-notify", action="store_true",
+                   help="-f: no desktop notification (notify-send / osascript) when the run ends")
     p.set_defaults(handler=cmd_logs)
 
 
@@ -69,7 +71,8 @@ def cmd_logs(args) -> int:
 
             from infra.runner import RemoteTrain, _follow
 
-            job = RemoteTrain(name=args.name, trainer_args=[], run_id=run_id, local_runs=Path("runs"))
+            job = RemoteTrain(name=args.name, trainer_args=[], run_id=run_id, local_runs=Path("runs"),
+                              desktop_notify=not args.no_desktop_notify)
             code = _follow(target, job, log=say)
             if code in (ExitCode.INTERRUPTED, ExitCode.CONNECTION_LOST):  # detached from a run that goes on
                 return code

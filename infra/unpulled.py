@@ -1,5 +1,6 @@
-"""Before `down` terminates a machine: find the runs on it that were never pulled (or changed since
-their pull, see infra/agent/autostop.py's pull record) and pull them here, or refuse in one line.
+"""The runs on a machine that were never pulled (or changed since their pull, see
+infra/agent/autostop.py's pull record): before `down` terminates a machine, pull them here or refuse
+in one line; `pull --all` pulls them; `status` counts them.
 
 Terminating deletes the root volume, and with it every run on it: a run is never lost by `down`."""
 
@@ -79,14 +80,14 @@ def refuse(found: list[Unpulled], problems: list[str], pull: bool) -> None:
                         "or add --discard-runs to delete them with the instance")
 
 
-def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
+def pull_all(found: list[Unpulled], local_runs: Path, log=print, why: str = " before terminating it") -> None:
     """Pull every unpulled run into local_runs (as `mnist-cloud pull` does)."""
     for item in found:
         try:
             for run_id, node in sorted(item.runs.items()):
                 res = node.pull(run_id, local_runs, log=log)
-                log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
-                    f"{Path(local_runs) / run_id}")
+                log(f"pulled {run_id} from {node.label}{why}: {res.files} file(s), {res.bytes:,} bytes "
+                    f"({res.method}) into {Path(local_runs) / run_id}")
         finally:
             close(item)
 
@@ -94,3 +95,49 @@ def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
 def close(item: Unpulled) -> None:
     for node in item.nodes:
         node.remote.close()
+
+
+def pull_waiting(name: str, local_runs: Path, region: str | None = None, profile: str | None = None,
+                 log=print) -> list[str]:
+    """`pull NAME --all`: every run of `name` not pulled yet, each from the node holding its newest copy;
+    returns their ids (none: nothing waited)."""
+    item = Unpulled(name, SSHTarget.resolve_cluster(name, region, profile))
+    try:
+        item.runs = newest_unpulled(item.nodes)
+    except BaseException:
+        close(item)
+        raise
+    pull_all([item], local_runs, log=log, why="")
+    return item.run_ids
+
+
+def count_waiting(machines: list[tuple], connect_timeout: float = 3) -> dict[str, int | None]:
+    """`status`'s PULL column: {node's alias (instance id, or host:port): runs waiting to be pulled from
+    it}, None where its machine could not be asked. `machines`: (Host, its nodes' Endpoints), from
+    infra/resolve.py answered_before. Asked concurrently, with a short connect timeout: status is run
+    often, and a machine that does not answer costs a few seconds, not a hang."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.remote import Remote
+
+    def ask(machine) -> dict[str, int | None]:
+        host, endpoints = machine
+        nodes = []
+        try:
+            nodes = [SSHTarget(host, Remote(ep, connect_timeout=connect_timeout)) for ep in endpoints]
+            counts = {node.remote.ep.alias: 0 for node in nodes}
+            for node in newest_unpulled(nodes).values():
+                counts[node.remote.ep.alias] += 1
+            return counts
+        except UserError:
+            return {ep.alias: None for ep in endpoints}
+        finally:
+            for node in nodes:
+                node.remote.close()
+
+    counts: dict[str, int | None] = {}
+    if machines:
+        with ThreadPoolExecutor(max_workers=min(8, len(machines))) as pool:
+            for part in pool.map(ask, machines):
+                counts.update(part)
+    return counts

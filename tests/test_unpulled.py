@@ -262,6 +262,40 @@ def pull_column(out, name: str) -> str:
     return row[start:end].strip()
 
 
+def test_status_count_gives_up_on_a_silent_machine_within_the_connect_timeout_concurrently(tmp_path):
+    """A machine that accepts the connection and never speaks (a half-dead instance, a firewall that
+    holds) costs status one short timeout, shared by every such machine, and shows "?"."""
+    import socket
+
+    from infra.remote import known_hosts_file
+    from infra.resolve import answered_before
+    from infra.state import Host
+    from infra.unpulled import count_waiting
+
+    key = tmp_path / "key"
+    key.write_text("not used: no banner ever comes\n")
+    key.chmod(0o600)
+    silent, machines = [], []
+    for n in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()  # the kernel completes the handshake; nobody ever sends the SSH banner
+        silent.append(s)
+        host = Host(f"silent{n}", "ssh", host="127.0.0.1", port=s.getsockname()[1], key_path=str(key))
+        known_hosts_file().parent.mkdir(parents=True, exist_ok=True)
+        with known_hosts_file().open("a") as f:  # it answered once: status asks it
+            f.write(f"127.0.0.1:{host.port} ssh-ed25519 AAAA\n")
+        machines.append((host, answered_before(host, {})))
+    started = time.monotonic()
+    try:
+        counts = count_waiting(machines, connect_timeout=1)
+    finally:
+        for s in silent:
+            s.close()
+    assert counts == {f"127.0.0.1:{h.port}": None for h, _ in machines}
+    assert time.monotonic() - started < 1.8  # one timeout, not one per machine, nor paramiko's 15 s
+
+
 @ssh
 def test_pull_all_pulls_exactly_the_unpulled_runs_and_status_counts_them(cli, seeded_moto, ssh_host,
                                                                          project_checkout):

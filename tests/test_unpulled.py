@@ -262,6 +262,19 @@ def pull_column(out, name: str) -> str:
     return row[start:end].strip()
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["pull", "box", "r1", "--all"], "give a RUN or --all, not both"),
+    (["pull", "box", "--every-machine"], "it takes no NAME, RUN or --all"),
+    (["pull", "--all", "--every-machine"], "it takes no NAME, RUN or --all"),
+])
+def test_pull_all_and_every_machine_refuse_what_they_cannot_mean(capsys, args, needle):
+    from infra.commands import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
 def test_status_count_gives_up_on_a_silent_machine_within_the_connect_timeout_concurrently(tmp_path):
     """A machine that accepts the connection and never speaks (a half-dead instance, a firewall that
     holds) costs status one short timeout, shared by every such machine, and shows "?"."""

@@ -275,6 +275,19 @@ def test_pull_all_and_every_machine_refuse_what_they_cannot_mean(capsys, args, n
     assert needle in err and len(err.splitlines()) == 1, err
 
 
+def test_pull_every_machine_without_aws_pulls_the_ssh_hosts_and_says_there_is_nothing(capsys, monkeypatch, tmp_path):
+    """No AWS credentials and no EC2 name in the state: every machine is the SSH hosts (here none)."""
+    from infra.commands import main
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["pull", "--every-machine"]) == 0
+    assert capsys.readouterr().out.startswith("no machines")
+
+
 def test_status_count_gives_up_on_a_silent_machine_within_the_connect_timeout_concurrently(tmp_path):
     """A machine that accepts the connection and never speaks (a half-dead instance, a firewall that
     holds) costs status one short timeout, shared by every such machine, and shows "?"."""

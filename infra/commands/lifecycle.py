@@ -35,24 +35,21 @@ def status_regions(args, state) -> dict:
     return sessions(first, known, getattr(args, "profile", None))
 
 
-def running_machines(args) -> tuple[list[tuple[str, str | None]], list[str]]:
+def running_machines(args) -> tuple[list[tuple[str, str | None]], list[str], list[str]]:
     """`pull --every-machine`: ([(name, its region; None for an SSH host)] of every machine of yours that
     is running: the state's SSH hosts, and your EC2 names live from EC2 where `status` looks), [one
-    line per name skipped: stopped, or gone]."""
-    from infra.ec2 import caller_identity, find_instances, others_instances
-    from infra.ec2.regions import in_each
+    line per name skipped: stopped, or gone], [one line if EC2 could not be asked while the state
+    knows EC2 names]. The SSH hosts are pulled even then."""
     from infra.state import State
 
     state = State()
-    regions = status_regions(argparse.Namespace(**{**vars(args), "name": None, "all_regions": False}), state)
-    found = in_each(regions, lambda aws: find_instances(aws))
-    every = [(i, region) for region in found for i in found[region]]
-    theirs = set()
-    if every:
-        theirs = {i.instance_id for i in others_instances([i for i, _ in every],
-                                                          caller_identity(next(iter(regions.values()))))}
-    mine = [(i, region) for i, region in every if i.instance_id not in theirs]
     machines = [(h.name, None) for h in state.all() if h.kind == "ssh"]
+    try:
+        mine, seen, regions = ec2_machines(args, state)
+    except UserError as e:
+        if not any(h.kind == "ec2" for h in state.all()):
+            return machines, [], []  # no EC2 here at all: the SSH hosts are every machine
+        return machines, [], [f"EC2: not asked ({e})"]
     skipped = []
     for name in sorted({i.name for i, _ in mine}):
         nodes = [(i, region) for i, region in mine if i.name == name]
@@ -62,9 +59,26 @@ def running_machines(args) -> tuple[list[tuple[str, str | None]], list[str]]:
         else:
             machines.append((name, nodes[0][1]))
     for h in state.all():
-        if h.kind == "ec2" and h.name not in {i.name for i, _ in every} and (h.region in regions or not h.region):
+        if h.kind == "ec2" and h.name not in seen and (h.region in regions or not h.region):
             skipped.append(f"{h.name}: no instance in EC2 (gone): skipped")
-    return sorted(machines), skipped
+    return sorted(machines), skipped, []
+
+
+def ec2_machines(args, state) -> tuple[list, set[str], list[str]]:
+    """([(instance, region)] of yours, where `status` looks; every name found there, anyone's; the regions
+    looked in)."""
+    from infra.ec2 import caller_identity, find_instances, others_instances
+    from infra.ec2.regions import in_each
+
+    regions = status_regions(argparse.Namespace(**{**vars(args), "name": None, "all_regions": False}), state)
+    found = in_each(regions, lambda aws: find_instances(aws))
+    every = [(i, region) for region in found for i in found[region]]
+    theirs = set()
+    if every:
+        theirs = {i.instance_id for i in others_instances([i for i, _ in every],
+                                                          caller_identity(next(iter(regions.values()))))}
+    mine = [(i, region) for i, region in every if i.instance_id not in theirs]
+    return mine, {i.name for i, _ in every}, list(regions)
 
 
 # What status's PRICED BY column says of a Price's kind; a starred one has a footnote that says what and why.

@@ -158,10 +158,10 @@ def pull_every_machine(args) -> int:
     from infra.commands.lifecycle import running_machines
     from infra.unpulled import pull_waiting
 
-    machines, skipped = running_machines(args)
-    for line in skipped:
+    machines, skipped, unasked = running_machines(args)
+    for line in skipped + unasked:
         say(line)
-    failed = []
+    failed = ["EC2"] if unasked else []
     for name, region in machines:
         try:
             pulled = pull_waiting(name, Path(args.to), getattr(args, "region", None) or region,
@@ -171,7 +171,7 @@ def pull_every_machine(args) -> int:
             say(f"{name}: not pulled: {e}")
             continue
         say(f"{name}: pulled {len(pulled)} run(s)" if pulled else f"{name}: nothing to pull")
-    if not machines and not skipped:
+    if not machines and not skipped and not unasked:
         say("no machines; launch one: mnist-cloud launch --instance g4dn.xlarge")
     if failed:
         say(f"{len(failed)} machine(s) not pulled: {', '.join(failed)}")

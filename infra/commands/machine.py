@@ -7,7 +7,8 @@ import argparse
 import sys
 
 import runspec
-from infra.commands.options import DEFAULT_NAME, cloud_command, code_option, machine_name, python_option, say, target_for
+from infra.commands.options import (DEFAULT_NAME, cloud_command, code_option, machine_name, python_option, say,
+                                   target_for)
 from infra.errors import UserError
 from runspec import ExitCode
 

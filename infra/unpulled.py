@@ -6,6 +6,7 @@ Terminating deletes the root volume, and with it every run on it: a run is never
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,33 +112,39 @@ def pull_waiting(name: str, local_runs: Path, region: str | None = None, profile
     return item.run_ids
 
 
-def count_waiting(machines: list[tuple], connect_timeout: float = 3) -> dict[str, int | None]:
+def count_waiting(machines: list[tuple], connect_timeout: float = 3, deadline: float = 10) -> dict[str, int | None]:
     """`status`'s PULL column: {node's alias (instance id, or host:port): runs waiting to be pulled from
     it}, None where its machine could not be asked. `machines`: (Host, its nodes' Endpoints), from
-    infra/resolve.py answered_before. Asked concurrently, with a short connect timeout: status is run
-    often, and a machine that does not answer costs a few seconds, not a hang."""
-    from concurrent.futures import ThreadPoolExecutor
+    infra/resolve.py answered_before. Status is run often: every machine is asked at once, with a short
+    connect timeout, and whatever has not answered after `deadline` seconds (connected, then stuck) is
+    left to its daemon thread, which does not hold up the exit."""
+    import threading
 
     from infra.remote import Remote
 
-    def ask(machine) -> dict[str, int | None]:
-        host, endpoints = machine
+    answers: dict[int, dict[str, int | None]] = {}
+
+    def ask(n: int, host, endpoints) -> None:
         nodes = []
         try:
             nodes = [SSHTarget(host, Remote(ep, connect_timeout=connect_timeout)) for ep in endpoints]
             counts = {node.remote.ep.alias: 0 for node in nodes}
             for node in newest_unpulled(nodes).values():
                 counts[node.remote.ep.alias] += 1
-            return counts
+            answers[n] = counts
         except UserError:
-            return {ep.alias: None for ep in endpoints}
+            pass
         finally:
             for node in nodes:
                 node.remote.close()
 
+    threads = [threading.Thread(target=ask, args=(n, *machine), daemon=True) for n, machine in enumerate(machines)]
+    end = time.monotonic() + deadline
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
     counts: dict[str, int | None] = {}
-    if machines:
-        with ThreadPoolExecutor(max_workers=min(8, len(machines))) as pool:
-            for part in pool.map(ask, machines):
-                counts.update(part)
+    for n, (_, endpoints) in enumerate(machines):
+        counts.update(answers.get(n) or {ep.alias: None for ep in endpoints})
     return counts

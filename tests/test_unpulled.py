@@ -312,14 +312,17 @@ def test_status_count_gives_up_on_a_silent_machine_within_the_connect_timeout_co
         with known_hosts_file().open("a") as f:  # it answered once: status asks it
             f.write(f"127.0.0.1:{host.port} ssh-ed25519 AAAA\n")
         machines.append((host, answered_before(host, {})))
-    started = time.monotonic()
     try:
+        started = time.monotonic()
         counts = count_waiting(machines, connect_timeout=1)
+        assert time.monotonic() - started < 1.8  # one timeout, not one per machine, nor paramiko's 15 s
+        assert counts == {f"127.0.0.1:{h.port}": None for h, _ in machines}
+        started = time.monotonic()  # connected, then stuck (here: before the banner): the deadline ends it
+        assert count_waiting(machines, connect_timeout=30, deadline=0.5) == counts
+        assert time.monotonic() - started < 1.3
     finally:
         for s in silent:
             s.close()
-    assert counts == {f"127.0.0.1:{h.port}": None for h, _ in machines}
-    assert time.monotonic() - started < 1.8  # one timeout, not one per machine, nor paramiko's 15 s
 
 
 @ssh

@@ -87,8 +87,30 @@ def resolve(name: str, region: str | None = None, profile: str | None = None) ->
         # one look (timeout=0): a machine reached here first was launched with --no-wait-ssh, long booted
         expected = None if pinned_keys(instance_id) else (
             console_fingerprints(aws, instance_id, timeout=0, log=lambda m: None) or None)
-        ep = Endpoint(name=label, host=inst.public_ip, user=host.user, key_path=host.key_path, port=host.port,
-                      alias=instance_id, workdir=f"mnist-cloud/{name}")
+        ep = ec2_endpoint(host, label, inst.public_ip, instance_id)
         out.append(Resolved(host, ep, expected, inst.instance_type, inst.lifecycle, Shutdown(aws, inst),
                             price=lambda inst=inst: machine_price(aws, pricing, inst)))
+    return out
+
+
+def ec2_endpoint(host: Host, label: str, address: str, instance_id: str) -> Endpoint:
+    """How to reach one EC2 node of `host` (label: NAME or NAME/nodeN) at `address`; its key is pinned
+    under the instance id, and every node works in the name's directory."""
+    return Endpoint(name=label, host=address, user=host.user, key_path=host.key_path, port=host.port,
+                    alias=instance_id, workdir=f"mnist-cloud/{host.name}")
+
+
+def answered_before(host: Host, addresses: dict[str, str]) -> list[Endpoint] | None:
+    """Every node of `host` as an Endpoint, from addresses already read live (instance id -> public IP,
+    as `status` has them), without asking AWS; None unless each node is running there and answered
+    before (its host key is pinned): a machine never reached may be anyone's address, or hang."""
+    if host.kind != "ec2":
+        ep = Endpoint(name=host.name, host=host.host, user=host.user, key_path=host.key_path, port=host.port)
+        return [ep] if pinned_keys(ep.alias) else None
+    out = []
+    for node, instance_id in enumerate(host.extra.get("nodes") or [host.instance_id]):
+        if not addresses.get(instance_id) or not pinned_keys(instance_id):
+            return None
+        out.append(ec2_endpoint(host, host.name if node == 0 else f"{host.name}/node{node}",
+                                addresses[instance_id], instance_id))
     return out

@@ -1,10 +1,12 @@
-"""Before `down` terminates a machine: find the runs on it that were never pulled (or changed since
-their pull, see infra/agent/autostop.py's pull record) and pull them here, or refuse in one line.
+"""The runs on a machine that were never pulled (or changed since their pull, see
+infra/agent/autostop.py's pull record): before `down` terminates a machine, pull them here or refuse
+in one line; `pull --all` pulls them; `status` counts them.
 
 Terminating deletes the root volume, and with it every run on it: a run is never lost by `down`."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,14 +81,14 @@ def refuse(found: list[Unpulled], problems: list[str], pull: bool) -> None:
                         "or add --discard-runs to delete them with the instance")
 
 
-def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
+def pull_all(found: list[Unpulled], local_runs: Path, log=print, why: str = " before terminating it") -> None:
     """Pull every unpulled run into local_runs (as `mnist-cloud pull` does)."""
     for item in found:
         try:
             for run_id, node in sorted(item.runs.items()):
                 res = node.pull(run_id, local_runs, log=log)
-                log(f"pulled {run_id} from {node.label} before terminating it: {res.files} file(s) into "
-                    f"{Path(local_runs) / run_id}")
+                log(f"pulled {run_id} from {node.label}{why}: {res.files} file(s), {res.bytes:,} bytes "
+                    f"({res.method}) into {Path(local_runs) / run_id}")
         finally:
             close(item)
 
@@ -94,3 +96,55 @@ def pull_all(found: list[Unpulled], local_runs: Path, log=print) -> None:
 def close(item: Unpulled) -> None:
     for node in item.nodes:
         node.remote.close()
+
+
+def pull_waiting(name: str, local_runs: Path, region: str | None = None, profile: str | None = None,
+                 log=print) -> list[str]:
+    """`pull NAME --all`: every run of `name` not pulled yet, each from the node holding its newest copy;
+    returns their ids (none: nothing waited)."""
+    item = Unpulled(name, SSHTarget.resolve_cluster(name, region, profile))
+    try:
+        item.runs = newest_unpulled(item.nodes)
+    except BaseException:
+        close(item)
+        raise
+    pull_all([item], local_runs, log=log, why="")
+    return item.run_ids
+
+
+def count_waiting(machines: list[tuple], connect_timeout: float = 3, deadline: float = 10) -> dict[str, int | None]:
+    """`status`'s PULL column: {node's alias (instance id, or host:port): runs waiting to be pulled from
+    it}, None where its machine could not be asked. `machines`: (Host, its nodes' Endpoints), from
+    infra/resolve.py answered_before. Status is run often: every machine is asked at once, with a short
+    connect timeout, and whatever has not answered after `deadline` seconds (connected, then stuck) is
+    left to its daemon thread, which does not hold up the exit."""
+    import threading
+
+    from infra.remote import Remote
+
+    answers: dict[int, dict[str, int | None]] = {}
+
+    def ask(n: int, host, endpoints) -> None:
+        nodes = []
+        try:
+            nodes = [SSHTarget(host, Remote(ep, connect_timeout=connect_timeout)) for ep in endpoints]
+            counts = {node.remote.ep.alias: 0 for node in nodes}
+            for node in newest_unpulled(nodes).values():
+                counts[node.remote.ep.alias] += 1
+            answers[n] = counts
+        except UserError:
+            pass
+        finally:
+            for node in nodes:
+                node.remote.close()
+
+    threads = [threading.Thread(target=ask, args=(n, *machine), daemon=True) for n, machine in enumerate(machines)]
+    end = time.monotonic() + deadline
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    counts: dict[str, int | None] = {}
+    for n, (_, endpoints) in enumerate(machines):
+        counts.update(answers.get(n) or {ep.alias: None for ep in endpoints})
+    return counts

@@ -60,7 +60,7 @@ class ExitCode(enum.IntEnum):
     infra/agent/ run alone on the instance, without runspec, and spell theirs as numbers.)"""
 
     OK = 0
-    FAILED = 1  # a run, a sweep's run, a model's claims or a benchmark failed
+    FAILED = 1  # a run, a sweep's run, a model's claims, a benchmark or `pull --every-machine` (a machine) failed
     BAD_INPUT = 2  # a UserError: one line on stderr
     KILLED_BY_SIGNAL = 128  # plus N: killed by signal N (the shell's convention); a run stopped this way resumes
     INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, the user's stop, not a failure

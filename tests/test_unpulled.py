@@ -247,3 +247,134 @@ def test_autostop_terminate_stops_instead_while_runs_are_unpulled(cli, seeded_mo
         said = tick()
         assert "stopping instead of terminating: 1 run(s) not pulled (keep5-more)" in said and fired.exists()
     assert cli("down", "keep5", "--yes", "--discard-runs").returncode == 0
+
+
+# ---------------------------------------------------------------------------------- everything waiting, in one go
+def pull_column(out, name: str) -> str:
+    """status's PULL cell on NAME's row."""
+    import re
+
+    lines = [l for l in out.stdout.splitlines() if l.strip()]
+    header = [(m.group(), m.start()) for m in re.finditer(r"\S+(?: \S+)*", lines[0])]  # "COST SO FAR" is one
+    at = [h for h, _ in header].index("PULL")
+    start, end = header[at][1], header[at + 1][1] if at + 1 < len(header) else None
+    row = next(l for l in lines[1:] if l.split()[0] == name)
+    return row[start:end].strip()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["pull", "box", "r1", "--all"], "give a RUN or --all, not both"),
+    (["pull", "box", "--every-machine"], "it takes no NAME, RUN or --all"),
+    (["pull", "--all", "--every-machine"], "it takes no NAME, RUN or --all"),
+])
+def test_pull_all_and_every_machine_refuse_what_they_cannot_mean(capsys, args, needle):
+    from infra.commands import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_pull_every_machine_without_aws_pulls_the_ssh_hosts_and_says_there_is_nothing(capsys, monkeypatch, tmp_path):
+    """No AWS credentials and no EC2 name in the state: every machine is the SSH hosts (here none)."""
+    from infra.commands import main
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert main(["pull", "--every-machine"]) == 0
+    assert capsys.readouterr().out.startswith("no machines")
+
+
+def test_status_count_gives_up_on_a_silent_machine_within_the_connect_timeout_concurrently(tmp_path):
+    """A machine that accepts the connection and never speaks (a half-dead instance, a firewall that
+    holds) costs status one short timeout, shared by every such machine, and shows "?"."""
+    import socket
+
+    from infra.remote import known_hosts_file
+    from infra.resolve import answered_before
+    from infra.state import Host
+    from infra.unpulled import count_waiting
+
+    key = tmp_path / "key"
+    key.write_text("not used: no banner ever comes\n")
+    key.chmod(0o600)
+    silent, machines = [], []
+    for n in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()  # the kernel completes the handshake; nobody ever sends the SSH banner
+        silent.append(s)
+        host = Host(f"silent{n}", "ssh", host="127.0.0.1", port=s.getsockname()[1], key_path=str(key))
+        known_hosts_file().parent.mkdir(parents=True, exist_ok=True)
+        with known_hosts_file().open("a") as f:  # it answered once: status asks it
+            f.write(f"127.0.0.1:{host.port} ssh-ed25519 AAAA\n")
+        machines.append((host, answered_before(host, {})))
+    try:
+        started = time.monotonic()
+        counts = count_waiting(machines, connect_timeout=1)
+        assert time.monotonic() - started < 1.8  # one timeout, not one per machine, nor paramiko's 15 s
+        assert counts == {f"127.0.0.1:{h.port}": None for h, _ in machines}
+        started = time.monotonic()  # connected, then stuck (here: before the banner): the deadline ends it
+        assert count_waiting(machines, connect_timeout=30, deadline=0.5) == counts
+        assert time.monotonic() - started < 1.3
+    finally:
+        for s in silent:
+            s.close()
+
+
+@ssh
+def test_pull_all_pulls_exactly_the_unpulled_runs_and_status_counts_them(cli, seeded_moto, ssh_host,
+                                                                         project_checkout):
+    launch(cli, "wait1")
+    remote = {r: remote_run(ssh_host, "wait1", f"wait1-{r}") for r in "abc"}
+    for r in "ab":
+        assert cli("pull", "wait1", f"wait1-{r}").returncode == 0
+    remote_run(ssh_host, "wait1", "wait1-b", epochs=2)  # b resumed there after its pull: unpulled again
+    (project_checkout / "runs" / "wait1-a" / "result.json").unlink()  # a is pulled: --all leaves it alone
+    status = cli("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert pull_column(status, "wait1") == "2"  # b and c
+    out = cli("pull", "wait1", "--all")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pulled = sorted(l.split()[1] for l in out.stdout.splitlines() if l.startswith("pulled wait1-"))
+    assert pulled == ["wait1-b", "wait1-c"] and "pulled 2 run(s) from wait1" in out.stdout
+    assert not (project_checkout / "runs" / "wait1-a" / "result.json").exists()
+    for r in "bc":
+        assert hashes(project_checkout / "runs" / f"wait1-{r}") == hashes(remote[r])
+    assert pull_column(cli("status"), "wait1") == "0"
+    assert cli("down", "wait1", "--yes", "--no-pull").returncode == 0  # nothing left unpulled: no refusal
+
+
+@ssh
+def test_pull_every_machine_pulls_each_running_machine_and_names_the_one_it_cannot_reach(
+        cli, seeded_moto, ssh_host, project_checkout, laptop_env, monkeypatch):
+    """wait2 cannot be reached (its key is away), wait3 answered before, wait4 never did (status does not
+    ask it: a machine never reached may be anyone's address), wait5 is stopped."""
+    from infra.state import State
+
+    for name in ("wait2", "wait3", "wait4", "wait5"):
+        launch(cli, name, *(["--no-wait-ssh"] if name == "wait4" else []))
+        remote_run(ssh_host, name, f"{name}-run")
+    assert cli("stop", "wait5").returncode == 0
+    monkeypatch.setenv("MNIST_CLOUD_HOME", laptop_env["MNIST_CLOUD_HOME"])
+    key = Path(State().get("wait2").key_path)
+    key.rename(key.with_suffix(".away"))
+    try:
+        status = cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert [pull_column(status, n) for n in ("wait2", "wait3", "wait4", "wait5")] == ["?", "1", "?", "-"]
+        out = cli("pull", "--every-machine")
+    finally:
+        key.with_suffix(".away").rename(key)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert [l for l in out.stdout.splitlines() if l.startswith("wait2")] == [
+        f"wait2: not pulled: key file {key} does not exist"]
+    for name in ("wait3", "wait4"):  # after wait2 failed
+        assert f"pulled {name}-run from {name}" in out.stdout and f"{name}: pulled 1 run(s)" in out.stdout
+        assert (project_checkout / "runs" / f"{name}-run" / "result.json").exists()
+    assert "wait5 is stopped: skipped" in out.stdout and not (project_checkout / "runs" / "wait5-run").exists()
+    assert out.stdout.splitlines()[-1] == "1 machine(s) not pulled: wait2"
+    assert cli("down", "--all", "--yes", "--discard-runs").returncode == 0

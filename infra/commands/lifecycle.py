@@ -35,6 +35,52 @@ def status_regions(args, state) -> dict:
     return sessions(first, known, getattr(args, "profile", None))
 
 
+def running_machines(args) -> tuple[list[tuple[str, str | None]], list[str], list[str]]:
+    """`pull --every-machine`: ([(name, its region; None for an SSH host)] of every machine of yours that
+    is running: the state's SSH hosts, and your EC2 names live from EC2 where `status` looks), [one
+    line per name skipped: stopped, or gone], [one line if EC2 could not be asked while the state
+    knows EC2 names]. The SSH hosts are pulled even then."""
+    from infra.state import State
+
+    state = State()
+    machines = [(h.name, None) for h in state.all() if h.kind == "ssh"]
+    try:
+        mine, seen, regions = ec2_machines(args, state)
+    except UserError as e:
+        if not any(h.kind == "ec2" for h in state.all()):
+            return machines, [], []  # no EC2 here at all: the SSH hosts are every machine
+        return machines, [], [f"EC2: not asked ({e})"]
+    skipped = []
+    for name in sorted({i.name for i, _ in mine}):
+        nodes = [(i, region) for i, region in mine if i.name == name]
+        stopped = [i for i, _ in nodes if i.state != "running"]
+        if stopped:
+            skipped.append(f"{name} is {stopped[0].state}: skipped (`mnist-cloud start {name}`, then pull it)")
+        else:
+            machines.append((name, nodes[0][1]))
+    for h in state.all():
+        if h.kind == "ec2" and h.name not in seen and (h.region in regions or not h.region):
+            skipped.append(f"{h.name}: no instance in EC2 (gone): skipped")
+    return sorted(machines), skipped, []
+
+
+def ec2_machines(args, state) -> tuple[list, set[str], list[str]]:
+    """([(instance, region)] of yours, where `status` looks; every name found there, anyone's; the regions
+    looked in)."""
+    from infra.ec2 import caller_identity, find_instances, others_instances
+    from infra.ec2.regions import in_each
+
+    regions = status_regions(argparse.Namespace(**{**vars(args), "name": None, "all_regions": False}), state)
+    found = in_each(regions, lambda aws: find_instances(aws))
+    every = [(i, region) for region in found for i in found[region]]
+    theirs = set()
+    if every:
+        theirs = {i.instance_id for i in others_instances([i for i, _ in every],
+                                                          caller_identity(next(iter(regions.values()))))}
+    mine = [(i, region) for i, region in every if i.instance_id not in theirs]
+    return mine, {i.name for i, _ in every}, list(regions)
+
+
 # What status's PRICED BY column says of a Price's kind; a starred one has a footnote that says what and why.
 PRICED_BY = {"spot": "spot-history", "on-demand": "price-list", "fallback": "fallback*", "unknown": "unknown*"}
 
@@ -63,6 +109,7 @@ def cmd_status(args) -> int:
     prices = {}
     for region, aws in regions.items():  # the running ones; the others bill no hours
         prices.update(machine_prices(aws, [i for i in instances if region_of[i.instance_id] == region]))
+    waiting = pull_counts(state, instances, ssh_hosts)
     owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
     where = [lambda i: region_of[i.instance_id]] if len(regions) > 1 else []
     rows = []
@@ -76,18 +123,18 @@ def cmd_status(args) -> int:
         rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
                      i.public_ip or "-", _age(i.uptime_hours), per_hour,
                      "-" if price is None else PRICED_BY[price.kind], "?" if cost is None else f"${cost:.2f}",
-                     i.autostop, *(f(i) for f in owner)])
+                     i.autostop, waiting.get(i.instance_id, "-"), *(f(i) for f in owner)])
     blank, gap = ["-"] * len(owner), ["-"] * len(where)
     for h in ssh_hosts:
         rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
-                     *blank])
+                     waiting.get(f"{h.host}:{h.port}", "?"), *blank])
     known = {i.name for i in every} | {h.name for h in ssh_hosts}
     gone = [h for h in state.all()  # cached names whose instance is gone: say so, EC2 is the truth
             if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
             and (h.region in regions or not h.region)]
     for h in gone:
         rows.append([h.name, *(h.region or "-" for _ in where), h.instance_id or "-", "?", "gone", "-", "-", "-",
-                     "-", "-", "-", "-", *blank])
+                     "-", "-", "-", "-", "-", *blank])
     if theirs:
         say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
@@ -96,7 +143,7 @@ def cmd_status(args) -> int:
             "mnist-cloud launch --instance g4dn.xlarge")
         return ExitCode.OK
     header = ["NAME", *(["REGION"] if where else []), "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME",
-              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", *(["OWNER"] if owner else [])]
+              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", "PULL", *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
     for i in instances:
@@ -112,6 +159,25 @@ def cmd_status(args) -> int:
         say("'gone': the instance no longer exists in EC2 (terminated outside mnist-cloud?); "
             "`mnist-cloud down NAME` tidies up")
     return ExitCode.OK
+
+
+def pull_counts(state, instances, ssh_hosts) -> dict[str, str]:
+    """PULL: {instance id, or an SSH host's host:port: how many runs wait to be pulled from it}; "?" for a
+    running machine not asked (never reached from here: its host key is not pinned) or that did not
+    answer within a few seconds; stopped ones are left out ("-": no SSH, no count)."""
+    from infra.resolve import answered_before
+    from infra.unpulled import count_waiting
+
+    running = {i.instance_id: i.public_ip for i in instances if i.state == "running" and i.public_ip}
+    shown = {iid: "?" for iid in running}
+    machines = []
+    for host in [*ssh_hosts, *(state.get(name) for name in sorted({i.name for i in instances}))]:
+        endpoints = answered_before(host, running) if host is not None and host.kind in ("ec2", "ssh") else None
+        if endpoints:
+            machines.append((host, endpoints))
+    for alias, count in count_waiting(machines).items():
+        shown[alias] = "?" if count is None else str(count)
+    return shown
 
 
 def _age(hours: float) -> str:

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 import runspec
-from infra.commands.options import cloud_command, code_option, machine_name, python_option, say, target_for
+from infra.commands.options import (DEFAULT_NAME, cloud_command, code_option, machine_name, python_option, say,
+                                   target_for)
 from infra.errors import UserError
 from runspec import ExitCode
 
@@ -113,9 +114,15 @@ def runs_table(runs: list[dict]) -> list[str]:
 
 
 def add_pull(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary)
-    machine_name(p)
+    p = cloud_command(sub, name, summary,
+                      description="A run is unpulled until every file of it is here (the record `pull` leaves on "
+                                  "the machine), and again once it changes there (a resumed run). --all pulls "
+                                  "every unpulled run of NAME; --every-machine does so on every running machine "
+                                  "of yours (stopped ones are skipped), and exits 1 if one could not be pulled.")
+    machine_name(p, default=None, help=f"the machine (default: {DEFAULT_NAME})")
     p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("--all", action="store_true", help="every run of NAME not pulled yet, or changed since its pull")
+    p.add_argument("--every-machine", action="store_true", help="--all, on every running machine of yours")
     p.add_argument("--to", default="runs", metavar="DIR", help="local runs directory (default: %(default)s)")
     p.set_defaults(handler=cmd_pull)
 
@@ -123,12 +130,56 @@ def add_pull(sub, name: str, summary: str) -> None:
 def cmd_pull(args) -> int:
     from pathlib import Path
 
+    if args.every_machine:
+        if args.name or args.all:
+            raise UserError("--every-machine pulls every run waiting on every machine; it takes no NAME, RUN or --all")
+        return pull_every_machine(args)
+    args.name = args.name or DEFAULT_NAME
+    if args.all:
+        if args.run:
+            raise UserError(f"--all pulls every unpulled run of {args.name}; give a RUN or --all, not both")
+        from infra.unpulled import pull_waiting
+
+        pulled = pull_waiting(args.name, Path(args.to), getattr(args, "region", None), getattr(args, "profile", None),
+                              log=say)
+        say(f"pulled {len(pulled)} run(s) from {args.name}" if pulled else f"nothing to pull on {args.name}: "
+            "every run there is pulled")
+        return ExitCode.OK
     target = target_for(args)
     with target.remote:
         run_id = args.run or target.latest_run()
         target.check_run(run_id)
         res = target.pull(run_id, Path(args.to), log=say)
     say(f"pulled {res.files} file(s), {res.bytes:,} bytes ({res.method}) into {Path(args.to) / run_id}")
+    return ExitCode.OK
+
+
+def pull_every_machine(args) -> int:
+    """Every unpulled run of every running machine of yours; a machine that cannot be reached is one line,
+    and the others are still pulled."""
+    from pathlib import Path
+
+    from infra.commands.lifecycle import running_machines
+    from infra.unpulled import pull_waiting
+
+    machines, skipped, unasked = running_machines(args)
+    for line in skipped + unasked:
+        say(line)
+    failed = ["EC2"] if unasked else []
+    for name, region in machines:
+        try:
+            pulled = pull_waiting(name, Path(args.to), getattr(args, "region", None) or region,
+                                  getattr(args, "profile", None), log=say)
+        except UserError as e:
+            failed.append(name)
+            say(f"{name}: not pulled: {e}")
+            continue
+        say(f"{name}: pulled {len(pulled)} run(s)" if pulled else f"{name}: nothing to pull")
+    if not machines and not skipped and not unasked:
+        say("no machines; launch one: mnist-cloud launch --instance g4dn.xlarge")
+    if failed:
+        say(f"{len(failed)} machine(s) not pulled: {', '.join(failed)}")
+        return ExitCode.FAILED
     return ExitCode.OK
 
 

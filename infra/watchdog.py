@@ -32,6 +32,11 @@ class AutostopConfig:
     # Work dirs whose runs/ must be pulled before a terminate (globs; default: every name's, see
     # infra/agent/autostop.py DEFAULT_WORK_DIRS)
     work_dirs: list[str] = field(default_factory=list)
+    # The machine's budget in USD since launch, compute only (None: none), and what an hour of it costs, as the
+    # laptop last priced it (the instance cannot ask AWS): the watchdog stops the machine at the budget.
+    budget_usd: float | None = None
+    usd_per_hour: float | None = None
+    price_source: str = ""
 
     @property
     def tag(self) -> str:
@@ -71,6 +76,15 @@ def installer(config: AutostopConfig) -> str:
     return render("install-autostop.sh", autostop_script=write_script("$ROOT/usr/local/bin/mnist-cloud-autostop",
                                                                       source("autostop.py")),
                   config=json.dumps(asdict(config)), units=units, tag=config.tag, resume_agent=resume_agent_installer())
+
+
+USER_DATA_LIMIT = 16 * 1024  # bytes EC2 takes, before base64
+
+
+def user_data(config: AutostopConfig) -> bytes:
+    """The installer as launch user data: gzipped whole (cloud-init unpacks gzip itself), since the plain
+    script is about EC2's limit. boto3 base64-encodes bytes as it does text."""
+    return gzip.compress(installer(config).encode(), mtime=0)
 
 
 def resume_agent_installer() -> str:

@@ -32,7 +32,7 @@ def test_a_wheel_install_launches_with_autostop_on(installed_wheel, tmp_path):
                            aws_secret_access_key="t")
         instance = ec2.describe_instances()["Reservations"][0]["Instances"][0]["InstanceId"]
         data = ec2.describe_instance_attribute(InstanceId=instance, Attribute="userData")["UserData"]["Value"]
-    script = base64.b64decode(data).decode()
+    script = gzip.decompress(base64.b64decode(data)).decode()  # the user data is gzipped whole
     # the installer carries each agent, gzipped, exactly as the package holds it
     packed = [base64.b64decode("".join(block.split("\n", 1)[1].splitlines()))
               for block in script.split("<<'MNIST_CLOUD_SCRIPT'")[1:]

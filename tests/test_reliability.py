@@ -245,6 +245,7 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, ssh_host
 
 def test_launch_installs_the_watchdog_by_user_data(cli, launched, ssh_host_moto):
     import base64
+    import gzip
 
     import boto3
 
@@ -253,7 +254,7 @@ def test_launch_installs_the_watchdog_by_user_data(cli, launched, ssh_host_moto)
     iid = next(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
                if any(t["Value"] == launched for t in i.get("Tags", [])))
     data = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]
-    script = base64.b64decode(data).decode()
+    script = gzip.decompress(base64.b64decode(data)).decode()  # cloud-init unpacks gzip by itself
     assert "mnist-cloud-autostop" in script and '"idle_minutes": 30' in script and "systemctl enable --now" in script
 
 

@@ -8,6 +8,7 @@ asked, as EC2 does; an interruption is EC2's stop of the instance with EC2's own
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -89,12 +90,18 @@ def test_agent_refuses_a_record_others_can_write(tmp_path):
 
 
 def test_the_user_data_installs_the_agent_and_fits_ec2s_limit():
-    """EC2 refuses user data over 16 KB (raw, before base64); moto does not check it."""
-    from infra.watchdog import AutostopConfig, installer
+    """EC2 refuses user data over 16 KB (raw, before base64); moto does not check it. Gzipped whole, as
+    cloud-init takes it, with every field of the config set."""
+    import gzip
 
-    script = installer(AutostopConfig(idle_minutes=30, after_train=True))
-    assert "mnist-cloud-resume.service" in script and "@reboot" in script
-    assert len(script.encode()) <= 16 * 1024, f"{len(script.encode())} bytes: gzip it, or trim the scripts"
+    from infra.watchdog import USER_DATA_LIMIT, AutostopConfig, user_data
+
+    data = user_data(AutostopConfig(idle_minutes=30, after_train=True, action="terminate", shutdown_behavior="stop",
+                                    budget_usd=12.5, usd_per_hour=3.0, price_source="live, AWS Price List",
+                                    work_dirs=["/home/ubuntu/mnist-cloud/*"]))
+    script = gzip.decompress(data).decode()
+    assert "mnist-cloud-resume.service" in script and "@reboot" in script and '"budget_usd": 12.5' in script
+    assert USER_DATA_LIMIT == 16 * 1024 and len(data) <= USER_DATA_LIMIT, f"{len(data)} bytes: trim the scripts"
 
 
 # ---------------------------------------------------------------------------------- EC2's spot requests in moto
@@ -298,8 +305,8 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, ssh_host_moto,
         # first boot: cloud-init runs the user data (no autostop asked, but a spot instance gets the agent)
         root = tmp_path / "root"
         user_data = tmp_path / "user-data.sh"
-        user_data.write_bytes(base64.b64decode(
-            ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]))
+        user_data.write_bytes(gzip.decompress(base64.b64decode(  # gzipped: cloud-init unpacks it
+            ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"])))
         installed = ssh_host.exec(f"MNIST_CLOUD_ROOT={root} bash {user_data}")
         assert "resume agent" in installed.stdout, installed.stdout + installed.stderr
         reboot = (root / "etc/cron.d/mnist-cloud-resume").read_text().strip()

@@ -3,27 +3,27 @@
 run that was not pulled.
 
 Installed by `mnist-cloud launch` (cloud-init user data) or `mnist-cloud autostop` (over SSH) as
-/usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron). The timer
-lives on the instance, so the laptop may be closed.
+/usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron) on the instance,
+so the laptop may be closed.
 
-Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session that was
-used within the idle time (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads
-it), no SSH session without a terminal (a pull or a sync: sshd's `user@notty` process), and no
-`mnist-cloud jupyter` server with a busy kernel or used within the idle time (its API says). A
-Jupyter tunnel alone is not activity. After `idle_minutes` of that, it runs `shutdown -h now`; EC2
-then stops or terminates the instance, per its InstanceInitiatedShutdownBehavior. With
-`after_train`, it shuts down `grace_minutes` after a run it has seen ends (time to pull it).
+Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session used within
+the idle time (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads it), no SSH session
+without a terminal (a pull or sync: sshd's `user@notty`), and no `mnist-cloud jupyter` server with a busy
+kernel or used within the idle time (its API says); a Jupyter tunnel alone is not activity. After
+`idle_minutes` of that, it runs `shutdown -h now`; EC2 then stops or terminates the instance, per its
+InstanceInitiatedShutdownBehavior. With `after_train`, it shuts down `grace_minutes` after a run ends.
 
-Nothing on the instance may call the EC2 API (it holds no credentials), so it cannot choose between
-stop and terminate itself: the laptop sets the shutdown behaviour and writes it here
-(`shutdown_behavior` in the config). The laptop keeps it at `stop` while runs are not yet pulled.
-If the behaviour is `terminate` while unpulled runs exist (a run made without mnist-cloud), this
-watchdog does not shut down at all, and says so: a stopped-instead instance is what the user asked
-for, a terminated one would lose the runs.
+Nothing on the instance may call the EC2 API (it holds no credentials), so it cannot choose between stop
+and terminate itself: the laptop sets the shutdown behaviour and writes it here (`shutdown_behavior`),
+and keeps it at `stop` while runs are not yet pulled. If it is `terminate` while unpulled runs exist (a
+run made without mnist-cloud), this watchdog does not shut down at all, and says so.
 
-The same file is the record of pulls (`mnist-cloud pull` runs it with `record`/`unpulled`/`stats`):
-jobs/<run-id>.pulled.json in the work dir lists each file pulled, with its size, mtime and sha256.
-A run is unpulled when any of its files is missing from that record or has changed since.
+The same file is the record of pulls (`mnist-cloud pull` runs it with `record`/`unpulled`/`stats`): a run is
+unpulled when a file is missing from jobs/<run-id>.pulled.json (size, mtime, sha256) or changed since.
+
+It also holds the machine to its budget (`budget_usd`): its uptime across boots times the laptop's `usd_per_hour`.
+At 80% it warns in the logs of live runs; at 100% it SIGTERMs them (they checkpoint, as on a spot notice), shuts
+down as above, and says why in its budget state and on /dev/console (GetConsoleOutput, while stopped).
 
 Python 3 standard library only: it runs with the system python3, before anything is installed.
 """
@@ -34,6 +34,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,11 @@ from pathlib import Path
 ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT") or "/")  # cron passes it empty on a real machine
 CONFIG = ROOT / "etc/mnist-cloud/autostop.json"
 STATE = ROOT / "var/lib/mnist-cloud/autostop-state.json"
+BUDGET_STATE = ROOT / "var/lib/mnist-cloud/budget-state.json"  # kept over installs and boots, unlike STATE
+CONSOLE = ROOT / "dev/console"  # the serial console: GetConsoleOutput shows it while the machine is stopped
+BUDGET_WARN = 0.8
+CHECKPOINT_WAIT_S = 120.0  # after SIGTERM: time for the live runs to write last.pt before the shutdown
+START_GRACE_S = 300.0  # after a boot that follows a budget stop: time for `start` to push the raised budget
 TRAINER_MARKERS = ("-m trainer", "torchrun", "trainer/__main__.py")
 MIN_GRACE_MINUTES = 3.0  # after a run ends: time for `logs -f` / `train --on` to pull it
 # where `mnist-cloud` keeps each name's work dir, under the login user's home (Endpoint.workdir)
@@ -123,6 +129,109 @@ def shutdown(config: dict, unpulled: list[str], reason: str) -> tuple[str | None
     if behavior != wanted:
         return "shutdown", f"{reason} (EC2 will {behavior} it, as mnist-cloud last set it)"
     return "shutdown", reason
+
+
+# ---------------------------------------------------------------------------------- the budget
+def uptime_seconds(path: Path = Path("/proc/uptime")) -> float:
+    try:
+        return float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def count_uptime(bstate: dict, boot: str, uptime: float) -> dict:
+    """With this boot's uptime: earlier boots' add up in before_s (the whole uptime: before_s + boot_s)."""
+    bstate = dict(bstate)
+    if bstate.get("boot", boot) != boot:
+        bstate["before_s"] = float(bstate.get("before_s", 0)) + float(bstate.get("boot_s", 0))
+    bstate.update(boot=boot, boot_s=uptime, before_s=float(bstate.get("before_s", 0)))
+    return bstate
+
+
+def spent_usd(config: dict, bstate: dict) -> float | None:
+    """What the machine has cost since launch (compute only), or None without a price."""
+    price, up_s = config.get("usd_per_hour"), float(bstate.get("before_s", 0)) + float(bstate.get("boot_s", 0))
+    return None if price is None else up_s / 3600 * float(price)
+
+
+def budget_decide(config: dict, bstate: dict) -> tuple[str | None, dict, str]:
+    """("warn" | "stop" | None, new budget state, what it says). Pure. Warns once per budget."""
+    budget, spent = config.get("budget_usd"), spent_usd(config, bstate)
+    bstate = dict(bstate, spent_usd=spent, budget_usd=budget)
+    if budget is None:
+        return None, bstate, ""
+    if spent is None:
+        return None, bstate, f"budget ${budget:g}, but no price yet: not counted"
+    said = f"spent ${spent:.2f} of the ${budget:g} budget ({float(config['usd_per_hour']):g} USD/h)"
+    stopped = bstate.get("stopped") or {}
+    if spent >= budget and stopped.get("boot", bstate["boot"]) != bstate["boot"] and bstate["boot_s"] < START_GRACE_S:
+        return None, bstate, f"{said}; it stopped the machine before: time for `mnist-cloud start` to raise it"
+    if spent >= budget:
+        return "stop", bstate, said
+    if spent >= BUDGET_WARN * budget and bstate.get("warned") != budget:
+        bstate["warned"] = budget
+        return "warn", bstate, said
+    return None, bstate, said
+
+
+def live_runs(workdirs: list[Path]) -> dict[Path, int]:
+    """{jobs/RUN.log: pid} of the jobs still running (not Jupyter, nor a spot watcher)."""
+    out = {}
+    for workdir in workdirs:
+        for pid_file in sorted(Path(workdir).glob("jobs/*.pid")):
+            if pid_file.stem.startswith(JUPYTER_JOB_PREFIX) or pid_file.stem.endswith(".spot-watch") or \
+                    pid_file.with_suffix(".exit").exists():
+                continue
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if alive(pid):
+                out[pid_file.with_suffix(".log")] = pid
+    return out
+
+
+def tell(logs: list[Path], line: str) -> None:
+    for path in [*logs, CONSOLE]:
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            continue
+
+
+def enforce_budget(config: dict, workdirs: list[Path], now: float, uptime: float, boot: str) -> str | None:
+    """Count this minute, warn or checkpoint the live runs; the reason to shut down, if over budget."""
+    action, bstate, said = budget_decide(config, count_uptime(load(BUDGET_STATE, {}), boot, uptime))
+    runs = live_runs(workdirs) if action else {}
+    if action == "stop":
+        bstate["stopped"] = {"at": now, "boot": boot, "reason": f"budget reached: {said}"}
+    save(BUDGET_STATE, bstate)
+    if action == "warn":
+        tell(list(runs), f"mnist-cloud budget: warning: {said}; at 100% the runs checkpoint and the machine stops")
+    if action != "stop":
+        return None
+    tell(list(runs), f"mnist-cloud budget: stopped: {said}; `mnist-cloud budget NAME USD` raises it")
+    for pid in runs.values():  # as on a spot notice: each finishes its step and writes last.pt
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            continue
+    for _ in range(int(CHECKPOINT_WAIT_S)):
+        if not any(alive(pid) for pid in runs.values()):
+            break
+        time.sleep(1.0)
+    return bstate["stopped"]["reason"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 # ---------------------------------------------------------------------------------- activity
@@ -333,7 +442,8 @@ def save(path: Path, data: dict) -> None:
 def tool(argv: list[str]) -> int:
     """The laptop's side of the pull record, run over SSH as `python3 -c SOURCE COMMAND ARGS`:
     `stats DIR` (size, mtime, sha256 of each file), `record WORKDIR RUN JSON`, `unpulled WORKDIR`,
-    `set-shutdown stop|terminate` (as root: what EC2 now does on shutdown)."""
+    `set-shutdown stop|terminate` (as root: what EC2 now does on shutdown), `set-budget USD|none USD_PER_HOUR
+    SOURCE` (as root: the budget and the price, printing what the machine has cost)."""
     command, args = argv[0], argv[1:]
     if command == "stats":
         for rel, (size, mtime, digest) in file_stats(Path(os.path.expanduser(args[0])), with_hash=True).items():
@@ -343,6 +453,13 @@ def tool(argv: list[str]) -> int:
         print(json.dumps(left))
     elif command == "unpulled":
         print(json.dumps(unpulled_runs([Path(os.path.expanduser(args[0]))])))
+    elif command == "set-budget":  # BUDGET|none USD_PER_HOUR SOURCE: as root; prints what it has cost
+        config = load(CONFIG, {"enabled": False})
+        config.update(budget_usd=None if args[0] == "none" else float(args[0]),
+                      usd_per_hour=float(args[1]), price_source=" ".join(args[2:]))
+        save(CONFIG, config)
+        print(json.dumps({"spent_usd": spent_usd(config, count_uptime(load(BUDGET_STATE, {}), boot_id(),
+                                                                     uptime_seconds()))}))
     elif command == "set-shutdown":
         config = load(CONFIG, {})
         if config:  # no watchdog installed: nothing here acts on it
@@ -358,15 +475,24 @@ def main() -> int:
     state = load(STATE, {})
     now = time.time()
     workdirs = work_dirs(config)
+    over = enforce_budget(config, workdirs, now, uptime_seconds(), boot_id())
+    if over:  # whatever autostop's own setting: the laptop keeps EC2's shutdown behaviour at stop
+        print(f"mnist-cloud-autostop: {over} -> shutdown", flush=True)
+        return power_off(state, now, over)
     busy_kernels, jupyter_used = jupyter_activity(jupyter_servers(workdirs))
     action, new_state, reason = decide(now, config, state, trainer_running(), active_ptys(now, activity_window(config)),
                                        boot_id(), notty_sessions(), unpulled_runs(workdirs), busy_kernels, jupyter_used)
     save(STATE, new_state or state)
     print(f"mnist-cloud-autostop: {reason}" + (f" -> {action}" if action else ""), flush=True)
     if action == "shutdown":
-        save(STATE, {**(new_state or state), "fired_at": now})
-        return subprocess.call(["shutdown", "-h", "now", "mnist-cloud autostop: " + reason])
+        return power_off(new_state or state, now, reason)
     return 0
+
+
+def power_off(state: dict, now: float, reason: str) -> int:
+    """The one way the watchdog shuts the machine down (idle, after a run, over budget)."""
+    save(STATE, {**state, "fired_at": now})
+    return subprocess.call(["shutdown", "-h", "now", "mnist-cloud autostop: " + reason])
 
 
 if __name__ == "__main__":

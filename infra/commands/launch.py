@@ -50,7 +50,7 @@ def add_launch(sub, name: str, summary: str) -> None:
 def cmd_launch(args) -> int:
     from infra import settings
     from infra.ec2 import LaunchSpec, console_fingerprints, launch
-    from infra.watchdog import installer
+    from infra.watchdog import user_data
 
     found = settings.resolve({"autostop": args.autostop, "instance": args.instance, "profile":
                               getattr(args, "profile", None), "epochs": None})  # the files, read once
@@ -69,7 +69,7 @@ def cmd_launch(args) -> int:
     # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
     # boot: both work with the laptop closed
     if spec.autostop.enabled or spec.spot:
-        spec.user_data = installer(spec.autostop)
+        spec.user_data = user_data(spec.autostop)
 
     def wait_ssh(aws, inst):
         if args.no_wait_ssh:

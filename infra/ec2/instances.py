@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from infra.aws import Aws, CloudError
-from infra.ec2.tags import TAG_AUTOSTOP, TAG_NAME, TAG_NODE, TAG_OWNER
+from infra.ec2.tags import TAG_AUTOSTOP, TAG_BUDGET, TAG_NAME, TAG_NODE, TAG_OWNER, parse_budget
 from infra.errors import UserError
 from infra.hosts import check_name
 
@@ -51,6 +51,14 @@ class Instance:
     @property
     def autostop(self) -> str:
         return self.tags.get(TAG_AUTOSTOP, "-")
+
+    @property
+    def budget(self) -> float | None:
+        """USD it may cost from launch on (the tag); None: no budget (or a tag nobody can read)."""
+        try:
+            return parse_budget(self.tags.get(TAG_BUDGET))
+        except ValueError:
+            return None
 
 
 def instance_from(desc: dict) -> Instance:

@@ -30,7 +30,7 @@ from infra.ec2.network import (
     with_network,
 )
 from infra.ec2.owners import caller_identity, others_instances, owner_label
-from infra.ec2.tags import TAG_AUTOSTOP, TAG_NODE, Log, resource_prefix, tag_list
+from infra.ec2.tags import TAG_AUTOSTOP, TAG_BUDGET, TAG_NODE, Log, budget_text, resource_prefix, tag_list
 from infra.errors import UserError
 from infra.hosts import check_name
 from infra.pricing import hourly_price
@@ -63,7 +63,9 @@ class LaunchSpec:
     autostop_minutes: float = 30
     autostop_action: str = "stop"  # or "terminate"
     autostop_after_train: bool = False
-    user_data: str | None = None  # e.g. the autostop watchdog installer
+    user_data: str | bytes | None = None  # e.g. the autostop watchdog installer (infra/watchdog.py user_data)
+    budget_usd: float | None = None  # USD it may cost from launch on: the watchdog stops it there
+    usd_per_hour: float | None = None  # what the watchdog counts with until the laptop prices it live
     wait_status_checks: bool = True
     nodes: int = 1  # K > 1: a cluster of K instances in one placement group
     zones: list[str] | None = None  # only these zones, in this order (a candidate of `launch` over lists)
@@ -77,7 +79,9 @@ class LaunchSpec:
         return AutostopConfig(idle_minutes=self.autostop_minutes,
                               action="stop" if self.spot else self.autostop_action,  # see _shutdown_behavior
                               after_train=self.autostop_after_train,
-                              enabled=bool(self.autostop_minutes or self.autostop_after_train))
+                              enabled=bool(self.autostop_minutes or self.autostop_after_train),
+                              shutdown_behavior="stop" if self.budget_usd is not None else None,
+                              budget_usd=self.budget_usd, usd_per_hour=self.usd_per_hour)
 
 
 def _record(state: State, inst: Instance, key: KeyInfo, region: str, user: str = DEFAULT_USER) -> None:
@@ -144,6 +148,8 @@ def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = N
     launched = []
     for node in range(spec.nodes):
         extra = {TAG_AUTOSTOP: spec.autostop.tag}
+        if spec.budget_usd is not None:
+            extra[TAG_BUDGET] = budget_text(spec.budget_usd)
         if spec.nodes > 1:
             extra[TAG_NODE] = str(node)
         tags = tag_list(spec.name, owner, extra)
@@ -195,8 +201,9 @@ SPOT_OPTIONS = {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior"
 def _shutdown_behavior(spec: LaunchSpec) -> str:
     # A spot launch always stops on its own shutdown (autostop): terminating an instance of a
     # persistent request makes EC2 open the request again and launch a fresh one, which bills. Its
-    # on-demand fallback stops too, as the autostop tag (written before the launch) says.
-    return spec.autostop.action
+    # on-demand fallback stops too, as the autostop tag (written before the launch) says. A machine with a
+    # budget stops too: the watchdog stops it at the budget, and must never terminate it.
+    return spec.autostop.shutdown_behavior or spec.autostop.action
 
 
 def _run_with_fallback(aws: Aws, spec: LaunchSpec, params: dict, vpc: str, log: Log, pin: str | None = None) -> dict:

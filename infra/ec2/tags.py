@@ -14,8 +14,23 @@ TAG_NAME = "mnist-cloud:name"
 TAG_OWNER = "mnist-cloud:owner"
 TAG_AUTOSTOP = "mnist-cloud:autostop"
 TAG_NODE = "mnist-cloud:node"
+TAG_BUDGET = "mnist-cloud:budget"  # USD the machine may cost from launch on (compute only); absent: no budget
 
 Log = Callable[[str], None]
+
+
+def budget_text(budget: float | None) -> str:
+    return "none" if budget is None else f"{budget:g}"
+
+
+def parse_budget(text: str | None) -> float | None:
+    """A budget as the tag or a command line gives it: USD, or "none"/absent for none. Raises ValueError."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    value = float(text.strip().lstrip("$"))
+    if not value > 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
 
 
 def resource_prefix(name: str) -> str:

@@ -1,0 +1,164 @@
+"""A machine's budget: the watchdog on the instance counts its uptime across boots at the price the laptop
+wrote, warns the live runs at 80% and, at 100%, checkpoints them and stops the machine. In-process, with a
+fake clock (its uptime), a forged price and a fake `shutdown`; the one run on the SSH test host is in
+tests/test_reliability.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from fixtures.instance import load_agent
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    """The watchdog with its files under tmp_path, a forged boot and uptime, and a fake `shutdown`."""
+    agent = load_agent("autostop")
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    for name, rel in (("CONFIG", "etc/mnist-cloud/autostop.json"), ("STATE", "var/lib/mnist-cloud/autostop-state.json"),
+                      ("BUDGET_STATE", "var/lib/mnist-cloud/budget-state.json"), ("CONSOLE", "dev/console")):
+        monkeypatch.setattr(agent, name, root / rel)
+    agent.clock = {"boot": "b1", "uptime": 0.0}
+    monkeypatch.setattr(agent, "boot_id", lambda: agent.clock["boot"])
+    monkeypatch.setattr(agent, "uptime_seconds", lambda: agent.clock["uptime"])
+    monkeypatch.setattr(agent, "trainer_running", lambda: False)
+    monkeypatch.setattr(agent, "jupyter_activity", lambda servers: (0, None))
+    agent.shutdowns = []
+    monkeypatch.setattr(agent.subprocess, "call", lambda argv: agent.shutdowns.append(argv) or 0)
+    agent.work = tmp_path / "work"
+    (agent.work / "jobs").mkdir(parents=True)
+    agent.configure = lambda **c: agent.save(agent.CONFIG, {"idle_minutes": 30, "work_dirs": [str(agent.work)], **c})
+    return agent
+
+
+def live_run(agent, run_id: str) -> subprocess.Popen:
+    """A job as `train --on --detach` leaves it: jobs/RUN.pid (its own process group) and jobs/RUN.log."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    (agent.work / "jobs" / f"{run_id}.pid").write_text(f"{proc.pid}\n")
+    (agent.work / "jobs" / f"{run_id}.log").write_text("Epoch: 1 |\n")
+    return proc
+
+
+def test_uptime_adds_up_across_boots(agent):
+    state = agent.count_uptime({}, "b1", 600)
+    state = agent.count_uptime(state, "b1", 1800)  # the same boot: its uptime, not added twice
+    assert (state["before_s"], state["boot_s"]) == (0, 1800)
+    state = agent.count_uptime(state, "b2", 60)  # stopped, started: EC2's LaunchTime resets, this does not
+    assert (state["before_s"], state["boot_s"]) == (1800, 60)
+    assert agent.spent_usd({"usd_per_hour": 2.0}, state) == pytest.approx(2.0 * 1860 / HOUR)
+
+
+@pytest.mark.parametrize("hours,expected", [(0.5, None), (0.79, None), (0.8, "warn"), (0.99, "warn"), (1.0, "stop")])
+def test_the_budget_decides_at_80_and_100_percent(agent, hours, expected):
+    config = {"budget_usd": 5.0, "usd_per_hour": 5.0}
+    action, state, said = agent.budget_decide(config, {"boot": "b", "boot_s": hours * HOUR})
+    assert action == expected, said
+    assert agent.budget_decide(config, state)[0] == (None if expected == "warn" else expected)  # warns once
+    assert agent.budget_decide({"usd_per_hour": 5.0}, {"boot": "b", "boot_s": 9 * HOUR})[0] is None  # no budget
+
+
+def test_under_budget_nothing_happens(agent):
+    proc = live_run(agent, "r1")
+    try:
+        agent.configure(budget_usd=5.0, usd_per_hour=1.0)
+        agent.clock["uptime"] = 3 * HOUR
+        assert agent.main() == 0
+        assert agent.shutdowns == [] and proc.poll() is None
+        assert "budget" not in (agent.work / "jobs" / "r1.log").read_text()
+        assert json.loads(agent.BUDGET_STATE.read_text())["spent_usd"] == pytest.approx(3.0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_at_80_percent_the_live_runs_are_warned(agent):
+    proc = live_run(agent, "r1")
+    try:
+        agent.configure(budget_usd=5.0, usd_per_hour=1.0)
+        agent.clock["uptime"] = 4.1 * HOUR
+        assert agent.main() == 0
+        assert agent.shutdowns == [] and proc.poll() is None
+        log = (agent.work / "jobs" / "r1.log").read_text()
+        assert "mnist-cloud budget: warning: spent $4.10 of the $5 budget" in log
+        agent.main()
+        assert (agent.work / "jobs" / "r1.log").read_text() == log  # once, not every minute
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_at_100_percent_the_runs_checkpoint_and_the_machine_stops_as_on_autostop(agent):
+    """Across a stop and a start: the uptime of the earlier boot counts. The runs get SIGTERM (as on a spot
+    notice), then the shutdown goes the autostop's way (`shutdown -h now`, fired_at in its state)."""
+    proc = live_run(agent, "r1")
+    try:
+        agent.configure(budget_usd=5.0, usd_per_hour=2.0)
+        agent.clock["uptime"] = 2 * HOUR
+        assert agent.main() == 0 and agent.shutdowns == []
+        agent.clock.update(boot="b2", uptime=0.5 * HOUR)  # 2.5 h at $2/h: $5
+        waits = []  # while the run checkpoints (here, our child: reaped, or it would look alive)
+        agent.time = SimpleNamespace(time=time.time, sleep=lambda s: waits.append(s) or proc.wait(timeout=10))
+        agent.main()
+        assert waits == [1.0]  # it waited for the run to end, and no longer
+        assert proc.returncode == -15  # SIGTERM: the trainer finishes its step and writes last.pt
+        assert len(agent.shutdowns) == 1 and agent.shutdowns[0][:3] == ["shutdown", "-h", "now"]
+        assert "budget reached: spent $5.00 of the $5 budget" in agent.shutdowns[0][3]
+        assert "fired_at" in json.loads(agent.STATE.read_text())
+        assert "budget reached" in json.loads(agent.BUDGET_STATE.read_text())["stopped"]["reason"]
+        assert "mnist-cloud budget: stopped" in agent.CONSOLE.read_text()
+        assert "mnist-cloud budget: stopped" in (agent.work / "jobs" / "r1.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_after_a_budget_stop_a_start_has_time_to_raise_it(agent):
+    """The first minutes of the next boot: `start` pushes the raised budget; without it, it stops again."""
+    agent.configure(budget_usd=1.0, usd_per_hour=1.0)
+    agent.clock["uptime"] = 1.2 * HOUR
+    agent.main()
+    assert len(agent.shutdowns) == 1
+    agent.clock.update(boot="b2", uptime=60)
+    agent.main()
+    assert len(agent.shutdowns) == 1  # waiting for the laptop
+    agent.clock["uptime"] = agent.START_GRACE_S
+    agent.main()
+    assert len(agent.shutdowns) == 2  # not raised: stopped again
+    agent.clock.update(boot="b3", uptime=60)
+    assert agent.tool(["set-budget", "3", "1.0", "on-demand"]) == 0  # what `start` runs
+    agent.clock["uptime"] = 0.5 * HOUR
+    agent.main()
+    assert len(agent.shutdowns) == 2
+
+
+def test_set_budget_writes_the_config_and_says_what_was_spent(agent, capsys):
+    agent.configure(idle_minutes=10)
+    agent.clock["uptime"] = HOUR
+    assert agent.tool(["set-budget", "8", "0.526", "live,", "AWS", "Price", "List"]) == 0
+    assert json.loads(capsys.readouterr().out)["spent_usd"] == pytest.approx(0.526)
+    config = json.loads(agent.CONFIG.read_text())
+    assert (config["budget_usd"], config["usd_per_hour"], config["idle_minutes"]) == (8.0, 0.526, 10)
+    assert config["price_source"] == "live, AWS Price List"
+    agent.tool(["set-budget", "none", "0.526"])
+    assert json.loads(agent.CONFIG.read_text())["budget_usd"] is None
+
+
+def test_a_spot_watcher_or_jupyter_is_no_live_run(agent):
+    for job in ("r1.spot-watch", "jupyter-abc"):
+        (agent.work / "jobs" / f"{job}.pid").write_text(f"{os.getpid()}\n")
+    (agent.work / "jobs" / "done.pid").write_text(f"{os.getpid()}\n")
+    (agent.work / "jobs" / "done.exit").write_text("0\n")
+    assert agent.live_runs([agent.work]) == {}
+    (agent.work / "jobs" / "r1.pid").write_text(f"{os.getpid()}\n")
+    assert agent.live_runs([agent.work]) == {agent.work / "jobs" / "r1.log": os.getpid()}

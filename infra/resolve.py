@@ -29,7 +29,8 @@ class Shutdown:
     def guarded(self) -> bool:
         """Whether autostop may terminate this instance, so that runs need it to stop instead while they
         are unpulled (a spot instance always stops)."""
-        return self.instance.lifecycle != "spot" and self.instance.autostop.endswith(":terminate")
+        return (self.instance.lifecycle != "spot" and self.instance.autostop.endswith(":terminate")
+                and self.instance.budget is None)  # a budget keeps it at stop: the watchdog never terminates
 
     def set(self, behavior: str) -> None:
         self.aws.call("ec2", "modify_instance_attribute", InstanceId=self.instance.instance_id,

@@ -38,6 +38,8 @@ SETTINGS = {s.key: s for s in [
     Setting("model", str, ("MNIST_CLOUD_DEFAULT_MODEL",), None, "model for train and sweep (--model): a zoo name "
             "or path/to/file.py:Name"),
     Setting("epochs", int, ("MNIST_CLOUD_DEFAULT_EPOCHS",), None, "epochs for train and sweep (--epochs)"),
+    Setting("budget", float, ("MNIST_CLOUD_DEFAULT_BUDGET",), None, "USD a new machine may cost from launch on, "
+            "compute only: it stops itself there (launch --budget)"),
 ]}
 PROJECT_FILES = ("mnist-cloud.toml", "pyproject.toml")
 

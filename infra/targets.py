@@ -9,6 +9,7 @@ both leave the same runs/<run-id>/ on the laptop.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shlex
@@ -160,6 +161,8 @@ class SSHTarget:
         returns the interpreter jobs run with. The one way a machine gets ready: `train --on` (one
         machine or a cluster's nodes), `setup`, `jupyter` and `sweep` all come through here."""
         self.remote.wait_ready(timeout=ready_timeout, log=log)
+        if self.shutdown is not None and self.shutdown.instance.budget is not None:
+            self.push_budget(self.shutdown.instance.budget)  # the price now: spot's moves
         synced = self.sync(code, log=log)
         log(f"synced {synced.files} file(s), {synced.bytes:,} bytes ({synced.method}) to "
             f"{self.label}:~/{self.remote.ep.workdir}")
@@ -299,10 +302,39 @@ class SSHTarget:
         self.shutdown_behavior = behavior
 
     def _tell_watchdog(self, behavior: str) -> None:
+        self._agent(f"set-shutdown {behavior}")
+
+    def _agent(self, command: str) -> str:
+        """Run the watchdog's tool (infra/agent/autostop.py) as root on the machine; its output."""
         sudo = "" if self.remote.run("id -u").stdout.strip() == "0" else "sudo -n "
         root = os.environ.get("MNIST_CLOUD_AGENT_ROOT")  # tests: the watchdog installed under a temp root
         env = f"env MNIST_CLOUD_ROOT={shlex.quote(root)} " if root else ""
-        self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(agent_source('autostop.py'))} set-shutdown {behavior}")
+        return self.remote.run(f"{sudo}{env}python3 -c {shlex.quote(agent_source('autostop.py'))} {command}").stdout
+
+    def push_budget(self, budget: float | None) -> dict:
+        """Write the budget and the price of an hour now into the watchdog's config (installing the watchdog,
+        off but for the budget, where the machine has none): it stops the machine there, laptop closed or
+        not. Returns what the machine has cost so far, also kept in the state: `status` shows it when stopped."""
+        from infra.state import State
+        from infra.watchdog import AutostopConfig, install_over_ssh
+
+        price = self.price() if self.price else fallback_price(self.instance_type or "")
+        if price.usd_per_hour is None:
+            raise UserError(f"{self.name}: no price for {self.instance_type}, so no budget can be kept; "
+                            f"give it one in prices.json ({price.note or price.source})")
+        said = json.loads(self._agent(f"set-budget {'none' if budget is None else f'{budget:g}'} {price.usd_per_hour} "
+                                      f"{shlex.quote(price.source)}").strip().splitlines()[-1])
+        if not said["installed"] and budget is not None:
+            install_over_ssh(self.remote, AutostopConfig(enabled=False, shutdown_behavior="stop", budget_usd=budget,
+                                                         usd_per_hour=price.usd_per_hour, price_source=price.source),
+                             root=os.environ.get("MNIST_CLOUD_AGENT_ROOT") or "")
+        seen = {"spent_usd": said["spent_usd"], "budget_usd": budget, "usd_per_hour": price.usd_per_hour,
+                "at": time.time()}
+        state = State()
+        host = state.get(self.name) or self.host
+        host.extra["budget"] = seen
+        state.put(host)
+        return seen
 
     def runs(self) -> list[dict]:
         return self.jobs.list_runs()

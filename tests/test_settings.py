@@ -41,6 +41,7 @@ def test_each_source_wins_over_the_next(files, monkeypatch):
         "autostop": (10.0, str(project / "pyproject.toml")),
         "model": (None, "default"),
         "epochs": (20, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
+        "budget": (None, "default"),
     }
     assert settings.resolve()["region"].value == "eu-west-1"  # no flag, no environment: the user file
     (project / "mnist-cloud.toml").write_text("autostop = 0\n")  # beside pyproject.toml, it is the project's
@@ -89,13 +90,13 @@ def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, 
         refused = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32"], env_extra=env,
                           cwd=tmp_path)
         assert_user_error(refused, "give --instance TYPE")
-        (tmp_path / "mnist-cloud.toml").write_text('instance = "g4dn.xlarge"\nautostop = 12\n')
+        (tmp_path / "mnist-cloud.toml").write_text('instance = "g4dn.xlarge"\nautostop = 12\nbudget = 4\n')
         out = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh"],
                       env_extra=env, cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
         status = run_cli([*mnist_cloud, "status", "cfg"], env_extra=env, cwd=tmp_path)
         row = status.stdout.splitlines()[1].split()
-        assert row[2] == "g4dn.xlarge" and row[-1] == "12m:stop", status.stdout
+        assert row[2] == "g4dn.xlarge" and row[-2:] == ["12m:stop", "$0.00/$4"], status.stdout  # spent/budget
 
 
 @pytest.mark.slow

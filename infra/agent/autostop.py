@@ -454,12 +454,12 @@ def tool(argv: list[str]) -> int:
     elif command == "unpulled":
         print(json.dumps(unpulled_runs([Path(os.path.expanduser(args[0]))])))
     elif command == "set-budget":  # BUDGET|none USD_PER_HOUR SOURCE: as root; prints what it has cost
-        config = load(CONFIG, {"enabled": False})
+        installed, config = CONFIG.exists(), load(CONFIG, {"enabled": False})
         config.update(budget_usd=None if args[0] == "none" else float(args[0]),
                       usd_per_hour=float(args[1]), price_source=" ".join(args[2:]))
         save(CONFIG, config)
         print(json.dumps({"spent_usd": spent_usd(config, count_uptime(load(BUDGET_STATE, {}), boot_id(),
-                                                                     uptime_seconds()))}))
+                                                                     uptime_seconds())), "installed": installed}))
     elif command == "set-shutdown":
         config = load(CONFIG, {})
         if config:  # no watchdog installed: nothing here acts on it

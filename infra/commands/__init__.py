@@ -58,6 +58,8 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
     "start": CommandInfo("lifecycle", "add_start", "start a stopped instance; picks up its new IP"),
     "autostop": CommandInfo("lifecycle", "add_autostop",
                             "change when an instance stops itself (runs on the instance)"),
+    "budget": CommandInfo("budget", "add_budget",
+                          "set, raise or remove what a machine may cost (USD, compute only); it stops itself there"),
     "setup": CommandInfo("machine", "add_setup",
                          "sync the code and run setup_ec2.sh on a machine (idempotent)"),
     "sync": CommandInfo("machine", "add_sync",

@@ -40,6 +40,10 @@ def add_launch(sub, name: str, summary: str) -> None:
                    help="also stop 3 minutes after a run ends (time to pull it)")
     p.add_argument("--down", action="store_true",
                    help="autostop terminates instead of stopping (it stops while runs are not pulled)")
+    p.add_argument("--budget", metavar="USD",
+                   help="what the machine may cost from launch on, compute only: at 80%% its live runs are warned, "
+                        "at 100%% they checkpoint and it stops itself, laptop closed or not (default: the "
+                        "config's budget, else none)")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
     p.add_argument("--nodes", type=int, default=1, metavar="K",
@@ -49,12 +53,17 @@ def add_launch(sub, name: str, summary: str) -> None:
 
 def cmd_launch(args) -> int:
     from infra import settings
+    from infra.commands.budget import budget_arg
     from infra.ec2 import LaunchSpec, console_fingerprints, launch
     from infra.watchdog import user_data
 
+    typed = budget_arg(args.budget, "--budget") if args.budget else None
     found = settings.resolve({"autostop": args.autostop, "instance": args.instance, "profile":
-                              getattr(args, "profile", None), "epochs": None})  # the files, read once
+                              getattr(args, "profile", None), "epochs": None, "budget": typed})  # the files, read once
     args.autostop, args.instance = found["autostop"].value, found["instance"].value
+    budget = None if (args.budget or "").strip().lower() == "none" else found["budget"].value  # none: no default
+    if budget is not None and not budget > 0:
+        raise UserError(f"the budget is USD above 0, not {budget:g} ({found['budget'].source})")
     if not args.instance and not args.gpu_type:
         raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
                         "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")
@@ -65,10 +74,12 @@ def cmd_launch(args) -> int:
                       ssh_cidr=args.ssh_cidr, autostop_minutes=args.autostop,
                       autostop_action="terminate" if args.down else "stop",
                       autostop_after_train=args.autostop_after_train,
-                      wait_status_checks=not args.no_wait_checks, nodes=args.nodes)
+                      wait_status_checks=not args.no_wait_checks, nodes=args.nodes, budget_usd=budget)
+    if budget is not None:  # until a connection prices it live: on-demand, an upper bound for spot
+        spec.usd_per_hour = _launch_price(args, names(args.instance, "--instance") if args.instance else [])
     # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
     # boot: both work with the laptop closed
-    if spec.autostop.enabled or spec.spot:
+    if spec.autostop.enabled or spec.spot or budget is not None:
         spec.user_data = user_data(spec.autostop)
 
     def wait_ssh(aws, inst):
@@ -111,6 +122,25 @@ def cmd_launch(args) -> int:
     say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
         f"delete: mnist-cloud down {args.name}")
     return ExitCode.OK
+
+
+def _launch_price(args, types: list[str]) -> float | None:
+    """The on-demand price of an hour of the type (the Price List, else the table); over several, the dearest
+    in the table. None where none is known (--gpu-type): the first connection prices it."""
+    from infra.aws import CloudError
+    from infra.ec2.prices import on_demand_price, pricing_session
+    from infra.pricing import fallback_price
+
+    if len(types) == 1:
+        aws = session(args, args.name)
+        try:
+            live = on_demand_price(pricing_session(aws), aws.region, types[0])
+        except CloudError:
+            live = None
+        if live is not None:
+            return live
+    table = [p for p in (fallback_price(t).usd_per_hour for t in types) if p is not None]
+    return max(table) if table else None
 
 
 def _live_price(aws, inst) -> str:

@@ -123,18 +123,19 @@ def cmd_status(args) -> int:
         rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
                      i.public_ip or "-", _age(i.uptime_hours), per_hour,
                      "-" if price is None else PRICED_BY[price.kind], "?" if cost is None else f"${cost:.2f}",
-                     i.autostop, waiting.get(i.instance_id, "-"), *(f(i) for f in owner)])
+                     i.autostop, waiting.get(i.instance_id, "-"), _budget_cell(i, price, state),
+                     *(f(i) for f in owner)])
     blank, gap = ["-"] * len(owner), ["-"] * len(where)
     for h in ssh_hosts:
         rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
-                     waiting.get(f"{h.host}:{h.port}", "?"), *blank])
+                     waiting.get(f"{h.host}:{h.port}", "?"), "-", *blank])
     known = {i.name for i in every} | {h.name for h in ssh_hosts}
     gone = [h for h in state.all()  # cached names whose instance is gone: say so, EC2 is the truth
             if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
             and (h.region in regions or not h.region)]
     for h in gone:
         rows.append([h.name, *(h.region or "-" for _ in where), h.instance_id or "-", "?", "gone", "-", "-", "-",
-                     "-", "-", "-", "-", "-", *blank])
+                     "-", "-", "-", "-", "-", "-", *blank])
     if theirs:
         say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
     if not rows:
@@ -143,7 +144,7 @@ def cmd_status(args) -> int:
             "mnist-cloud launch --instance g4dn.xlarge")
         return ExitCode.OK
     header = ["NAME", *(["REGION"] if where else []), "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME",
-              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", "PULL", *(["OWNER"] if owner else [])]
+              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", "PULL", "BUDGET", *(["OWNER"] if owner else [])]
     for line in runspec.table(header, rows):
         say(line)
     for i in instances:
@@ -180,6 +181,23 @@ def pull_counts(state, instances, ssh_hosts) -> dict[str, str]:
     return shown
 
 
+def _budget_cell(inst, price, state) -> str:
+    """SPENT/BUDGET since launch, compute only: the figure the machine's watchdog last gave (a stopped one's
+    stands), plus the hours since at today's price while it runs; "-" without a budget."""
+    import time
+
+    if inst.budget is None:
+        return "-"
+    host = state.get(inst.name)
+    seen = (host.extra.get("budget") if host else None) or {}
+    spent = seen.get("spent_usd")
+    if spent is None:
+        spent = 0.0 if price is None else inst.cost_so_far(price)  # this boot only: no figure from the machine yet
+    elif inst.state == "running" and price is not None and price.usd_per_hour is not None:
+        spent += max(0.0, time.time() - seen.get("at", time.time())) / 3600 * price.usd_per_hour
+    return f"${spent or 0:.2f}/${inst.budget:g}"
+
+
 def _age(hours: float) -> str:
     minutes = int(hours * 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if hours else "-"
@@ -211,9 +229,29 @@ def add_start(sub, name: str, summary: str) -> None:
 def cmd_start(args) -> int:
     from infra.ec2 import start
 
-    inst = start(session(args, args.name), args.name, args.ssh_cidr, log=say)
+    aws = session(args, args.name)
+    inst = start(aws, args.name, args.ssh_cidr, log=say)
     say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
+    if inst.budget is not None:
+        _push_budget(args, inst.budget)
     return ExitCode.OK
+
+
+def _push_budget(args, budget: float) -> None:
+    """The budget (its tag, maybe raised while stopped) and the price now into the watchdog's config, before
+    the watchdog's first minutes after a budget stop are up (infra/agent/autostop.py START_GRACE_S)."""
+    from infra.targets import SSHTarget
+
+    try:
+        region, profile = getattr(args, "region", None), getattr(args, "profile", None)
+        for target in SSHTarget.resolve_cluster(args.name, region, profile):
+            with target.remote:
+                target.remote.wait_ready(timeout=240, log=say)
+                seen = target.push_budget(budget)
+            say(f"{target.label}: budget ${budget:g}, ${seen['spent_usd']:.2f} spent so far (compute only)")
+    except (UserError, OSError) as e:
+        say(f"note: could not give {args.name} its budget over SSH ({e}); the last one it was given holds. "
+            f"`mnist-cloud budget {args.name} {budget:g}` tries again")
 
 
 def add_autostop(sub, name: str, summary: str) -> None:

@@ -31,6 +31,9 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a trainer flag and its values, e.g. --set lr=0.05,0.1 (repeatable)")
     p.add_argument("--max-cost", type=float, metavar="USD", help="refuse to start if the estimate exceeds this")
+    p.add_argument("--budget", metavar="USD|none",
+                   help="give each machine of the sweep this budget (`mnist-cloud budget`): what it may cost from "
+                        "launch on, compute only; at it, the machine checkpoints its runs and stops")
     p.add_argument("--epoch-seconds", type=float, default=6.0,
                    help="assumed seconds per epoch on a machine, for the estimate (default: %(default)s, a g4dn-class GPU)")
     p.add_argument("--name", default=None, help="sweep name, the prefix of its run ids (default: sweep-<time>)")
@@ -55,13 +58,18 @@ def cmd_sweep(args, rest: list[str]) -> int:
     runs = Path(args.to)
     say(plan.describe())
     if args.local:
-        if args.max_cost is not None:
-            say("--max-cost: a local sweep costs nothing on AWS")
+        if args.max_cost is not None or args.budget is not None:
+            say("--max-cost, --budget: a local sweep costs nothing on AWS")
         slots = [sweep.LocalSlot()]
     else:
         names = sweep.parse_list(args.on, "--on")
         if args.max_cost is not None:
             check_cost(plan, names, args)
+        if args.budget is not None:
+            from infra.commands.budget import set_budget_before_a_run
+
+            for name in names:  # before the slots connect: each connection gives it to its machine
+                set_budget_before_a_run(args, name, args.budget)
         slots = sweep.machine_slots(names, say, python=args.python, code=args.code, region=args.region,
                                     profile=args.profile)
         say(f"sweep: {len(plan.points)} run(s) on {len(slots)} slot(s): " + ", ".join(s.where for s in slots))

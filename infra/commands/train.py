@@ -21,6 +21,7 @@ runs/<run-id>/ back here. Ctrl-C stops the streaming, not the training.
   --nodes K       torchrun across the K machines of a cluster (`launch --nodes K`), rendezvous at node 0
   --env K=V       environment for the remote job, e.g. --env NCCL_DEBUG=INFO (repeatable)
   --no-desktop-notify   no desktop notification (notify-send / osascript) when the run ends
+  --budget USD          set or raise what the machine may cost from launch on (compute only); none removes it
   --resume RUN    continue RUN from its last checkpoint (pushed from here if the machine lacks it)
   --python PATH   interpreter on the machine (default: $MNIST_CLOUD_REMOTE_PYTHON, else setup's choice)
   --code DIR      checkout to sync (default: the current directory)
@@ -46,10 +47,17 @@ def cmd_train(args, rest: list[str]) -> int:
         print(TRAIN_HELP, flush=True)
         return run_trainer(["train", "--help"])
     if not opts.on:
-        if opts.detach or opts.python or opts.code or opts.gpus or opts.nodes or opts.env or opts.no_desktop_notify:
-            raise UserError("--detach, --python, --code, --gpus, --nodes, --env and --no-desktop-notify need --on NAME")
+        if opts.detach or opts.python or opts.code or opts.gpus or opts.nodes or opts.env or opts.no_desktop_notify \
+                or opts.budget:
+            raise UserError("--detach, --python, --code, --gpus, --nodes, --env, --no-desktop-notify and --budget "
+                            "need --on NAME")
         return run_trainer(["train", *rest])
     from infra.runner import plan_remote_train, train_remote
+
+    if opts.budget is not None:
+        from infra.commands.budget import set_budget_before_a_run
+
+        set_budget_before_a_run(opts, opts.on, opts.budget)
 
     job = plan_remote_train(opts.on, rest, detach=opts.detach, python=opts.python, code=opts.code, gpus=opts.gpus,
                             nodes=opts.nodes, env=opts.env, region=opts.region, profile=opts.profile)
@@ -66,6 +74,7 @@ def train_options() -> Parser:
     p.add_argument("--nodes", metavar="K")
     p.add_argument("--env", action="append", default=[], metavar="K=V")
     p.add_argument("--no-desktop-notify", action="store_true")
+    p.add_argument("--budget", metavar="USD|none")
     python_option(p, metavar="PATH")
     code_option(p, help=None)
     aws_options(p, region_help=None, profile_help=None, default=None)

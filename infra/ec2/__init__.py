@@ -10,7 +10,7 @@ the verb, never a module that an attribute lookup could mistake for it.
 """
 
 from infra.ec2.adopt import attach_instance
-from infra.ec2.autostop import autostop_for, set_autostop
+from infra.ec2.autostop import autostop_for, set_autostop, set_budget
 from infra.ec2.images import resolve_dlami
 from infra.ec2.instances import Instance, describe_instance, find_instances
 from infra.ec2.keys import console_fingerprints
@@ -30,6 +30,6 @@ __all__ = [
     "attach_instance", "autostop_for", "caller_identity", "console_fingerprints", "default_subnets", "default_vpc",
     "describe_instance", "down", "down_all", "instances_to_terminate", "ensure_security_group", "find_instances", "find_security_group",
     "launch", "machine_price", "machine_prices", "others_instances", "owner_key", "owner_label", "pricing_session",
-    "resolve_dlami", "same_owner", "set_autostop",
+    "resolve_dlami", "same_owner", "set_autostop", "set_budget",
     "spot_interruptions", "start", "stop",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.aws import Aws
+from infra.ec2.autostop import refuse_over_budget
 from infra.ec2.instances import Instance, alive_instances, describe_instance, wait_for_state
 from infra.ec2.keys import KeyInfo
 from infra.ec2.launching import LaunchSpec, wait_up
@@ -50,6 +51,7 @@ def start(aws: Aws, name: str, ssh_cidr: str | None = None, log: Log = print, st
         raise UserError(f"{name} was stopped by a spot interruption ({', '.join(sorted(set(interrupted.values())))}); "
                         f"only EC2 can start it, when capacity returns, and its runs then resume by themselves. "
                         f"`mnist-cloud status {name}` shows it")
+    refuse_over_budget(aws, name, [i for i in insts if i.instance_id in stopped])
     if stopped:
         aws.call("ec2", "start_instances", InstanceIds=stopped)
         log(f"starting {name} ({', '.join(stopped)}); waiting")

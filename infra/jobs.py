@@ -53,9 +53,11 @@ class Jobs:
         # The wrapper shell traps TERM/INT (a handler, which exec resets) so that when the job's process
         # group is signalled it outlives the trainer long enough to record the trainer's exit code.
         inner = f"trap true TERM INT; {prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
-        redirect = ">>" if append else ">"
-        return (f"cd {shlex.quote(self.remote.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && "
-                f"{{ setsid nohup sh -c {shlex.quote(inner)} {redirect} jobs/{job}.log 2>&1 < /dev/null & "
+        # always appended (O_APPEND), a new job's log emptied first: a line the watchdog adds (a budget warning)
+        # lands at the end, not under the trainer's next write
+        fresh = "" if append else f": > jobs/{job}.log && "
+        return (f"cd {shlex.quote(self.remote.ep.workdir)} && mkdir -p jobs && rm -f jobs/{job}.exit && {fresh}"
+                f"{{ setsid nohup sh -c {shlex.quote(inner)} >> jobs/{job}.log 2>&1 < /dev/null & "
                 f"echo $! > jobs/{job}.pid; }} && cat jobs/{job}.pid")
 
     def record_job(self, run_id: str, commands: list[str]) -> None:

@@ -162,3 +162,69 @@ def test_a_spot_watcher_or_jupyter_is_no_live_run(agent):
     assert agent.live_runs([agent.work]) == {}
     (agent.work / "jobs" / "r1.pid").write_text(f"{os.getpid()}\n")
     assert agent.live_runs([agent.work]) == {agent.work / "jobs" / "r1.log": os.getpid()}
+
+
+# ---------------------------------------------------------------------------------- EC2's side (in-process moto)
+def launch(aws, name="bud", **kw):
+    from infra import ec2 as P
+    from infra.watchdog import user_data
+
+    spec = P.LaunchSpec(name=name, instance_type="g4dn.xlarge", ssh_cidr="203.0.113.7/32", **kw)
+    spec.user_data = user_data(spec.autostop)
+    return P.launch(aws, spec, log=lambda m: None)
+
+
+def shutdown_behavior(aws, inst) -> str:
+    return aws.client("ec2").describe_instance_attribute(
+        InstanceId=inst.instance_id, Attribute="instanceInitiatedShutdownBehavior")["InstanceInitiatedShutdownBehavior"]["Value"]
+
+
+def test_a_budget_is_a_tag_and_keeps_the_machine_stopping_not_terminating(aws):
+    """`launch --budget --down`: the watchdog stops it at the budget, so EC2 must stop it, whatever autostop wants;
+    the user data carries the budget and the price to count with until a connection prices it live."""
+    import base64
+    import gzip
+
+    from infra import ec2 as P
+    from infra.resolve import Shutdown
+    from infra.watchdog import AutostopConfig
+
+    inst = launch(aws, autostop_action="terminate", budget_usd=5.0, usd_per_hour=0.526)
+    assert inst.budget == 5.0 and shutdown_behavior(aws, inst) == "stop"
+    data = aws.client("ec2").describe_instance_attribute(InstanceId=inst.instance_id, Attribute="userData")
+    config = gzip.decompress(base64.b64decode(data["UserData"]["Value"])).decode()
+    assert '"budget_usd": 5.0, "usd_per_hour": 0.526' in config and '"shutdown_behavior": "stop"' in config
+    assert not Shutdown(aws, inst).guarded  # a pull never sets it to terminate
+    P.set_autostop(aws, "bud", AutostopConfig(idle_minutes=10, action="terminate"), log=lambda m: None)
+    assert shutdown_behavior(aws, inst) == "stop"  # `autostop --down` neither
+
+    [inst] = P.set_budget(aws, "bud", None)
+    assert inst.budget is None
+    P.set_autostop(aws, "bud", AutostopConfig(idle_minutes=10, action="terminate"), log=lambda m: None)
+    assert shutdown_behavior(aws, inst) == "terminate" and Shutdown(aws, P.describe_instance(aws, inst.instance_id)).guarded
+    [inst] = P.set_budget(aws, "bud", 8.0)
+    assert inst.budget == 8.0 and shutdown_behavior(aws, inst) == "stop"
+
+
+def test_start_refuses_a_machine_its_budget_stopped_until_it_is_raised(aws, monkeypatch):
+    """The watchdog's line on the serial console (moto's console output is a fixed sample: forged here)."""
+    from moto.ec2.responses import general
+
+    from infra import ec2 as P
+    from infra.errors import UserError
+
+    launch(aws, budget_usd=5.0, usd_per_hour=1.0)
+    P.stop(aws, "bud", log=lambda m: None)
+    monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", "[  OK  ] Started ...\nmnist-cloud budget: stopped: spent "
+                        "$5.01 of the $5 budget (1 USD/h); `mnist-cloud budget NAME USD` raises it\nreboot: Power down\n")
+    with pytest.raises(UserError, match=r"bud was stopped by its budget \(it had cost \$5.01 of \$5\); raise it"):
+        P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)
+    P.set_budget(aws, "bud", 5.01)
+    with pytest.raises(UserError, match="stopped by its budget"):  # not above what it cost
+        P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)
+    P.set_budget(aws, "bud", 8.0)
+    assert P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None).state == "running"
+    P.stop(aws, "bud", log=lambda m: None)
+    monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", "[  OK  ] Started ...\nreboot: Power down\n")
+    P.set_budget(aws, "bud", 1.0)  # stopped by someone, not by its budget: start as ever
+    assert P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None).state == "running"

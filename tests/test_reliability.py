@@ -202,6 +202,50 @@ def test_watchdog_fires_only_when_idle(cli, launched, ssh_host, tmp_path, mnist_
         assert "-> shutdown" in tick() and fired.exists()
 
 
+def test_a_budget_reaches_the_machine_and_stops_it_with_the_run_checkpointed(cli, launched, ssh_host, mnist_dir,
+                                                                             tmp_path):
+    """`budget NAME USD` writes it (and the price) into the installed watchdog's config; at 100% the watchdog
+    SIGTERMs the live run, which saves its last epoch, then shuts down as autostop does (a fake `shutdown` on
+    PATH). Spend is made by backdating the uptime of earlier boots in its budget state, not by waiting."""
+    root = ssh_host.dir / "root"  # sshd gives the sessions MNIST_CLOUD_ROOT=<host dir>/root
+    config_file, budget_state = root / "etc/mnist-cloud/autostop.json", root / "var/lib/mnist-cloud/budget-state.json"
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    fired = tmp_path / "shutdown-called"
+    (fakebin / "shutdown").write_text(f"#!/bin/sh\necho \"$@\" >> {fired}\n")
+    (fakebin / "shutdown").chmod(0o755)
+
+    def tick() -> str:
+        out = ssh_host.exec(f"MNIST_CLOUD_ROOT={root} PATH={fakebin}:$PATH python3 {root}/usr/local/bin/mnist-cloud-autostop")
+        return out.stdout + out.stderr
+
+    try:
+        set_it = cli("budget", launched, "8")
+        assert set_it.returncode == 0 and "has a $8 budget now" in set_it.stdout, set_it.stdout + set_it.stderr
+        config = json.loads(config_file.read_text())
+        assert config["budget_usd"] == 8 and config["usd_per_hour"] > 0, config
+        raised = cli("budget", launched, "9.5")
+        assert raised.returncode == 0 and json.loads(config_file.read_text())["budget_usd"] == 9.5
+
+        start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "over", "--detach")
+        assert start.returncode == 0, start.stderr
+        run_dir = remote_dir(ssh_host) / "runs" / "over"
+        wait_for(lambda: epochs_written(run_dir) == [1], timeout=120)
+        assert "-> shutdown" not in tick() and not fired.exists()
+        # as if up for 100 h across earlier boots: far over $9.50 at any GPU's price
+        budget_state.write_text(json.dumps({**json.loads(budget_state.read_text()), "before_s": 100 * 3600}))
+        said = tick()
+        assert "budget reached" in said and "-> shutdown" in said, said
+        assert fired.read_text().startswith("-h now mnist-cloud autostop: budget reached"), fired.read_text()
+        assert (remote_dir(ssh_host) / "jobs" / "over.exit").exists()  # it waited for the run to end
+        assert json.loads((run_dir / "config.json").read_text())["status"] == "interrupted"
+        assert (run_dir / "last.pt").exists() and 1 <= max(epochs_written(run_dir)) < 3
+        assert "mnist-cloud budget: stopped" in (remote_dir(ssh_host) / "jobs" / "over.log").read_text()
+    finally:
+        assert cli("budget", launched, "none").returncode == 0
+    assert json.loads(config_file.read_text())["budget_usd"] is None
+
+
 @pytest.mark.slow
 def test_autostop_command_changes_it_and_status_shows_it(cli, launched, ssh_host_moto, ssh_host):
     import boto3

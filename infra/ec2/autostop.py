@@ -65,10 +65,9 @@ def set_budget(aws: Aws, name: str, budget: float | None) -> list[Instance]:
     stops the instance on its own shutdown. Removing it leaves the behaviour as it is (stop: the safe one)."""
     insts = alive_instances(aws, name)
     ids = [i.instance_id for i in insts]
-    if budget is None:
-        aws.call("ec2", "delete_tags", Resources=ids, Tags=[{"Key": TAG_BUDGET}])
-    else:
-        aws.call("ec2", "create_tags", Resources=ids, Tags=[{"Key": TAG_BUDGET, "Value": budget_text(budget)}])
+    # "none" rather than no tag: no ec2:DeleteTags to ask for (docs/cloud.md's policy)
+    aws.call("ec2", "create_tags", Resources=ids, Tags=[{"Key": TAG_BUDGET, "Value": budget_text(budget)}])
+    if budget is not None:
         for i in ids:
             aws.call("ec2", "modify_instance_attribute", InstanceId=i,
                      Attribute="instanceInitiatedShutdownBehavior", Value="stop")

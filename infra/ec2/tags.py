@@ -14,7 +14,7 @@ TAG_NAME = "mnist-cloud:name"
 TAG_OWNER = "mnist-cloud:owner"
 TAG_AUTOSTOP = "mnist-cloud:autostop"
 TAG_NODE = "mnist-cloud:node"
-TAG_BUDGET = "mnist-cloud:budget"  # USD the machine may cost from launch on (compute only); absent: no budget
+TAG_BUDGET = "mnist-cloud:budget"  # USD the machine may cost from launch on (compute only); "none" or absent: none
 
 Log = Callable[[str], None]
 

@@ -71,3 +71,21 @@ def set_budget_before_a_run(args, name: str, text: str) -> None:
         return
     set_budget(session(args, name), name, budget)
     say(f"{name} has a ${budget:g} budget now (compute only, from launch on)")
+
+
+def give_budget(args, name: str, budget: float) -> None:
+    """The budget and the price now into the watchdog's config of a machine just up (`start`: its tag, maybe
+    raised while it was stopped, before the watchdog's first minutes after a budget stop are up, see
+    infra/agent/autostop.py START_GRACE_S; `launch`: the live price). Says so where SSH fails."""
+    from infra.targets import SSHTarget
+
+    try:
+        region, profile = getattr(args, "region", None), getattr(args, "profile", None)
+        for target in SSHTarget.resolve_cluster(name, region, profile):
+            with target.remote:
+                target.remote.wait_ready(timeout=240, log=say)
+                seen = target.push_budget(budget)
+            say(f"{target.label}: budget ${budget:g}, ${seen['spent_usd']:.2f} spent so far (compute only)")
+    except (UserError, OSError) as e:
+        say(f"note: could not give {name} its budget over SSH ({e}); the last one it was given holds. "
+            f"`mnist-cloud budget {name} {budget:g}` tries again")

@@ -114,6 +114,10 @@ def cmd_launch(args) -> int:
         aws = session(args, args.name)
         inst = launch(aws, spec, log=say, wait_ready=lambda i: wait_ssh(aws, i))
         price = _live_price(aws, inst)
+    if budget is not None and not args.no_wait_ssh:  # the price in force, spot's own, from now on
+        from infra.commands.budget import give_budget
+
+        give_budget(args, args.name, budget)
     say(f"ready: {args.name} = {inst.instance_id} ({inst.instance_type}, {inst.lifecycle}) in {inst.zone or aws.region} "
         f"at {inst.public_ip or 'no public IP'}{price}")
     nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""

@@ -233,25 +233,10 @@ def cmd_start(args) -> int:
     inst = start(aws, args.name, args.ssh_cidr, log=say)
     say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
     if inst.budget is not None:
-        _push_budget(args, inst.budget)
+        from infra.commands.budget import give_budget
+
+        give_budget(args, args.name, inst.budget)
     return ExitCode.OK
-
-
-def _push_budget(args, budget: float) -> None:
-    """The budget (its tag, maybe raised while stopped) and the price now into the watchdog's config, before
-    the watchdog's first minutes after a budget stop are up (infra/agent/autostop.py START_GRACE_S)."""
-    from infra.targets import SSHTarget
-
-    try:
-        region, profile = getattr(args, "region", None), getattr(args, "profile", None)
-        for target in SSHTarget.resolve_cluster(args.name, region, profile):
-            with target.remote:
-                target.remote.wait_ready(timeout=240, log=say)
-                seen = target.push_budget(budget)
-            say(f"{target.label}: budget ${budget:g}, ${seen['spent_usd']:.2f} spent so far (compute only)")
-    except (UserError, OSError) as e:
-        say(f"note: could not give {args.name} its budget over SSH ({e}); the last one it was given holds. "
-            f"`mnist-cloud budget {args.name} {budget:g}` tries again")
 
 
 def add_autostop(sub, name: str, summary: str) -> None:

@@ -206,11 +206,12 @@ def test_a_budget_is_a_tag_and_keeps_the_machine_stopping_not_terminating(aws):
     assert inst.budget == 8.0 and shutdown_behavior(aws, inst) == "stop"
 
 
-def test_start_refuses_a_machine_its_budget_stopped_until_it_is_raised(aws, monkeypatch):
+def test_start_refuses_a_machine_its_budget_stopped_until_it_is_raised(aws, monkeypatch, capsys):
     """The watchdog's line on the serial console (moto's console output is a fixed sample: forged here)."""
     from moto.ec2.responses import general
 
     from infra import ec2 as P
+    from infra.commands import main
     from infra.errors import UserError
 
     launch(aws, budget_usd=5.0, usd_per_hour=1.0)
@@ -219,6 +220,8 @@ def test_start_refuses_a_machine_its_budget_stopped_until_it_is_raised(aws, monk
                         "$5.01 of the $5 budget (1 USD/h); `mnist-cloud budget NAME USD` raises it\nreboot: Power down\n")
     with pytest.raises(UserError, match=r"bud was stopped by its budget \(it had cost \$5.01 of \$5\); raise it"):
         P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)
+    assert main(["status", "bud"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "$5.01/$5"  # SPENT/BUDGET, from the console
     P.set_budget(aws, "bud", 5.01)
     with pytest.raises(UserError, match="stopped by its budget"):  # not above what it cost
         P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)

@@ -73,7 +73,7 @@ def set_budget_before_a_run(args, name: str, text: str) -> None:
     say(f"{name} has a ${budget:g} budget now (compute only, from launch on)")
 
 
-def give_budget(args, name: str, budget: float) -> None:
+def give_budget(args, name: str, budget: float | None) -> None:
     """The budget and the price now into the watchdog's config of a machine just up (`start`: its tag, maybe
     raised while it was stopped, before the watchdog's first minutes after a budget stop are up, see
     infra/agent/autostop.py START_GRACE_S; `launch`: the live price). Says so where SSH fails."""
@@ -85,7 +85,8 @@ def give_budget(args, name: str, budget: float) -> None:
             with target.remote:
                 target.remote.wait_ready(timeout=240, log=say)
                 seen = target.push_budget(budget)
-            say(f"{target.label}: budget ${budget:g}, ${seen['spent_usd']:.2f} spent so far (compute only)")
+            what = "no budget" if budget is None else f"budget ${budget:g}"
+            say(f"{target.label}: {what}, ${seen['spent_usd']:.2f} spent so far (compute only)")
     except (UserError, OSError) as e:
         say(f"note: could not give {name} its budget over SSH ({e}); the last one it was given holds. "
-            f"`mnist-cloud budget {name} {budget:g}` tries again")
+            f"`mnist-cloud budget {name} {'none' if budget is None else f'{budget:g}'}` tries again")

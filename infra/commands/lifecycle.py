@@ -88,6 +88,7 @@ PRICED_BY = {"spot": "spot-history", "on-demand": "price-list", "fallback": "fal
 def cmd_status(args) -> int:
     from infra.ec2 import caller_identity, find_instances, machine_prices, others_instances, owner_label, \
         spot_interruptions
+    from infra.ec2.autostop import budget_stop
     from infra.ec2.regions import in_each
     from infra.state import State
 
@@ -106,9 +107,11 @@ def cmd_status(args) -> int:
     for part in in_each(regions, lambda aws: spot_interruptions(
             aws, [i for i in instances if region_of[i.instance_id] == aws.region])).values():
         interrupted.update(part)
-    prices = {}
+    prices, stopped_at = {}, {}
     for region, aws in regions.items():  # the running ones; the others bill no hours
         prices.update(machine_prices(aws, [i for i in instances if region_of[i.instance_id] == region]))
+        stopped_at.update({i.instance_id: budget_stop(aws, i) for i in instances  # what its watchdog last said
+                           if region_of[i.instance_id] == region and i.budget is not None and i.state == "stopped"})
     waiting = pull_counts(state, instances, ssh_hosts)
     owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
     where = [lambda i: region_of[i.instance_id]] if len(regions) > 1 else []
@@ -123,8 +126,8 @@ def cmd_status(args) -> int:
         rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
                      i.public_ip or "-", _age(i.uptime_hours), per_hour,
                      "-" if price is None else PRICED_BY[price.kind], "?" if cost is None else f"${cost:.2f}",
-                     i.autostop, waiting.get(i.instance_id, "-"), _budget_cell(i, price, state),
-                     *(f(i) for f in owner)])
+                     i.autostop, waiting.get(i.instance_id, "-"),
+                     _budget_cell(i, price, state, stopped_at.get(i.instance_id)), *(f(i) for f in owner)])
     blank, gap = ["-"] * len(owner), ["-"] * len(where)
     for h in ssh_hosts:
         rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
@@ -181,13 +184,16 @@ def pull_counts(state, instances, ssh_hosts) -> dict[str, str]:
     return shown
 
 
-def _budget_cell(inst, price, state) -> str:
-    """SPENT/BUDGET since launch, compute only: the figure the machine's watchdog last gave (a stopped one's
-    stands), plus the hours since at today's price while it runs; "-" without a budget."""
+def _budget_cell(inst, price, state, stopped_at: float | None = None) -> str:
+    """SPENT/BUDGET since launch, compute only: what the console says its budget stopped it at, else the figure
+    the machine's watchdog last gave mnist-cloud (a stopped one's stands), plus the hours since at today's price
+    while it runs; "-" without a budget."""
     import time
 
     if inst.budget is None:
         return "-"
+    if stopped_at is not None:
+        return f"${stopped_at:.2f}/${inst.budget:g}"
     host = state.get(inst.name)
     seen = (host.extra.get("budget") if host else None) or {}
     spent = seen.get("spent_usd")
@@ -232,7 +238,9 @@ def cmd_start(args) -> int:
     aws = session(args, args.name)
     inst = start(aws, args.name, args.ssh_cidr, log=say)
     say(f"{args.name} ({inst.instance_id}) is {inst.state} at {inst.public_ip}")
-    if inst.budget is not None:
+    from infra.ec2.tags import TAG_BUDGET
+
+    if TAG_BUDGET in inst.tags:  # raised, or removed, while it was stopped: the machine must hear of it
         from infra.commands.budget import give_budget
 
         give_budget(args, args.name, inst.budget)

@@ -226,6 +226,8 @@ def test_a_budget_reaches_the_machine_and_stops_it_with_the_run_checkpointed(cli
         assert config["budget_usd"] == 8 and config["usd_per_hour"] > 0, config
         raised = cli("budget", launched, "9.5")
         assert raised.returncode == 0 and json.loads(config_file.read_text())["budget_usd"] == 9.5
+        assert cli("autostop", launched, "-i", "30").returncode == 0  # installs the watchdog again
+        assert json.loads(config_file.read_text())["budget_usd"] == 9.5
 
         start = cli("train", "--on", launched, *LONG, "--data-dir", str(mnist_dir), "--run-id", "over", "--detach")
         assert start.returncode == 0, start.stderr

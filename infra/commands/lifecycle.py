@@ -285,6 +285,8 @@ def cmd_autostop(args) -> int:
     target = target_for(args)
     with target.remote:
         line = install_over_ssh(target.remote, config)
+        if target.shutdown is not None and target.shutdown.instance.budget is not None:
+            target.push_budget(target.shutdown.instance.budget)  # the new config must keep it
         if config.enabled:  # terminate: EC2 stops it instead while runs are not pulled
             target.keep_runs_on_shutdown(unpulled=bool(target.unpulled_runs()))
     say(line or f"autostop on {args.name}: {config.tag}")

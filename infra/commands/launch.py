@@ -76,7 +76,8 @@ def cmd_launch(args) -> int:
                       autostop_after_train=args.autostop_after_train,
                       wait_status_checks=not args.no_wait_checks, nodes=args.nodes, budget_usd=budget)
     if budget is not None:  # until a connection prices it live: on-demand, an upper bound for spot
-        spec.usd_per_hour = _launch_price(args, names(args.instance, "--instance") if args.instance else [])
+        listed = names(args.instance, "--instance") if args.instance and not args.gpu_type else []
+        spec.usd_per_hour = _launch_price(args, listed)
     # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
     # boot: both work with the laptop closed
     if spec.autostop.enabled or spec.spot or budget is not None:

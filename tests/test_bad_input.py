@@ -98,7 +98,7 @@ ROWS = [
     ("a trainer flag that isn't one, for a remote run", ["train", "--on", "real", "--lr", "fast"], {},
      "argument --lr: invalid float value: 'fast'"),
     ("a remote-only flag for a local run", ["train", "--gpus", "2", "--epochs", "1"], {},
-     "--gpus, --nodes, --env and --budget need --on NAME"),
+     "--env, --no-desktop-notify and --budget need --on NAME"),
     ("a budget that is no amount", ["budget", "real", "-3"], {}, "the budget is USD above 0"),
     ("a budget for an unknown name", ["budget", "ghost", "5"], {}, "unknown name 'ghost'"),
     ("a run's budget that is no amount", ["train", "--on", "real", "--budget", "lots"], {}, "--budget is USD above 0"),

@@ -95,8 +95,11 @@ def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, 
                       env_extra=env, cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
         status = run_cli([*mnist_cloud, "status", "cfg"], env_extra=env, cwd=tmp_path)
-        row = status.stdout.splitlines()[1].split()
-        assert row[2] == "g4dn.xlarge" and row[-2:] == ["12m:stop", "$0.00/$4"], status.stdout  # spent/budget
+        header, row = (line.replace("COST SO FAR", "COST").replace("PRICED BY", "PRICED_BY").split()
+                       for line in status.stdout.splitlines()[:2])
+        cells = dict(zip(header, row))
+        assert (cells["TYPE"], cells["AUTOSTOP"], cells["BUDGET"]) == ("g4dn.xlarge", "12m:stop", "$0.00/$4"), \
+            status.stdout  # BUDGET: spent/budget
 
 
 @pytest.mark.slow

@@ -1,0 +1,139 @@
+"""Notifications from the instance (infra/agent/notify.py): each service's format, the retries, and a receiver
+that answers 500 or nothing never holding up the caller. Against an http.server on 127.0.0.1; the one run on
+the SSH test host is in tests/test_remote.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from fixtures.instance import load_agent
+from infra.agent import source_path
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records each POST (path, headers, body) and answers `status`,
+    or, with status None, never answers."""
+
+    def __init__(self, status: int | None = 200):
+        self.status, self.posts, self.release = status, [], threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.posts.append((self.path, dict(self.headers), body))
+                if receiver.status is None:
+                    receiver.release.wait(30)
+                    return
+                self.send_response(receiver.status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/SECRET-TOKEN"
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(status=200):
+        made.append(Receiver(status))
+        return made[-1]
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def notify(monkeypatch):
+    agent = load_agent("notify")
+    monkeypatch.setattr(agent, "BACKOFF_S", 0.01)
+    return agent
+
+
+DOC = {"event": "finished", "text": "r1 finished: test accuracy 99.10%", "host": "box", "at": 1.0}
+
+
+def test_each_service_gets_its_own_format(notify, receiver):
+    r = receiver()
+    said = notify.deliver([f"{r.url}/plain", f"slack:{r.url}/slack", f"discord:{r.url}/discord", f"ntfy:{r.url}/ntfy"],
+                          DOC, cap_s=10)
+    assert list(said.values()) == ["ok"] * 4
+    plain, slack, discord, ntfy = (next(p for p in r.posts if p[0].endswith(kind))
+                                   for kind in ("plain", "slack", "discord", "ntfy"))
+    assert json.loads(plain[2]) == DOC
+    assert plain[1]["Content-Type"] == "application/json"
+    assert json.loads(slack[2]) == {"text": "*mnist-cloud box: run finished*\nr1 finished: test accuracy 99.10%"}
+    assert json.loads(discord[2]) == {"content": "**mnist-cloud box: run finished**\nr1 finished: test accuracy 99.10%"}
+    assert ntfy[2] == b"r1 finished: test accuracy 99.10%" and ntfy[1]["Title"] == "mnist-cloud box: run finished"
+
+
+def test_a_url_is_shown_without_its_secret(notify):
+    assert notify.shown("https://hooks.slack.com/services/T0/B0/SECRET") == "https://hooks.slack.com/…"
+    assert notify.shown("slack:https://hooks.slack.com/services/SECRET") == "slack:https://hooks.slack.com/…"
+    assert notify.shown("ntfy:https://u:pw@ntfy.sh/topic?x=1") == "ntfy:https://ntfy.sh/…"
+
+
+def test_a_failed_post_is_tried_again_a_few_times_then_given_up(notify, receiver):
+    r = receiver(500)
+    said = notify.deliver([r.url], DOC, cap_s=10)
+    assert len(r.posts) == 3 and said == {"http://127.0.0.1/…": "HTTPError 500"}
+
+
+def test_a_receiver_that_never_answers_is_given_up_at_the_cap(notify, receiver):
+    r, ok = receiver(None), receiver(200)
+    started = time.monotonic()
+    said = notify.deliver([r.url, ok.url], DOC, cap_s=0.5)
+    assert time.monotonic() - started < 2.0
+    assert r.posts and ok.posts  # the one that hangs holds up no other
+
+
+def test_the_caller_goes_on_at_once_and_the_post_goes_out_later(receiver, tmp_path):
+    """`send` hands the POST to a detached process: a receiver that hangs never holds up the run's wrapper."""
+    hang, ok = receiver(None), receiver(200)
+    (tmp_path / "etc/mnist-cloud").mkdir(parents=True)
+    (tmp_path / "etc/mnist-cloud/notify.json").write_text(json.dumps({"urls": [hang.url, ok.url]}))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(source_path("notify.py")), "send", "autostop", "idle for 30 min"],
+                         cwd=tmp_path, env={"MNIST_CLOUD_ROOT": str(tmp_path), "MNIST_CLOUD_NOTIFY_CAP_S": "3"},
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and time.monotonic() - started < 1.5, out
+    deadline = time.monotonic() + 8
+    while not ok.posts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(ok.posts[0][2])["event"] == "autostop"
+
+
+def test_a_run_end_says_finished_with_accuracy_and_cost_or_failed_with_the_last_line(notify, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (tmp_path / "jobs").mkdir()
+    (run / "config.json").write_text(json.dumps({"status": "completed", "cloud": {"price_per_hour": 3.6}}))
+    (run / "result.json").write_text(json.dumps({"test_acc": 99.123, "weights": "final"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "elapsed": 10.0}) + "\n")
+    event, text, fields = notify.run_ended("r1", "0")
+    assert (event, text) == ("finished", "r1 finished: test accuracy 99.12% (final weights), cost $0.010")
+    assert fields["test_acc"] == 99.123 and fields["cost_usd"] == pytest.approx(0.01)
+    (run / "config.json").write_text(json.dumps({"status": "running"}))
+    (tmp_path / "jobs" / "r1.log").write_text("Epoch: 1 | ...\nRuntimeError: CUDA out of memory\n\n")
+    assert notify.run_ended("r1", "1")[:2] == ("failed", "r1 failed (exit 1): RuntimeError: CUDA out of memory")
+    (run / "config.json").write_text(json.dumps({"status": "interrupted"}))
+    assert notify.run_ended("r1", "143") is None  # the spot watcher or the budget says why

@@ -7,46 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from fixtures.instance import load_agent
+from fixtures.receiver import Receiver
 from infra.agent import source_path
-
-
-class Receiver:
-    """An HTTP server on 127.0.0.1 that records each POST (path, headers, body) and answers `status`,
-    or, with status None, never answers."""
-
-    def __init__(self, status: int | None = 200):
-        self.status, self.posts, self.release = status, [], threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.posts.append((self.path, dict(self.headers), body))
-                if receiver.status is None:
-                    receiver.release.wait(30)
-                    return
-                self.send_response(receiver.status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/SECRET-TOKEN"
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -89,6 +56,7 @@ def test_a_url_is_shown_without_its_secret(notify):
     assert notify.shown("https://hooks.slack.com/services/T0/B0/SECRET") == "https://hooks.slack.com/…"
     assert notify.shown("slack:https://hooks.slack.com/services/SECRET") == "slack:https://hooks.slack.com/…"
     assert notify.shown("ntfy:https://u:pw@ntfy.sh/topic?x=1") == "ntfy:https://ntfy.sh/…"
+    assert notify.shown("hooks.slack.com/services/SECRET") == "…"
 
 
 def test_a_failed_post_is_tried_again_a_few_times_then_given_up(notify, receiver):
@@ -122,18 +90,21 @@ def test_the_caller_goes_on_at_once_and_the_post_goes_out_later(receiver, tmp_pa
 
 
 def test_a_run_end_says_finished_with_accuracy_and_cost_or_failed_with_the_last_line(notify, tmp_path, monkeypatch):
+    import runspec
+
     monkeypatch.chdir(tmp_path)
+    files = {"config": runspec.CONFIG, "result": runspec.RESULT, "metrics": runspec.METRICS}
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (tmp_path / "jobs").mkdir()
-    (run / "config.json").write_text(json.dumps({"status": "completed", "cloud": {"price_per_hour": 3.6}}))
-    (run / "result.json").write_text(json.dumps({"test_acc": 99.123, "weights": "final"}))
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "elapsed": 10.0}) + "\n")
-    event, text, fields = notify.run_ended("r1", "0")
+    (run / runspec.CONFIG).write_text(json.dumps({"status": "completed", "cloud": {"price_per_hour": 3.6}}))
+    (run / runspec.RESULT).write_text(json.dumps({"test_acc": 99.123, "weights": "final"}))
+    (run / runspec.METRICS).write_text(json.dumps({"epoch": 1, "elapsed": 10.0}) + "\n")
+    event, text, fields = notify.run_ended("r1", "0", files)
     assert (event, text) == ("finished", "r1 finished: test accuracy 99.12% (final weights), cost $0.010")
     assert fields["test_acc"] == 99.123 and fields["cost_usd"] == pytest.approx(0.01)
-    (run / "config.json").write_text(json.dumps({"status": "running"}))
+    (run / runspec.CONFIG).write_text(json.dumps({"status": "running"}))
     (tmp_path / "jobs" / "r1.log").write_text("Epoch: 1 | ...\nRuntimeError: CUDA out of memory\n\n")
-    assert notify.run_ended("r1", "1")[:2] == ("failed", "r1 failed (exit 1): RuntimeError: CUDA out of memory")
-    (run / "config.json").write_text(json.dumps({"status": "interrupted"}))
-    assert notify.run_ended("r1", "143") is None  # the spot watcher or the budget says why
+    assert notify.run_ended("r1", "1", files)[:2] == ("failed", "r1 failed (exit 1): RuntimeError: CUDA out of memory")
+    (run / runspec.CONFIG).write_text(json.dumps({"status": "interrupted"}))
+    assert notify.run_ended("r1", "143", files) is None  # the spot watcher or the budget says why

@@ -42,6 +42,7 @@ def test_each_source_wins_over_the_next(files, monkeypatch):
         "model": (None, "default"),
         "epochs": (20, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
         "budget": (None, "default"),
+        "notify": (None, "default"),
     }
     assert settings.resolve()["region"].value == "eu-west-1"  # no flag, no environment: the user file
     (project / "mnist-cloud.toml").write_text("autostop = 0\n")  # beside pyproject.toml, it is the project's
@@ -72,10 +73,12 @@ def test_an_unrelated_pyproject_that_does_not_parse_blocks_nothing(files, mnist_
 def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     project, home = files
     (project / "mnist-cloud.toml").write_text('model = "mynet.py:Net"\n')
-    (home / "config.toml").write_text("autostop = 15\n")
+    (home / "config.toml").write_text('autostop = 15\nnotify = "slack:https://hooks.slack.com/T/SECRET, https://x.io/h"\n')
     out = run_cli([*mnist_cloud, "config"], cwd=project / "src", env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:7]}
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:9]}
+    # a webhook's URL is its secret: only its scheme and host are shown
+    assert "SECRET" not in out.stdout and rows["notify"][0] == "slack:https://hooks.slack.com/…,"
     # a model file named in a settings file is relative to that file, wherever the command runs
     assert rows["model"] == [f"{project / 'mynet.py'}:Net", str(project / "mnist-cloud.toml")]
     assert rows["autostop"] == ["15.0", str(home / "config.toml")]

@@ -43,8 +43,8 @@ TITLES = {"finished": "run finished", "failed": "run failed", "spot": "spot inte
 def shown(url: str) -> str:
     """What may be printed of a URL: its scheme and host, never its path or query (a webhook's token)."""
     kind, _, rest = url.partition(":") if url.split(":", 1)[0] in ("slack", "discord", "ntfy") else ("", "", url)
-    parts = urllib.parse.urlsplit(rest)
-    return f"{kind + ':' if kind else ''}{parts.scheme}://{parts.hostname or '?'}/…"
+    parts, kind = urllib.parse.urlsplit(rest), kind + ":" if kind else ""
+    return f"{kind}{parts.scheme}://{parts.hostname}/…" if parts.scheme and parts.hostname else f"{kind}…"
 
 
 def request(url: str, doc: dict) -> urllib.request.Request:
@@ -125,24 +125,25 @@ def send(event: str, text: str, wait: bool = False, **fields) -> int:
     return 0
 
 
-def run_ended(run_id: str, exit_code: str) -> tuple[str, str, dict] | None:
+def run_ended(run_id: str, exit_code: str, files: dict) -> tuple[str, str, dict] | None:
     """(event, text, fields) for a run's end, from its run dir and log; None for a run interrupted or
-    stopped on purpose (a spot notice, a budget stop, `mnist-cloud stop`: each says so itself)."""
+    stopped on purpose (a spot notice, a budget stop, `mnist-cloud stop`: each says so itself). `files`: the
+    run dir's file names (config, result, metrics), as the laptop wrote them into jobs/notify.json (runspec's)."""
     run = Path("runs") / run_id
     try:
-        status = json.loads((run / "config.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+        status = json.loads((run / files["config"]).read_text()).get("status")
+    except (OSError, ValueError, AttributeError, KeyError):
         status = None
     if status in ("interrupted", "stopped"):
         return None
     try:
-        result = json.loads((run / "result.json").read_text())
-    except (OSError, ValueError):
+        result = json.loads((run / files["result"]).read_text())
+    except (OSError, ValueError, KeyError):
         result = None
     if status == "completed" and isinstance(result, dict) and exit_code == "0":
         fields = {"run_id": run_id, "test_acc": result.get("test_acc"), "weights": result.get("weights")}
         text = f"{run_id} finished: test accuracy {result.get('test_acc', 0):.2f}% ({result.get('weights')} weights)"
-        cost = run_cost(run)
+        cost = run_cost(run, files)
         if cost is not None:
             fields["cost_usd"] = cost
             text += f", cost ${cost:.3f}"
@@ -155,11 +156,11 @@ def run_ended(run_id: str, exit_code: str) -> tuple[str, str, dict] | None:
     return "failed", f"{run_id} failed (exit {exit_code}): {last}", {"run_id": run_id, "exit": exit_code}
 
 
-def run_cost(run: Path) -> float | None:
+def run_cost(run: Path, files: dict) -> float | None:
     """The machine's price times the run's training time, as the report counts it; None without a price."""
     try:
-        price = (json.loads((run / "config.json").read_text()).get("cloud") or {}).get("price_per_hour")
-        rows = (run / "metrics.jsonl").read_text().splitlines()
+        price = (json.loads((run / files["config"]).read_text()).get("cloud") or {}).get("price_per_hour")
+        rows = (run / files["metrics"]).read_text().splitlines()
         return None if price is None else float(price) * float(json.loads(rows[-1])["elapsed"]) / 3600
     except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
         return None
@@ -169,7 +170,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["send"] and len(argv) >= 3:
         return send(argv[1], argv[2], wait="--wait" in argv[3:])
     if argv[:1] == ["run-ended"] and len(argv) == 3:
-        ended = run_ended(argv[1], argv[2])
+        try:
+            files = json.loads(Path("jobs/notify.json").read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # no URLs from `train --on` here
+        ended = run_ended(argv[1], argv[2], files)
         return send(ended[0], ended[1], **ended[2]) if ended else 0
     print(__doc__.split("\n\n")[1], file=sys.stderr)
     return 2

@@ -5,6 +5,7 @@ the SSH test host is in tests/test_remote.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -108,3 +109,47 @@ def test_a_run_end_says_finished_with_accuracy_and_cost_or_failed_with_the_last_
     assert notify.run_ended("r1", "1", files)[:2] == ("failed", "r1 failed (exit 1): RuntimeError: CUDA out of memory")
     (run / runspec.CONFIG).write_text(json.dumps({"status": "interrupted"}))
     assert notify.run_ended("r1", "143", files) is None  # the spot watcher or the budget says why
+
+
+def test_a_spot_notice_goes_to_the_notifier_beside_the_watcher(tmp_path):
+    """spot_watch.py calls jobs/notify.py (as `train --on --notify` leaves it there) with the notice."""
+    from fixtures.instance import FakeImds
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    shutil.copy(source_path("spot_watch.py"), jobs / "spot_watch.py")
+    said = tmp_path / "said.json"
+    (jobs / "notify.py").write_text(f"import json, sys\nopen({str(said)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    (jobs / "r1.pid").write_text(f"{run.pid}\n")
+    imds = FakeImds("127.0.0.1")
+    imds.notice = {"action": "stop", "time": "2026-12-05T00:00:00Z"}
+    try:
+        out = subprocess.run([sys.executable, "jobs/spot_watch.py", "--pid-file", "jobs/r1.pid", "--imds", imds.url,
+                              "--interval", "0.1"], cwd=tmp_path, capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out
+        assert run.wait(timeout=10) == -15
+    finally:
+        imds.close()
+        if run.poll() is None:
+            run.kill()
+    argv = json.loads(said.read_text())
+    assert argv[:2] == ["send", "spot"] and argv[2].startswith("r1: spot interruption notice") and "stop" in argv[2]
+
+
+def test_launch_installs_the_notifier_and_its_urls_with_mode_600(receiver, tmp_path):
+    """The installer (launch's user data) writes the URLs only its owner can read; the watchdog's notifier is there."""
+    from infra.watchdog import AutostopConfig, installer
+
+    r = receiver()
+    script = tmp_path / "install.sh"
+    script.write_text(installer(AutostopConfig(enabled=False), notify=[r.url]))
+    root = tmp_path / "root"
+    out = subprocess.run(["bash", str(script)], env={"MNIST_CLOUD_ROOT": str(root), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out
+    urls = root / "etc/mnist-cloud/notify.json"
+    assert json.loads(urls.read_text()) == {"urls": [r.url]} and urls.stat().st_mode & 0o777 == 0o600
+    sent = subprocess.run([sys.executable, str(root / "usr/local/bin/mnist-cloud-notify"), "send", "autostop", "idle",
+                           "--wait"], env={"MNIST_CLOUD_ROOT": str(root)}, cwd=tmp_path, capture_output=True, timeout=30)
+    assert sent.returncode == 0 and json.loads(r.posts[0][2])["event"] == "autostop", sent

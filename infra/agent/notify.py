@@ -1,20 +1,13 @@
 #!/usr/bin/env python3
-"""mnist-cloud notify: POST what happened on the instance to the --notify URLs, laptop closed or not.
+"""mnist-cloud notify: POST what happened on the instance to the --notify URLs (laptop closed or not).
 
-The other agents call it, and never wait on it: the job wrapper when a run ends (infra/jobs.py), the spot
-watcher on an interruption notice, the watchdog on a budget warning, a budget stop and an autostop.
+    notify.py send EVENT TEXT [--wait]    # returns at once: a detached child POSTs (--wait: this process)
+    notify.py run-ended RUN EXIT          # in the work dir (the job's wrapper): "finished" or "failed"
 
-    notify.py send EVENT TEXT [--wait]    # returns at once; a detached child POSTs (--wait: this process)
-    notify.py run-ended RUN EXIT          # in the work dir: "finished" (test accuracy, cost) or "failed"
-
-A plain URL gets a small JSON document ({"event", "text", "host", ...}); `slack:URL` gets Slack's {"text"},
-`discord:URL` Discord's {"content"}, `ntfy:URL` ntfy's plain body with a Title header. Each POST is tried
-ATTEMPTS times, with a short backoff, and all of them together stop at CAP_S: a receiver that answers 500,
-or nothing, costs the run nothing.
-
-The URLs may hold secrets (a webhook's token): they live in files of mode 600, $ROOT/etc/mnist-cloud/notify.json
-(launch) and jobs/notify.json of the work dir (train --on), {"urls": [...]}, and are only ever shown as
-scheme://host/... Python 3 standard library only.
+A plain URL gets JSON ({"event", "text", "host", ...}); slack:URL {"text"}, discord:URL {"content"}, ntfy:URL a
+plain body with a Title header. ATTEMPTS tries each, all within CAP_S: a receiver that fails costs the run nothing.
+The URLs are secrets: in files of mode 600 ($ROOT/etc/mnist-cloud/notify.json from launch, jobs/notify.json from
+train --on), shown only as scheme://host/…. Python 3 standard library only; see infra/agent/__init__.py.
 """
 
 from __future__ import annotations
@@ -41,7 +34,7 @@ TITLES = {"finished": "run finished", "failed": "run failed", "spot": "spot inte
 
 
 def shown(url: str) -> str:
-    """What may be printed of a URL: its scheme and host, never its path or query (a webhook's token)."""
+    """What may be printed of a URL: scheme and host, never its path or query (a webhook's token)."""
     kind, _, rest = url.partition(":") if url.split(":", 1)[0] in ("slack", "discord", "ntfy") else ("", "", url)
     parts, kind = urllib.parse.urlsplit(rest), kind + ":" if kind else ""
     return f"{kind}{parts.scheme}://{parts.hostname}/…" if parts.scheme and parts.hostname else f"{kind}…"
@@ -65,8 +58,7 @@ def request(url: str, doc: dict) -> urllib.request.Request:
 
 
 def deliver(urls: list[str], doc: dict, cap_s: float = CAP_S) -> dict[str, str]:
-    """POST to each URL at once (one that hangs holds up no other), ATTEMPTS times at most, all within cap_s.
-    {shown URL: "ok" | the last error}."""
+    """POST to each URL at once (one that hangs holds up no other). {shown URL: "ok" | the last error}."""
     deadline, said = time.monotonic() + cap_s, {}
     threads = [threading.Thread(target=post, args=(url, doc, deadline, said), daemon=True) for url in urls]
     for thread in threads:
@@ -104,7 +96,7 @@ def urls() -> list[str]:
 
 
 def send(event: str, text: str, wait: bool = False, **fields) -> int:
-    """POST the event to every URL; unless `wait`, from a detached grandchild, and return at once."""
+    """POST the event to every URL; unless `wait`, from a detached grandchild."""
     targets = urls()
     if not targets:
         return 0
@@ -126,9 +118,8 @@ def send(event: str, text: str, wait: bool = False, **fields) -> int:
 
 
 def run_ended(run_id: str, exit_code: str, files: dict) -> tuple[str, str, dict] | None:
-    """(event, text, fields) for a run's end, from its run dir and log; None for a run interrupted or
-    stopped on purpose (a spot notice, a budget stop, `mnist-cloud stop`: each says so itself). `files`: the
-    run dir's file names (config, result, metrics), as the laptop wrote them into jobs/notify.json (runspec's)."""
+    """(event, text, fields) for a run's end; None for one interrupted or stopped (a spot notice, the budget: each
+    says so itself). `files`: the run dir's file names, as the laptop wrote them into jobs/notify.json."""
     run = Path("runs") / run_id
     try:
         status = json.loads((run / files["config"]).read_text()).get("status")
@@ -157,7 +148,7 @@ def run_ended(run_id: str, exit_code: str, files: dict) -> tuple[str, str, dict]
 
 
 def run_cost(run: Path, files: dict) -> float | None:
-    """The machine's price times the run's training time, as the report counts it; None without a price."""
+    """Price times training time, as the report counts it; None without a price."""
     try:
         price = (json.loads((run / files["config"]).read_text()).get("cloud") or {}).get("price_per_hour")
         rows = (run / files["metrics"]).read_text().splitlines()

@@ -227,6 +227,8 @@ def _train_cluster(job: RemoteTrain, log) -> int:
                         f"launch it with `mnist-cloud launch --nodes {job.nodes} --name {job.name} ...`")
     try:
         pythons = [t.prepare(source, job.python, log) for t in nodes]
+        for t in nodes:  # each node's wrapper: the one holding the run tells of its end, any failing one of its failure
+            push_notify(t.remote, job.notify, log)
         if job.resume:  # whichever node takes rank 0 continues it
             for t in nodes:
                 ensure_run_there(t, job, log)

@@ -109,6 +109,8 @@ def test_a_run_end_says_finished_with_accuracy_and_cost_or_failed_with_the_last_
     assert notify.run_ended("r1", "1", files)[:2] == ("failed", "r1 failed (exit 1): RuntimeError: CUDA out of memory")
     (run / runspec.CONFIG).write_text(json.dumps({"status": "interrupted"}))
     assert notify.run_ended("r1", "143", files) is None  # the spot watcher or the budget says why
+    assert notify.run_ended("r2", "0", files) is None  # on a cluster, the node that holds the run tells of it
+    assert notify.run_ended("r2", "1", files)[0] == "failed"
 
 
 def test_a_spot_notice_goes_to_the_notifier_beside_the_watcher(tmp_path):

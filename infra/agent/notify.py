@@ -125,7 +125,7 @@ def run_ended(run_id: str, exit_code: str, files: dict) -> tuple[str, str, dict]
         status = json.loads((run / files["config"]).read_text()).get("status")
     except (OSError, ValueError, AttributeError, KeyError):
         status = None
-    if status in ("interrupted", "stopped"):
+    if status in ("interrupted", "stopped") or (exit_code == "0" and not run.is_dir()):  # a cluster's other node
         return None
     try:
         result = json.loads((run / files["result"]).read_text())

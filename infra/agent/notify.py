@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(os.environ.get("MNIST_CLOUD_ROOT") or "/")
-URL_FILES = [str(ROOT / "etc/mnist-cloud/notify.json"), "jobs/notify.json",  # the last: the work dir's
+# launch's; the work dir's (the job's wrapper and the spot watcher run there); every name's (for root, the watchdog)
+URL_FILES = [str(ROOT / "etc/mnist-cloud/notify.json"), "jobs/notify.json",
              "/home/*/mnist-cloud/*/jobs/notify.json", "/root/mnist-cloud/*/jobs/notify.json"]
 ATTEMPTS = 3
 BACKOFF_S = 1.0  # then 2 s
@@ -44,17 +45,17 @@ def request(url: str, doc: dict) -> urllib.request.Request:
     """The POST for one URL, in its service's format."""
     kind, _, target = url.partition(":")
     title = f"mnist-cloud {doc['host']}: {TITLES.get(doc['event'], doc['event'])}"
-    if kind == "slack":
-        body, headers = {"text": f"*{title}*\n{doc['text']}"}, {}
-    elif kind == "discord":
-        body, headers = {"content": f"**{title}**\n{doc['text']}"}, {}
-    elif kind == "ntfy":
+    if kind == "ntfy":
         return urllib.request.Request(target, data=doc["text"].encode(), method="POST",
                                       headers={"Title": title, "Content-Type": "text/plain; charset=utf-8"})
+    if kind == "slack":
+        body = {"text": f"*{title}*\n{doc['text']}"}
+    elif kind == "discord":
+        body = {"content": f"**{title}**\n{doc['text']}"}
     else:
-        target, body, headers = url, doc, {}
+        target, body = url, doc
     return urllib.request.Request(target, data=json.dumps(body).encode(), method="POST",
-                                  headers={"Content-Type": "application/json", **headers})
+                                  headers={"Content-Type": "application/json"})
 
 
 def deliver(urls: list[str], doc: dict, cap_s: float = CAP_S) -> dict[str, str]:
@@ -133,7 +134,9 @@ def run_ended(run_id: str, exit_code: str, files: dict) -> tuple[str, str, dict]
         result = None
     if status == "completed" and isinstance(result, dict) and exit_code == "0":
         fields = {"run_id": run_id, "test_acc": result.get("test_acc"), "weights": result.get("weights")}
-        text = f"{run_id} finished: test accuracy {result.get('test_acc', 0):.2f}% ({result.get('weights')} weights)"
+        acc = result.get("test_acc")
+        text = (f"{run_id} finished: test accuracy {acc:.2f}%" if isinstance(acc, (int, float)) else
+                f"{run_id} finished") + f" ({result.get('weights')} weights)"
         cost = run_cost(run, files)
         if cost is not None:
             fields["cost_usd"] = cost

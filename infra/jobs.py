@@ -32,18 +32,18 @@ class Jobs:
         return {"log": f"{jobs}/{run_id}.log", "pid": f"{jobs}/{run_id}.pid", "exit": f"{jobs}/{run_id}.exit"}
 
     def start_detached(self, argv: list[str], run_id: str, env: dict[str, str] | None = None,
-                       env_files: dict[str, str] | None = None, append: bool = False) -> int:
+                       env_files: dict[str, str] | None = None, append: bool = False, notify: bool = False) -> int:
         """Start `argv` in the work dir, detached from this SSH session (setsid nohup), with its own
         console log, pid file and exit-code file under jobs/. Returns the pid, which is also the
         process group of everything the job starts.
 
         `env_files` maps variable -> file in the work dir to read it from, so that secrets such as a
         Jupyter token never appear on a command line (`ps`)."""
-        cmd = self.detached_command(argv, run_id, env, env_files, append)
+        cmd = self.detached_command(argv, run_id, env, env_files, append, notify)
         return int(self.remote.run(f"bash -c {shlex.quote(cmd)}").stdout.strip())
 
     def detached_command(self, argv: list[str], run_id: str, env: dict[str, str] | None = None,
-                         env_files: dict[str, str] | None = None, append: bool = False) -> str:
+                         env_files: dict[str, str] | None = None, append: bool = False, notify: bool = False) -> str:
         """The bash command, run from the login directory, with which start_detached starts a job; it
         prints the pid. A job record keeps it, so the machine can start the job again by itself."""
         job = shlex.quote(run_id)
@@ -53,6 +53,9 @@ class Jobs:
         # The wrapper shell traps TERM/INT (a handler, which exec resets) so that when the job's process
         # group is signalled it outlives the trainer long enough to record the trainer's exit code.
         inner = f"trap true TERM INT; {prefix}{shlex.join(argv)}; echo $? > jobs/{job}.exit"
+        if notify:  # a run's end to the --notify URLs (infra/agent/notify.py), never holding up the exit file
+            inner += f'; [ -f jobs/notify.json ] && python3 jobs/notify.py run-ended {job} "$(cat jobs/{job}.exit)"'
+
         # always appended (O_APPEND), a new job's log emptied first: a line the watchdog adds (a budget warning)
         # lands at the end, not under the trainer's next write
         fresh = "" if append else f": > jobs/{job}.log && "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import runspec
 from infra.errors import ConnectionLost, Parser, UserError
+from infra.notify import push_notify
 from infra.poll import poll
 from infra.targets import SSHTarget, code_dir, new_run_id
 from runspec import ExitCode
@@ -36,6 +37,7 @@ class RemoteTrain:
     region: str | None = None
     profile: str | None = None
     desktop_notify: bool = True  # a desktop notification when the followed run ends (infra/desktop.py)
+    notify: list[str] = field(default_factory=list)  # URLs the machine POSTs its events to (infra/agent/notify.py)
 
 
 # The trainer flags that say where a run lives: on a machine, the laptop decides them (the run is
@@ -151,6 +153,7 @@ def train_remote(job: RemoteTrain, log=print) -> int:
     target = SSHTarget.resolve(job.name, job.region, job.profile)
     with target.remote:
         py = target.prepare(source, job.python, log)
+        push_notify(target.remote, job.notify, log)
         if job.resume:
             ensure_run_there(target, job, log)
         n = nproc(target, py, job.gpus)
@@ -224,6 +227,8 @@ def _train_cluster(job: RemoteTrain, log) -> int:
                         f"launch it with `mnist-cloud launch --nodes {job.nodes} --name {job.name} ...`")
     try:
         pythons = [t.prepare(source, job.python, log) for t in nodes]
+        for t in nodes:  # each node's wrapper: the one holding the run tells of its end, any failing one of its failure
+            push_notify(t.remote, job.notify, log)
         if job.resume:  # whichever node takes rank 0 continues it
             for t in nodes:
                 ensure_run_there(t, job, log)

@@ -40,6 +40,9 @@ SETTINGS = {s.key: s for s in [
     Setting("epochs", int, ("MNIST_CLOUD_DEFAULT_EPOCHS",), None, "epochs for train and sweep (--epochs)"),
     Setting("budget", float, ("MNIST_CLOUD_DEFAULT_BUDGET",), None, "USD a new machine may cost from launch on, "
             "compute only: it stops itself there (launch --budget)"),
+    Setting("notify", str, ("MNIST_CLOUD_NOTIFY",), None, "URLs the instance tells of a run's end, a spot "
+            "interruption, autostop and the budget, comma-separated; slack:, discord:, ntfy: before a URL for those "
+            "services (launch / train --on --notify)"),
 ]}
 PROJECT_FILES = ("mnist-cloud.toml", "pyproject.toml")
 

@@ -224,7 +224,7 @@ class SSHTarget:
 
         self.keep_runs_on_shutdown(unpulled=True)  # this run is unpulled until pulled
         if self.lifecycle != "spot":
-            return self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+            return self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume, notify=True)
         imds = os.environ.get("MNIST_CLOUD_IMDS_URL", "http://169.254.169.254")
         poll = os.environ.get("MNIST_CLOUD_SPOT_POLL", "5")  # seconds; AWS gives two minutes' notice
         # the watcher travels with the run, from the package: the work dir may be any project
@@ -238,9 +238,9 @@ class SSHTarget:
         # back one by one, and the rendezvous needs them all.
         if not launcher or "--standalone" in launcher:
             self.jobs.record_job(run_id, [
-                self.jobs.detached_command(trainer_argv([], True), run_id, env=env, append=True),
+                self.jobs.detached_command(trainer_argv([], True), run_id, env=env, append=True, notify=True),
                 self.jobs.detached_command(watch, f"{run_id}.spot-watch")])
-        pid = self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume)
+        pid = self.jobs.start_detached(trainer_argv(args, resume), run_id, env=env, append=resume, notify=True)
         self.jobs.start_detached(watch, f"{run_id}.spot-watch")
         return pid
 

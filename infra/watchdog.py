@@ -5,7 +5,6 @@ units are files of the package (infra/agent/), so an installed mnist-cloud has t
 
 from __future__ import annotations
 
-import base64
 import gzip
 import io
 import json
@@ -47,11 +46,11 @@ class AutostopConfig:
 
 
 def write_script(dest: str, text: str) -> str:
-    """Bash lines that write `text` to `dest` (mode 755), gzipped and base64-encoded: EC2 takes at
-    most 16 KB of user data, and the two agents as plain text are more than that."""
-    packed = base64.encodebytes(gzip.compress(text.encode(), mtime=0)).decode()
-    return f"""base64 -d <<'MNIST_CLOUD_SCRIPT' | gunzip > "{dest}"
-{packed}MNIST_CLOUD_SCRIPT
+    """Bash lines that write `text` to `dest` (mode 755), as it is: a quoted here-document. EC2 takes at most 16 KB
+    of user data; user_data() gzips the installer whole, and plain text packs better there than base64."""
+    assert "\nMNIST_CLOUD_SCRIPT\n" not in text and text.endswith("\n")
+    return f"""cat > "{dest}" <<'MNIST_CLOUD_SCRIPT'
+{text}MNIST_CLOUD_SCRIPT
 chmod 755 "{dest}"
 """
 
@@ -67,24 +66,29 @@ def render(name: str, **holes: str) -> str:
     return Installer(source(name)).substitute(holes)
 
 
-def installer(config: AutostopConfig) -> str:
-    """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd).
+def installer(config: AutostopConfig, notify: list[str] = ()) -> str:
+    """A bash script that installs the watchdog, its config and a systemd timer (cron without systemd), and the
+    notifier (infra/agent/notify.py) that the agents call; with `notify`, its URLs (mode 600: they are secrets).
 
     $MNIST_CLOUD_ROOT relocates every file (the tests install into a temp dir)."""
     units = "".join(f"cat > \"$ROOT/etc/systemd/system/{name}\" <<'MNIST_CLOUD_UNIT'\n{source(name)}MNIST_CLOUD_UNIT\n"
                     for name in AUTOSTOP_UNITS)
+    notifier = write_script("$ROOT/usr/local/bin/mnist-cloud-notify", source("notify.py"))
+    if notify:  # the umask makes it 600 before a byte is in it
+        notifier += (f"(umask 077; cat > \"$ROOT/etc/mnist-cloud/notify.json\") <<'MNIST_CLOUD_CONFIG'\n"
+                     f"{json.dumps({'urls': list(notify)})}\nMNIST_CLOUD_CONFIG\n")
     return render("install-autostop.sh", autostop_script=write_script("$ROOT/usr/local/bin/mnist-cloud-autostop",
-                                                                      source("autostop.py")),
+                                                                      source("autostop.py")) + notifier,
                   config=json.dumps(asdict(config)), units=units, tag=config.tag, resume_agent=resume_agent_installer())
 
 
 USER_DATA_LIMIT = 16 * 1024  # bytes EC2 takes, before base64
 
 
-def user_data(config: AutostopConfig) -> bytes:
+def user_data(config: AutostopConfig, notify: list[str] = ()) -> bytes:
     """The installer as launch user data: gzipped whole (cloud-init unpacks gzip itself), since the plain
     script is about EC2's limit. boto3 base64-encodes bytes as it does text."""
-    return gzip.compress(installer(config).encode(), mtime=0)
+    return gzip.compress(installer(config, notify).encode(), mtime=0)
 
 
 def resume_agent_installer() -> str:

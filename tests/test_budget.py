@@ -123,6 +123,25 @@ def test_at_100_percent_the_runs_checkpoint_and_the_machine_stops_as_on_autostop
             proc.wait()
 
 
+def test_the_budget_warning_and_stop_and_an_autostop_go_to_the_notifier(agent, tmp_path, monkeypatch):
+    """mnist-cloud-notify (infra/agent/notify.py; its POSTs: tests/test_notify.py) hears each event; before a
+    shutdown the watchdog waits for it (--wait), or the POST would die with the machine."""
+    root, said = tmp_path / "nroot", tmp_path / "said.jsonl"
+    notifier = root / "usr/local/bin/mnist-cloud-notify"
+    notifier.parent.mkdir(parents=True)
+    notifier.write_text(f"import json, sys\nopen({str(said)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    monkeypatch.setattr(agent, "ROOT", root)
+    agent.configure(budget_usd=5.0, usd_per_hour=1.0)
+    for hours in (4.1, 5.0):
+        agent.clock["uptime"] = hours * HOUR
+        agent.main()
+    agent.power_off({}, time.time(), "idle for 31.0 min (limit 30)")
+    assert [json.loads(l) for l in said.read_text().splitlines()] == [
+        ["send", "budget-warning", "spent $4.10 of the $5 budget (1 USD/h)"],
+        ["send", "budget-stop", "budget reached: spent $5.00 of the $5 budget (1 USD/h)", "--wait"],
+        ["send", "autostop", "idle for 31.0 min (limit 30)", "--wait"]]
+
+
 def test_after_a_budget_stop_a_start_has_time_to_raise_it(agent):
     """The first minutes of the next boot: `start` pushes the raised budget; without it, it stops again."""
     agent.configure(budget_usd=1.0, usd_per_hour=1.0)

@@ -22,6 +22,7 @@ import pytest
 from fixtures import REPO
 from fixtures.aws import launch_fresh
 from fixtures.cli import assert_user_error, first_line_with, output_lines, run_cli, wait_for
+from fixtures.receiver import Receiver
 from fixtures.ssh import LEAK_CANARY
 from fixtures.sshhost import SSHTestHost
 
@@ -53,8 +54,15 @@ def desktop(tmp_path) -> tuple[dict[str, str], Path]:
 def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, project_checkout, mnist_dir,
                                                       tmp_path):
     session, said = desktop(tmp_path)
-    out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1", env=session)
-    assert out.returncode == 0, out.stdout + out.stderr
+    hook = Receiver(host=f"{ssh_host.subnet}.1")  # the instance's agents reach the laptop over the veth pair
+    try:
+        out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1",
+                  "--notify", hook.url, env=session)
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_for(lambda: hook.posts, timeout=30)
+    finally:
+        hook.close()
+    assert "SECRET-TOKEN" not in out.stdout + out.stderr and f"http://{ssh_host.subnet}.1/…" in out.stdout
     assert "synced" in out.stdout and "setting up e2e" in out.stdout
     assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance
     assert re.search(r"test accuracy \d+\.\d\d% \(final weights, model.pt\)", out.stdout), out.stdout
@@ -65,6 +73,9 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, pr
     config = json.loads((local / "config.json").read_text())
     assert config["status"] == "completed" and config["git"]["sha"] is None  # the copy has no .git
     result = json.loads((local / "result.json").read_text())
+    # the machine tells the --notify URL, with the delivered weights' test accuracy
+    told = json.loads(hook.posts[0][2])
+    assert (told["event"], told["run_id"], told["test_acc"]) == ("finished", "remote1", result["test_acc"]), told
     # the laptop says so on the desktop when the run it follows ends
     assert said.read_text().splitlines() == [
         f"mnist-cloud: remote1 finished | test accuracy {result['test_acc']:.2f}% on {launched}; pulled into "

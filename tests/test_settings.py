@@ -42,6 +42,7 @@ def test_each_source_wins_over_the_next(files, monkeypatch):
         "model": (None, "default"),
         "epochs": (20, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
         "budget": (None, "default"),
+        "notify": (None, "default"),
     }
     assert settings.resolve()["region"].value == "eu-west-1"  # no flag, no environment: the user file
     (project / "mnist-cloud.toml").write_text("autostop = 0\n")  # beside pyproject.toml, it is the project's
@@ -72,10 +73,12 @@ def test_an_unrelated_pyproject_that_does_not_parse_blocks_nothing(files, mnist_
 def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     project, home = files
     (project / "mnist-cloud.toml").write_text('model = "mynet.py:Net"\n')
-    (home / "config.toml").write_text("autostop = 15\n")
+    (home / "config.toml").write_text('autostop = 15\nnotify = "slack:https://hooks.slack.com/T/SECRET, https://x.io/h"\n')
     out = run_cli([*mnist_cloud, "config"], cwd=project / "src", env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:7]}
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:9]}
+    # a webhook's URL is its secret: only its scheme and host are shown
+    assert "SECRET" not in out.stdout and rows["notify"][0] == "slack:https://hooks.slack.com/…,"
     # a model file named in a settings file is relative to that file, wherever the command runs
     assert rows["model"] == [f"{project / 'mynet.py'}:Net", str(project / "mnist-cloud.toml")]
     assert rows["autostop"] == ["15.0", str(home / "config.toml")]
@@ -90,7 +93,8 @@ def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, 
         refused = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32"], env_extra=env,
                           cwd=tmp_path)
         assert_user_error(refused, "give --instance TYPE")
-        (tmp_path / "mnist-cloud.toml").write_text('instance = "g4dn.xlarge"\nautostop = 12\nbudget = 4\n')
+        (tmp_path / "mnist-cloud.toml").write_text('instance = "g4dn.xlarge"\nautostop = 12\nbudget = 4\n'
+                                                   'notify = "slack:https://hooks.slack.com/T/SECRET"\n')
         out = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh"],
                       env_extra=env, cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -100,6 +104,19 @@ def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, 
         cells = dict(zip(header, row))
         assert (cells["TYPE"], cells["AUTOSTOP"], cells["BUDGET"]) == ("g4dn.xlarge", "12m:stop", "$0.00/$4"), \
             status.stdout  # BUDGET: spent/budget
+        # the machine's own events go to the config's notify: its URL in the user data, never on the screen
+        import base64
+        import gzip
+
+        import boto3
+
+        ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="t",
+                           aws_secret_access_key="t")
+        (reservation,) = ec2.describe_instances(Filters=[{"Name": "tag:mnist-cloud:name", "Values": ["cfg"]}])["Reservations"]
+        instance = reservation["Instances"][0]["InstanceId"]
+        data = ec2.describe_instance_attribute(InstanceId=instance, Attribute="userData")["UserData"]["Value"]
+        assert '{"urls": ["slack:https://hooks.slack.com/T/SECRET"]}' in gzip.decompress(base64.b64decode(data)).decode()
+        assert "SECRET" not in out.stdout + out.stderr and "slack:https://hooks.slack.com/…" in out.stdout
 
 
 @pytest.mark.slow

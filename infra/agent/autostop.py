@@ -1,32 +1,30 @@
 #!/usr/bin/env python3
-"""mnist-cloud autostop: shut an idle instance down, so nothing idles on the bill, and never destroy a
-run that was not pulled.
+"""mnist-cloud autostop: shut an idle instance down, so nothing idles on the bill, and never destroy an unpulled run.
 
 Installed by `mnist-cloud launch` (cloud-init user data) or `mnist-cloud autostop` (over SSH) as
-/usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron) on the instance,
-so the laptop may be closed.
+/usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron) on the instance, so the
+laptop may be closed.
 
-Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session used within
-the idle time (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads it), no SSH session
-without a terminal (a pull or sync: sshd's `user@notty`), and no `mnist-cloud jupyter` server with a busy
-kernel or used within the idle time (its API says); a Jupyter tunnel alone is not activity. After
-`idle_minutes` of that, it runs `shutdown -h now`; EC2 then stops or terminates the instance, per its
-InstanceInitiatedShutdownBehavior. With `after_train`, it shuts down `grace_minutes` after a run ends.
+Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session used within the idle time
+(a pty in /dev/pts whose last input, its atime, is recent, as `w` reads it), no SSH session without a terminal (a
+pull or sync: sshd's `user@notty`), and no `mnist-cloud jupyter` server with a busy kernel or used within the idle
+time (its API says); a Jupyter tunnel alone is not activity. After `idle_minutes` of that, it runs `shutdown -h
+now`; EC2 then stops or terminates the instance, per its InstanceInitiatedShutdownBehavior. With `after_train`, it
+shuts down `grace_minutes` after a run ends.
 
-Nothing on the instance may call the EC2 API (it holds no credentials), so it cannot choose between stop
-and terminate itself: the laptop sets the shutdown behaviour and writes it here (`shutdown_behavior`),
-and keeps it at `stop` while runs are not yet pulled. If it is `terminate` while unpulled runs exist (a
-run made without mnist-cloud), this watchdog does not shut down at all, and says so.
+Nothing on the instance may call the EC2 API (it holds no credentials), so it cannot choose between stop and
+terminate itself: the laptop sets the shutdown behaviour and writes it here (`shutdown_behavior`), and keeps it at
+`stop` while runs are not yet pulled. If it is `terminate` while unpulled runs exist (a run made without
+mnist-cloud), this watchdog does not shut down at all, and says so.
 
 The same file is the record of pulls (`mnist-cloud pull` runs it with `record`/`unpulled`/`stats`): a run is
 unpulled when a file is missing from jobs/<run-id>.pulled.json (size, mtime, sha256) or changed since.
 
 It also holds the machine to its budget (`budget_usd`): its uptime across boots times the laptop's `usd_per_hour`.
 At 80% it warns in the logs of live runs; at 100% it SIGTERMs them (they checkpoint, as on a spot notice), shuts
-down as above, and says why in its budget state and on /dev/console (GetConsoleOutput, while stopped).
-
-Python 3 standard library only: it runs with the system python3, before anything is installed.
-"""
+down as above, and says why in its budget state and on /dev/console (GetConsoleOutput, while stopped). The budget's
+warning and stop, and an autostop, go to the --notify URLs too (infra/agent/notify.py, mnist-cloud-notify). Python 3
+standard library only: it runs with the system python3, before anything is installed."""
 
 from __future__ import annotations
 
@@ -64,14 +62,14 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
            jupyter_used: float | None = None) -> tuple[str | None, dict, str]:
     """(action or None, new state, reason). Pure: the whole policy, testable without a machine.
 
-    `pty_sessions` counts only terminals used within the idle time (see active_ptys); `notty_sessions`
-    counts SSH sessions without a terminal (pull, sync, rsync), which are activity too, as are
-    `busy_kernels` and a `jupyter_used` (Unix time) within the idle time (see jupyter_activity). `unpulled`
-    names runs not yet pulled: with action terminate, the instance stops instead.
+    `pty_sessions` counts only terminals used within the idle time (see active_ptys); `notty_sessions` counts SSH
+    sessions without a terminal (pull, sync, rsync), which are activity too, as are `busy_kernels` and a
+    `jupyter_used` (Unix time) within the idle time (see jupyter_activity). `unpulled` names runs not yet
+    pulled: with action terminate, the instance stops instead.
 
-    `boot` identifies this boot: the state file lives on the root volume and survives a stop/start,
-    so a state from an earlier boot is dropped; otherwise a restarted instance would count its
-    stopped hours as idle (or remember a finished run) and shut down at the first check."""
+    `boot` identifies this boot: the state file lives on the root volume and survives a stop/start, so a state from
+    an earlier boot is dropped; otherwise a restarted instance would count its stopped hours as idle (or
+    remember a finished run) and shut down at the first check."""
     state = dict(state)
     if state.get("boot", boot) != boot:
         state = {}
@@ -95,8 +93,7 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
     if jupyter_used is not None and now - activity_window(config) < jupyter_used <= now + CLOCK_SLACK_S:
         state["last_active"] = max(state["last_active"], min(jupyter_used, now))
         return None, state, f"JupyterLab used {max(now - jupyter_used, 0) / 60:.1f} min ago"
-    idle_for = now - state["last_active"]
-    idle_minutes = float(config.get("idle_minutes", 30))
+    idle_for, idle_minutes = now - state["last_active"], float(config.get("idle_minutes", 30))
     grace = max(MIN_GRACE_MINUTES, float(config.get("grace_minutes", MIN_GRACE_MINUTES)))
     if config.get("after_train") and state.get("seen_trainer"):
         if idle_for < grace * 60:
@@ -209,6 +206,7 @@ def enforce_budget(config: dict, workdirs: list[Path], now: float, uptime: float
     save(BUDGET_STATE, bstate)
     if action == "warn":
         tell(list(runs), f"mnist-cloud budget: warning: {said}; at 100% the runs checkpoint and the machine stops")
+        notify("budget-warning", said)
     if action != "stop":
         return None
     tell(list(runs), f"mnist-cloud budget: stopped: {said}; `mnist-cloud budget NAME USD` raises it")
@@ -222,6 +220,11 @@ def enforce_budget(config: dict, workdirs: list[Path], now: float, uptime: float
             break
         time.sleep(1.0)
     return bstate["stopped"]["reason"]
+
+
+def notify(event: str, text: str, *how: str) -> None:  # to the --notify URLs: at once (--wait: by its cap), never fails
+    subprocess.run([sys.executable, str(ROOT / "usr/local/bin/mnist-cloud-notify"), "send", event, text, *how],
+                   capture_output=True)
 
 
 def alive(pid: int) -> bool:
@@ -324,10 +327,9 @@ def jupyter_servers(workdirs: list[Path]) -> list[tuple[int, str]]:
 
 
 def jupyter_activity(servers: list[tuple[int, str]], timeout: float = JUPYTER_TIMEOUT_S) -> tuple[int, float | None]:
-    """(busy kernels, latest last_activity as a Unix time or None) of these servers, from their
-    /api/status and /api/kernels. Jupyter Server counts any other API request as activity:
-    `no_track_activity` keeps ours out, or asking would keep the machine up. A server that is gone, slow
-    or answers nonsense adds nothing."""
+    """(busy kernels, latest last_activity as a Unix time or None) of these servers, from their /api/status and
+    /api/kernels. Jupyter Server counts any other API request as activity: `no_track_activity` keeps ours out, or
+    asking would keep the machine up. A server that is gone, slow or answers nonsense adds nothing."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an http_proxy
     busy, latest = 0, None
     for port, token in servers:
@@ -440,10 +442,9 @@ def save(path: Path, data: dict) -> None:
 
 
 def tool(argv: list[str]) -> int:
-    """The laptop's side of the pull record, run over SSH as `python3 -c SOURCE COMMAND ARGS`:
-    `stats DIR` (size, mtime, sha256 of each file), `record WORKDIR RUN JSON`, `unpulled WORKDIR`,
-    `set-shutdown stop|terminate` (as root: what EC2 now does on shutdown), `set-budget USD|none USD_PER_HOUR
-    SOURCE` (as root: the budget and the price, printing what the machine has cost)."""
+    """The laptop's side, over SSH as `python3 -c SOURCE COMMAND ARGS`: `stats DIR` (size, mtime, sha256 of each
+    file), `record WORKDIR RUN JSON`, `unpulled WORKDIR`, `set-shutdown stop|terminate` (as root: what EC2 now does
+    on shutdown), `set-budget USD|none USD_PER_HOUR SOURCE` (as root; prints what the machine has cost)."""
     command, args = argv[0], argv[1:]
     if command == "stats":
         for rel, (size, mtime, digest) in file_stats(Path(os.path.expanduser(args[0])), with_hash=True).items():
@@ -484,14 +485,13 @@ def main() -> int:
                                        boot_id(), notty_sessions(), unpulled_runs(workdirs), busy_kernels, jupyter_used)
     save(STATE, new_state or state)
     print(f"mnist-cloud-autostop: {reason}" + (f" -> {action}" if action else ""), flush=True)
-    if action == "shutdown":
-        return power_off(new_state or state, now, reason)
-    return 0
+    return power_off(new_state or state, now, reason) if action == "shutdown" else 0
 
 
 def power_off(state: dict, now: float, reason: str) -> int:
     """The one way the watchdog shuts the machine down (idle, after a run, over budget)."""
     save(STATE, {**state, "fired_at": now})
+    notify("budget-stop" if reason.startswith("budget") else "autostop", reason, "--wait")  # before it is down
     return subprocess.call(["shutdown", "-h", "now", "mnist-cloud autostop: " + reason])
 
 

@@ -8,7 +8,8 @@ interruption, about two minutes ahead. Then it writes the notice to jobs/RUN.spo
 SIGTERM to the trainer's process group: the trainer finishes its step, writes last.pt and marks the
 run interrupted. EC2 then stops the instance (`launch --spot` asks for that), and when it starts it
 again the resume agent (infra/agent/resume_agent.py) continues every run that has a notice. Without the
-instance, `mnist-cloud train --on NAME --resume RUN` continues it on another one.
+instance, `mnist-cloud train --on NAME --resume RUN` continues it on another one. The notice goes to the
+--notify URLs too (jobs/notify.py, infra/agent/notify.py).
 
     python3 jobs/spot_watch.py --pid-file jobs/RUN.pid [--imds http://169.254.169.254] [--interval 5]
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -83,6 +85,13 @@ def alive(pid: int) -> bool:
         return True
 
 
+def tell(text: str) -> None:
+    """To the --notify URLs: the notifier beside this file (jobs/notify.py) returns at once, whatever they answer."""
+    notifier = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notify.py")
+    if os.path.exists(notifier):
+        subprocess.run([sys.executable, notifier, "send", "spot", text], capture_output=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pid-file", required=True, help="the trainer job's pid file (its process group leader)")
@@ -111,6 +120,8 @@ def main() -> int:
             # first the notice, then the signal: whatever the trainer's exit, the run is marked as
             # interrupted by EC2, not stopped by someone, and the machine resumes it at its next boot
             write_notice(notice_path(args.pid_file), notice)
+            tell(f"{os.path.basename(args.pid_file).removesuffix('.pid')}: spot interruption notice ({notice}); the run "
+                 "checkpoints, and resumes when EC2 starts the machine again")
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:

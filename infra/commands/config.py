@@ -18,9 +18,11 @@ def add_config(sub, name: str, summary: str) -> None:
 def cmd_config(args) -> int:
     """Each setting, its value and where it came from."""
     from infra import settings
+    from infra.notify import shown_all
 
     found = settings.resolve({})
-    rows = [[key, "-" if v.value is None else str(v.value), v.source] for key, v in found.items()]
+    rows = [[key, "-" if v.value is None else shown_all(v.value.split(",")) if key == "notify" else str(v.value),
+             v.source] for key, v in found.items()]  # a webhook's URL is its secret
     for line in runspec.table(["KEY", "VALUE", "FROM"], rows):
         say(line)
     project = settings.project_file()

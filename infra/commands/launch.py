@@ -44,6 +44,10 @@ def add_launch(sub, name: str, summary: str) -> None:
                    help="what the machine may cost from launch on, compute only: at 80%% its live runs are warned, "
                         "at 100%% they checkpoint and it stops itself, laptop closed or not (default: the "
                         "config's budget, else none)")
+    p.add_argument("--notify", action="append", default=[], metavar="URL",
+                   help="the machine POSTs autostop, the budget's warning and stop there, laptop closed or not "
+                        "(repeatable; slack:URL, discord:URL, ntfy:URL in those services' formats; default: the "
+                        "config's notify); `train --on --notify` adds a run's end and a spot interruption")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
     p.add_argument("--nodes", type=int, default=1, metavar="K",
@@ -55,6 +59,7 @@ def cmd_launch(args) -> int:
     from infra import settings
     from infra.commands.budget import budget_arg
     from infra.ec2 import LaunchSpec, console_fingerprints, launch
+    from infra.notify import notify_urls, shown_all
     from infra.watchdog import user_data
 
     typed = budget_arg(args.budget, "--budget") if args.budget else None
@@ -64,6 +69,7 @@ def cmd_launch(args) -> int:
     budget = None if (args.budget or "").strip().lower() == "none" else found["budget"].value  # none: no default
     if budget is not None and not budget > 0:
         raise UserError(f"the budget is USD above 0, not {budget:g} ({found['budget'].source})")
+    notify = notify_urls(args.notify, found["notify"].value)
     if not args.instance and not args.gpu_type:
         raise UserError("give --instance TYPE (e.g. g4dn.xlarge), or set instance in your project's "
                         "mnist-cloud.toml / [tool.mnist-cloud] or in the user config (`mnist-cloud config`)")
@@ -80,8 +86,8 @@ def cmd_launch(args) -> int:
         spec.usd_per_hour = _launch_price(args, listed)
     # cloud-init installs the watchdog (and the agent that resumes interrupted spot runs at boot) at first
     # boot: both work with the laptop closed
-    if spec.autostop.enabled or spec.spot or budget is not None:
-        spec.user_data = user_data(spec.autostop)
+    if spec.autostop.enabled or spec.spot or budget is not None or notify:
+        spec.user_data = user_data(spec.autostop, notify)
 
     def wait_ssh(aws, inst):
         if args.no_wait_ssh:
@@ -124,6 +130,8 @@ def cmd_launch(args) -> int:
     nodes = f" --nodes {args.nodes}" if args.nodes > 1 else ""
     if args.nodes > 1:
         say(f"cluster: {args.nodes} nodes, node 0 = {inst.instance_id}")
+    if notify:
+        say(f"it tells {shown_all(notify)} of autostop and its budget")
     say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
         f"delete: mnist-cloud down {args.name}")
     return ExitCode.OK

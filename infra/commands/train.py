@@ -21,6 +21,9 @@ runs/<run-id>/ back here. Ctrl-C stops the streaming, not the training.
   --nodes K       torchrun across the K machines of a cluster (`launch --nodes K`), rendezvous at node 0
   --env K=V       environment for the remote job, e.g. --env NCCL_DEBUG=INFO (repeatable)
   --no-desktop-notify   no desktop notification (notify-send / osascript) when the run ends
+  --notify URL    the machine POSTs the run's end (test accuracy, cost), a spot interruption, autostop and
+                  the budget there, laptop closed or not (repeatable; default: the config's notify); slack:URL,
+                  discord:URL, ntfy:URL in those services' formats
   --budget USD          set or raise what the machine may cost from launch on (compute only); none removes it
   --resume RUN    continue RUN from its last checkpoint (pushed from here if the machine lacks it)
   --python PATH   interpreter on the machine (default: $MNIST_CLOUD_REMOTE_PYTHON, else setup's choice)
@@ -48,10 +51,12 @@ def cmd_train(args, rest: list[str]) -> int:
         return run_trainer(["train", "--help"])
     if not opts.on:
         if opts.detach or opts.python or opts.code or opts.gpus or opts.nodes or opts.env or opts.no_desktop_notify \
-                or opts.budget:
-            raise UserError("--detach, --python, --code, --gpus, --nodes, --env, --no-desktop-notify and --budget "
-                            "need --on NAME")
+                or opts.budget or opts.notify:
+            raise UserError("--detach, --python, --code, --gpus, --nodes, --env, --no-desktop-notify, --budget and "
+                            "--notify need --on NAME")
         return run_trainer(["train", *rest])
+    from infra import settings
+    from infra.notify import notify_urls
     from infra.runner import plan_remote_train, train_remote
 
     if opts.budget is not None:
@@ -62,6 +67,7 @@ def cmd_train(args, rest: list[str]) -> int:
     job = plan_remote_train(opts.on, rest, detach=opts.detach, python=opts.python, code=opts.code, gpus=opts.gpus,
                             nodes=opts.nodes, env=opts.env, region=opts.region, profile=opts.profile)
     job.desktop_notify = not opts.no_desktop_notify
+    job.notify = notify_urls(opts.notify, settings.value("notify"))
     return train_remote(job, log=say)
 
 
@@ -75,6 +81,7 @@ def train_options() -> Parser:
     p.add_argument("--env", action="append", default=[], metavar="K=V")
     p.add_argument("--no-desktop-notify", action="store_true")
     p.add_argument("--budget", metavar="USD|none")
+    p.add_argument("--notify", action="append", default=[], metavar="URL")
     python_option(p, metavar="PATH")
     code_option(p, help=None)
     aws_options(p, region_help=None, profile_help=None, default=None)

@@ -55,3 +55,24 @@ def push_notify(remote, urls: list[str], log=print) -> None:
     files = {"config": runspec.CONFIG, "result": runspec.RESULT, "metrics": runspec.METRICS}
     write_file(remote, f"{jobs}/notify.json", json.dumps({"urls": urls, "files": files}))
     log(f"{remote.ep.name} posts the run's end and its own events to {shown_all(urls)}")
+
+
+def remember_urls(name: str, urls: list[str]) -> None:
+    """`launch --notify`'s URLs in the name's record (the state file is mode 600), for the runs `train --on`
+    starts there without URLs of their own: the job runs as the login, which cannot read root's copy."""
+    from infra.state import State
+
+    state = State()
+    host = state.get(name)
+    if host is not None:
+        host.extra = {**host.extra, "notify": list(urls)}
+        state.put(host)
+
+
+def launched_urls(name: str) -> list[str]:
+    """The URLs `launch --notify` gave the name, [] for none."""
+    from infra.state import State
+
+    host = State().get(name)
+    return list(host.extra.get("notify") or []) if host is not None else []
+

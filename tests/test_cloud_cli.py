@@ -170,3 +170,33 @@ def test_bad_input(moto_cli, args, env, needles):
     assert [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]] == []  # nothing launched
 
 
+def test_launch_notify_urls_reach_the_runs_and_survive_a_stop_and_start(moto_cli, monkeypatch):
+    """The job that runs a `train --on` is the login's, which cannot read root's copy of launch's URLs: the
+    laptop keeps them with the name (state.json, mode 600) and gives them to every run that names none."""
+    url = "https://ntfy.example.com/s3cr3t-topic"
+    out = moto_cli("launch", "--instance", "g4dn.xlarge", "--name", "hooked", "--notify", f"ntfy:{url}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "s3cr3t" not in out.stdout + out.stderr and "of each run's end" in out.stdout
+
+    def kept() -> list[str]:
+        state = moto_cli.home / "state.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        return json.loads(state.read_text())["hosts"]["hooked"]["extra"].get("notify")
+
+    assert kept() == [f"ntfy:{url}"]
+    assert moto_cli("stop", "hooked").returncode == 0 and moto_cli("start", "hooked").returncode == 0
+    assert kept() == [f"ntfy:{url}"]  # a start records the name again, and keeps what it had
+
+    # train --on without URLs of its own gives the run launch's; its own replace them
+    import infra.runner
+    from infra.commands.train import cmd_train
+
+    monkeypatch.setenv("MNIST_CLOUD_HOME", str(moto_cli.home))
+    monkeypatch.chdir(moto_cli.home.parent)
+    jobs = []
+    monkeypatch.setattr(infra.runner, "train_remote", lambda job, log: jobs.append(job) or 0)
+    args = type("Args", (), {"region": None, "profile": None})()
+    assert cmd_train(args, ["--on", "hooked", "--epochs", "1"]) == 0
+    assert cmd_train(args, ["--on", "hooked", "--epochs", "1", "--notify", "https://other.example.com/h"]) == 0
+    assert [job.notify for job in jobs] == [[f"ntfy:{url}"], ["https://other.example.com/h"]]
+

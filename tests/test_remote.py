@@ -40,7 +40,6 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
 def desktop(tmp_path) -> tuple[dict[str, str], Path]:
     """A laptop desktop session whose notify-send records each notification (title, body) in a file."""
     bin_dir, said = tmp_path / "bin", tmp_path / "notifications"
@@ -51,6 +50,7 @@ def desktop(tmp_path) -> tuple[dict[str, str], Path]:
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DISPLAY": ":99"}, said
 
 
+@pytest.mark.slow
 def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, project_checkout, mnist_dir,
                                                       tmp_path):
     session, said = desktop(tmp_path)

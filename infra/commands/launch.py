@@ -47,7 +47,7 @@ def add_launch(sub, name: str, summary: str) -> None:
     p.add_argument("--notify", action="append", default=[], metavar="URL",
                    help="the machine POSTs autostop, the budget's warning and stop there, laptop closed or not "
                         "(repeatable; slack:URL, discord:URL, ntfy:URL in those services' formats; default: the "
-                        "config's notify); `train --on --notify` adds a run's end and a spot interruption")
+                        "config's notify); its runs' ends too, unless `train --on --notify` names others")
     p.add_argument("--no-wait-checks", action="store_true", help="return once running, before the EC2 status checks")
     p.add_argument("--no-wait-ssh", action="store_true", help="do not wait until SSH answers")
     p.add_argument("--nodes", type=int, default=1, metavar="K",
@@ -131,7 +131,11 @@ def cmd_launch(args) -> int:
     if args.nodes > 1:
         say(f"cluster: {args.nodes} nodes, node 0 = {inst.instance_id}")
     if notify:
-        say(f"it tells {shown_all(notify)} of autostop and its budget")
+        from infra.notify import remember_urls
+
+        remember_urls(args.name, notify)
+        say(f"it tells {shown_all(notify)} of autostop, its budget and spot interruptions, and of each run's end "
+            "(`train --on` gives its runs these URLs unless it is given others)")
     say(f"next: mnist-cloud train --on {args.name}{nodes}   |   pause: mnist-cloud stop {args.name}   |   "
         f"delete: mnist-cloud down {args.name}")
     return ExitCode.OK

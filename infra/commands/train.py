@@ -56,7 +56,7 @@ def cmd_train(args, rest: list[str]) -> int:
                             "--notify need --on NAME")
         return run_trainer(["train", *rest])
     from infra import settings
-    from infra.notify import notify_urls
+    from infra.notify import launched_urls, notify_urls
     from infra.runner import plan_remote_train, train_remote
 
     if opts.budget is not None:
@@ -67,7 +67,7 @@ def cmd_train(args, rest: list[str]) -> int:
     job = plan_remote_train(opts.on, rest, detach=opts.detach, python=opts.python, code=opts.code, gpus=opts.gpus,
                             nodes=opts.nodes, env=opts.env, region=opts.region, profile=opts.profile)
     job.desktop_notify = not opts.no_desktop_notify
-    job.notify = notify_urls(opts.notify, settings.value("notify"))
+    job.notify = notify_urls(opts.notify, settings.value("notify")) or launched_urls(opts.on)
     return train_remote(job, log=say)
 
 

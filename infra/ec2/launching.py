@@ -85,9 +85,13 @@ class LaunchSpec:
 
 
 def _record(state: State, inst: Instance, key: KeyInfo, region: str, user: str = DEFAULT_USER) -> None:
+    """The name's record: what the same instance had in `extra` (a cluster's nodes, the last budget figure,
+    the launch's notify URLs) is kept across a start or a reuse; a new instance starts afresh."""
+    old = state.get(inst.name)
+    extra = old.extra if old is not None and old.instance_id == inst.instance_id else {}
     state.put(Host(name=inst.name, kind="ec2", host=inst.public_ip, user=user, key_path=str(key.private_key),
                    instance_id=inst.instance_id, region=region, key_name=key.key_name, created_key=key.created,
-                   instance_type=inst.instance_type))
+                   instance_type=inst.instance_type, extra=extra))
 
 
 def launch(aws: Aws, spec: LaunchSpec, log: Log = print, state: State | None = None,

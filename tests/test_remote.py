@@ -55,13 +55,18 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, pr
                                                       tmp_path):
     session, said = desktop(tmp_path)
     hook = Receiver(host=f"{ssh_host.subnet}.1")  # the instance's agents reach the laptop over the veth pair
+    # and two receivers that fail: one answers 500, one never answers; neither may harm the run
+    failing, silent = Receiver(500, host=f"{ssh_host.subnet}.1"), Receiver(None, host=f"{ssh_host.subnet}.1")
     try:
         out = cli("train", "--on", launched, *TINY, "--data-dir", str(mnist_dir), "--run-id", "remote1",
-                  "--notify", hook.url, env=session)
+                  "--notify", hook.url, "--notify", failing.url, "--notify", f"slack:{silent.url}", env=session)
         assert out.returncode == 0, out.stdout + out.stderr
-        wait_for(lambda: hook.posts, timeout=30)
+        wait_for(lambda: hook.posts and len(failing.posts) >= 2 and silent.posts, timeout=30)
     finally:
-        hook.close()
+        for receiver in (hook, failing, silent):
+            receiver.close()
+    assert len(hook.posts) == 1  # answered: told once
+    assert "remote1 finished: test accuracy" in json.loads(silent.posts[0][2])["text"]  # in Slack's format
     assert "SECRET-TOKEN" not in out.stdout + out.stderr and f"http://{ssh_host.subnet}.1/…" in out.stdout
     assert "synced" in out.stdout and "setting up e2e" in out.stdout
     assert "Epoch: 1 | Train Loss:" in out.stdout  # streamed live from the instance

@@ -243,6 +243,15 @@ def test_a_budget_reaches_the_machine_and_stops_it_with_the_run_checkpointed(cli
         assert json.loads((run_dir / "config.json").read_text())["status"] == "interrupted"
         assert (run_dir / "last.pt").exists() and 1 <= max(epochs_written(run_dir)) < 3
         assert "mnist-cloud budget: stopped" in (remote_dir(ssh_host) / "jobs" / "over.log").read_text()
+
+        # raised, the budget lets the run go on from its checkpoint to its end, and the machine stays up
+        assert cli("budget", launched, "100000").returncode == 0
+        resumed = cli("train", "--on", launched, "--resume", "over", "--no-desktop-notify")
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        assert json.loads((run_dir / "config.json").read_text())["status"] == "completed"
+        assert epochs_written(run_dir) == [1, 2, 3]
+        shut = fired.read_text()
+        assert "-> shutdown" not in tick() and fired.read_text() == shut
     finally:
         assert cli("budget", launched, "none").returncode == 0
     assert json.loads(config_file.read_text())["budget_usd"] is None

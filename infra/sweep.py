@@ -175,14 +175,18 @@ class MachineSlot:
 
 
 def machine_slots(names: list[str], log, python: str | None = None, code: str | None = None, region=None,
-                  profile=None) -> list[MachineSlot]:
-    """Each machine prepared (SSH, sync, setup), and a slot per GPU it has (one for a machine without)."""
+                  profile=None, notify: list[str] | None = None) -> list[MachineSlot]:
+    """Each machine prepared (SSH, sync, setup, the URLs its runs' ends go to: `notify`, else the ones it was
+    launched with), and a slot per GPU it has (one for a machine without)."""
+    from infra.notify import launched_urls, push_notify
+
     source = code_dir(code)
     slots = []
     for name in names:
         target = SSHTarget.resolve(name, region, profile)
         with target.remote:
             py = target.prepare(source, python, log)
+            push_notify(target.remote, notify or launched_urls(name), log)
             gpus = target.gpu_count(py)
         slots += [MachineSlot(name, py, gpu if gpus else None, source, region, profile) for gpu in range(max(gpus, 1))]
     return slots

@@ -316,9 +316,15 @@ def test_attach_host_closed_port_records_nothing(cli, tmp_path, ssh_host):
 
 @pytest.mark.slow
 def test_sweep_on_the_instance_pulls_every_run(cli, launched, project_checkout, mnist_dir, ssh_host):
-    out = cli("sweep", "--on", launched, "--seeds", "1,2", *TINY, "--no-report", "--data-dir", str(mnist_dir),
-              "--name", "rsweep")
-    assert out.returncode == 0, out.stdout + out.stderr
+    hook = Receiver(host=f"{ssh_host.subnet}.1")
+    try:
+        out = cli("sweep", "--on", launched, "--seeds", "1,2", *TINY, "--no-report", "--data-dir", str(mnist_dir),
+                  "--name", "rsweep", "--notify", hook.url)
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_for(lambda: len(hook.posts) >= 2, timeout=30)
+    finally:
+        hook.close()
+    told = sorted((json.loads(body)["event"], json.loads(body)["run_id"]) for _, _, body in hook.posts)
     assert "sweep: 2 run(s) on 1 slot(s): e2e" in out.stdout  # no GPU there: one run at a time
     points = json.loads((project_checkout / "runs" / "rsweep.json").read_text())["points"]
     assert [p["status"] for p in points] == ["completed", "completed"]
@@ -327,6 +333,7 @@ def test_sweep_on_the_instance_pulls_every_run(cli, launched, project_checkout, 
         remote = ssh_host.home / "mnist-cloud" / "e2e" / "runs" / p["run_id"]
         assert tree_hashes(local) == tree_hashes(remote)  # ran there, pulled back whole
         assert json.loads((local / "config.json").read_text())["config"]["seed"] == p["seed"]
+    assert told == sorted(("finished", p["run_id"]) for p in points)  # each run's end, from the machine
     line = next(l for l in out.stdout.splitlines() if l.startswith("defaults "))
     assert "2/2" in line
 

@@ -34,6 +34,9 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="USD|none",
                    help="give each machine of the sweep this budget (`mnist-cloud budget`): what it may cost from "
                         "launch on, compute only; at it, the machine checkpoints its runs and stops")
+    p.add_argument("--notify", action="append", default=[], metavar="URL",
+                   help="each machine POSTs each run's end (and its own events) there, as `train --on --notify` "
+                        "(repeatable; default: the config's notify, else the URLs the machine was launched with)")
     p.add_argument("--epoch-seconds", type=float, default=6.0,
                    help="assumed seconds per epoch on a machine, for the estimate (default: %(default)s, a g4dn-class GPU)")
     p.add_argument("--name", default=None, help="sweep name, the prefix of its run ids (default: sweep-<time>)")
@@ -58,8 +61,8 @@ def cmd_sweep(args, rest: list[str]) -> int:
     runs = Path(args.to)
     say(plan.describe())
     if args.local:
-        if args.max_cost is not None or args.budget is not None:
-            say("--max-cost, --budget: a local sweep costs nothing on AWS")
+        if args.max_cost is not None or args.budget is not None or args.notify:
+            say("--max-cost, --budget, --notify: a local sweep costs nothing on AWS and has no machine to tell")
         slots = [sweep.LocalSlot()]
     else:
         names = sweep.parse_list(args.on, "--on")
@@ -70,8 +73,10 @@ def cmd_sweep(args, rest: list[str]) -> int:
 
             for name in names:  # before the slots connect: each connection gives it to its machine
                 set_budget_before_a_run(args, name, args.budget)
+        from infra.notify import notify_urls
+
         slots = sweep.machine_slots(names, say, python=args.python, code=args.code, region=args.region,
-                                    profile=args.profile)
+                                    profile=args.profile, notify=notify_urls(args.notify, found["notify"].value))
         say(f"sweep: {len(plan.points)} run(s) on {len(slots)} slot(s): " + ", ".join(s.where for s in slots))
     interrupted = sweep.run(plan.points, slots, trainer_args, runs, log=say)
     code = sweep.finish(plan, runs, log=say)

@@ -15,6 +15,7 @@ pytest_plugins = [
     "fixtures.cli",
     "fixtures.install",
     "fixtures.aws",
+    "fixtures.forged",
     "fixtures.ssh",
     "fixtures.project",
 ]

@@ -5,39 +5,22 @@ forged.py), as AWS would answer them. No SSH: moto's instances have made-up addr
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
-from fixtures.aws import Faults, aws_env, ec2_client, moto_server, seed_dlami
+from fixtures.aws import Faults, aws_env, ec2_client
 from fixtures.cli import run_cli
-from fixtures.forged import DEFAULT_QUOTA, PRICE_LIST, QUOTA, QUOTA_CODES, price_list, quotas, spot_history
+from fixtures.forged import PRICE_LIST, QUOTA, QUOTA_CODES, price_list, quotas, reset_forged, spot_history
 
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
 
 
-@pytest.fixture(scope="module")
-def forged():
-    faults = Faults()
-    with moto_server(faults=faults) as url:
-        yield url, faults
-
-
 @pytest.fixture
-def cloud(forged, ip_service, tmp_path, mnist_cloud):
+def cloud(forged_server, ip_service, tmp_path, mnist_cloud):
     """cloud(*args) runs mnist-cloud against the freshly reset, DLAMI-seeded moto server (default region
     us-east-1), with every quota 64 vCPUs and every on-demand price $0.526 unless a test forges others."""
-    url, faults = forged
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).read()
-    faults.clear()
-    for region in REGIONS:
-        seed_dlami(region)
-    get, default = quotas({}, {code: 64.0 for code in QUOTA_CODES})
-    faults.answer_json(QUOTA, get)
-    faults.answer_json(DEFAULT_QUOTA, default)
-    faults.answer_json(PRICE_LIST, price_list({(r, t): "0.5260000000" for r in REGIONS
-                                           for t in ("g4dn.xlarge", "g6.xlarge")}))
-    faults.answer_query("DescribeSpotPriceHistory", spot_history({}))
+    url, faults = forged_server
+    reset_forged(url, faults, REGIONS, quota_vcpus=64.0, usd="0.5260000000")
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url, MNIST_CLOUD_IP_URL=ip_service)
 
     def run(*args):

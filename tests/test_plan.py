@@ -10,39 +10,22 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import pytest
 
-from fixtures.aws import Faults, aws_env, json_error, moto_server, seed_dlami
-from fixtures.forged import DEFAULT_QUOTA, PRICE_LIST, QUOTA, price_list, quotas, spot_history
+from fixtures.aws import aws_env, json_error
+from fixtures.forged import DEFAULT_QUOTA, PRICE_LIST, QUOTA, price_list, quotas, reset_forged, spot_history
 from fixtures.cli import run_cli
 
 REGIONS = ("us-east-1", "us-west-2", "eu-central-1")
 
 
-@pytest.fixture(scope="module")
-def forged():
-    faults = Faults()
-    with moto_server(faults=faults) as url:
-        yield url, faults
-
-
 @pytest.fixture
-def plan(forged, tmp_path, mnist_cloud):
+def plan(forged_server, tmp_path, mnist_cloud):
     """plan(*args) runs `mnist-cloud plan` against the freshly reset, DLAMI-seeded moto server; its Faults
     are `plan.faults`, with every quota 64 vCPUs and every price answered unless a test says otherwise."""
-    url, faults = forged
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).read()
-    faults.clear()
-    for region in REGIONS:
-        seed_dlami(region)
-    get, default = quotas({}, {code: 64.0 for code in ("L-DB2E81BA", "L-3819A6DF", "L-417A185B", "L-7212CCBC")})
-    faults.answer_json(QUOTA, get)
-    faults.answer_json(DEFAULT_QUOTA, default)
-    faults.answer_json(PRICE_LIST, price_list({(r, t): "0.5260000000" for r in REGIONS
-                                           for t in ("g4dn.xlarge", "g6.xlarge")}))
-    faults.answer_query("DescribeSpotPriceHistory", spot_history({}))
+    url, faults = forged_server
+    reset_forged(url, faults, REGIONS, quota_vcpus=64.0, usd="0.5260000000")
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url)
 
     def run(*args):

@@ -10,32 +10,23 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
 
-from fixtures.aws import DLAMI_ID, Faults, aws_env, ec2_client, json_error, moto_server, seed_dlami
-from fixtures.forged import PRICE_LIST, price_list, spot_history
+from fixtures.aws import DLAMI_ID, aws_env, ec2_client, json_error, seed_dlami
+from fixtures.forged import PRICE_LIST, price_list, reset_forged, spot_history
 from fixtures.cli import run_cli
 
 SPOT = "DescribeSpotPriceHistory"
 
 
-@pytest.fixture(scope="module")
-def server():
-    faults = Faults()
-    with moto_server(faults=faults) as url:
-        yield url, faults
-
-
 @pytest.fixture
-def priced(server, tmp_path, monkeypatch):
+def priced(forged_server, tmp_path, monkeypatch):
     """The moto server, reset, its Faults cleared, and this process's AWS environment pointed at it."""
-    url, faults = server
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).read()
-    faults.clear()
+    url, faults = forged_server
+    reset_forged(url, faults)
     env = aws_env(tmp_path, AWS_ENDPOINT_URL=url)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

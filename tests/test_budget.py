@@ -173,6 +173,20 @@ def test_set_budget_writes_the_config_and_says_what_was_spent(agent, capsys):
     assert json.loads(agent.CONFIG.read_text())["budget_usd"] is None
 
 
+def test_a_new_price_counts_from_when_it_is_written(agent, capsys):
+    """Half an hour at $1 seen by the watchdog, half an hour more before the laptop writes $3 (a spot price that
+    rose), then an hour at $3: $1 + $3, not two hours at $3."""
+    agent.configure(budget_usd=100.0, usd_per_hour=1.0)
+    agent.clock["uptime"] = HOUR / 2
+    agent.main()
+    agent.clock["uptime"] = HOUR
+    assert agent.tool(["set-budget", "100", "3", "spot-history"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["spent_usd"] == pytest.approx(1.0)
+    agent.clock.update(boot="b2", uptime=HOUR)  # and across a stop and start
+    agent.main()
+    assert json.loads(agent.BUDGET_STATE.read_text())["spent_usd"] == pytest.approx(4.0)
+
+
 def test_a_spot_watcher_or_jupyter_is_no_live_run(agent):
     for job in ("r1.spot-watch", "jupyter-abc"):
         (agent.work / "jobs" / f"{job}.pid").write_text(f"{os.getpid()}\n")

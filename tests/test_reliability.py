@@ -234,6 +234,14 @@ def test_a_budget_reaches_the_machine_and_stops_it_with_the_run_checkpointed(cli
         run_dir = remote_dir(ssh_host) / "runs" / "over"
         wait_for(lambda: epochs_written(run_dir) == [1], timeout=120)
         assert "-> shutdown" not in tick() and not fired.exists()
+        # as if this boot had been up for 85% of the budget's hours: the live run is warned, once, and goes on
+        hours = 0.85 * 9.5 / json.loads(config_file.read_text())["usd_per_hour"]
+        (root / "proc").mkdir(exist_ok=True)
+        (root / "proc" / "uptime").write_text(f"{hours * 3600:.2f} 0.00\n")  # the watchdog reads <root>/proc/uptime
+        said = tick() + tick()
+        assert "-> shutdown" not in said and not fired.exists(), said
+        log = (remote_dir(ssh_host) / "jobs" / "over.log").read_text()
+        assert log.count("mnist-cloud budget: warning: spent $8.0") == 1, log[-2000:]
         # as if up for 100 h across earlier boots: far over $9.50 at any GPU's price
         budget_state.write_text(json.dumps({**json.loads(budget_state.read_text()), "before_s": 100 * 3600}))
         said = tick()
@@ -252,7 +260,16 @@ def test_a_budget_reaches_the_machine_and_stops_it_with_the_run_checkpointed(cli
         assert epochs_written(run_dir) == [1, 2, 3]
         shut = fired.read_text()
         assert "-> shutdown" not in tick() and fired.read_text() == shut
+
+        # changed while the machine is stopped (only its tag can be), the budget reaches the watchdog at `start`
+        assert cli("stop", launched).returncode == 0
+        assert cli("budget", launched, "12").returncode == 0
+        assert json.loads(config_file.read_text())["budget_usd"] == 100000
+        started = cli("start", launched, "--ssh-cidr", "127.0.0.1/32")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert json.loads(config_file.read_text())["budget_usd"] == 12
     finally:
+        (root / "proc" / "uptime").unlink(missing_ok=True)
         assert cli("budget", launched, "none").returncode == 0
     assert json.loads(config_file.read_text())["budget_usd"] is None
 

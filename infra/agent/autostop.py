@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """mnist-cloud autostop: shut an idle instance down, so nothing idles on the bill, and never destroy an unpulled run.
 
-Installed by `mnist-cloud launch` (cloud-init user data) or `mnist-cloud autostop` (over SSH) as
-/usr/local/bin/mnist-cloud-autostop, and run once a minute by a systemd timer (or cron) on the instance, so the
-laptop may be closed.
+Installed by `mnist-cloud launch` (cloud-init user data) or `mnist-cloud autostop` (over SSH) as /usr/local/bin/
+mnist-cloud-autostop, and run once a minute by a systemd timer (or cron) on the instance: the laptop may be closed.
 
 Idle means: no trainer running (`python -m trainer`, torchrun), no interactive SSH session used within the idle time
 (a pty in /dev/pts whose last input, its atime, is recent, as `w` reads it), no SSH session without a terminal (a
@@ -20,11 +19,11 @@ mnist-cloud), this watchdog does not shut down at all, and says so.
 The same file is the record of pulls (`mnist-cloud pull` runs it with `record`/`unpulled`/`stats`): a run is
 unpulled when a file is missing from jobs/<run-id>.pulled.json (size, mtime, sha256) or changed since.
 
-It also holds the machine to its budget (`budget_usd`): its uptime across boots times the laptop's `usd_per_hour`.
-At 80% it warns in the logs of live runs; at 100% it SIGTERMs them (they checkpoint, as on a spot notice), shuts
-down as above, and says why in its budget state and on /dev/console (GetConsoleOutput, while stopped). The budget's
-warning and stop, and an autostop, go to the --notify URLs too (infra/agent/notify.py, mnist-cloud-notify). Python 3
-standard library only: it runs with the system python3, before anything is installed."""
+It also holds the machine to its budget (`budget_usd`): its uptime across boots, each minute at the `usd_per_hour`
+the laptop had written by then. At 80% it warns in the logs of live runs; at 100% it SIGTERMs them (they checkpoint,
+as on a spot notice), shuts down as above, and says why in its budget state and on /dev/console (GetConsoleOutput,
+while stopped). The budget's warning and stop, and an autostop, go to the --notify URLs too (infra/agent/notify.py).
+Python 3 standard library only: it runs with the system python3, before anything is installed."""
 
 from __future__ import annotations
 
@@ -64,12 +63,10 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
 
     `pty_sessions` counts only terminals used within the idle time (see active_ptys); `notty_sessions` counts SSH
     sessions without a terminal (pull, sync, rsync), which are activity too, as are `busy_kernels` and a
-    `jupyter_used` (Unix time) within the idle time (see jupyter_activity). `unpulled` names runs not yet
-    pulled: with action terminate, the instance stops instead.
-
-    `boot` identifies this boot: the state file lives on the root volume and survives a stop/start, so a state from
-    an earlier boot is dropped; otherwise a restarted instance would count its stopped hours as idle (or
-    remember a finished run) and shut down at the first check."""
+    `jupyter_used` (Unix time) within the idle time (see jupyter_activity). `unpulled` names runs not yet pulled:
+    with action terminate, the instance stops instead. `boot` identifies this boot: the state file survives a
+    stop/start, so an earlier boot's state is dropped; else a restarted instance would count its stopped hours as
+    idle (or remember a finished run) and shut down at the first check."""
     state = dict(state)
     if state.get("boot", boot) != boot:
         state = {}
@@ -80,15 +77,11 @@ def decide(now: float, config: dict, state: dict, trainer_running: bool, pty_ses
     if trainer_running:
         state.update(last_active=now, seen_trainer=True)
         return None, state, "a trainer is running"
-    if pty_sessions:
-        state["last_active"] = now
-        return None, state, f"{pty_sessions} interactive session(s)"
-    if notty_sessions:
-        state["last_active"] = now
-        return None, state, f"{notty_sessions} SSH session(s) without a terminal (a pull or sync)"
-    if busy_kernels:  # e.g. a cell running fit()
-        state["last_active"] = now
-        return None, state, f"{busy_kernels} Jupyter kernel(s) busy"
+    for count, what in ((pty_sessions, "interactive session(s)"), (notty_sessions, "SSH session(s) without a "
+                        "terminal (a pull or sync)"), (busy_kernels, "Jupyter kernel(s) busy")):
+        if count:  # busy: e.g. a cell running fit()
+            state["last_active"] = now
+            return None, state, f"{count} {what}"
     # a time far ahead is a broken answer: taken as activity, it could keep the machine up for good
     if jupyter_used is not None and now - activity_window(config) < jupyter_used <= now + CLOCK_SLACK_S:
         state["last_active"] = max(state["last_active"], min(jupyter_used, now))
@@ -113,8 +106,8 @@ def activity_window(config: dict) -> float:
 
 
 def shutdown(config: dict, unpulled: list[str], reason: str) -> tuple[str | None, str]:
-    """(action, reason) for a shutdown due now. EC2 does what its shutdown behaviour says, which the
-    laptop set (and wrote into our config); we cannot change it, only decide not to shut down."""
+    """(action, reason) for a shutdown due now. EC2 does what its shutdown behaviour says, which the laptop set (and
+    wrote into our config); we cannot change it, only decide not to shut down."""
     wanted = config.get("action", "stop")
     behavior = config.get("shutdown_behavior") or wanted
     if unpulled and wanted == "terminate":
@@ -129,7 +122,7 @@ def shutdown(config: dict, unpulled: list[str], reason: str) -> tuple[str | None
 
 
 # ---------------------------------------------------------------------------------- the budget
-def uptime_seconds(path: Path = Path("/proc/uptime")) -> float:
+def uptime_seconds(path: Path = ROOT / "proc/uptime") -> float:  # ROOT is / but on a test host, which forges it
     try:
         return float(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -146,15 +139,23 @@ def count_uptime(bstate: dict, boot: str, uptime: float) -> dict:
 
 
 def spent_usd(config: dict, bstate: dict) -> float | None:
-    """What the machine has cost since launch (compute only), or None without a price."""
+    """What the machine has cost since launch (compute only), or None without a price: the uptime already counted
+    (priced_s) at the prices of its time (paid_usd), and the rest at today's price."""
     price, up_s = config.get("usd_per_hour"), float(bstate.get("before_s", 0)) + float(bstate.get("boot_s", 0))
-    return None if price is None else up_s / 3600 * float(price)
+    unpaid_s = max(0.0, up_s - float(bstate.get("priced_s", 0)))
+    return None if price is None else float(bstate.get("paid_usd", 0)) + unpaid_s / 3600 * float(price)
+
+
+def settle(config: dict, bstate: dict) -> dict:
+    """Keep what the uptime so far cost at the price in force, so that a new price counts from now on only."""
+    spent, up_s = spent_usd(config, bstate), float(bstate.get("before_s", 0)) + float(bstate.get("boot_s", 0))
+    return bstate if spent is None else dict(bstate, paid_usd=spent, priced_s=max(up_s, bstate.get("priced_s", 0)))
 
 
 def budget_decide(config: dict, bstate: dict) -> tuple[str | None, dict, str]:
     """("warn" | "stop" | None, new budget state, what it says). Pure. Warns once per budget."""
     budget, spent = config.get("budget_usd"), spent_usd(config, bstate)
-    bstate = dict(bstate, spent_usd=spent, budget_usd=budget)
+    bstate = dict(settle(config, bstate), spent_usd=spent, budget_usd=budget)
     if budget is None:
         return None, bstate, ""
     if spent is None:
@@ -253,8 +254,8 @@ def trainer_running(proc: Path = Path("/proc")) -> bool:
 
 
 def active_ptys(now: float, idle_seconds: float, pts: Path = Path("/dev/pts")) -> int:
-    """Pseudo-terminals (an interactive ssh, tmux, screen) with input within `idle_seconds`. A
-    terminal's atime is its last input, as `w` reads it: a forgotten open shell does not count."""
+    """Pseudo-terminals (an interactive ssh, tmux, screen) with input within `idle_seconds`. A terminal's atime is
+    its last input, as `w` reads it: a forgotten open shell does not count."""
     count = 0
     try:
         entries = list(pts.iterdir())
@@ -312,8 +313,7 @@ def jupyter_files(job: str) -> tuple[str, str]:
 
 
 def jupyter_servers(workdirs: list[Path]) -> list[tuple[int, str]]:
-    """(port, token) of each `mnist-cloud jupyter` server with files in these work dirs (a dead one's
-    files may linger: it does not answer)."""
+    """(port, token) of each `mnist-cloud jupyter` server with files in these work dirs (a dead one's may linger)."""
     servers = []
     for workdir in workdirs:
         for token_file in sorted(Path(workdir).glob(f"jobs/{JUPYTER_JOB_PREFIX}*.token")):
@@ -456,11 +456,12 @@ def tool(argv: list[str]) -> int:
         print(json.dumps(unpulled_runs([Path(os.path.expanduser(args[0]))])))
     elif command == "set-budget":  # BUDGET|none USD_PER_HOUR SOURCE: as root; prints what it has cost
         installed, config = CONFIG.exists(), load(CONFIG, {"enabled": False})
+        bstate = settle(config, count_uptime(load(BUDGET_STATE, {}), boot_id(), uptime_seconds()))  # at the old price
+        save(BUDGET_STATE, bstate)
         config.update(budget_usd=None if args[0] == "none" else float(args[0]),
                       usd_per_hour=float(args[1]), price_source=" ".join(args[2:]))
         save(CONFIG, config)
-        print(json.dumps({"spent_usd": spent_usd(config, count_uptime(load(BUDGET_STATE, {}), boot_id(),
-                                                                     uptime_seconds())), "installed": installed}))
+        print(json.dumps({"spent_usd": spent_usd(config, bstate), "installed": installed}))
     elif command == "set-shutdown":
         config = load(CONFIG, {})
         if config:  # no watchdog installed: nothing here acts on it

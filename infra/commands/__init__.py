@@ -80,7 +80,7 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
     "down": CommandInfo("lifecycle", "add_down",
                         "terminate a name's instances and delete its security group and key"),
     "completion": CommandInfo("completion", "add_completion",
-                              "print the shell code for TAB completion: eval \"$(mnist-cloud completion bash)\""),
+                              "TAB completion (bash, zsh, fish): eval \"$(mnist-cloud completion bash)\""),
 }
 
 

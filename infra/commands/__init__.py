@@ -12,6 +12,7 @@ handler, when it runs, so `mnist-cloud --help` and a typo answer at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -78,6 +79,8 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
                                "drop a machine's pinned host key (after you verified a rebuild)"),
     "down": CommandInfo("lifecycle", "add_down",
                         "terminate a name's instances and delete its security group and key"),
+    "completion": CommandInfo("completion", "add_completion",
+                              "TAB completion (bash, zsh, fish): eval \"$(mnist-cloud completion bash)\""),
 }
 
 
@@ -102,6 +105,10 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a TAB in a shell that sourced `mnist-cloud completion SHELL`
+        from infra.commands.completion import complete
+
+        complete(parser)  # prints the completions and exits
     try:
         args, rest = parser.parse_known_args(argv)
         if args.command is None:

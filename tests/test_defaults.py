@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from fixtures.cli import run_cli
 from runspec.config import TrainConfig, default_recipe
 from runspec.recipes import RECIPES, SGD_ONLY
@@ -54,6 +56,7 @@ def test_the_value_without_a_recipe_is_what_a_model_without_one_gets():
                 assert "adam" in match["rest"] and without == str(getattr(adam, name))
 
 
+@pytest.mark.slow
 def test_a_dry_runs_config_json_holds_the_defaults_the_help_shows(mnist_cloud, mnist_dir, tmp_path):
     """A dry run is a quick smoke test, in a throwaway directory, of the defaults --help states (except
     those the dry run sets itself: 1 epoch of 2 batches; the first test checks epochs)."""

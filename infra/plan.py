@@ -24,11 +24,12 @@ from infra.ec2.images import DLAMI_UNSUPPORTED, resolve_dlami
 from infra.ec2.network import default_subnets, default_vpc
 from infra.errors import UserError
 from infra.pricing import fallback_price
+from runspec.config import default_value
 
 T = TypeVar("T")
 DENIED = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
 MARKETS = ("spot", "on-demand")
-DEFAULT_EPOCHS = 10  # the default recipe's (net8k)
+DEFAULT_EPOCHS = default_value("epochs")  # the default recipe's
 LAUNCH_AND_SETUP_S = 600.0  # launch, boot, status checks and setup_ec2.sh on a fresh DLAMI: about 10 minutes
 # A GPU nobody has measured (infra/measured.py holds the measured ones) is assumed to train an epoch of the
 # default recipe in 1 s: an assumption, shown as one, not a figure. It is a loose ceiling, not a guess per

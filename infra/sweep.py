@@ -8,6 +8,7 @@ accuracy reached 99.40% needs --test-every-epoch, and is a peek at the test set,
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import queue
@@ -23,6 +24,7 @@ import runspec
 from infra.errors import UserError
 from infra.pricing import hourly_price
 from infra.targets import SSHTarget, code_dir, run_trainer
+from runspec.config import default_value
 
 TARGET = runspec.TARGET
 
@@ -62,22 +64,31 @@ def expand(models: list[str] | None, seeds: list[int], sets: dict[str, list[str]
     return points
 
 
-def epochs_of(trainer_args: list[str], default: int = 15) -> int:
-    for i, a in enumerate(trainer_args):
-        if a == "--epochs" and i + 1 < len(trainer_args) and trainer_args[i + 1].isdigit():
-            return int(trainer_args[i + 1])
-    return default
+def epochs_of(trainer_args: list[str]) -> int:
+    """A run's epochs: its --epochs, else its model's recipe's (runspec/recipes.py), else TrainConfig's."""
+    probe = argparse.ArgumentParser(add_help=False)  # the last of each wins, abbreviated or not, as in the trainer
+    for flag in ("--epochs", "--model", "--recipe"):
+        probe.add_argument(flag)
+    typed = probe.parse_known_args(trainer_args)[0]
+    if typed.epochs and typed.epochs.isdigit():
+        return int(typed.epochs)
+    return default_value("epochs", typed.model, typed.recipe or "default")
 
 
 def run_hours(trainer_args: list[str], epoch_seconds: float) -> float:
-    """Hours of training of one run with these trainer flags (its --epochs, else the sweep's default)."""
+    """Hours of training of one run with these trainer flags (its epochs_of)."""
     return epochs_of(trainer_args) * epoch_seconds / 3600
+
+
+def sweep_epochs(points: list[Point], trainer_args: list[str]) -> int:
+    """The epochs of every run of the sweep, each with its own model's and --set's."""
+    return sum(epochs_of([*trainer_args, *p.args]) for p in points)
 
 
 def estimate(points: list[Point], trainer_args: list[str], instance_types: list[str], slots: int,
              epoch_seconds: float) -> tuple[float, float]:
     """(hours of wall time, USD) for the whole sweep, with every machine billed while it lasts."""
-    wall = len(points) * run_hours(trainer_args, epoch_seconds) / max(slots, 1)
+    wall = sum(run_hours([*trainer_args, *p.args], epoch_seconds) for p in points) / max(slots, 1)
     prices = [hourly_price(t) for t in instance_types]
     if any(p is None for p in prices):
         unknown = [t for t, p in zip(instance_types, prices) if p is None]

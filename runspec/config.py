@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runspec import UserError
+from runspec.recipes import CUDA_DEFAULT_SETS, RECIPES, SGD_ONLY
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cyclic", "step", "plateau", "none")
@@ -195,12 +196,36 @@ def _type_of(f: dataclasses.Field) -> type:
     raise TypeError(f"unsupported config type {f.type} for {f.name}")
 
 
+def default_recipe(model: str | None = None, recipe: str = "default") -> dict[str, Any]:
+    """The flags a model's recipe sets (the default model's default recipe: what a plain `train` gets)."""
+    return RECIPES.get(model or TrainConfig.model, {}).get(recipe, {})
+
+
+def default_value(name: str, model: str | None = None, recipe: str = "default") -> Any:
+    """A flag's value where it is not typed (off CUDA): the model's recipe's, else TrainConfig's."""
+    return default_recipe(model, recipe).get(name, getattr(TrainConfig, name))
+
+
+def default_help(name: str) -> str:
+    """How a flag's help ends: the default a run of the default model really gets. Where a recipe sets
+    the flag, that is the default model's recipe value (runspec/recipes.py), not TrainConfig's."""
+    model, recipe = TrainConfig.model, default_recipe()
+    cuda = "; on a CUDA GPU the CUDA default may set it" if name in CUDA_DEFAULT_SETS else ""
+    if name in recipe:  # the value is a plain number or string: argparse's %-formatting leaves it alone
+        sgd = (" and SGD", " or with adam/adamw") if name in SGD_ONLY else ("", "")
+        return (f" (default: {recipe[name]} with {model}'s recipe{sgd[0]}; other recipes may differ; "
+                f"%(default)s without one{sgd[1]}{cuda})")
+    if any(name in r for recipes in RECIPES.values() for r in recipes.values()):
+        return f" (default: %(default)s; other models' recipes may set it{cuda})"
+    return f" (default: %(default)s{cuda})"
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """One flag per TrainConfig field; help strings show the default. defaults=False: a flag not
     typed is left out of the namespace (what parse_train_args needs to tell typed from default)."""
     for f in dataclasses.fields(TrainConfig):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        help_text = f.metadata["help"] + " (default: %(default)s)"
+        help_text = f.metadata["help"] + default_help(f.name)
         default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,

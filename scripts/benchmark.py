@@ -51,7 +51,7 @@ SEED_PIPELINE = "seed pipeline (seed001)"
 # The recipes benchmarked: name -> `python -m trainer train` flags on top of the defaults.
 # Add one here (or for one run, with --extra-recipe NAME="flags") and --recipes accepts its name.
 RECIPES: dict[str, list[str]] = {
-    "net8k": [],  # the defaults: net8k and its default recipe (trainer/models.py, NET8K_RECIPES)
+    "net8k": [],  # the defaults: net8k and its default recipe (runspec/recipes.py)
     "net8k-fast": ["--recipe", "fast"],  # the same, fewer epochs: time first, less margin
     "net20k": ["--model", "net20k"],  # + its recipe: rotate 10, translate 0.1, scale 0.1
 }

@@ -135,13 +135,6 @@ def test_models_lists_the_zoo_with_counted_params(mnist_cloud):
     assert net8k["macs"] > 0
 
 
-@pytest.mark.slow
-def test_dry_run_is_a_quick_smoke_test(mnist_cloud, mnist_dir, tmp_path):
-    proc = run_cli([*mnist_cloud, "train", "--dry-run"], env_extra={"MNIST_DATA_DIR": str(mnist_dir)}, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "Epoch: 1 |" in proc.stdout and not (tmp_path / "runs").exists()  # throwaway dir, not ./runs
-
-
 def test_help_texts(mnist_cloud):
     top = run_cli([*mnist_cloud, "--help"])
     assert top.returncode == 0 and "train" in top.stdout and "models" in top.stdout

@@ -91,6 +91,20 @@ def test_max_cost_refuses_before_anything_starts(tmp_path, mnist_cloud):
         assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
 
 
+def test_the_estimate_counts_each_runs_own_epochs():
+    """A run's epochs: typed, else its model's recipe's (net8k trains 10, --recipe fast 6), else 15."""
+    from infra.sweep import epochs_of, estimate, expand, sweep_epochs
+    from runspec.config import TrainConfig, default_value
+
+    assert epochs_of([]) == default_value("epochs") == 10 and TrainConfig.epochs == 15
+    assert epochs_of(["--recipe", "fast"]) == 6 and epochs_of(["--model", "seed001"]) == 15
+    assert epochs_of(["--epochs", "7", "--model", "seed001"]) == 7
+    points = expand(["net8k", "seed001"], [1, 2], {}, "s")
+    assert sweep_epochs(points, []) == 2 * 10 + 2 * 15
+    assert estimate(points, [], ["g4dn.xlarge"], slots=1, epoch_seconds=3600)[0] == pytest.approx(2 * 10 + 2 * 15)
+    assert sweep_epochs(expand(None, [1], {"epochs": ["3", "4"]}, "s"), ["--epochs", "9"]) == 3 + 4  # --set wins
+
+
 def test_estimate_counts_every_run_on_every_slot():
     from infra.sweep import Point, estimate
 

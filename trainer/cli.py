@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from runspec.config import REFERENCE_BATCH, add_arguments, check_input_size, from_namespace  # stdlib only, like this module
+from runspec.config import (REFERENCE_BATCH, TrainConfig, add_arguments, check_input_size,  # stdlib only, like this module
+                            default_value, from_namespace)
+from runspec.recipes import SGD_ONLY
 import runspec
 from trainer.errors import UserError
 
@@ -27,15 +29,21 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+DRY_RUN = {"epochs": 1, "max_steps": 2, "eval_limit": 512}  # what --dry-run sets, typed or not
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="smoke test: 1 epoch of 2 batches, 512 eval images, in a throwaway run dir")
+                   help=f"smoke test: {DRY_RUN['epochs']} epoch of {DRY_RUN['max_steps']} batches, "
+                        f"{DRY_RUN['eval_limit']} eval images, in a throwaway run dir")
 
 
 TRAIN_DESCRIPTION = ("Train a model from the zoo on MNIST. Writes runs/<run-id>/ with config.json, metrics.jsonl, "
                      "train.log, summary.txt, last.pt, best.pt (with a validation split), and at the end model.pt "
-                     "(the delivered weights) and result.json.")
+                     "(the delivered weights) and result.json. A model's recipe (runspec/recipes.py) sets the "
+                     "defaults it names; on a CUDA GPU the CUDA default (docs/gpu.md) sets --cuda-graph, --amp "
+                     "and --batch-size (with its --lr) where they are not typed, and the run says which.")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -53,8 +61,8 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
     if spec is None or getattr(args, "resume", None):  # a resumed run keeps its saved config
         return
     for key, value in spec.recipe(getattr(args, "recipe", "default")).items():
-        if key == "lr" and getattr(args, "optimizer", "sgd") != "sgd":
-            continue  # an SGD peak; Adam's scale is another
+        if key in SGD_ONLY and getattr(args, "optimizer", "sgd") != "sgd":
+            continue
         if key not in explicit:
             setattr(args, key, value)
     apply_cuda_default(args, explicit, spec)
@@ -132,7 +140,8 @@ def cmd_train(argv: list[str]) -> int:
         from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
     apply_recipe(args, explicit)  # fit() validates again: the recipe's values too
     if args.dry_run:
-        args.epochs, args.max_steps, args.eval_limit = 1, 2, 512
+        for key, value in DRY_RUN.items():
+            setattr(args, key, value)
         if "run_id" not in explicit:
             args.run_id = None
         if "out_dir" not in explicit:
@@ -147,6 +156,10 @@ def cmd_train(argv: list[str]) -> int:
     return runspec.ExitCode.OK
 
 
+# models and check count at the whole 28 px by default; a plain `train` crops to its recipe's size
+INPUT_SIZE_NOTE = f"{TrainConfig.model}'s recipe trains at {default_value('input_size')}"
+
+
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo: params and MACs counted from code, BN/Dropout/GAP/FC",
                        description="List the model zoo with parameters counted from code.")
@@ -154,7 +167,7 @@ def add_models(sub) -> None:
     p.add_argument("--summary", metavar="MODEL", help="print the layer table of one model")
     p.add_argument("--input-size", type=int, default=28, metavar="S",
                    help="count MACs and output shapes for SxS images, as `train --input-size S` sees them "
-                        "(default: %(default)s)")
+                        f"(default: %(default)s, the whole image; {INPUT_SIZE_NOTE})")
     p.set_defaults(handler=cmd_models)
 
 
@@ -217,7 +230,7 @@ def add_check(sub) -> None:
     p.add_argument("--max-params", type=int, metavar="N", help="claim: at most N trainable parameters")
     p.add_argument("--require", default="", metavar="LIST", help="claim: it has these, from bn,dropout,gap")
     p.add_argument("--no-fc", action="store_true", help="claim: no fully connected (Linear) layer")
-    p.add_argument("--input-size", type=int, default=28, metavar="S", help="image side (default: %(default)s)")
+    p.add_argument("--input-size", type=int, default=28, metavar="S", help=f"image side (default: %(default)s; {INPUT_SIZE_NOTE})")
     p.add_argument("--json", action="store_true", help="print the same data as JSON")
     p.set_defaults(handler=cmd_check)
 

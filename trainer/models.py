@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from runspec.recipes import RECIPES
 from trainer.errors import UserError
 
 
@@ -180,24 +181,13 @@ class ModelSpec:
         raise UserError(f"model {self.name} has no recipe {name!r}; choose one of: {choices}")
 
 
-# Our nets' recipes (README, "Benchmarks"). Chosen on the validation split (50k/10k, 9 epochs at 24 px),
-# then trained on all 60k, since nothing in them reads validation:
-# - the centre 24 px: the digits' 20x20 box with room to rotate, at 0.7x the step cost of 28 px;
-# - a OneCycle peak of 0.2 rather than the seeds' 0.1: mean val 99.36% over seeds 1-3, where 0.4 gave
-#   99.31% (seeds 1-3) and 0.1 gave 99.31% (seed 1);
-# - no EMA of the weights (99.37% against 99.36% on seeds 1-2: no gain), and 10 epochs, since 15
-#   measured no better than 9 on seed 1 (99.39% against 99.41%).
-SHORT = {"input_size": 24, "lr": 0.2, "val_size": 0}
-NET8K_RECIPES = {"default": {**SHORT, "epochs": 10}, "fast": {**SHORT, "epochs": 6}}
-
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec("net8k", net8k, "mnist-cloud", "our under-8k GAP net, the default", 8000,
-                  batchnorm=True, dropout=True, gap=True, fc=False, recipes=NET8K_RECIPES, validated_batches=(256,)),
+                  batchnorm=True, dropout=True, gap=True, fc=False, recipes=RECIPES["net8k"], validated_batches=(256,)),
         ModelSpec("net20k", net20k, "mnist-cloud", "our under-20k GAP net (its recipe adds translate 0.1 and scale 0.1)", 20000,
-                  batchnorm=True, dropout=True, gap=True, fc=False,
-                  recipes={"default": {**SHORT, "epochs": 10, "rotate": 10.0, "translate": 0.1, "scale": 0.1}}),
+                  batchnorm=True, dropout=True, gap=True, fc=False, recipes=RECIPES["net20k"]),
         ModelSpec("seed001", seed001, "seed 000/001", "Conv-ReLU-BN-Dropout blocks, 2 max-pools, GAP, 1x1 head",
                   None, batchnorm=True, dropout=True, gap=True, fc=False,
                   note="its README claims 19,768 params (<20k); its own layer table sums to 23,760"),

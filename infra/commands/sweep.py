@@ -27,7 +27,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     where.add_argument("--on", metavar="NAME[,NAME2...]", help="machines to run on")
     where.add_argument("--local", action="store_true", help="run here, one after the other")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--model", help="comma-separated models (default: the trainer's default)")
+    p.add_argument("--model", help="comma-separated models (default: the config's model, else the trainer's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="a trainer flag and its values, e.g. --set lr=0.05,0.1 (repeatable)")
     p.add_argument("--max-cost", type=float, metavar="USD", help="refuse to start if the estimate exceeds this")
@@ -91,7 +91,8 @@ def check_cost(plan, names: list[str], args) -> None:
     types = [SSHTarget.resolve(n, args.region, args.profile).instance_type or "?" for n in names]
     hours, usd = sweep.estimate(plan.points, plan.trainer_args, types, slots=len(names), epoch_seconds=args.epoch_seconds)
     say(f"estimate: {hours:.2f} h of {', '.join(types)} ~ ${usd:.2f} "
-        f"({len(plan.points)} runs x {sweep.epochs_of(plan.trainer_args)} epochs x {args.epoch_seconds:g} s)")
+        f"({len(plan.points)} runs, {sweep.sweep_epochs(plan.points, plan.trainer_args)} epochs in all x "
+        f"{args.epoch_seconds:g} s)")
     if usd > args.max_cost:
         raise UserError(f"the sweep's estimate ${usd:.2f} exceeds --max-cost ${args.max_cost:.2f}; "
                         "fewer seeds/configs, more machines, or a higher --max-cost")

@@ -173,8 +173,8 @@ def test_set_budget_writes_the_config_and_says_what_was_spent(agent, capsys):
     assert json.loads(agent.CONFIG.read_text())["budget_usd"] is None
 
 
-def test_a_spot_watcher_or_jupyter_is_no_live_run(agent):
-    for job in ("r1.spot-watch", "jupyter-abc"):
+def test_a_spot_watcher_jupyter_or_tensorboard_is_no_live_run(agent):
+    for job in ("r1.spot-watch", "jupyter-abc", "tensorboard-abc"):
         (agent.work / "jobs" / f"{job}.pid").write_text(f"{os.getpid()}\n")
     (agent.work / "jobs" / "done.pid").write_text(f"{os.getpid()}\n")
     (agent.work / "jobs" / "done.exit").write_text("0\n")

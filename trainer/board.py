@@ -1,4 +1,4 @@
-"""TensorBoard event files in a run directory's tensorboard/ (runspec.TENSORBOARD), with --tensorboard.
+"""TensorBoard event files in a run directory's tb/ (runspec.TENSORBOARD), with --tensorboard.
 
 The same numbers as metrics.jsonl and the report, one step per epoch: train/val loss and accuracy, the
 learning rate, images per second, and the delivered weights' test accuracy at the end. The hyperparameters
@@ -48,7 +48,7 @@ def hparams_of(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class Board:
-    """One writer on RUN/tensorboard/: rank 0's, opened when the run starts or resumes."""
+    """One writer on RUN/tb/: rank 0's, opened when the run starts or resumes."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         require_tensorboard()
@@ -103,7 +103,7 @@ class Board:
 
 
 def export(run: str | Path, force: bool = False, log=print) -> Path:
-    """An old run's tensorboard/ from its config.json, metrics.jsonl and result.json (and the graph of its
+    """An old run's tb/ from its config.json, metrics.jsonl and result.json (and the graph of its
     model, where the model can still be built)."""
     from trainer import rundir as rd
 

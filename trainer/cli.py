@@ -370,7 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_export_tb(sub) -> None:
     p = sub.add_parser("export-tb", help="write TensorBoard event files for runs made without --tensorboard",
-                       description="Write RUN/tensorboard/ from a run's metrics.jsonl, config.json and result.json: "
+                       description="Write RUN/tb/ from a run's metrics.jsonl, config.json and result.json: "
                                    "the curves, the hyperparameters and the model's graph, as --tensorboard writes "
                                    "them. Then `tensorboard --logdir runs`.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, runs/<run-id>")

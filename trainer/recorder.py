@@ -157,14 +157,14 @@ class Recorder:
         msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {self.run.path}"
         self.run.log(msg)
         self.say(msg)
-        self.close_board()
+        self._close_board()
 
     def stopped(self, cfg: TrainConfig, epoch: int) -> None:
         self.run.update_config(status="stopped")
         msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {self.run.path}"
         self.run.log(msg)
         self.say(msg)
-        self.close_board()
+        self._close_board()
         if cfg.report:
             write_run_report(self.run)
 
@@ -188,12 +188,12 @@ class Recorder:
         self.say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {self.run.path}")
         if self.board is not None:
             self.board.result(result)
-        self.close_board()
+        self._close_board()
         if cfg.report:
             write_run_report(self.run)
 
 
-    def close_board(self) -> None:
+    def _close_board(self) -> None:
         if self.board is not None:
             self.board.close()
             self.board = None

@@ -53,6 +53,7 @@ MIN_GRACE_MINUTES = 3.0  # after a run ends: time for `logs -f` / `train --on` t
 # where `mnist-cloud` keeps each name's work dir, under the login user's home (Endpoint.workdir)
 DEFAULT_WORK_DIRS = ["/home/*/mnist-cloud/*", "/root/mnist-cloud/*"]
 JUPYTER_JOB_PREFIX = "jupyter-"  # the jobs of `mnist-cloud jupyter` (infra/jupyter.py); see jupyter_files
+TENSORBOARD_JOB_PREFIX = "tensorboard-"  # the jobs of `mnist-cloud tensorboard` (infra/tensorboard.py)
 JUPYTER_TIMEOUT_S = 3.0
 CLOCK_SLACK_S = 60.0  # a last_activity further ahead than this is a broken answer
 
@@ -172,12 +173,12 @@ def budget_decide(config: dict, bstate: dict) -> tuple[str | None, dict, str]:
 
 
 def live_runs(workdirs: list[Path]) -> dict[Path, int]:
-    """{jobs/RUN.log: pid} of the jobs still running (not Jupyter, nor a spot watcher)."""
+    """{jobs/RUN.log: pid} of the jobs still running (not Jupyter or TensorBoard, nor a spot watcher)."""
     out = {}
     for workdir in workdirs:
         for pid_file in sorted(Path(workdir).glob("jobs/*.pid")):
-            if pid_file.stem.startswith(JUPYTER_JOB_PREFIX) or pid_file.stem.endswith(".spot-watch") or \
-                    pid_file.with_suffix(".exit").exists():
+            if pid_file.stem.startswith((JUPYTER_JOB_PREFIX, TENSORBOARD_JOB_PREFIX)) or \
+                    pid_file.stem.endswith(".spot-watch") or pid_file.with_suffix(".exit").exists():
                 continue
             try:
                 pid = int(pid_file.read_text().strip())

@@ -1,4 +1,4 @@
-"""--tensorboard: RUN/tensorboard/ as TensorBoard's own EventAccumulator reads it (scalars, the HParams
+"""--tensorboard: RUN/tb/ (runspec.TENSORBOARD) as TensorBoard's own EventAccumulator reads it (scalars, the HParams
 plugin, the graph), a resume that continues the curves, export-tb for an old run, and a run without the
 flag (or without the package) that never imports it."""
 

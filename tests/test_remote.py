@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import runspec
 from fixtures import REPO
 from fixtures.aws import launch_fresh
 from fixtures.cli import assert_user_error, first_line_with, output_lines, run_cli, wait_for

@@ -73,6 +73,18 @@ def test_the_run_writes_scalars_hparams_and_graph_and_a_resume_continues_the_cur
     assert [p for p in (run / runspec.TENSORBOARD).iterdir() if p.is_dir()] == []
 
 
+def test_writing_the_graph_and_events_changes_no_number(resumed_run, tmp_path, mnist_dir):
+    """The graph is traced in eval mode without gradients: BatchNorm's running statistics, the weights
+    and the random streams are as a run without --tensorboard leaves them."""
+    run, result = resumed_run
+    plain = fit(tiny(tmp_path, mnist_dir, run_id="plain"))
+    assert (plain["test_acc"], plain["val_acc"]) == (result["test_acc"], result["val_acc"])
+    rows = [(r["train_loss"], r["val_loss"]) for r in map(json.loads, (run / runspec.METRICS).read_text().splitlines())
+            if "event" not in r]
+    assert rows == [(r["train_loss"], r["val_loss"]) for r in map(
+        json.loads, (tmp_path / "runs" / "plain" / runspec.METRICS).read_text().splitlines())]
+
+
 def test_export_tb_writes_what_the_run_wrote(resumed_run, tmp_path, capsys):
     run, _ = resumed_run
     old = tmp_path / "old"

@@ -73,7 +73,7 @@ class Board:
 
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        example = torch.zeros(2, 1, input_size, input_size, device=device)
+        example = torch.zeros(2, 1, input_size, input_size, device=device)  # zeros: no draw from the seed's stream
         was_training = model.training
         model.eval()
         try:

@@ -10,29 +10,15 @@ from __future__ import annotations
 import io
 import secrets
 import shlex
-import signal
 import time
-import urllib.error
 import urllib.request
 
 from infra.agent.autostop import JUPYTER_JOB_PREFIX, jupyter_files
-from infra.errors import UserError
-from infra.poll import poll
-from infra.remote import free_port
+from infra.tunnelled import check_port_free, hold, local_port, remote_free_port, wait_answering
 
-READY_TIMEOUT_S = 90
+__all__ = ["DEFAULT_PORT", "check_port_free", "ensure_jupyterlab", "serve"]
+
 DEFAULT_PORT = 8888
-
-
-def check_port_free(port: int) -> None:
-    """An explicit --port must be free here; only the default falls back to another port."""
-    if not 0 < port < 65536 or free_port(port) != port:
-        raise UserError(f"local port {port} is in use (or invalid); pick another --port, or omit it to get a free one")
-
-
-def remote_free_port(target, python: str) -> int:
-    code = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-    return int(target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(code)}").stdout.strip())
 
 
 def ensure_jupyterlab(target, python: str, log) -> str:
@@ -44,44 +30,6 @@ def ensure_jupyterlab(target, python: str, log) -> str:
         return python
     log(f"installing jupyterlab for {python} on {target.name} (once)")
     return target.setup(python, log, extra=["jupyterlab"])
-
-
-def wait_listening(target, python: str, port: int, job: str, timeout: float = READY_TIMEOUT_S) -> None:
-    """Wait on the machine until the server accepts connections on 127.0.0.1:port (before any tunnel
-    traffic: a tunnel to a closed port fails noisily)."""
-    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
-
-    def listening() -> bool | None:
-        if target.remote.run(f"{shlex.quote(python)} -c {shlex.quote(probe)}", warn=True).ok:
-            return True
-        state, code = target.jobs.job_state(job)
-        if state == "finished":
-            tail = target.remote.run(f"tail -n 5 {target.jobs.job_paths(job)['log']}", warn=True).stdout.strip()
-            raise UserError(f"JupyterLab exited on {target.name} (exit {code}): {tail.splitlines()[-1] if tail else ''}")
-        return None
-
-    if poll(listening, timeout) is None:
-        raise UserError(f"JupyterLab did not start listening on {target.name} within {timeout:.0f}s")
-
-
-def wait_answering(port: int, token: str, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll GET /api/status through the tunnel until the server answers 200."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token}"})
-    last = None
-
-    def answering() -> bool | None:
-        nonlocal last
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return True if response.status == 200 else None
-        except (urllib.error.URLError, OSError, ConnectionError) as e:
-            last = e
-            return None
-
-    if poll(answering, timeout, interval=0.5) is not None:
-        return
-    raise UserError(f"JupyterLab did not answer through the tunnel within {timeout:.0f}s ({last}); "
-                    "see `mnist-cloud logs NAME jupyter` on the machine")
 
 
 def serve(target, port: int | None, keep: bool, python: str | None, log=print, until=None) -> str:
@@ -109,42 +57,11 @@ def serve(target, port: int | None, keep: bool, python: str | None, log=print, u
     argv = [python, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={remote_port}",
             "--ServerApp.port_retries=0", "--ServerApp.open_browser=False", "--allow-root"]
     target.jobs.start_detached(argv, job, env_files={"JUPYTER_TOKEN": token_file})
-    if port is None:
-        local_port = free_port(DEFAULT_PORT)
-        if local_port != DEFAULT_PORT:
-            log(f"local port {DEFAULT_PORT} is taken; using {local_port}")
-    else:
-        local_port = port
-    url = f"http://127.0.0.1:{local_port}/lab?token={token}"
-    # `kill`, a closed terminal or a process manager stop us as Ctrl-C does: Python's default for SIGTERM
-    # and SIGHUP ends the process at once, skipping the finally below, and the server would run on
-    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        wait_listening(target, python, remote_port, job)
-        with target.remote.forward_local(local_port, remote_port):
-            wait_answering(local_port, token)
-            log(f"JupyterLab on {target.name} (bound to 127.0.0.1 there), tunnelled to this machine:")
-            log(f"  {url}")
-            log("Ctrl-C closes the tunnel" + (" (the server keeps running)" if keep else " and stops the server"))
-            try:
-                while until is None or not until():
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-    finally:
-        for sig in handlers:  # a second TERM/HUP (a closing terminal can send two) must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
-        if not keep:
-            target.jobs.kill_job(job)
-            target.remote.run(f"cd {wd} && rm -f {token_file} {port_file}", warn=True)
-            log(f"stopped JupyterLab on {target.name}")
-        else:
-            log(f"JupyterLab keeps running on {target.name} (job {job}); `mnist-cloud jupyter {target.name}` "
-                "opens a new tunnel and server")
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    port = local_port(port, DEFAULT_PORT, log)
+    url = f"http://127.0.0.1:{port}/lab?token={token}"
+    status = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token}"})
+    hold(target, "JupyterLab", job, python, (port, remote_port),
+         answering=lambda: wait_answering(status, "JupyterLab", f"`mnist-cloud logs {target.name} {job}`"),
+         lines=[f"JupyterLab on {target.name} (bound to 127.0.0.1 there), tunnelled to this machine:", f"  {url}"],
+         keep=keep, cleanup=f"cd {wd} && rm -f {token_file} {port_file}", again="jupyter", log=log, until=until)
     return url
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

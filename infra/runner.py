@@ -152,7 +152,7 @@ def train_remote(job: RemoteTrain, log=print) -> int:
     source = code_dir(job.code)
     target = SSHTarget.resolve(job.name, job.region, job.profile)
     with target.remote:
-        py = target.prepare(source, job.python, log)
+        py = with_extras(target, target.prepare(source, job.python, log), job, log)
         push_notify(target.remote, job.notify, log)
         if job.resume:
             ensure_run_there(target, job, log)
@@ -164,6 +164,15 @@ def train_remote(job: RemoteTrain, log=print) -> int:
             f"{f', torchrun x {n}' if n else ''}); it runs detached and survives this laptop disconnecting"
             + ("; a spot-interruption watcher runs with it" if target.lifecycle == "spot" else ""))
         return _follow(target, job, log)
+
+
+def with_extras(target: SSHTarget, python: str, job: RemoteTrain, log) -> str:
+    """The interpreter, with tensorboard installed there first when the run writes its event files."""
+    if "--tensorboard" not in job.trainer_args:
+        return python
+    from infra.tensorboard import ensure_tensorboard
+
+    return ensure_tensorboard(target, python, log)
 
 
 def _follow(target: SSHTarget, job: RemoteTrain, log, others: list[SSHTarget] = ()) -> int:
@@ -226,7 +235,7 @@ def _train_cluster(job: RemoteTrain, log) -> int:
         raise UserError(f"{job.name} has {len(nodes)} node(s), not {job.nodes}; "
                         f"launch it with `mnist-cloud launch --nodes {job.nodes} --name {job.name} ...`")
     try:
-        pythons = [t.prepare(source, job.python, log) for t in nodes]
+        pythons = [with_extras(t, t.prepare(source, job.python, log), job, log) for t in nodes]
         for t in nodes:  # each node's wrapper: the one holding the run tells of its end, any failing one of its failure
             push_notify(t.remote, job.notify, log)
         if job.resume:  # whichever node takes rank 0 continues it

@@ -43,6 +43,8 @@ SETTINGS = {s.key: s for s in [
     Setting("notify", str, ("MNIST_CLOUD_NOTIFY",), None, "URLs the instance tells of a run's end, a spot "
             "interruption, autostop and the budget, comma-separated; slack:, discord:, ntfy: before a URL for those "
             "services (launch / train --on --notify)"),
+    Setting("tensorboard", bool, ("MNIST_CLOUD_TENSORBOARD",), False, "write TensorBoard event files with each "
+            "run, for train and sweep (--tensorboard; needs the tensorboard extra)"),
 ]}
 PROJECT_FILES = ("mnist-cloud.toml", "pyproject.toml")
 
@@ -107,15 +109,24 @@ def _table(path: Path) -> dict[str, Any]:
             close = [k for k in SETTINGS if k.startswith(key[:3])] or list(SETTINGS)
             raise UserError(f"{where}: unknown key {key!r}; the keys are {', '.join(SETTINGS)}"
                             + (f" (did you mean {close[0]!r}?)" if len(close) == 1 else ""))
-        ok = isinstance(value, setting.type) and not isinstance(value, bool) or (
-            setting.type is float and isinstance(value, int) and not isinstance(value, bool))
+        ok = isinstance(value, bool) if setting.type is bool else (
+            isinstance(value, setting.type) and not isinstance(value, bool)
+            or setting.type is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             raise UserError(f"{where}: {key} must be {_kind(setting.type)}, got {value!r}")
     return table
 
 
 def _kind(t: type) -> str:
-    return {str: "a string", int: "a whole number", float: "a number"}[t]
+    return {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}[t]
+
+
+def _parse(setting: Setting, text: str) -> Any:
+    if setting.type is not bool:
+        return setting.type(text)
+    if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text.lower() in ("1", "true", "yes", "on")
+    raise ValueError(text)
 
 
 def _from_env(setting: Setting) -> Value | None:
@@ -123,7 +134,7 @@ def _from_env(setting: Setting) -> Value | None:
         text = os.environ.get(name)
         if text:
             try:
-                return Value(setting.type(text), f"environment (${name})")
+                return Value(_parse(setting, text), f"environment (${name})")
             except ValueError:
                 raise UserError(f"${name}={text!r}: {setting.key} must be {_kind(setting.type)}") from None
     return None

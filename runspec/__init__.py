@@ -10,6 +10,7 @@ A run directory, `runs/<run-id>/`, is the same on a laptop and on an instance:
     best.pt        best validation accuracy so far (a resume fallback, never delivered)
     last.pt        the newest state; prev.pt the one before it, in case last.pt is damaged
     result.json    the delivered weights' test (and validation) accuracy, written when the run ends
+    tb/            TensorBoard event files, with --tensorboard (or `mnist-cloud export-tb` afterwards)
 
 Standard library only, and one file: `python3 -c` runs it on a machine where nothing is installed
 (`mnist-cloud runs NAME` lists the machine's runs with list_runs()).
@@ -30,6 +31,7 @@ from typing import Any
 CONFIG, METRICS, LOG, SUMMARY, RESULT = "config.json", "metrics.jsonl", "train.log", "summary.txt", "result.json"
 BEST, LAST, PREV, MODEL = "best.pt", "last.pt", "prev.pt", "model.pt"
 REPORT, PLOTS = "report.html", "plots"  # the run's HTML report and its figures (trainer/report.py)
+TENSORBOARD = "tb"  # the run's TensorBoard event files (trainer/board.py): `tensorboard --logdir runs`
 # config.json's "status", from start to end: running, then completed, stopped (--stop-after / a plateau
 # stop) or interrupted (a signal; resumable)
 STATUSES = ("running", "completed", "stopped", "interrupted")

@@ -124,6 +124,8 @@ class TrainConfig:
     resume: str | None = knob(None, "continue the run in this directory from its last.pt")
     progress: bool = knob(True, "show a progress bar per epoch (off when stderr is not a terminal)")
     report: bool = knob(True, "write report.html and plots/ into the run directory at the end")
+    tensorboard: bool = knob(False, "also write TensorBoard event files into the run directory's tb/ "
+                             "(needs pip install 'mnist-cloud[tensorboard]'); `tensorboard --logdir runs` shows them")
 
     def augment_config(self) -> AugmentConfig:
         names = {f.name for f in dataclasses.fields(AugmentConfig)}

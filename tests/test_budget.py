@@ -187,8 +187,8 @@ def test_a_new_price_counts_from_when_it_is_written(agent, capsys):
     assert json.loads(agent.BUDGET_STATE.read_text())["spent_usd"] == pytest.approx(4.0)
 
 
-def test_a_spot_watcher_or_jupyter_is_no_live_run(agent):
-    for job in ("r1.spot-watch", "jupyter-abc"):
+def test_a_spot_watcher_jupyter_or_tensorboard_is_no_live_run(agent):
+    for job in ("r1.spot-watch", "jupyter-abc", "tensorboard-abc"):
         (agent.work / "jobs" / f"{job}.pid").write_text(f"{os.getpid()}\n")
     (agent.work / "jobs" / "done.pid").write_text(f"{os.getpid()}\n")
     (agent.work / "jobs" / "done.exit").write_text("0\n")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import runspec
 from fixtures import REPO
 from fixtures.aws import launch_fresh
 from fixtures.cli import assert_user_error, first_line_with, output_lines, run_cli, wait_for
@@ -250,6 +251,39 @@ def test_jupyter_through_the_tunnel(cli, launched, laptop_env, mnist_cloud, proj
         assert "stopped JupyterLab" in rest
         remaining = [l for l in ssh_host.exec("ss -ltnH").stdout.splitlines() if "127.0.0.1:" in l]
         assert remaining == []  # the server is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_tensorboard_through_the_tunnel(launched, laptop_env, mnist_cloud, project_checkout, ssh_host):
+    """`mnist-cloud tensorboard NAME` serves the machine's runs/ (a run's event files show), bound to its
+    127.0.0.1 only, and Ctrl-C stops it."""
+    from torch.utils.tensorboard import SummaryWriter  # here: the module's other tests need no torch
+
+    with SummaryWriter(str(ssh_host.home / "mnist-cloud" / launched / "runs" / "boarded" / runspec.TENSORBOARD)) as w:
+        w.add_scalar("accuracy/val", 98.5, 1)
+    proc = subprocess.Popen([*mnist_cloud, "tensorboard", launched], cwd=project_checkout,
+                            env={**os.environ, **laptop_env, "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = output_lines(proc)
+        url = first_line_with(out, "http://127.0.0.1:")
+
+        def tags() -> dict:
+            with urllib.request.urlopen(f"{url}data/plugin/scalars/tags", timeout=10) as response:
+                return json.loads(response.read())
+
+        wait_for(lambda: "accuracy/val" in tags().get(f"boarded/{runspec.TENSORBOARD}", {}), timeout=60)
+        listening = [l.split()[3] for l in ssh_host.exec("ss -ltnH").stdout.splitlines() if ":22 " not in l and l]
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        rest = "".join(iter(lambda: out.get(timeout=10), ""))
+        assert proc.returncode == 0 and "stopped TensorBoard" in rest, rest
+        assert [l for l in ssh_host.exec("ss -ltnH").stdout.splitlines() if "127.0.0.1:" in l] == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -43,6 +43,7 @@ def test_each_source_wins_over_the_next(files, monkeypatch):
         "epochs": (20, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
         "budget": (None, "default"),
         "notify": (None, "default"),
+        "tensorboard": (False, "default"),
     }
     assert settings.resolve()["region"].value == "eu-west-1"  # no flag, no environment: the user file
     (project / "mnist-cloud.toml").write_text("autostop = 0\n")  # beside pyproject.toml, it is the project's
@@ -139,6 +140,26 @@ def test_a_resume_never_takes_the_files_model_or_epochs(files):
     assert with_defaults(["--lr", "0.1"]) == ["--epochs", "4", "--model", "seed002-gap", "--lr", "0.1"]
     for resume in (["--resume", "runs/x"], ["--res", "runs/x"], ["--resume=runs/x"]):
         assert with_defaults(resume) == resume
+
+
+def test_tensorboard_from_the_files_or_the_environment_unless_typed(files, monkeypatch):
+    from infra import settings
+    from infra.commands.train import with_defaults
+
+    project, _ = files
+    (project / "mnist-cloud.toml").write_text("tensorboard = true\n")
+    assert with_defaults(["--lr", "0.1"]) == ["--tensorboard", "--lr", "0.1"]
+    assert with_defaults(["--no-tensorboard"]) == ["--no-tensorboard"]  # a typed flag wins
+    monkeypatch.setenv("MNIST_CLOUD_TENSORBOARD", "0")
+    assert settings.resolve()["tensorboard"] == settings.Value(False, "environment ($MNIST_CLOUD_TENSORBOARD)")
+    assert with_defaults(["--lr", "0.1"]) == ["--lr", "0.1"]
+    monkeypatch.setenv("MNIST_CLOUD_TENSORBOARD", "maybe")
+    with pytest.raises(settings.UserError, match="tensorboard must be true or false"):
+        settings.resolve()
+    monkeypatch.delenv("MNIST_CLOUD_TENSORBOARD")
+    (project / "mnist-cloud.toml").write_text('tensorboard = "yes"\n')
+    with pytest.raises(settings.UserError, match="tensorboard must be true or false, got 'yes'"):
+        settings.resolve()
 
 
 def test_the_project_is_found_from_a_subdirectory(files):

@@ -1,4 +1,4 @@
-"""`python -m trainer [train] FLAGS | models | check MODEL | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data | report RUN | compare RUN...`
+"""`python -m trainer [train] FLAGS | models | check MODEL | evaluate WEIGHTS | predict WEIGHTS IMAGE... | data | report RUN | compare RUN... | export-tb RUN...`
 
 The same entry point runs on a laptop, a CUDA box and an EC2 instance. Bad input prints one line
 on stderr and exits with code 2; a bug keeps its traceback. Each command parses and checks its flags
@@ -19,7 +19,7 @@ from runspec.recipes import SGD_ONLY
 import runspec
 from trainer.errors import UserError
 
-COMMANDS = ("train", "models", "check", "evaluate", "predict", "data", "report", "compare")
+COMMANDS = ("train", "models", "check", "evaluate", "predict", "data", "report", "compare", "export-tb")
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,6 +138,10 @@ def cmd_train(argv: list[str]) -> int:
     args, explicit = typed_train_args(argv)
     if not args.resume:  # a resumed run's config is read from its run directory, and checked in fit()
         from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+    if args.tensorboard:
+        from trainer.board import require_tensorboard
+
+        require_tensorboard()  # one line now, not after the data is loaded
     apply_recipe(args, explicit)  # fit() validates again: the recipe's values too
     if args.dry_run:
         for key, value in DRY_RUN.items():
@@ -377,6 +381,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return runspec.ExitCode.OK
 
 
+def add_export_tb(sub) -> None:
+    p = sub.add_parser("export-tb", help="write TensorBoard event files for runs made without --tensorboard",
+                       description="Write RUN/tb/ from a run's metrics.jsonl, config.json and result.json: "
+                                   "the curves, the hyperparameters and the model's graph, as --tensorboard writes "
+                                   "them. Then `tensorboard --logdir runs`.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, runs/<run-id>")
+    p.add_argument("--force", action="store_true", help="replace event files the run already has")
+    p.set_defaults(handler=cmd_export_tb)
+
+
+def cmd_export_tb(args: argparse.Namespace) -> int:
+    from trainer.board import export, require_tensorboard
+
+    require_tensorboard()
+    for run in args.runs:
+        export(run, force=args.force)
+    return runspec.ExitCode.OK
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m trainer", description=__doc__.split("\n\n", 1)[1].strip(),
                     epilog="`train` is the default: `python -m trainer --epochs 3` trains. "
@@ -385,7 +408,7 @@ def build_parser() -> Parser:
     train = sub.add_parser("train", help="train a model (the default command)", description=TRAIN_DESCRIPTION)
     add_train_arguments(train)
     train.set_defaults(handler=None)  # cmd_train reads the flags itself: it must tell typed from default
-    for add in (add_models, add_check, add_evaluate, add_predict, add_data, add_report, add_compare):
+    for add in (add_models, add_check, add_evaluate, add_predict, add_data, add_report, add_compare, add_export_tb):
         add(sub)
     return parser
 

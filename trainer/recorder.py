@@ -24,6 +24,7 @@ from torch import nn
 import runspec
 from runspec.config import TrainConfig
 from trainer import rundir as rd
+from trainer.board import Board, require_tensorboard
 from trainer.checkpoint import move_checkpoint, save_checkpoint
 from trainer.device import device_name
 from trainer.errors import UserError
@@ -46,6 +47,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.run: rd.RunDir | None = None  # from the resumed run, or made by started()
+        self.board: Board | None = None  # with --tensorboard
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -86,6 +88,8 @@ class Recorder:
     def started(self, cfg: TrainConfig, model: dict[str, Any], environment: dict[str, Any], data: dict[str, Any],
                 summary: str, line: str) -> None:
         """A new run directory: config.json (with the git commit), summary.txt, and the console's header."""
+        if cfg.tensorboard:
+            require_tensorboard()  # before the run directory exists
         out_dir = Path(cfg.out_dir)
         cfg.run_id = cfg.run_id or rd.new_run_id(out_dir, cfg.model, cfg.seed)
         self.run = rd.RunDir.create(out_dir, cfg.run_id)
@@ -102,6 +106,9 @@ class Recorder:
         self.run.write_text(rd.SUMMARY, summary + "\n")
         self.say(summary)
         self.say(f"run dir: {self.run.path}  |  {line}")
+        if cfg.tensorboard:
+            self.board = Board(self.run.path)
+            self.board.hparams(cfg)
 
     def resumed(self, cfg: TrainConfig, epoch_done: int, source: str, where: str, step: int,
                 device: torch.device) -> None:
@@ -112,10 +119,23 @@ class Recorder:
                                  "time": _now()})
         self.run.update_config(status="running", resumed_at=_now())
         self.say(f"resuming {cfg.resume} from {source} at {where}")
+        if cfg.tensorboard:  # the curves go on from the epoch trained again; events at or after it are dropped
+            self.board = Board(self.run.path, purge_step=epoch_done + 1)
+            if self.board.fresh:  # --tensorboard first typed on this resume: the epochs so far, from metrics.jsonl
+                self.board.hparams(cfg)
+                for row in self.run.read_epochs():
+                    self.board.epoch(row)
+
+    def graph(self, model: nn.Module, input_size: int) -> None:
+        """The model's graph, once per run: by the process that opened its TensorBoard directory."""
+        if self.board is not None and self.board.fresh:
+            self.board.graph(model, input_size, log=self.note)
 
     def epoch(self, row: dict[str, Any], best_val: float | None) -> None:
         """Called before the epoch's checkpoint: a kill between them redoes the epoch, never loses its row."""
         self.run.append_metrics(row)
+        if self.board is not None:
+            self.board.epoch(row)
         line = log_line(row, best_val)
         self.run.log(line)
         self.say(line)
@@ -137,12 +157,14 @@ class Recorder:
         msg = f"interrupted by {name} at {where}; last.pt is saved: continue with --resume {self.run.path}"
         self.run.log(msg)
         self.say(msg)
+        self._close_board()
 
     def stopped(self, cfg: TrainConfig, epoch: int) -> None:
         self.run.update_config(status="stopped")
         msg = f"stopped after epoch {epoch} (--stop-after {cfg.stop_after}); continue with --resume {self.run.path}"
         self.run.log(msg)
         self.say(msg)
+        self._close_board()
         if cfg.report:
             write_run_report(self.run)
 
@@ -164,8 +186,17 @@ class Recorder:
         self.run.log(f"Test accuracy: {test_acc:.2f}% ({what}, in {rd.MODEL})")
         val = "" if val_acc is None else f"; val {val_acc:.2f}%"
         self.say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {self.run.path}")
+        if self.board is not None:
+            self.board.result(result)
+        self._close_board()
         if cfg.report:
             write_run_report(self.run)
+
+
+    def _close_board(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 class Silent(Recorder):
@@ -197,6 +228,9 @@ class Silent(Recorder):
         return None
 
     def mark_rank0(self) -> None:
+        pass
+
+    def graph(self, model: nn.Module, input_size: int) -> None:
         pass
 
     def started(self, cfg: TrainConfig, model: dict[str, Any], environment: dict[str, Any], data: dict[str, Any],

@@ -33,7 +33,7 @@ from trainer.optim import load_optimizer_state
 # and flags that may differ on the machine it continues on (taken only when given).
 INVOCATION_FLAGS = {"resume", "stop_after", "progress", "report"}
 RESUMABLE_OVERRIDES = {"device", "data_dir", "threads", "eval_batch_size", "amp", "channels_last", "compile_mode",
-                       "deterministic"}
+                       "deterministic", "tensorboard"}
 # what a resume reads without a default; a checkpoint lacking one is as unusable as a damaged one
 RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "best_val_acc", "best_epoch", "rng")
 # Random streams, for re-seeding a resume on another kind of device (trainer/device.py).

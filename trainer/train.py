@@ -84,6 +84,7 @@ def _fit(cfg: TrainConfig, explicit: set[str], dist: Dist) -> dict[str, Any]:
     record.mark_rank0()
     t = build(cfg, spec, dist, device, record)
     standing = restore(cfg, record, t.engine, t.model, t.optimizer, t.scheduler) if cfg.resume else create(t)
+    record.graph(t.model, cfg.input_size)  # the plain module: a compiled or captured step does not trace
     ended = run_epochs(t, standing)
     return ended or finish(t, standing)
 

@@ -51,7 +51,8 @@ TRAINER_MARKERS = ("-m trainer", "torchrun", "trainer/__main__.py")
 MIN_GRACE_MINUTES = 3.0  # after a run ends: time for `logs -f` / `train --on` to pull it
 # where `mnist-cloud` keeps each name's work dir, under the login user's home (Endpoint.workdir)
 DEFAULT_WORK_DIRS = ["/home/*/mnist-cloud/*", "/root/mnist-cloud/*"]
-JUPYTER_JOB_PREFIX = "jupyter-"  # the jobs of `mnist-cloud jupyter` (infra/jupyter.py); see jupyter_files
+# the jobs of `mnist-cloud jupyter` (infra/jupyter.py, see jupyter_files) and `tensorboard` (infra/tensorboard.py)
+JUPYTER_JOB_PREFIX, TENSORBOARD_JOB_PREFIX = "jupyter-", "tensorboard-"
 JUPYTER_TIMEOUT_S = 3.0
 CLOCK_SLACK_S = 60.0  # a last_activity further ahead than this is a broken answer
 
@@ -173,12 +174,12 @@ def budget_decide(config: dict, bstate: dict) -> tuple[str | None, dict, str]:
 
 
 def live_runs(workdirs: list[Path]) -> dict[Path, int]:
-    """{jobs/RUN.log: pid} of the jobs still running (not Jupyter, nor a spot watcher)."""
+    """{jobs/RUN.log: pid} of the jobs still running (not Jupyter or TensorBoard, nor a spot watcher)."""
     out = {}
     for workdir in workdirs:
         for pid_file in sorted(Path(workdir).glob("jobs/*.pid")):
-            if pid_file.stem.startswith(JUPYTER_JOB_PREFIX) or pid_file.stem.endswith(".spot-watch") or \
-                    pid_file.with_suffix(".exit").exists():
+            if pid_file.stem.startswith((JUPYTER_JOB_PREFIX, TENSORBOARD_JOB_PREFIX)) or \
+                    pid_file.stem.endswith(".spot-watch") or pid_file.with_suffix(".exit").exists():
                 continue
             try:
                 pid = int(pid_file.read_text().strip())
@@ -362,7 +363,7 @@ def boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
         return ""
 
 
-# ---------------------------------------------------------------------------------- the pull record
+# ---------------------------------------------------------------------------------- the pull record; files
 def is_temp(name: str) -> bool:
     """A write in progress (ours `.NAME.part-PID`, the trainer's `.NAME.tmpPID`): never part of a run."""
     return ".part-" in name or (name.startswith(".") and ".tmp" in name)
@@ -389,7 +390,7 @@ def file_stats(root: Path, with_hash: bool = False) -> dict[str, list]:
     return out
 
 
-def record_path(workdir: Path, run_id: str) -> Path:
+def record_path(workdir: Path, run_id: str) -> Path:  # the pull record of a run
     return Path(workdir) / "jobs" / f"{run_id}.pulled.json"
 
 
@@ -426,7 +427,6 @@ def work_dirs(config: dict) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(found)]
 
 
-# ---------------------------------------------------------------------------------- files
 def load(path: Path, default: dict) -> dict:
     try:
         return json.loads(path.read_text())
@@ -442,9 +442,9 @@ def save(path: Path, data: dict) -> None:
 
 
 def tool(argv: list[str]) -> int:
-    """The laptop's side, over SSH as `python3 -c SOURCE COMMAND ARGS`: `stats DIR` (size, mtime, sha256 of each
-    file), `record WORKDIR RUN JSON`, `unpulled WORKDIR`, `set-shutdown stop|terminate` (as root: what EC2 now does
-    on shutdown), `set-budget USD|none USD_PER_HOUR SOURCE` (as root; prints what the machine has cost)."""
+    """The laptop's side, over SSH as `python3 -c SOURCE COMMAND ARGS`: `stats DIR` (each file's size, mtime, sha256),
+    `record WORKDIR RUN JSON`, `unpulled WORKDIR`, as root `set-shutdown stop|terminate` (what EC2 now does on
+    shutdown) and `set-budget USD|none USD_PER_HOUR SOURCE` (prints what the machine has cost)."""
     command, args = argv[0], argv[1:]
     if command == "stats":
         for rel, (size, mtime, digest) in file_stats(Path(os.path.expanduser(args[0])), with_hash=True).items():

@@ -46,6 +46,9 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
                         "find or fetch MNIST into the user cache, verify it, and print where it is"),
     "compare": CommandInfo("local", "add_trainer_command",
                            "compare runs: table here, overlaid curves in compare.html: mnist-cloud compare RUN RUN..."),
+    "export-tb": CommandInfo("local", "add_trainer_command",
+                             "write TensorBoard event files for runs made without --tensorboard: "
+                             "mnist-cloud export-tb RUN..."),
     "sweep": CommandInfo("sweep", "add_sweep",
                          "run a grid of models x seeds x --set values, locally or across machines, and summarize"),
     "report": CommandInfo("local", "add_report", "(re)generate a run's report.html; --open shows it"),
@@ -70,6 +73,9 @@ COMMANDS: dict[str, CommandInfo] = {  # in the order `mnist-cloud --help` lists 
     "pull": CommandInfo("machine", "add_pull",
                         "fetch a remote run directory into runs/ (incremental, atomic, verified)"),
     "jupyter": CommandInfo("machine", "add_jupyter", "JupyterLab on the machine, through an SSH tunnel"),
+    "tensorboard": CommandInfo("machine", "add_tensorboard",
+                               "TensorBoard on the machine's runs/, through an SSH tunnel (here: tensorboard "
+                               "--logdir runs)"),
     "ssh": CommandInfo("machine", "add_ssh", "a shell on the machine, or `mnist-cloud ssh NAME -- CMD`"),
     "ssh-config": CommandInfo("machine", "add_ssh_config", "write `Host mnist-NAME` entries for ssh and VS Code"),
     "config": CommandInfo("config", "add_config",

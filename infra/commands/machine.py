@@ -1,4 +1,4 @@
-"""The commands that work on a named machine over SSH: setup, sync, logs, runs, pull, jupyter, ssh, and the
+"""The commands that work on a named machine over SSH: setup, sync, logs, runs, pull, jupyter, tensorboard, ssh, and the
 host records behind them (ssh-config, forget-host)."""
 
 from __future__ import annotations
@@ -199,6 +199,34 @@ def add_jupyter(sub, name: str, summary: str) -> None:
 def cmd_jupyter(args) -> int:
     from infra.jupyter import check_port_free, serve
     from infra.targets import code_dir
+
+    if args.port is not None:
+        check_port_free(args.port)
+    target = target_for(args)
+    with target.remote:
+        python = target.prepare(code_dir(args.code), args.python, log=say, ready_timeout=60)
+        serve(target, args.port, keep=args.keep, python=python, log=say)
+    return ExitCode.OK
+
+
+def add_tensorboard(sub, name: str, summary: str) -> None:
+    p = cloud_command(sub, name, summary,
+                      description="Start TensorBoard on the machine's runs/ (the runs trained with --tensorboard), "
+                                  "bound to 127.0.0.1 there, forward a local port to it over SSH and print the URL. "
+                                  "Ctrl-C closes the tunnel and stops the server (--keep leaves it running). No port "
+                                  "is opened in the security group. Here: `tensorboard --logdir runs`.")
+    machine_name(p)
+    p.add_argument("--port", type=int, help="local port (default: 6006, or a free one if 6006 is taken)")
+    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
+    python_option(p, help="interpreter on the machine (default: the one setup chose)")
+    code_option(p, help="checkout to sync first (default: the current directory)")
+    p.set_defaults(handler=cmd_tensorboard)
+
+
+def cmd_tensorboard(args) -> int:
+    from infra.tensorboard import serve
+    from infra.targets import code_dir
+    from infra.tunnelled import check_port_free
 
     if args.port is not None:
         check_port_free(args.port)

@@ -51,12 +51,14 @@ def cmd_sweep(args, rest: list[str]) -> int:
     from pathlib import Path
 
     from infra import settings, sweep
+    from infra.commands.train import with_tensorboard
     from infra.targets import has_option
 
     args, trainer_args = sweep_parser().parse_known_args(global_aws(rest, args))  # the sweep's own, from here on
-    found = settings.resolve()  # the config's model and epochs, where not typed
+    found = settings.resolve()  # the config's model, epochs and tensorboard, where not typed
     if found["epochs"].value is not None and not has_option(trainer_args, "--epochs"):
         trainer_args = ["--epochs", str(found["epochs"].value), *trainer_args]
+    trainer_args = with_tensorboard(trainer_args, found["tensorboard"].value)
     plan = sweep.plan(args.name, args.model or found["model"].value, args.seeds, args.set, trainer_args)
     runs = Path(args.to)
     say(plan.describe())

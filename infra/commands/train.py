@@ -89,8 +89,8 @@ def train_options() -> Parser:
 
 
 def with_defaults(rest: list[str]) -> list[str]:
-    """Trainer flags with the config's model and epochs added where not typed (never to a resume:
-    its flags are its config.json's)."""
+    """Trainer flags with the config's model, epochs and tensorboard added where not typed (never to a
+    resume: its flags are its config.json's)."""
     from infra import settings
     from infra.targets import has_option
 
@@ -102,4 +102,13 @@ def with_defaults(rest: list[str]) -> list[str]:
     for key in ("model", "epochs"):
         if found[key].value is not None and not has_option(rest, f"--{key}"):
             rest = [f"--{key}", str(found[key].value), *rest]
+    return with_tensorboard(rest, found["tensorboard"].value)
+
+
+def with_tensorboard(rest: list[str], setting: bool) -> list[str]:
+    """The config's tensorboard = true, unless --tensorboard or --no-tensorboard was typed."""
+    from infra.targets import has_option
+
+    if setting and not has_option(rest, "--tensorboard") and not has_option(rest, "--no-tensorboard"):
+        return ["--tensorboard", *rest]
     return rest

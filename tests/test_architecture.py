@@ -84,7 +84,7 @@ def test_only_the_resolver_meets_ec2_below_the_cli():
     graph = _project_graph()
     ec2 = {name for name in graph if name == "infra.ec2" or name.startswith("infra.ec2.")}
     allowed = {"infra.aws", "infra.commands.options", "infra.commands.launch", "infra.commands.lifecycle",
-               "infra.commands.budget",
+               "infra.commands.budget", "infra.commands.status",
                "infra.resolve", "infra.pricing", "infra.plan", "infra.landing", "infra"} | ec2
     for name, deps in graph.items():
         if name.startswith("infra") and name not in allowed:

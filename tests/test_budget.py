@@ -255,6 +255,9 @@ def test_start_refuses_a_machine_its_budget_stopped_until_it_is_raised(aws, monk
         P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)
     assert main(["status", "bud"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-1] == "$5.01/$5"  # SPENT/BUDGET, from the console
+    assert main(["status", "bud", "--json"]) == 0
+    [machine] = json.loads(capsys.readouterr().out)
+    assert (machine["state"], machine["budget_spent_usd"], machine["budget_usd"]) == ("stopped", 5.01, 5.0)
     P.set_budget(aws, "bud", 5.01)
     with pytest.raises(UserError, match="stopped by its budget"):  # not above what it cost
         P.start(aws, "bud", ssh_cidr="192.0.2.1/32", log=lambda m: None)

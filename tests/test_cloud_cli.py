@@ -54,8 +54,8 @@ def started_hours_ago(endpoint, name: str, hours: float) -> None:
 
 
 def status_row(cloud, name: str, extra_env=None) -> dict[str, str]:
-    """`mnist-cloud status NAME`'s row, by column."""
-    out = cloud("status", name, extra_env=extra_env)
+    """`mnist-cloud status NAME --wide`'s row, by column."""
+    out = cloud("status", name, "--wide", extra_env=extra_env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = lines[0].replace("COST SO FAR", "COST").replace("PRICED BY", "PRICED_BY").split()

@@ -95,11 +95,11 @@ def test_a_launch_over_lists_skips_what_cannot_launch_then_fails_over_to_the_nex
     assert state(cloud.home)["far"]["instance_type"] == "g6.xlarge"
 
     # afterwards the name is found in its region without --region (the default region is us-east-1)
-    status = cloud("status", "far")
+    status = cloud("status", "far", "--wide")
     assert status.returncode == 0 and inst["InstanceId"] in status.stdout, status.stdout + status.stderr
     stopped = cloud("stop", "far")
     assert stopped.returncode == 0 and "is stopped" in stopped.stdout, stopped.stdout + stopped.stderr
-    everything = cloud("status")  # the configured region and every region the state knows: a REGION column
+    everything = cloud("status", "--wide")  # the configured region and every region the state knows
     assert everything.stdout.splitlines()[0].split()[:2] == ["NAME", "REGION"], everything.stdout
     assert any(line.split()[:2] == ["far", "us-west-2"] for line in everything.stdout.splitlines())
     down = cloud("down", "far", "--yes", "--discard-runs")
@@ -139,8 +139,8 @@ def test_status_all_regions_finds_a_machine_the_state_forgot_and_down_all_region
     [inst] = ours(cloud.url, "eu-central-1", "instances")
     (cloud.home / "state.json").unlink()  # another laptop, or a state file lost
 
-    assert inst["InstanceId"] not in cloud("status").stdout  # the configured region only
-    found = cloud("status", "--all-regions")
+    assert inst["InstanceId"] not in cloud("status", "--wide").stdout  # the configured region only
+    found = cloud("status", "--all-regions", "--wide")
     assert found.returncode == 0, found.stdout + found.stderr
     assert any(line.split()[:3] == ["lost", "eu-central-1", inst["InstanceId"]]
                for line in found.stdout.splitlines()), found.stdout

@@ -8,6 +8,7 @@ AWS does (Faults, tests/fixtures/aws.py); our code reaches it through botocore, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import datetime, timedelta, timezone
@@ -129,29 +130,75 @@ def test_the_newest_spot_price_per_zone_is_cached_for_an_hour(priced):
     assert len(priced.faults.sent[SPOT]) == 1
 
 
-def test_status_shows_each_machines_real_price_and_footnotes_a_fallback(priced, mnist_cloud):
+def test_status_shows_each_machines_real_price_and_footnotes_a_fallback(priced, mnist_cloud, monkeypatch, capsys):
     launch(priced.url, "live", "g4dn.xlarge", hours_ago=10)
     denied = launch(priced.url, "denied", "g6.xlarge", hours_ago=2)
     live_list = price_list({("us-east-1", "g4dn.xlarge"): "0.6310000000"})
     priced.faults.answer_json(PRICE_LIST, lambda request, region: json_error("AccessDeniedException", "denied")
                               if {"Type": "TERM_MATCH", "Field": "instanceType", "Value": "g6.xlarge"}
                               in request["Filters"] else live_list(request, region))
-    out = run_cli([*mnist_cloud, "status"], env_extra=priced.env, cwd=priced.tmp_path)
+    footnote = (f"* denied ({denied}): fallback: built-in table (us-east-1 on-demand); AWS Price List: "
+                "AccessDeniedException; allow pricing:GetProducts")
+    out = run_cli([*mnist_cloud, "status", "--wide"], env_extra=priced.env, cwd=priced.tmp_path)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     lines = out.stdout.splitlines()
+    row = columns(lines)
+    assert {k: row("live")[k] for k in ("USD/H", "PRICED BY", "COST SO FAR")} == {
+        "USD/H": "0.6310", "PRICED BY": "price-list", "COST SO FAR": "$6.31"}
+    assert row("denied")["USD/H"] == "0.8050" and row("denied")["PRICED BY"] == "fallback*"
+    assert row("denied")["COST SO FAR"] == f"${2 * 0.805:.2f}"
+    assert footnote in lines
+
+    # the default table has no PRICED BY: the fallback's star is on its price, and the footnote stays
+    from infra.commands import main
+
+    monkeypatch.chdir(priced.tmp_path)
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = columns(lines)
+    assert lines[0].split() == ["NAME", "TYPE", "STATE", "USD/H", "COST", "SO", "FAR", "PULL"] and footnote in lines
+    assert (row("live")["USD/H"], row("denied")["USD/H"], row("denied")["COST SO FAR"]) == ("0.6310", "0.8050*",
+                                                                                             "$1.61")
+
+    # --json: the same machines, every column's fact under a stable key; stdout is the JSON alone
+    assert main(["status", "--json"]) == 0
+    out, err = capsys.readouterr()
+    machines = {m["name"]: m for m in json.loads(out)}
+    live = machines["live"]
+    assert set(live) == set(STATUS_KEYS) and footnote in err.splitlines()
+    assert {k: live[k] for k in ("kind", "region", "instance_type", "state", "lifecycle", "usd_per_hour",
+                                 "price_kind", "price_source", "autostop", "budget_usd", "budget_spent_usd",
+                                 "spot_interruption")} == {
+        "kind": "ec2", "region": "us-east-1", "instance_type": "g4dn.xlarge", "state": "running",
+        "lifecycle": "on-demand", "usd_per_hour": 0.631, "price_kind": "on-demand",
+        "price_source": "live, AWS Price List", "autostop": None, "budget_usd": None, "budget_spent_usd": None,
+        "spot_interruption": None}
+    assert live["cost_so_far_usd"] == pytest.approx(6.31, abs=0.005)
+    assert live["uptime_hours"] == pytest.approx(10, abs=0.01)
+    assert live["zone"].startswith("us-east-1") and live["address"] == live["public_ip"]
+    launched = datetime.fromisoformat(live["launched_at"])  # ISO 8601, UTC, with its offset
+    assert launched.utcoffset() == timedelta(0) and datetime.now(timezone.utc) - launched > timedelta(hours=9.9)
+    denied_row = machines["denied"]
+    assert (denied_row["instance_id"], denied_row["usd_per_hour"], denied_row["price_kind"]) == (denied, 0.805,
+                                                                                                 "fallback")
+    assert denied_row["price_note"] == "AWS Price List: AccessDeniedException; allow pricing:GetProducts"
+
+
+STATUS_KEYS = ("name", "kind", "region", "zone", "instance_id", "instance_type", "state", "lifecycle", "public_ip",
+               "address", "launched_at", "uptime_hours", "usd_per_hour", "price_kind", "price_source", "price_note",
+               "cost_so_far_usd", "autostop", "runs_to_pull", "budget_usd", "budget_spent_usd", "owner",
+               "spot_interruption")
+
+
+def columns(lines: list[str]):
+    """row(NAME) -> {column: cell} of a status table, its columns cut where the header's words start."""
     header = [(m.group(), m.start()) for m in re.finditer(r"\S+(?: \S+)*", lines[0])]  # "COST SO FAR" is one
 
     def row(name: str) -> dict[str, str]:
         [line] = [l for l in lines[1:] if l.startswith(name + " ")]
         ends = [start for _, start in header[1:]] + [None]
         return {column: line[start:end].strip() for (column, start), end in zip(header, ends)}
-
-    assert {k: row("live")[k] for k in ("USD/H", "PRICED BY", "COST SO FAR")} == {
-        "USD/H": "0.6310", "PRICED BY": "price-list", "COST SO FAR": "$6.31"}
-    assert row("denied")["USD/H"] == "0.8050" and row("denied")["PRICED BY"] == "fallback*"
-    assert row("denied")["COST SO FAR"] == f"${2 * 0.805:.2f}"
-    assert (f"* denied ({denied}): fallback: built-in table (us-east-1 on-demand); AWS Price List: "
-            "AccessDeniedException; allow pricing:GetProducts") in lines
+    return row
 
 
 def test_a_run_on_an_instance_is_told_its_live_price_and_where_it_came_from(priced, monkeypatch):

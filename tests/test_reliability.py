@@ -288,7 +288,8 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, ssh_host
                if any(t["Value"] == launched for t in i.get("Tags", [])) and i["State"]["Name"] == "running")
     attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
-    assert "10m:terminate" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    wide = cli("status", launched, "--wide").stdout.splitlines()  # AUTOSTOP: a --wide column
+    assert "10m:terminate" in next(l for l in wide if l.startswith(launched))
     # what the watchdog on the machine will read (sshd gives sessions MNIST_CLOUD_ROOT=<host dir>/root)
     installed = ssh_host.dir / "root" / "etc" / "mnist-cloud" / "autostop.json"
 
@@ -310,7 +311,8 @@ def test_autostop_command_changes_it_and_status_shows_it(cli, launched, ssh_host
         (run_dir / "config.json").unlink()
         run_dir.rmdir()
     assert cli("autostop", launched, "--cancel").returncode == 0
-    assert " off" in next(l for l in cli("status", launched).stdout.splitlines() if l.startswith(launched))
+    wide = cli("status", launched, "--wide").stdout.splitlines()
+    assert " off" in next(l for l in wide if l.startswith(launched))
     assert on_machine()["enabled"] is False
     assert_user_error(cli("autostop", launched), "-i MIN")
 

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,11 @@ def test_train_on_instance_streams_pulls_and_matches(cli, launched, ssh_host, pr
     line = next(l for l in runs.stdout.splitlines() if l.startswith("remote1 "))
     result = json.loads((local / "result.json").read_text())  # the delivered weights' test accuracy
     assert line.split()[1:] == ["completed", "1", f"{result['test_acc']:.2f}%", "final"], line
+    listed = cli("runs", launched, "--json")  # the same row, as JSON and nothing else on stdout
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    [record] = [r for r in json.loads(listed.stdout) if r["run_id"] == "remote1"]
+    assert (record["status"], record["epochs"], record["test_acc"], record["weights"]) == (
+        "completed", 1, result["test_acc"], "final")
     logs = cli("logs", launched, "remote1")
     assert logs.returncode == 0 and "Epoch: 1 |" in logs.stdout
 
@@ -381,7 +387,7 @@ def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
     """What list_runs runs on the machine (runspec, as `python3 -c`), run here on a forged workdir: test
     accuracy and weights come from result.json (per-epoch test is null without --test-every-epoch)."""
     import runspec
-    from infra.commands.machine import runs_table
+    from infra.commands.machine import run_record, runs_table
 
     def forge(run_id, status, result=None):
         d = tmp_path / "runs" / run_id
@@ -401,11 +407,22 @@ def test_list_runs_reports_result_json_not_the_epochs(tmp_path):
     rows = [json.loads(l) for l in out.stdout.splitlines()]
     assert [(r["run_id"], r["epochs"], r["test_acc"], r["weights"], r["alive"]) for r in rows] == [
         ("a-ema", 2, 99.45, "ema", False), ("b-old", 2, 98.5, "final", False), ("c-gone", 2, None, None, False)]
-    lines = runs_table(rows)
+    records = [run_record(r) for r in rows]
+    lines = runs_table(records)
     assert lines[0].split() == ["RUN", "STATUS", "EPOCHS", "TEST", "ACC", "WEIGHTS"]
     assert [l.split() for l in lines[1:]] == [["a-ema", "completed", "2", "99.45%", "ema"],
                                               ["b-old", "completed", "2", "98.50%", "final"],
                                               ["c-gone", "died", "2", "-", "-"]]
+    # `runs --json`: the same facts, typed, under the keys docs/reference.md lists; the time in ISO 8601, UTC
+    printed = json.loads(json.dumps(records))
+    assert [list(r) for r in printed] == [["run_id", "status", "alive", "epochs", "test_acc", "weights",
+                                           "modified_at"]] * 3
+    assert [(r["run_id"], r["status"], r["epochs"], r["test_acc"], r["weights"]) for r in printed] == [
+        ("a-ema", "completed", 2, 99.45, "ema"), ("b-old", "completed", 2, 98.5, "final"),
+        ("c-gone", "died", 2, None, None)]
+    modified = datetime.fromisoformat(printed[0]["modified_at"])
+    assert modified.utcoffset() == timedelta(0)
+    assert modified.timestamp() == pytest.approx((tmp_path / "runs" / "a-ema").stat().st_mtime, abs=1e-3)
 
 
 def test_sftp_fallback_syncs_and_pulls_the_same(ssh_host, project_checkout, tmp_path, monkeypatch):

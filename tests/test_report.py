@@ -203,6 +203,52 @@ def test_compare_draws_no_test_curve_without_per_epoch_test(tmp_path, finished, 
                                                                 "cmp-val_loss.png"]
 
 
+def forge_run(path: Path, model: str, tests: list[float | None], delivered: float, weights: str,
+              price: float | None = None) -> Path:
+    """A finished run directory as the trainer leaves it, without training: compare reads only these files."""
+    path.mkdir(parents=True)
+    config = {"run_id": path.name, "status": "completed", "config": {"model": model}, "model": {"params": 7738}}
+    if price is not None:
+        config["cloud"] = {"price_per_hour": price, "price_source": "live, AWS Price List"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": i + 1, "train_loss": 0.5 / (i + 1), "val_loss": 0.4 / (i + 1), "val_acc": 98.0 + i,
+         "test_acc": t, "elapsed": 30.0 * (i + 1)}) + "\n" for i, t in enumerate(tests)))
+    (path / "result.json").write_text(json.dumps({"status": "completed", "test_acc": delivered, "weights": weights,
+                                                  "epochs": len(tests)}))
+    return path
+
+
+def test_compare_json_carries_every_column_of_the_table(tmp_path, capsys):
+    from trainer.cli import main
+
+    a = forge_run(tmp_path / "a", "net8k", [None, None], 99.12, "final", price=0.6)
+    b = forge_run(tmp_path / "b", "seed002-gap", [98.7, 99.41, 99.5], 99.47, "ema")
+    out = tmp_path / "cmp.html"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {l.split()[0]: l for l in table[1:3]}
+    assert main(["compare", str(a), str(b), "--out", str(out), "--json"]) == 0
+    printed, err = capsys.readouterr()
+    records = json.loads(printed)  # the JSON alone on stdout; where the page is, on stderr
+    assert f"overlaid curves: {out}" in err and out.is_file()
+    assert [list(r) for r in records] == [["run_id", "path", "model", "params", "epochs", "test_acc", "delivered",
+                                           "target_acc", "tested_each_epoch", "first_epoch_at_target", "seconds",
+                                           "cost_usd", "price_source", "status"]] * 2
+    ra, rb = records
+    assert (ra["run_id"], ra["path"], ra["model"], ra["params"], ra["epochs"], ra["test_acc"], ra["delivered"]) == (
+        "a", str(a), "net8k", 7738, 2, 99.12, "final weights, epoch 2")
+    assert (ra["tested_each_epoch"], ra["first_epoch_at_target"], ra["seconds"], ra["status"]) == (
+        False, None, 60.0, "completed")
+    assert ra["cost_usd"] == pytest.approx(0.6 * 60 / 3600) and ra["price_source"] == "live, AWS Price List"
+    assert (rb["delivered"], rb["tested_each_epoch"], rb["first_epoch_at_target"], rb["cost_usd"]) == (
+        "EMA weights, epoch 3", True, 2, None)
+    # the table shows the same facts
+    assert rows["a"].split() == ["a", "net8k", "7,738", "2", "99.12%", "final", "weights,", "epoch", "2", "n/a",
+                                 "1m00s", "$0.010"], rows["a"]
+    assert "epoch 2" in rows["b"] and "99.47%" in rows["b"] and rows["b"].rstrip().endswith("-")
+
+
 @pytest.mark.slow
 def test_report_bad_input(tmp_path, mnist_cloud, finished):
     assert_user_error(run_cli([*mnist_cloud, "report", str(tmp_path / "missing")]), "does not exist")

@@ -77,7 +77,8 @@ def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     (home / "config.toml").write_text('autostop = 15\nnotify = "slack:https://hooks.slack.com/T/SECRET, https://x.io/h"\n')
     out = run_cli([*mnist_cloud, "config"], cwd=project / "src", env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:9]}
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:]
+            if not line.startswith("project file:")}
     # a webhook's URL is its secret: only its scheme and host are shown
     assert "SECRET" not in out.stdout and rows["notify"][0] == "slack:https://hooks.slack.com/…,"
     # a model file named in a settings file is relative to that file, wherever the command runs
@@ -85,6 +86,22 @@ def test_config_shows_each_value_and_where_it_came_from(files, mnist_cloud):
     assert rows["autostop"] == ["15.0", str(home / "config.toml")]
     assert rows["epochs"] == ["7", "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"]
     assert rows["instance"] == ["-", "default"]
+    assert rows["tensorboard"] == ["false", "default"]  # as a settings file spells it
+
+    # --json: every row of the table, typed (None for "-"), the URL still hidden, and the two files
+    out = run_cli([*mnist_cloud, "config", "--json"], cwd=project / "src",
+                  env_extra={"MNIST_CLOUD_DEFAULT_EPOCHS": "7"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert list(shown) == ["settings", "project_file", "user_file", "user_file_exists"]
+    assert list(shown["settings"]) == list(rows)
+    assert {k: (v["value"], v["source"]) for k, v in shown["settings"].items() if k != "notify"} == {
+        k: (None if value == "-" else value, source) for k, (value, source) in rows.items() if k != "notify"} | {
+        "autostop": (15.0, str(home / "config.toml")), "epochs": (7, "environment ($MNIST_CLOUD_DEFAULT_EPOCHS)"),
+        "tensorboard": (False, "default")}
+    assert "SECRET" not in out.stdout and shown["settings"]["notify"]["value"].startswith("slack:https://hooks.slack")
+    assert (shown["project_file"], shown["user_file"], shown["user_file_exists"]) == (
+        str(project / "mnist-cloud.toml"), str(home / "config.toml"), True)
 
 
 def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, mnist_cloud):
@@ -99,7 +116,7 @@ def test_launch_takes_the_instance_type_and_autostop_from_the_project(tmp_path, 
         out = run_cli([*mnist_cloud, "launch", "--name", "cfg", "--ssh-cidr", "192.0.2.1/32", "--no-wait-ssh"],
                       env_extra=env, cwd=tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
-        status = run_cli([*mnist_cloud, "status", "cfg"], env_extra=env, cwd=tmp_path)
+        status = run_cli([*mnist_cloud, "status", "cfg", "--wide"], env_extra=env, cwd=tmp_path)
         header, row = (line.replace("COST SO FAR", "COST").replace("PRICED BY", "PRICED_BY").split()
                        for line in status.stdout.splitlines()[:2])
         cells = dict(zip(header, row))

@@ -371,7 +371,8 @@ def test_spot_interruption_resumes_on_the_instance_by_itself(cli, ssh_host_moto,
         autostop = cli("autostop", "sp", "-i", "10", "--down")
         assert autostop.returncode == 0 and "stops it" in autostop.stdout and "(10m:stop)" in autostop.stdout, (
             autostop.stdout + autostop.stderr)
-        assert "10m:stop" in next(line for line in cli("status", "sp").stdout.splitlines() if line.startswith("sp "))
+        wide = cli("status", "sp", "--wide").stdout.splitlines()  # AUTOSTOP: a --wide column
+        assert "10m:stop" in next(line for line in wide if line.startswith("sp "))
 
         spot_ec2.order.clear()
         down = cli("down", "sp", "--yes")

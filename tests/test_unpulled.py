@@ -337,6 +337,8 @@ def test_pull_all_pulls_exactly_the_unpulled_runs_and_status_counts_them(cli, se
     status = cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert pull_column(status, "wait1") == "2"  # b and c
+    [machine] = [m for m in json.loads(cli("status", "--json").stdout) if m["name"] == "wait1"]
+    assert machine["runs_to_pull"] == 2
     out = cli("pull", "wait1", "--all")
     assert out.returncode == 0, out.stdout + out.stderr
     pulled = sorted(l.split()[1] for l in out.stdout.splitlines() if l.startswith("pulled wait1-"))
@@ -366,6 +368,8 @@ def test_pull_every_machine_pulls_each_running_machine_and_names_the_one_it_cann
         status = cli("status")
         assert status.returncode == 0, status.stdout + status.stderr
         assert [pull_column(status, n) for n in ("wait2", "wait3", "wait4", "wait5")] == ["?", "1", "?", "-"]
+        listed = {m["name"]: m for m in json.loads(cli("status", "--json").stdout)}  # null: not known
+        assert [listed[n]["runs_to_pull"] for n in ("wait2", "wait3", "wait4", "wait5")] == [None, 1, None, None]
         out = cli("pull", "--every-machine")
     finally:
         key.with_suffix(".away").rename(key)

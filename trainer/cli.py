@@ -369,15 +369,16 @@ def add_compare(sub) -> None:
                        description="Compare runs: a table here, overlaid curves in HTML.")
     p.add_argument("runs", nargs="+", help="two or more run directories")
     p.add_argument("--out", default="compare.html", help="HTML page to write (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list (the page is still written)")
     p.set_defaults(handler=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from trainer.report import write_compare
+    from trainer.report import compare_table, write_compare
 
-    out, table = write_compare(args.runs, args.out)
-    print(table)
-    print(f"overlaid curves: {out}")
+    out, rows = write_compare(args.runs, args.out)
+    print(json.dumps(rows, indent=2) if args.json else compare_table(rows))
+    print(f"overlaid curves: {out}", file=sys.stderr if args.json else sys.stdout)
     return runspec.ExitCode.OK
 
 

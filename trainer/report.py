@@ -405,23 +405,35 @@ def write_report(path: str | Path, predictions: bool = True) -> Path:
 
 # ---------------------------------------------------------------------------------- compare
 def compare_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One record per run: what the table and the page show, under the keys `compare --json` prints
+    (docs/reference.md)."""
     return [{
-        "run": r.run_id, "model": r.cfg.get("model"), "params": (r.config.get("model") or {}).get("params"),
-        "epochs": len(r.rows), "test": r.test_acc, "weights": r.weights, "test_peek": r.test_peek,
-        "seconds": r.seconds, "cost": r.cost, "status": r.status,
+        "run_id": r.run_id, "path": str(r.path), "model": r.cfg.get("model"),
+        "params": (r.config.get("model") or {}).get("params"), "epochs": len(r.rows), "test_acc": r.test_acc,
+        "delivered": r.weights, "target_acc": r.target, "tested_each_epoch": r.tested_each_epoch,
+        "first_epoch_at_target": runspec.first_epoch_at_target(r.rows, r.target) if r.tested_each_epoch else None,
+        "seconds": r.seconds, "cost_usd": r.cost, "price_source": (r.config.get("cloud") or {}).get("price_source"),
+        "status": r.status,
     } for r in runs]
+
+
+def compare_cells(r: dict[str, Any]) -> list[str]:
+    """A record's cells: run, model, params, epochs, test, delivered, peek, time, cost."""
+    peek = "n/a" if not r["tested_each_epoch"] else \
+        "not reached" if r["first_epoch_at_target"] is None else f"epoch {r['first_epoch_at_target']}"
+    return [r["run_id"], r["model"] or "?", f"{r['params']:,}" if r["params"] else "?", str(r["epochs"]),
+            _fmt(r["test_acc"], suffix="%"), r["delivered"], peek, _duration(r["seconds"]),
+            "-" if r["cost_usd"] is None else f"${r['cost_usd']:.3f}"]
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
     header = ["run", "model", "params", "epochs", "test", "delivered", f"test>={DEFAULT_TARGET:.2f}% (peek)", "time",
               "cost"]
-    lines = [[r["run"], r["model"] or "?", f"{r['params']:,}" if r["params"] else "?", str(r["epochs"]),
-              _fmt(r["test"], suffix="%"), r["weights"], r["test_peek"], _duration(r["seconds"]),
-              "-" if r["cost"] is None else f"${r['cost']:.3f}"] for r in rows]
-    return "\n".join(runspec.table(header, lines))
+    return "\n".join(runspec.table(header, [compare_cells(r) for r in rows]))
 
 
-def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:
+def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """compare.html at `out` (the overlaid curves beside it), and the runs' records (compare_rows)."""
     runs = [load_run(p) for p in paths]
     if len(runs) < 2:
         raise UserError("compare needs at least two run directories")
@@ -452,10 +464,8 @@ def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:
         ax.legend(fontsize=7)
         plots[key] = _save(fig, out.parent / f"{out.stem}-{key}.png")
     rows = compare_rows(runs)
-    table = "".join("<tr>" + "".join(f"<td class=\"l\">{html.escape(str(v))}</td>" for v in (
-        r["run"], r["model"], f"{r['params']:,}" if r["params"] else "?", r["epochs"], _fmt(r["test"], suffix="%"),
-        r["weights"], r["test_peek"], _duration(r["seconds"]), "-" if r["cost"] is None else f"${r['cost']:.3f}",
-        r["status"])) + "</tr>" for r in rows)
+    table = "".join("<tr>" + "".join(f"<td class=\"l\">{html.escape(str(v))}</td>"
+                                     for v in (*compare_cells(r), r["status"])) + "</tr>" for r in rows)
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mnist-cloud compare</title>
 <style>{CSS}</style></head><body><h1>Comparing {len(runs)} runs</h1>
 <p class="sub">test: the delivered weights' (model.pt) test accuracy, from result.json. The first epoch with test
@@ -466,4 +476,4 @@ def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, str]:
 <div class="grid">{''.join(_img(d, k, k) for k, d in plots.items())}</div></body></html>
 """
     runspec.atomic_write(out, page.encode())
-    return out, compare_table(rows)
+    return out, rows

@@ -1,26 +1,13 @@
-"""The commands of an instance's life: status (ls), stop, start, autostop, and down, which ends it."""
+"""The commands of an instance's life: stop, start, autostop, and down, which ends it (status, ls: in
+status.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-import runspec
 from infra.commands.options import cloud_command, confirm, machine_name, names, say, session, target_for
 from infra.errors import UserError
 from runspec import ExitCode
-
-
-def add_status(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary,
-                      description="Your instances, live from EC2, in the configured region and in every region the "
-                                  "state knows (where `launch` landed them); --all-regions looks in every region "
-                                  "enabled for the account, concurrently.")
-    machine_name(p, default=None, help="only this name")
-    p.add_argument("--any-owner", action="store_true",
-                   help="also the instances other people of this account launched, with an OWNER column")
-    p.add_argument("--all-regions", action="store_true",
-                   help="look in every region enabled for the account, not only the ones the state knows")
-    p.set_defaults(handler=cmd_status)
 
 
 def status_regions(args, state) -> dict:
@@ -79,134 +66,6 @@ def ec2_machines(args, state) -> tuple[list, set[str], list[str]]:
                                                           caller_identity(next(iter(regions.values()))))}
     mine = [(i, region) for i, region in every if i.instance_id not in theirs]
     return mine, {i.name for i, _ in every}, list(regions)
-
-
-# What status's PRICED BY column says of a Price's kind; a starred one has a footnote that says what and why.
-PRICED_BY = {"spot": "spot-history", "on-demand": "price-list", "fallback": "fallback*", "unknown": "unknown*"}
-
-
-def cmd_status(args) -> int:
-    from infra.ec2 import caller_identity, find_instances, machine_prices, others_instances, owner_label, \
-        spot_interruptions
-    from infra.ec2.autostop import budget_stop
-    from infra.ec2.regions import in_each
-    from infra.state import State
-
-    state = State()
-    ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
-    needs_aws = not (args.name and ssh_hosts)
-    regions = status_regions(args, state) if needs_aws else {}
-    found = in_each(regions, lambda aws: find_instances(aws, args.name))
-    every = [i for region in found for i in found[region]]
-    region_of = {i.instance_id: region for region in found for i in found[region]}
-    theirs = set()
-    if every and not args.any_owner:  # yours only: a team account holds everyone's
-        theirs = {i.instance_id for i in others_instances(every, caller_identity(next(iter(regions.values()))))}
-    instances = [i for i in every if i.instance_id not in theirs]
-    interrupted: dict[str, str] = {}
-    for part in in_each(regions, lambda aws: spot_interruptions(
-            aws, [i for i in instances if region_of[i.instance_id] == aws.region])).values():
-        interrupted.update(part)
-    prices, stopped_at = {}, {}
-    for region, aws in regions.items():  # the running ones; the others bill no hours
-        prices.update(machine_prices(aws, [i for i in instances if region_of[i.instance_id] == region]))
-        stopped_at.update({i.instance_id: budget_stop(aws, i) for i in instances  # what its watchdog last said
-                           if region_of[i.instance_id] == region and i.budget is not None and i.state == "stopped"})
-    waiting = pull_counts(state, instances, ssh_hosts)
-    owner = [lambda i: owner_label(i.owner)] if args.any_owner else []
-    where = [lambda i: region_of[i.instance_id]] if len(regions) > 1 else []
-    rows = []
-    for i in instances:
-        price = prices.get(i.instance_id)
-        cost = 0.0 if price is None else i.cost_so_far(price)
-        shown = i.state
-        if i.instance_id in interrupted:  # stopped (or about to be) by EC2, not by anyone here
-            shown = "interrupting" if i.state == "running" else "interrupted"
-        per_hour = "-" if price is None or price.usd_per_hour is None else f"{price.usd_per_hour:.4f}"
-        rows.append([i.name, *(f(i) for f in where), i.instance_id, i.instance_type, shown, i.lifecycle,
-                     i.public_ip or "-", _age(i.uptime_hours), per_hour,
-                     "-" if price is None else PRICED_BY[price.kind], "?" if cost is None else f"${cost:.2f}",
-                     i.autostop, waiting.get(i.instance_id, "-"),
-                     _budget_cell(i, price, state, stopped_at.get(i.instance_id)), *(f(i) for f in owner)])
-    blank, gap = ["-"] * len(owner), ["-"] * len(where)
-    for h in ssh_hosts:
-        rows.append([h.name, *gap, "-", "ssh host", "-", "-", f"{h.user}@{h.host}:{h.port}", "-", "-", "-", "-", "-",
-                     waiting.get(f"{h.host}:{h.port}", "?"), "-", *blank])
-    known = {i.name for i in every} | {h.name for h in ssh_hosts}
-    gone = [h for h in state.all()  # cached names whose instance is gone: say so, EC2 is the truth
-            if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
-            and (h.region in regions or not h.region)]
-    for h in gone:
-        rows.append([h.name, *(h.region or "-" for _ in where), h.instance_id or "-", "?", "gone", "-", "-", "-",
-                     "-", "-", "-", "-", "-", "-", *blank])
-    if theirs:
-        say(f"{len(theirs)} instance(s) of other people in this account are not shown: `mnist-cloud status --any-owner`")
-    if not rows:
-        looked = f" in {', '.join(regions)}" if regions else ""
-        say(f"no instances{f' named {args.name!r}' if args.name else ''}{looked}. Launch one: "
-            "mnist-cloud launch --instance g4dn.xlarge")
-        return ExitCode.OK
-    header = ["NAME", *(["REGION"] if where else []), "ID", "TYPE", "STATE", "LIFECYCLE", "ADDRESS", "UPTIME",
-              "USD/H", "PRICED BY", "COST SO FAR", "AUTOSTOP", "PULL", "BUDGET", *(["OWNER"] if owner else [])]
-    for line in runspec.table(header, rows):
-        say(line)
-    for i in instances:
-        price = prices.get(i.instance_id)
-        if price is not None and price.kind in ("fallback", "unknown"):
-            say(f"* {i.name} ({i.instance_id}): {price.source}" + (f"; {price.note}" if price.note else ""))
-    for i in instances:
-        if i.instance_id in interrupted:
-            say(f"{i.name}: spot interruption ({interrupted[i.instance_id]}); EC2 starts it again when capacity "
-                f"returns, and its interrupted runs resume by themselves: `mnist-cloud logs {i.name} -f` follows them. "
-                f"Until then only its disk bills")
-    if gone:
-        say("'gone': the instance no longer exists in EC2 (terminated outside mnist-cloud?); "
-            "`mnist-cloud down NAME` tidies up")
-    return ExitCode.OK
-
-
-def pull_counts(state, instances, ssh_hosts) -> dict[str, str]:
-    """PULL: {instance id, or an SSH host's host:port: how many runs wait to be pulled from it}; "?" for a
-    running machine not asked (never reached from here: its host key is not pinned) or that did not
-    answer within a few seconds; stopped ones are left out ("-": no SSH, no count)."""
-    from infra.resolve import answered_before
-    from infra.unpulled import count_waiting
-
-    running = {i.instance_id: i.public_ip for i in instances if i.state == "running" and i.public_ip}
-    shown = {iid: "?" for iid in running}
-    machines = []
-    for host in [*ssh_hosts, *(state.get(name) for name in sorted({i.name for i in instances}))]:
-        endpoints = answered_before(host, running) if host is not None and host.kind in ("ec2", "ssh") else None
-        if endpoints:
-            machines.append((host, endpoints))
-    for alias, count in count_waiting(machines).items():
-        shown[alias] = "?" if count is None else str(count)
-    return shown
-
-
-def _budget_cell(inst, price, state, stopped_at: float | None = None) -> str:
-    """SPENT/BUDGET since launch, compute only: what the console says its budget stopped it at, else the figure
-    the machine's watchdog last gave mnist-cloud (a stopped one's stands), plus the hours since at today's price
-    while it runs; "-" without a budget."""
-    import time
-
-    if inst.budget is None:
-        return "-"
-    if stopped_at is not None:
-        return f"${stopped_at:.2f}/${inst.budget:g}"
-    host = state.get(inst.name)
-    seen = (host.extra.get("budget") if host else None) or {}
-    spent = seen.get("spent_usd")
-    if spent is None:
-        spent = 0.0 if price is None else inst.cost_so_far(price)  # this boot only: no figure from the machine yet
-    elif inst.state == "running" and price is not None and price.usd_per_hour is not None:
-        spent += max(0.0, time.time() - seen.get("at", time.time())) / 3600 * price.usd_per_hour
-    return f"${spent or 0:.2f}/${inst.budget:g}"
-
-
-def _age(hours: float) -> str:
-    minutes = int(hours * 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if hours else "-"
 
 
 def add_stop(sub, name: str, summary: str) -> None:

@@ -4,6 +4,7 @@ host records behind them (ssh-config, forget-host)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import runspec
@@ -86,30 +87,45 @@ def cmd_logs(args) -> int:
 def add_runs(sub, name: str, summary: str) -> None:
     p = cloud_command(sub, name, summary)
     machine_name(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.set_defaults(handler=cmd_runs)
 
 
 def cmd_runs(args) -> int:
     target = target_for(args)
     with target.remote:
-        runs = target.runs()
+        runs = [run_record(r) for r in target.runs()]
+    if args.json:
+        say(json.dumps(runs, indent=2))
     if not runs:
-        say(f"no runs on {args.name} yet")
-        return ExitCode.OK
-    for line in runs_table(runs):
-        say(line)
+        print(f"no runs on {args.name} yet", file=sys.stderr if args.json else sys.stdout, flush=True)
+    elif not args.json:
+        for line in runs_table(runs):
+            say(line)
     return ExitCode.OK
 
 
+def run_record(r: dict) -> dict:
+    """One run as `runs --json` prints it (keys in docs/reference.md): status says "died" where config.json
+    says running but no process is (killed, or the machine rebooted); test_acc and weights are result.json's,
+    the weights the run delivers."""
+    from datetime import datetime, timezone
+
+    status = "running" if r["alive"] else (r.get("status") or "?")
+    if not r["alive"] and status == "running":
+        status = "died"
+    acc = r.get("test_acc")
+    mtime = r.get("mtime")
+    return {"run_id": r["run_id"], "status": status, "alive": bool(r["alive"]), "epochs": r.get("epochs"),
+            "test_acc": acc if isinstance(acc, (int, float)) else None, "weights": r.get("weights"),
+            "modified_at": None if mtime is None else datetime.fromtimestamp(mtime, timezone.utc).isoformat()}
+
+
 def runs_table(runs: list[dict]) -> list[str]:
-    """`mnist-cloud runs`: TEST ACC is result.json's, the weights the run delivers (WEIGHTS: final or ema)."""
-    rows = []
-    for r in runs:
-        status = "running" if r["alive"] else (r["status"] or "?")
-        if not r["alive"] and status == "running":
-            status = "died"  # config says running but no process: killed, or the machine rebooted
-        acc = f"{r['test_acc']:.2f}%" if isinstance(r.get("test_acc"), (int, float)) else "-"
-        rows.append([r["run_id"], status, r["epochs"], acc, r.get("weights") or "-"])
+    """`mnist-cloud runs`, from run_record()s: TEST ACC is result.json's, the weights the run delivers
+    (WEIGHTS: final or ema)."""
+    rows = [[r["run_id"], r["status"], r["epochs"], "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}%",
+             r["weights"] or "-"] for r in runs]
     return runspec.table(["RUN", "STATUS", "EPOCHS", "TEST ACC", "WEIGHTS"], rows, right=(2, 3))
 
 

@@ -37,7 +37,8 @@ class AugmentConfig:
     contrast: float = 0.0  # scale around the image mean by uniform [1 - c, 1 + c]
     crop: float = 0.0  # probability of a random square crop, resized back to 28x28 (seed 004)
     crop_size: float = 22 / 28  # smallest crop side, as a fraction of the image side
-    input_size: int = 28  # output side in pixels: the centre input_size x input_size of the warped image
+    input_size: int = 28  # the centre input_size x input_size region of the warped image that is kept
+    sample_size: int = 0  # output side in pixels that region is resampled to; 0: input_size (progressive resizing)
 
     @property
     def geometric(self) -> bool:
@@ -96,6 +97,11 @@ class TrainConfig:
     crop_size: float = knob(22 / 28, "smallest crop side as a fraction of 28")
     input_size: int = knob(28, "train and evaluate on the centre SxS pixels (even, 16-28), cut inside the "
                            "augmentation's one grid_sample: MNIST digits sit in the centre 20x20")
+    early_size: int = knob(0, "progressive resizing: the first --early-epochs train on the same centre region "
+                           "resampled to SxS pixels (fewer pixels, the whole digit), cheaper per step; the later "
+                           "epochs and every evaluation use --input-size (0 = off)")
+    early_epochs: int = knob(0, "epochs at --early-size before the rest at --input-size (with --compile, the step "
+                             "compiles once per size; not with --cuda-graph)")
     # stopping
     target: float | None = knob(None, "stop early once validation accuracy (%%) reaches this, e.g. 99.4")
     patience: int = knob(0, "stop after this many epochs without a better validation accuracy; 0 = never")
@@ -127,9 +133,12 @@ class TrainConfig:
     tensorboard: bool = knob(False, "also write TensorBoard event files into the run directory's tb/ "
                              "(needs pip install 'mnist-cloud[tensorboard]'); `tensorboard --logdir runs` shows them")
 
-    def augment_config(self) -> AugmentConfig:
+    def augment_config(self, epoch: int | None = None) -> AugmentConfig:
+        """The augmentation of an epoch (1-based): at --early-size for the first --early-epochs."""
         names = {f.name for f in dataclasses.fields(AugmentConfig)}
-        return AugmentConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        aug = AugmentConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        early = epoch is not None and epoch <= self.early_epochs
+        return dataclasses.replace(aug, sample_size=self.early_size) if early else aug
 
     def validate(self) -> None:
         """Reject values that cannot be right, with the flag's name in the message."""
@@ -169,6 +178,16 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise bad(name.replace("_", "-"), f"must be at least 1, got {value}")
         check_input_size(self.input_size)
+        if bool(self.early_size) != bool(self.early_epochs):
+            raise bad("early-size" if not self.early_size else "early-epochs",
+                      "is needed too: progressive resizing takes --early-size PX and --early-epochs N")
+        if self.early_epochs and not 8 <= self.early_size < self.input_size:
+            raise bad("early-size", f"must be from 8 to below --input-size ({self.input_size}), got {self.early_size}")
+        if self.early_epochs and not 0 < self.early_epochs < self.epochs:
+            raise bad("early-epochs", f"must leave at least the last of the {self.epochs} epochs at --input-size, "
+                      f"got {self.early_epochs}")
+        if self.early_epochs and self.cuda_graph:
+            raise bad("early-size", "is not for --cuda-graph (one captured step has one input size): drop one")
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
         if self.compile_mode != "default" and not self.compile:

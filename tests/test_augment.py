@@ -112,3 +112,23 @@ def test_input_size_rotation_turns_about_the_image_centre():
     full = warp(x, m, projective=False)
     cut = warp(x, m, projective=False, size=20)
     torch.testing.assert_close(cut, full[..., 4:24, 4:24], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(rotate=1e-6)])
+def test_an_early_size_is_the_same_region_with_fewer_pixels(knobs):
+    """Progressive resizing (--early-size 12 with --input-size 24) samples the centre 24 px at 12 x 12: each
+    output pixel is the mean of a 2 x 2 block of the region (bilinear at the blocks' centres), so the whole
+    digit is there, not its centre 12 px."""
+    x = batch(4)
+    out = augment(x, AugmentConfig(input_size=24, sample_size=12, **knobs), gen())
+    region = x[..., 2:26, 2:26]
+    assert out.shape == (4, 1, 12, 12)
+    torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(region, 2), atol=1e-5, rtol=0)
+
+
+def test_only_the_early_epochs_get_the_early_size():
+    from runspec.config import TrainConfig
+
+    cfg = TrainConfig(input_size=24, early_size=16, early_epochs=3, epochs=10)
+    assert [cfg.augment_config(e).sample_size for e in (1, 3, 4, 10)] == [16, 16, 0, 0]
+    assert cfg.augment_config().sample_size == 0  # no epoch: evaluation's size

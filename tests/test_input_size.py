@@ -3,6 +3,7 @@ evaluated (evaluate, predict, the report's confusion matrix) on the centre SxS p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -126,3 +127,27 @@ def test_training_a_model_at_a_size_it_cannot_take_stops_before_the_run_dir(tmp_
     with pytest.raises(UserError, match="cannot take 24x24 images"):
         fit(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_progressive_resizing_trains_the_early_epochs_smaller_and_evaluates_at_the_input_size(tmp_path, mnist_dir,
+                                                                                              monkeypatch):
+    """--early-size 20 --early-epochs 1 of 2: the first epoch's batches are 20 px, the second's and every
+    evaluation's 24 px (all that the model is given); config.json records it. A size the model cannot take
+    is one line before any training."""
+    from trainer.engine import Engine
+    from trainer.train import fit
+
+    given: list[int] = []  # the side of each batch the model is given, in order
+    prepare = Engine.prepare
+    monkeypatch.setattr(Engine, "prepare", lambda self, x: given.append((out := prepare(self, x)).shape[-1]) or out)
+    cfg = TrainConfig(data_dir=str(mnist_dir), out_dir=str(tmp_path), run_id="early", input_size=24, epochs=2,
+                      early_size=20, early_epochs=1, max_steps=2, train_limit=512, eval_limit=256, progress=False,
+                      threads=1, report=False, device="cpu")
+    fit(cfg)
+    assert given[:2] == [20, 20] and len(given) > 4 and set(given[2:]) == {24}, given
+    config = json.loads((tmp_path / "early" / "config.json").read_text())
+    assert (config["config"]["early_size"], config["config"]["early_epochs"]) == (20, 1)
+    given.clear()
+    with pytest.raises(UserError, match=r"cannot take 16x16 images .*try a larger --early-size"):
+        fit(dataclasses.replace(cfg, run_id="early16", early_size=16))
+    assert given == []

@@ -107,19 +107,22 @@ def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
     return _BASE_GRIDS[key]
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool, size: int | None = None) -> torch.Tensor:
+def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool, size: int | None = None,
+         out: int | None = None) -> torch.Tensor:
     """Resample [n, c, h, w] images through per-image 3x3 output->input maps; outside is black (0).
 
     With `size` < w the output is the centre size x size pixels of the warp at the same pixel scale:
-    the crop is part of the one grid_sample, so a smaller input costs nothing extra."""
+    the crop is part of the one grid_sample, so a smaller input costs nothing extra. With `out`, that
+    region is sampled at out x out pixels instead (progressive resizing's early epochs)."""
     n, _, h, w = images.shape
-    if size is not None and size != w:
+    size = size or w
+    if size != w:
         # output coordinates span size/w of the input's [-1, 1]: scale the x and y columns by Python
         # floats, not by a tensor made from them (a host-to-device copy, which CUDA refuses inside
         # a graph capture: --cuda-graph)
         matrices = torch.cat([matrices[..., :1] * (size / w), matrices[..., 1:2] * (size / h), matrices[..., 2:]],
                              dim=-1)
-        h = w = size
+    h = w = out or size
     if not projective:  # affine only: the fused built-in is cheaper
         grid = F.affine_grid(matrices[:, :2, :], [n, 1, h, w], align_corners=False)
     else:
@@ -130,19 +133,17 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, projective: bool, size: i
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Augment a float batch [n, c, h, w] of pixels in [0, 1]. With every knob at zero it returns `images`."""
-    if not cfg.active:
-        return centre_crop(images, cfg.input_size)
     n, device = images.shape[0], images.device
-    out = images
-    if not cfg.geometric:
-        out = centre_crop(out, cfg.input_size)
+    resample = bool(cfg.sample_size) and cfg.sample_size != cfg.input_size
+    if not cfg.geometric and not resample:
+        out = centre_crop(images, cfg.input_size)
     else:
-        m = affine_matrices(cfg, n, gen, device)
+        m = affine_matrices(cfg, n, gen, device)  # the identity with every geometric knob at zero
         if cfg.perspective:
             m = m @ perspective_matrices(cfg, n, gen, device)
         if cfg.crop:
             m = crop_matrices(cfg, n, gen, device) @ m
-        out = warp(out, m, projective=bool(cfg.perspective), size=cfg.input_size)
+        out = warp(images, m, projective=bool(cfg.perspective), size=cfg.input_size, out=cfg.sample_size or None)
     if cfg.photometric:
         gain = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, gen, device).view(n, 1, 1, 1)
         contrast = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, gen, device).view(n, 1, 1, 1)

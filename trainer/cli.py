@@ -83,7 +83,7 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
         return
     capability = dev.capability(device)
     amp_typed_fp16 = "amp" in explicit and args.amp == "on" and capability < (8, 0)
-    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema
+    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema and not args.early_epochs
                   and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not amp_typed_fp16)
     batches = {REFERENCE_BATCH}  # a variant measured at 128 keeps the run's own batch
     if not {"batch_size", "lr"} & explicit:

@@ -94,7 +94,7 @@ def train_one_epoch(model, split: Split, optimizer, scheduler, per_step: bool, c
     world, rank = engine.dist.world, engine.dist.rank
     steps = epoch_steps(cfg, n, world)
     local = cfg.batch_size // world
-    aug = cfg.augment_config()
+    aug = cfg.augment_config(progress.epoch)  # progressive resizing: the early epochs' size
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=engine.generator, device=engine.device)
     perm = progress.perm

@@ -27,7 +27,7 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
-def layer_table(model: nn.Module, input_size: int = 28) -> list[LayerRow]:
+def layer_table(model: nn.Module, input_size: int = 28, flag: str = "--input-size") -> list[LayerRow]:
     """One row per leaf module, in execution order, for a single input_size x input_size image (a run
     with --input-size S sees the centre SxS pixels: every conv's output, and its MACs, shrink with it)."""
     rows: list[LayerRow] = []
@@ -56,7 +56,7 @@ def layer_table(model: nn.Module, input_size: int = 28) -> list[LayerRow]:
         # e.g. seed001's fixed 4x4 average pool needs 28 px; this is the run's first forward, so the
         # user hears it before any training
         raise UserError(f"this model cannot take {input_size}x{input_size} images ({str(e).splitlines()[0]}); "
-                        "try a larger --input-size (every model takes 28) or another model (`python -m trainer models "
+                        f"try a larger {flag} (every model takes 28) or another model (`python -m trainer models "
                         f"--input-size {input_size}` lists those that fit)") from None
     finally:
         model.train(was_training)

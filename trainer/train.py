@@ -117,6 +117,8 @@ def build(cfg: TrainConfig, spec: ModelSpec, dist: Dist, device: torch.device, r
     data = make_splits(load_mnist(data_dir), cfg.val_size, cfg.seed, device, cfg.train_limit, cfg.eval_limit)
     model = spec.build()
     layers = layer_table(model, cfg.input_size)
+    if cfg.early_epochs:  # the early epochs' size too, before any training
+        layer_table(model, cfg.early_size, flag="--early-size")
     if dist.active:
         torch.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank its own dropout masks; DDP syncs the weights
     use_cl = dev.channels_last(cfg.channels_last, device.type)

@@ -101,6 +101,13 @@ def test_export_tb_writes_what_the_run_wrote(resumed_run, tmp_path, capsys):
     assert trainer_main(["export-tb", str(old), "--force"]) == 0
 
 
+def test_export_tb_without_the_package_names_itself_not_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec says None
+    assert trainer_main(["export-tb", str(tmp_path)]) == runspec.ExitCode.BAD_INPUT
+    assert capsys.readouterr().err.strip() == ("error: export-tb needs the tensorboard package: "
+                                               "pip install 'mnist-cloud[tensorboard]'")
+
+
 BLOCKED = """
 import sys
 sys.modules["tensorboard"] = None  # as if the package were not installed: an import of it fails

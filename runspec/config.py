@@ -53,8 +53,9 @@ class AugmentConfig:
         return self.geometric or self.photometric
 
 
-def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def knob(default: Any, help: str, unset: str | None = None, **argparse_kwargs: Any) -> Any:
+    """A TrainConfig field and its flag. unset: what a None default means, for --help ("torch's choice")."""
+    return field(default=default, metadata={"help": help, **({"unset": unset} if unset else {}), **argparse_kwargs})
 
 
 @dataclass
@@ -80,10 +81,12 @@ class TrainConfig:
                       "every step; > 0 delivers the EMA instead of the final weights (0 = off)")
     seed: int = knob(1, "random seed: weights, validation split, batch order, augmentation, dropout")
     # data
-    data_dir: str | None = knob(None, "directory with the MNIST IDX files (else $MNIST_DATA_DIR, the cache, a download)")
+    data_dir: str | None = knob(None, "directory with the MNIST IDX files",
+                                unset="$MNIST_DATA_DIR, else the cache, else a download")
     val_size: int = knob(10000, "validation images held out of the 60k training set; 0 trains on all 60k")
-    train_limit: int | None = knob(None, "use only the first N training images (smoke tests)")
-    eval_limit: int | None = knob(None, "evaluate on only the first N validation and test images (smoke tests)")
+    train_limit: int | None = knob(None, "use only the first N training images (smoke tests)", unset="all")
+    eval_limit: int | None = knob(None, "evaluate on only the first N validation and test images (smoke tests)",
+                                 unset="all")
     # augmentation
     rotate: float = knob(7.0, "random rotation, max degrees")
     translate: float = knob(0.0, "random translation, max fraction of the image side")
@@ -120,13 +123,13 @@ class TrainConfig:
                             "forward, backward, SGD) as one CUDA graph replayed every step")
     deterministic: bool = knob(False, "deterministic algorithms (cuDNN benchmark off): the same numbers on a rerun "
                                "on the same device; across devices a seed gives the same recipe, not the same bits")
-    threads: int | None = knob(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = knob(None, "CPU threads for torch", unset="torch's choice")
     eval_batch_size: int = knob(256, "batch size for validation and test (256 is the fastest on a laptop CPU)")
     test_every_epoch: bool = knob(False, "also evaluate the test set after every epoch, for the curves; the "
                                   "delivered weights are always tested once, at the end")
     # output
     out_dir: str = knob("runs", "where run directories are created")
-    run_id: str | None = knob(None, "run directory name (default: <time>-<model>-s<seed>)")
+    run_id: str | None = knob(None, "run directory name", unset="<time>-<model>-s<seed>")
     resume: str | None = knob(None, "continue the run in this directory from its last.pt")
     progress: bool = knob(True, "show a progress bar per epoch (off when stderr is not a terminal)")
     report: bool = knob(True, "write report.html and plots/ into the run directory at the end")
@@ -232,6 +235,9 @@ def default_help(name: str) -> str:
     the flag, that is the default model's recipe value (runspec/recipes.py), not TrainConfig's."""
     model, recipe = TrainConfig.model, default_recipe()
     cuda = "; on a CUDA GPU the CUDA default may set it" if name in CUDA_DEFAULT_SETS else ""
+    unset = TrainConfig.__dataclass_fields__[name].metadata.get("unset")
+    if unset:  # a None default, in words: "(default: None)" tells a user nothing
+        return f" (default: {unset.replace('%', '%%')})"
     if name in recipe:  # the value is a plain number or string: argparse's %-formatting leaves it alone
         sgd = (" and SGD", " or with adam/adamw") if name in SGD_ONLY else ("", "")
         return (f" (default: {recipe[name]} with {model}'s recipe{sgd[0]}; other recipes may differ; "
@@ -245,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> Non
     """One flag per TrainConfig field; help strings show the default. defaults=False: a flag not
     typed is left out of the namespace (what parse_train_args needs to tell typed from default)."""
     for f in dataclasses.fields(TrainConfig):
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "unset")}
         help_text = f.metadata["help"] + default_help(f.name)
         default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):

@@ -66,12 +66,14 @@ def test_bash_completes_commands_machine_names_and_runs(tmp_path, capsys):
                 "mnist-cloud train --on g",
                 "mnist-cloud report ",
                 "mnist-cloud compare runs/20261205-020000-box runs/",
+                "mnist-cloud export-tb ",
                 "mnist-cloud completion "], tmp_path, capsys) == [
         ["start", "status"],
         ["box", "gpu1"],
         ["gpu1"],
         ["runs/20261205-010000-gpu1-net8k", "runs/20261205-020000-box"],
         ["runs/20261205-010000-gpu1-net8k"],
+        ["runs/20261205-010000-gpu1-net8k", "runs/20261205-020000-box"],
         ["bash", "fish", "zsh"],
     ]
 

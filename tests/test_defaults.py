@@ -14,7 +14,8 @@ from runspec.recipes import RECIPES, SGD_ONLY
 from trainer.cli import DRY_RUN, parse_train_args, train_parser
 
 # "(default: 10 with net8k's recipe; other recipes may differ; 15 without one)" or "(default: 7.0; ...)"
-SHOWN = re.compile(r"\(default: (?P<value>[^\s;)]+)(?P<recipe> with \S+'s recipe[^;)]*)?(?:;(?P<rest>[^)]*))?\)$")
+# or, for a None default, what it means: "(default: torch's choice)"
+SHOWN = re.compile(r"\(default: (?P<value>[^;)]+?)(?P<recipe> with \S+'s recipe[^;)]*)?(?:;(?P<rest>[^)]*))?\)$")
 WITHOUT = re.compile(r" (?P<value>\S+) without one")
 
 
@@ -25,6 +26,7 @@ def shown_defaults() -> dict[str, re.Match]:
         if action.dest in {f.name for f in TrainConfig.__dataclass_fields__.values()}:
             match = SHOWN.search(action.help % {"default": action.default})
             assert match, f"--{action.dest}'s help shows no default: {action.help}"
+            assert action.help.count("(default:") == 1, f"--{action.dest}'s help shows two defaults: {action.help}"
             found[action.dest] = match
     return found
 
@@ -35,8 +37,12 @@ def test_every_shown_default_is_what_a_plain_run_gets():
     recipe = default_recipe()
     assert recipe and {"epochs", "lr"} <= set(recipe)
     for name, match in shown.items():
-        if name != "device":
-            assert match["value"] == str(getattr(args, name)), f"--{name}: help says {match[0]}"
+        value = getattr(args, name)
+        unset = TrainConfig.__dataclass_fields__[name].metadata.get("unset")
+        if value is None and unset:  # in words, not "None"
+            assert match["value"] == unset, f"--{name}: help says {match[0]}"
+        elif name != "device":
+            assert match["value"] == str(value), f"--{name}: help says {match[0]}"
         assert bool(match["recipe"]) == (name in recipe), f"--{name}: {match[0]}"
         assert bool(match["rest"] and "recipes" in match["rest"]) == any(
             name in r for model in RECIPES.values() for r in model.values()), f"--{name}: {match[0]}"

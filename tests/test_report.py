@@ -203,6 +203,23 @@ def test_compare_draws_no_test_curve_without_per_epoch_test(tmp_path, finished, 
                                                                 "cmp-val_loss.png"]
 
 
+def test_compare_draws_no_empty_validation_curves_for_runs_without_one(tmp_path):
+    """The default recipe trains on all 60k (--val-size 0): no validation plots, and no matplotlib warning."""
+    import warnings
+
+    from trainer.report import write_compare
+
+    runs = [forge_run(tmp_path / name, "net8k", [None, None], 99.1, "final") for name in ("a", "b")]
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if not k.startswith("val")})
+                                                   + "\n" for row in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend"
+        write_compare(runs, tmp_path / "cmp.html")
+    assert [p.name for p in tmp_path.glob("cmp-*.png")] == ["cmp-train_loss.png"]
+
+
 def forge_run(path: Path, model: str, tests: list[float | None], delivered: float, weights: str,
               price: float | None = None) -> Path:
     """A finished run directory as the trainer leaves it, without training: compare reads only these files."""

@@ -83,6 +83,9 @@ def test_writing_the_graph_and_events_changes_no_number(resumed_run, tmp_path, m
             if "event" not in r]
     assert rows == [(r["train_loss"], r["val_loss"]) for r in map(
         json.loads, (tmp_path / "runs" / "plain" / runspec.METRICS).read_text().splitlines())]
+    # where the event files are, said once as the run starts; a run without the flag says nothing of them
+    assert f"tensorboard: {run / runspec.TENSORBOARD} (`tensorboard --logdir" in (run / runspec.LOG).read_text()
+    assert "tensorboard" not in (tmp_path / "runs" / "plain" / runspec.LOG).read_text()
 
 
 def test_export_tb_writes_what_the_run_wrote(resumed_run, tmp_path, capsys):
@@ -99,6 +102,13 @@ def test_export_tb_writes_what_the_run_wrote(resumed_run, tmp_path, capsys):
     assert trainer_main(["export-tb", str(old)]) == 2  # never over event files unasked
     assert "--force replaces them" in capsys.readouterr().err
     assert trainer_main(["export-tb", str(old), "--force"]) == 0
+
+
+def test_export_tb_without_the_package_names_itself_not_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec says None
+    assert trainer_main(["export-tb", str(tmp_path)]) == runspec.ExitCode.BAD_INPUT
+    assert capsys.readouterr().err.strip() == ("error: export-tb needs the tensorboard package: "
+                                               "pip install 'mnist-cloud[tensorboard]'")
 
 
 BLOCKED = """

@@ -35,10 +35,10 @@ HPARAMS = ("model", "recipe", "epochs", "batch_size", "optimizer", "lr", "moment
            "perspective", "brightness", "contrast", "crop", "input_size", "amp", "compile", "cuda_graph")
 
 
-def require_tensorboard() -> None:
-    """One line, before any work, when --tensorboard is asked for without the package."""
+def require_tensorboard(asker: str = "--tensorboard") -> None:
+    """One line, before any work, when --tensorboard (or export-tb) is asked for without the package."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise UserError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}")
+        raise UserError(f"{asker} needs the tensorboard package: {INSTALL_HINT}")
 
 
 def hparams_of(cfg: TrainConfig) -> dict[str, Any]:

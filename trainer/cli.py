@@ -395,7 +395,7 @@ def add_export_tb(sub) -> None:
 def cmd_export_tb(args: argparse.Namespace) -> int:
     from trainer.board import export, require_tensorboard
 
-    require_tensorboard()
+    require_tensorboard("export-tb")
     for run in args.runs:
         export(run, force=args.force)
     return runspec.ExitCode.OK

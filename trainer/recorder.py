@@ -109,6 +109,9 @@ class Recorder:
         if cfg.tensorboard:
             self.board = Board(self.run.path)
             self.board.hparams(cfg)
+            line = f"tensorboard: {self.board.dir} (`tensorboard --logdir {cfg.out_dir}` shows it)"
+            self.run.log(line)
+            self.say(line)
 
     def resumed(self, cfg: TrainConfig, epoch_done: int, source: str, where: str, step: int,
                 device: torch.device) -> None:

@@ -449,6 +449,8 @@ def write_compare(paths: list[str | Path], out: str | Path) -> tuple[Path, list[
     for key, title, ylabel in curves:
         if key == "test_acc" and not any(r.tested_each_epoch for r in runs):
             continue  # tested once at the end: the table has that number
+        if not any(_series(r.rows, key)[0] for r in runs):
+            continue  # no run has it (the default recipe holds out no validation set): no empty plot
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for r in runs:
             x, y = _series(r.rows, key)

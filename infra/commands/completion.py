@@ -29,7 +29,8 @@ RUN_POSITIONALS = ("run", "runs", "weights")
 RUN_OPTIONS = ("--resume",)
 # the trainer's commands take their flags from `python -m trainer`, whose parser infra/ does not import;
 # these are the run directories they take as positionals, for completion only
-TRAINER_RUN_POSITIONALS = {"evaluate": ("weights", None), "predict": ("weights", None), "compare": ("runs", "+")}
+TRAINER_RUN_POSITIONALS = {"evaluate": ("weights", None), "predict": ("weights", None), "compare": ("runs", "+"),
+                           "export-tb": ("runs", "+")}
 
 
 def add_completion(sub, name: str, summary: str) -> None:
@@ -109,7 +110,7 @@ def add_completers(parser: argparse.ArgumentParser) -> None:
 def with_pass_through_flags(parser: argparse.ArgumentParser) -> None:
     """The commands whose flags argparse does not see, given them for completion: train and sweep their own
     (train_options, sweep_parser) and every TrainConfig flag, which they pass to the trainer; evaluate,
-    predict and compare their run directories."""
+    predict, compare and export-tb their run directories."""
     from infra.commands.sweep import sweep_parser
     from infra.commands.train import train_options
     from runspec.config import add_arguments

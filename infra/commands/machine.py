@@ -85,7 +85,11 @@ def cmd_logs(args) -> int:
 
 
 def add_runs(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary)
+    p = cloud_command(sub, name, summary,
+                      description="Each run directory in the machine's runs/: its state (running, "
+                                  "completed, interrupted, stopped, or died where no process is left), epochs "
+                                  "done, and the delivered weights' test accuracy. `mnist-cloud pull NAME RUN` "
+                                  "fetches one; `mnist-cloud logs NAME RUN` shows its log.")
     machine_name(p)
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
     p.set_defaults(handler=cmd_runs)

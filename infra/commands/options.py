@@ -23,6 +23,9 @@ CODE_HELP = "checkout to sync (default: the current directory)"
 def machine_name(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_NAME, required: bool = False,
                  help: str | None = None) -> None:
     """NAME: the machine a command works on, a name from `launch` or `attach` (optional unless required)."""
+    if help is None:
+        help = "the machine: a name from `launch` or `attach`" + (f" (default: {default})" if default and not required
+                                                                  else "")
     if required:
         p.add_argument("name", help=help)
     else:

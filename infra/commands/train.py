@@ -30,7 +30,7 @@ runs/<run-id>/ back here. Ctrl-C stops the streaming, not the training.
   --code DIR      checkout to sync (default: the current directory)
   --region R, --profile P   AWS settings for an EC2 machine
 
-Trainer flags (where `mnist-cloud config` shows a model or epochs, those come before the defaults below):
+Trainer flags (where `mnist-cloud config` sets a model, epochs or tensorboard, those win over the defaults below):
 """
 
 

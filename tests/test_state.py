@@ -27,3 +27,25 @@ def test_two_processes_writing_at_once_keep_every_entry(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     hosts = json.loads(path.read_text())["hosts"]
     assert len(hosts) == 300 and {f"a-{i}" for i in range(150)} | {f"b-{i}" for i in range(150)} == set(hosts)
+
+
+def test_status_lists_attached_ssh_hosts_without_any_aws(monkeypatch, capsys):
+    """A user with only `attach`ed machines has no AWS region or credentials: `status` still lists them, and
+    says in one line that EC2 was not asked. With an EC2 name in the state, the missing region stays an error."""
+    from infra.commands import main
+    from infra.state import Host, State
+
+    for var in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    State().put(Host(name="box", kind="ssh", host="127.0.0.1", port=9))
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["box", "ssh", "host"], out
+    assert out[-1].startswith("EC2 was not asked (no AWS region: pass --region") and "need no AWS" in out[-1]
+    assert main(["status", "box"]) == 0  # by name: EC2 is never asked (it once crashed on no regions at all)
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "box"
+    State().put(Host(name="gpu", kind="ec2", host="192.0.2.9", instance_id="i-0123456789abcdef0"))
+    assert main(["status"]) == 2
+    assert "no AWS region" in capsys.readouterr().err

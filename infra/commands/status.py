@@ -11,6 +11,7 @@ from datetime import timezone
 import runspec
 from infra.commands.lifecycle import status_regions
 from infra.commands.options import cloud_command, machine_name, say
+from infra.errors import UserError
 from runspec import ExitCode
 
 
@@ -97,8 +98,15 @@ def machine_records(args) -> tuple[list[dict], list[str]]:
     state = State()
     ssh_hosts = [h for h in state.all() if h.kind == "ssh" and (not args.name or h.name == args.name)]
     needs_aws = not (args.name and ssh_hosts)
-    regions = status_regions(args, state) if needs_aws else {}
-    found = in_each(regions, lambda aws: find_instances(aws, args.name))
+    try:
+        regions = status_regions(args, state) if needs_aws else {}
+        found = in_each(regions, lambda aws: find_instances(aws, args.name))
+    except UserError as e:  # no region or no credentials: attached SSH hosts need neither
+        if not ssh_hosts or any(h.kind == "ec2" for h in state.all()):
+            raise
+        regions, found, unasked = {}, {}, f"EC2 was not asked ({e}); the SSH hosts above need no AWS"
+    else:
+        unasked = None
     every = [i for region in found for i in found[region]]
     region_of = {i.instance_id: region for region in found for i in found[region]}
     theirs = set()
@@ -125,7 +133,7 @@ def machine_records(args) -> tuple[list[dict], list[str]]:
             if h.kind == "ec2" and h.name not in known and (not args.name or h.name == args.name)
             and (h.region in regions or not h.region)]
     records += [gone_record(h) for h in gone]
-    return records, status_notes(args, records, theirs, regions)
+    return records, status_notes(args, records, theirs, regions) + ([unasked] if unasked else [])
 
 
 def status_notes(args, records: list[dict], theirs: set, regions: dict) -> list[str]:

@@ -38,7 +38,7 @@ def every_region(first: Aws, profile: str | None) -> dict[str, Aws]:
 
 def in_each(found: dict[str, Aws], ask: Callable[[Aws], T]) -> dict[str, T]:
     """ask(session) in every region at once, keyed by region in `found`'s order; the first error raises."""
-    if len(found) == 1:
+    if len(found) <= 1:  # none (SSH hosts only) or one: no pool
         return {region: ask(aws) for region, aws in found.items()}
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as pool:
         futures = {region: pool.submit(ask, aws) for region, aws in found.items()}

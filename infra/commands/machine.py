@@ -204,47 +204,45 @@ def pull_every_machine(args) -> int:
 
 
 def add_jupyter(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary,
-                      description="Start JupyterLab on the machine bound to 127.0.0.1 with a random token, forward a "
-                                  "local port to it over SSH and print the URL. Ctrl-C closes the tunnel and stops "
-                                  "the server (--keep leaves it running). No port is opened in the security group.")
-    machine_name(p)
-    p.add_argument("--port", type=int, help="local port (default: 8888, or a free one if 8888 is taken)")
-    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
-    python_option(p, help="interpreter on the machine (default: the one setup chose)")
-    code_option(p, help="checkout to sync first (default: the current directory)")
-    p.set_defaults(handler=cmd_jupyter)
+    add_tunnelled(sub, name, summary, cmd_jupyter, 8888,
+                  "Start JupyterLab on the machine bound to 127.0.0.1 with a random token, forward a local port to it "
+                  "over SSH and print the URL. Ctrl-C closes the tunnel and stops the server (--keep leaves it "
+                  "running). No port is opened in the security group.")
 
 
 def cmd_jupyter(args) -> int:
-    from infra.jupyter import check_port_free, serve
-    from infra.targets import code_dir
+    from infra.jupyter import serve
 
-    if args.port is not None:
-        check_port_free(args.port)
-    target = target_for(args)
-    with target.remote:
-        python = target.prepare(code_dir(args.code), args.python, log=say, ready_timeout=60)
-        serve(target, args.port, keep=args.keep, python=python, log=say)
-    return ExitCode.OK
+    return serve_tunnelled(args, serve)
 
 
 def add_tensorboard(sub, name: str, summary: str) -> None:
-    p = cloud_command(sub, name, summary,
-                      description="Start TensorBoard on the machine's runs/ (the runs trained with --tensorboard), "
-                                  "bound to 127.0.0.1 there, forward a local port to it over SSH and print the URL. "
-                                  "Ctrl-C closes the tunnel and stops the server (--keep leaves it running). No port "
-                                  "is opened in the security group. Here: `tensorboard --logdir runs`.")
-    machine_name(p)
-    p.add_argument("--port", type=int, help="local port (default: 6006, or a free one if 6006 is taken)")
-    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
-    python_option(p, help="interpreter on the machine (default: the one setup chose)")
-    code_option(p, help="checkout to sync first (default: the current directory)")
-    p.set_defaults(handler=cmd_tensorboard)
+    add_tunnelled(sub, name, summary, cmd_tensorboard, 6006,
+                  "Start TensorBoard on the machine's runs/ (the runs trained with --tensorboard), bound to 127.0.0.1 "
+                  "there, forward a local port to it over SSH and print the URL. Ctrl-C closes the tunnel and stops "
+                  "the server (--keep leaves it running). No port is opened in the security group. Here: "
+                  "`tensorboard --logdir runs`.")
 
 
 def cmd_tensorboard(args) -> int:
     from infra.tensorboard import serve
+
+    return serve_tunnelled(args, serve)
+
+
+def add_tunnelled(sub, name: str, summary: str, handler, port: int, description: str) -> None:
+    """A server on the machine, bound to 127.0.0.1 there, reached through an SSH tunnel (jupyter, tensorboard)."""
+    p = cloud_command(sub, name, summary, description=description)
+    machine_name(p)
+    p.add_argument("--port", type=int, help=f"local port (default: {port}, or a free one if {port} is taken)")
+    p.add_argument("--keep", action="store_true", help="leave the server running after the tunnel closes")
+    python_option(p, help="interpreter on the machine (default: the one setup chose)")
+    code_option(p, help="checkout to sync first (default: the current directory)")
+    p.set_defaults(handler=handler)
+
+
+def serve_tunnelled(args, serve) -> int:
+    """Sync and prepare the machine, then serve(target, port, ...) until Ctrl-C (infra/tunnelled.py)."""
     from infra.targets import code_dir
     from infra.tunnelled import check_port_free
 

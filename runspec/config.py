@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
 REFERENCE_BATCH = 128  # the batch size the recipes' learning rates were tuned at
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TTA_VIEWS = (1, 5, 9)  # --tta: the centre crop; and the four 1-px shifts; and the diagonals (trainer/tta.py)
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,9 @@ class TrainConfig:
     early_size: int = knob(0, "progressive resizing: the first --early-epochs train on the same centre region "
                            "resampled to SxS pixels (fewer pixels, the whole digit), cheaper per step; the later "
                            "epochs and every evaluation use --input-size (0 = off)")
-    early_epochs: int = knob(0, "epochs at --early-size before the rest at --input-size (with --compile, the step "
-                             "compiles once per size; not with --cuda-graph)")
+    early_epochs: int = knob(0, "epochs at --early-size before the rest at --input-size; a recipe's share follows a "
+                             "typed --epochs (4 of 10: 6 of 15), and 0 turns a recipe's resizing off (with "
+                             "--compile, the step compiles once per size; not with --cuda-graph)")
     # stopping
     target: float | None = knob(None, "stop early once validation accuracy (%%) reaches this, e.g. 99.4")
     patience: int = knob(0, "stop after this many epochs without a better validation accuracy; 0 = never")
@@ -125,6 +127,10 @@ class TrainConfig:
                                "on the same device; across devices a seed gives the same recipe, not the same bits")
     threads: int | None = knob(None, "CPU threads for torch", unset="torch's choice")
     eval_batch_size: int = knob(256, "batch size for validation and test (256 is the fastest on a laptop CPU)")
+    tta: int = knob(1, "test-time augmentation: what the run delivers answers with the mean softmax of N views, "
+                    "the centre crop and 1-px shifts (5: up, down, left, right; 9: and the diagonals); its "
+                    "validation, test, `evaluate`, `predict` and report all use them, at N passes per image",
+                    choices=TTA_VIEWS)
     test_every_epoch: bool = knob(False, "also evaluate the test set after every epoch, for the curves; the "
                                   "delivered weights are always tested once, at the end")
     # output
@@ -191,6 +197,8 @@ class TrainConfig:
                       f"got {self.early_epochs}")
         if self.early_epochs and self.cuda_graph:
             raise bad("early-size", "is not for --cuda-graph (one captured step has one input size): drop one")
+        if self.tta not in TTA_VIEWS:  # argparse checks a typed flag; this, a config.json edited by hand
+            raise bad("tta", f"takes {', '.join(map(str, TTA_VIEWS))} views, got {self.tta}")
         if self.patience < 0:
             raise bad("patience", f"must be >= 0, got {self.patience}")
         if self.compile_mode != "default" and not self.compile:
@@ -273,6 +281,34 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
 
 
+def fit_recipe_resizing(values: dict[str, Any], typed: set[str], recipe: dict[str, Any]) -> None:
+    """A recipe's progressive resizing follows the flags typed around it: the same share of a typed
+    --epochs (4 of 10 -> 6 of 15; none of 1), and off where a typed --input-size is not above its size
+    or a typed --cuda-graph captures one size. A typed `--early-epochs 0` (or `--early-size 0`) turns it
+    off; other typed --early-* flags are the user's, and checked as typed."""
+    given = {"early_size", "early_epochs"} & typed
+    if given and not all(values.get(k) for k in given):
+        values.update(early_size=0, early_epochs=0)
+    if given or not recipe.get("early_epochs"):
+        return
+    epochs = values.get("epochs", TrainConfig.epochs)
+    if "epochs" in typed:
+        values["early_epochs"] = min(round(recipe["early_epochs"] * epochs / recipe["epochs"]), epochs - 1)
+    size = values.get("input_size", TrainConfig.input_size)
+    if values["early_epochs"] <= 0 or values.get("early_size", 0) >= size or values.get("cuda_graph"):
+        values.update(early_size=0, early_epochs=0)
+
+
+def recipe_config(typed: dict[str, Any]) -> TrainConfig:
+    """The config a run of these typed flags gets off CUDA: the typed flags over the model's recipe over
+    TrainConfig's defaults (trainer.cli.apply_recipe does the same on the machine, then the CUDA default)."""
+    recipe = default_recipe(typed.get("model"), typed.get("recipe", "default"))
+    sgd = typed.get("optimizer", TrainConfig.optimizer) == "sgd"
+    values = {**{k: v for k, v in recipe.items() if sgd or k not in SGD_ONLY}, **typed}
+    fit_recipe_resizing(values, set(typed), recipe)
+    return from_dict(values)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(f"{message} (see `python -m trainer train --help`)")
@@ -288,7 +324,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
     add_arguments(parser, defaults=False)
     parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS)
     typed = vars(parser.parse_args(argv))
-    config = from_dict(typed)
+    config = from_dict(typed) if typed.get("resume") else recipe_config(typed)  # a resumed run keeps its own
     config.validate()
     return config, typed
 

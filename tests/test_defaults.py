@@ -65,14 +65,16 @@ def test_the_value_without_a_recipe_is_what_a_model_without_one_gets():
 @pytest.mark.slow
 def test_a_dry_runs_config_json_holds_the_defaults_the_help_shows(mnist_cloud, mnist_dir, tmp_path):
     """A dry run is a quick smoke test, in a throwaway directory, of the defaults --help states (except
-    those the dry run sets itself: 1 epoch of 2 batches; the first test checks epochs)."""
+    those the dry run sets itself: 1 epoch of 2 batches, and one more for the recipe's progressive resizing,
+    one epoch at each size; the first test checks epochs)."""
     proc = run_cli([*mnist_cloud, "train", "--dry-run"], cwd=tmp_path,
                    env_extra={"MNIST_DATA_DIR": str(mnist_dir), "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert "Epoch: 1 |" in proc.stdout and not (tmp_path / "runs").exists()  # throwaway dir, not ./runs
+    assert "Epoch: 2 |" in proc.stdout and not (tmp_path / "runs").exists()  # throwaway dir, not ./runs
     (config_file,) = tmp_path.glob("mnist-cloud-dry-run-*/*/config.json")
     config = json.loads(config_file.read_text())["config"]
-    assert {k: config[k] for k in DRY_RUN} == DRY_RUN
+    assert {k: config[k] for k in DRY_RUN} == {**DRY_RUN, "epochs": DRY_RUN["epochs"] + 1}
+    assert config["early_epochs"] == 1 and config["early_size"] == default_recipe()["early_size"]
     shown = shown_defaults()
-    for name in set(default_recipe()) - set(DRY_RUN):
+    for name in set(default_recipe()) - set(DRY_RUN) - {"early_epochs"}:
         assert str(config[name]) == shown[name]["value"], f"--{name}: help says {shown[name][0]}, config {config[name]}"

@@ -137,9 +137,10 @@ def test_progressive_resizing_trains_the_early_epochs_smaller_and_evaluates_at_t
     from trainer.engine import Engine
     from trainer.train import fit
 
-    given: list[int] = []  # the side of each batch the model is given, in order
-    prepare = Engine.prepare
-    monkeypatch.setattr(Engine, "prepare", lambda self, x: given.append((out := prepare(self, x)).shape[-1]) or out)
+    given: list[int] = []  # the side of each batch the model is given, in order (training and evaluation)
+    model_input = Engine.model_input
+    monkeypatch.setattr(Engine, "model_input",
+                        lambda self, x: given.append((out := model_input(self, x)).shape[-1]) or out)
     cfg = TrainConfig(data_dir=str(mnist_dir), out_dir=str(tmp_path), run_id="early", input_size=24, epochs=2,
                       early_size=20, early_epochs=1, max_steps=2, train_limit=512, eval_limit=256, progress=False,
                       threads=1, report=False, device="cpu")

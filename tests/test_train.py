@@ -156,7 +156,8 @@ def test_sigterm_mid_epoch_checkpoints_fast_and_resume_is_exact(tmp_path, mnist_
 
     args = ["--device", "cpu", "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path / "runs"), "--train-limit", "6144",
             "--eval-limit", "500", "--epochs", "2", "--no-progress", "--no-report", "--threads", "2",
-            "--input-size", "28", "--lr", "0.1", "--val-size", "10000"]  # TrainConfig's values, not net8k's recipe
+            "--input-size", "28", "--lr", "0.1", "--val-size", "10000", "--early-epochs", "0",
+            "--tta", "1"]  # TrainConfig's values, not net8k's recipe
     fit(small(tmp_path, mnist_dir, run_id="straight", train_limit=6144, eval_limit=500, epochs=2))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args, "--run-id", "spot"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from runspec.config import (REFERENCE_BATCH, TrainConfig, add_arguments, check_input_size,  # stdlib only, like this module
-                            default_value, from_namespace)
+from runspec.config import (REFERENCE_BATCH, TTA_VIEWS, TrainConfig, add_arguments, check_input_size,  # stdlib only, like this module
+                            default_value, fit_recipe_resizing, from_namespace, recipe_config)
 from runspec.recipes import SGD_ONLY
 import runspec
 from trainer.errors import UserError
@@ -36,7 +36,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help=f"smoke test: {DRY_RUN['epochs']} epoch of {DRY_RUN['max_steps']} batches, "
-                        f"{DRY_RUN['eval_limit']} eval images, in a throwaway run dir")
+                        f"{DRY_RUN['eval_limit']} eval images, in a throwaway run dir (with progressive "
+                        "resizing, one epoch more: one at each size)")
 
 
 TRAIN_DESCRIPTION = ("Train a model from the zoo on MNIST. Writes runs/<run-id>/ with config.json, metrics.jsonl, "
@@ -65,6 +66,7 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str]) -> None:
             continue
         if key not in explicit:
             setattr(args, key, value)
+    fit_recipe_resizing(vars(args), explicit, spec.recipe(getattr(args, "recipe", "default")))
     apply_cuda_default(args, explicit, spec)
     scale_lr_to_batch(args, explicit)
 
@@ -73,7 +75,8 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
     """On a CUDA GPU, the untyped speed flags (--cuda-graph, --amp, and --batch-size with its peak LR)
     come from trainer.device.cuda_default for its capability. It runs here, on the machine that trains
     (the laptop only checks flags), and says what it chose. Typing --cuda-graph, --no-cuda-graph or
-    --compile opts out; a typed --amp, --batch-size or --lr is kept."""
+    --compile opts out; a typed --amp, --batch-size or --lr is kept. One captured graph has one input
+    size, so a captured run drops the recipe's progressive resizing (typed --early-* flags keep it, eager)."""
     if {"compile", "cuda_graph"} & explicit or getattr(args, "dry_run", False) or not hasattr(args, "device"):
         return
     from trainer import device as dev
@@ -83,7 +86,8 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
         return
     capability = dev.capability(device)
     amp_typed_fp16 = "amp" in explicit and args.amp == "on" and capability < (8, 0)
-    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema and not args.early_epochs
+    resizing_typed = bool({"early_size", "early_epochs"} & explicit) and args.early_epochs
+    capturable = (args.optimizer == "sgd" and args.schedule != "plateau" and not args.ema and not resizing_typed
                   and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not amp_typed_fp16)
     batches = {REFERENCE_BATCH}  # a variant measured at 128 keeps the run's own batch
     if not {"batch_size", "lr"} & explicit:
@@ -92,6 +96,8 @@ def apply_cuda_default(args: argparse.Namespace, explicit: set[str], spec) -> No
     if variant is None:
         return
     chosen = {k: v for k, v in {"cuda_graph": variant.cuda_graph, "amp": variant.amp}.items() if k not in explicit}
+    if chosen.get("cuda_graph") and args.early_epochs:  # the recipe's: the graph is the bigger win on a GPU
+        chosen.update(early_size=0, early_epochs=0)
     if variant.batch_size != REFERENCE_BATCH:  # the recipe's peak LR follows, by the linear rule
         chosen.update(batch_size=variant.batch_size, lr=round(args.lr * variant.batch_size / args.batch_size, 6))
     for key, value in chosen.items():
@@ -137,7 +143,8 @@ def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
 def cmd_train(argv: list[str]) -> int:
     args, explicit = typed_train_args(argv)
     if not args.resume:  # a resumed run's config is read from its run directory, and checked in fit()
-        from_namespace(args).validate()  # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+        # before apply_recipe imports torch: a bad flag fails in 0.1 s, not 3
+        recipe_config({k: getattr(args, k) for k in explicit}).validate()
     if args.tensorboard:
         from trainer.board import require_tensorboard
 
@@ -146,6 +153,8 @@ def cmd_train(argv: list[str]) -> int:
     if args.dry_run:
         for key, value in DRY_RUN.items():
             setattr(args, key, value)
+        if args.early_epochs:  # one epoch at each size: the smoke test of what the run would do
+            args.epochs, args.early_epochs = DRY_RUN["epochs"] + 1, 1
         if "run_id" not in explicit:
             args.run_id = None
         if "out_dir" not in explicit:
@@ -275,26 +284,43 @@ def add_evaluate(sub) -> None:
                        description="Test accuracy of a checkpoint on the 10k MNIST test set.")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("--data-dir", help="directory with the MNIST IDX files (default: as for training)")
+    add_views(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_evaluate)
 
 
+def add_views(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", type=int, choices=TTA_VIEWS, metavar="N",
+                   help="test-time views to average, one of 1, 5, 9 (default: the run's own `train --tta`, "
+                        "what it delivers; 1 for checkpoints from before it)")
+
+
+def views_of(args: argparse.Namespace, ckpt: dict) -> int:
+    from trainer.inference import trained_views
+
+    return args.tta or trained_views(ckpt)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.inference import load_model, resolve_weights, test_accuracy, trained_input_size
+    from trainer.tta import describe
 
     device = _device(args.device)
     path = resolve_weights(args.weights)
     model, ckpt = load_model(path, device)
     # the run's own eval batch: the same batches as its result.json's test, so the same bits
     batch = (ckpt.get("config") or {}).get("eval_batch_size", 256)
-    loss, acc, n = test_accuracy(model, args.data_dir, device, batch_size=batch, input_size=trained_input_size(ckpt))
+    views = views_of(args, ckpt)
+    loss, acc, n = test_accuracy(model, args.data_dir, device, batch_size=batch, input_size=trained_input_size(ckpt),
+                                 views=views)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "weights": ckpt.get("weights"), "model": ckpt["model_name"],
-                          "epoch": ckpt.get("epoch"), "test_acc": acc, "test_loss": loss, "images": n}))
+                          "epoch": ckpt.get("epoch"), "test_acc": acc, "test_loss": loss, "images": n,
+                          "tta": views}))
     else:
         print(f"{ckpt['model_name']}, {describe_weights(ckpt, path)}: test accuracy {acc:.2f}% "
-              f"({round(acc * n / 100)}/{n}), loss {loss:.4f}")
+              f"({round(acc * n / 100)}/{n}), loss {loss:.4f}; {describe(views, short=True)}")
     return runspec.ExitCode.OK
 
 
@@ -309,6 +335,7 @@ def add_predict(sub) -> None:
                        description="Classify digit images (PNG or JPEG).")
     p.add_argument("weights", help="a .pt checkpoint, or a run directory (its model.pt: the weights the run delivers)")
     p.add_argument("images", nargs="+", help="image files; any size, dark-on-light or light-on-dark")
+    add_views(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_predict)
@@ -316,14 +343,19 @@ def add_predict(sub) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from trainer.inference import load_model, predict, read_image, to_mnist, trained_input_size
+    from trainer.tta import describe
 
     device = _device(args.device)
     model, ckpt = load_model(args.weights, device)
+    views = views_of(args, ckpt)
+    if not args.json:
+        print(f"{ckpt['model_name']}: {describe(views)}")
     for path in args.images:
-        probs = predict(model, to_mnist(read_image(path)), device, trained_input_size(ckpt))
+        probs = predict(model, to_mnist(read_image(path)), device, trained_input_size(ckpt), views)
         digit = int(probs.argmax())
         if args.json:
-            print(json.dumps({"image": path, "digit": digit, "probabilities": [round(float(p), 6) for p in probs]}))
+            print(json.dumps({"image": path, "digit": digit, "probabilities": [round(float(p), 6) for p in probs],
+                              "tta": views}))
         else:
             top = "  ".join(f"{d}:{float(probs[d]):.3f}" for d in range(10))
             print(f"{path}: {digit} ({100 * float(probs[digit]):.1f}%)  |  {top}")

@@ -34,6 +34,7 @@ class Engine:
     compile_pending: int = 0  # steps that compile (or record CUDA graphs) under torch.compile: timed apart
     input_size: int = 28  # the centre crop every batch is cut to (training batches come cut from augment)
     ema: WeightAverage | None = None  # updated after every optimizer step
+    tta: int = 1  # views every evaluation averages (trainer/tta.py): part of what the run delivers
 
     def sync(self) -> None:
         """Wait for the device (timing); the CPU never runs ahead of itself."""
@@ -52,7 +53,11 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(centre_crop(images, self.input_size)).contiguous(memory_format=self.memory_format)
+        return self.model_input(centre_crop(images, self.input_size))
+
+    def model_input(self, crop: torch.Tensor) -> torch.Tensor:
+        """A uint8 crop -> the model's input: normalized, in the engine's memory format."""
+        return normalize(crop).contiguous(memory_format=self.memory_format)
 
 
 def compile_steps(cfg: TrainConfig) -> int:
@@ -76,4 +81,5 @@ def make_engine(cfg: TrainConfig, dist: Dist, device: torch.device, channels_las
         aug_generator=torch.Generator(device=device).manual_seed(cfg.seed + 20_000 + dist.rank) if dist.active else None,
         compile_pending=compile_steps(cfg),
         input_size=cfg.input_size,
+        tta=cfg.tta,
     )

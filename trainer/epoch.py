@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runspec.config import TrainConfig
+from trainer import tta
 from trainer.augment import augment
 from trainer.data import Split
 from trainer.engine import Engine
@@ -174,22 +175,23 @@ def epoch_stats(progress: EpochProgress, engine: Engine) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, engine: Engine, batch_size: int) -> torch.Tensor:
-    """Logits for uint8 images [N, 1, 28, 28], in eval mode (no dropout, BN running stats)."""
+def predict_log_probs(model: nn.Module, images: torch.Tensor, engine: Engine, batch_size: int) -> torch.Tensor:
+    """Log-probabilities for uint8 images [N, 1, 28, 28], in eval mode (no dropout, BN running stats),
+    averaged over the engine's test-time views (one view: log_softmax of the logits)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
         with engine.autocast():
-            out.append(model(engine.prepare(images[i:i + batch_size])).float())
+            out.append(tta.log_probs(model, images[i:i + batch_size], engine.input_size, engine.tta,
+                                     engine.model_input))
     model.train(was_training)
     return torch.cat(out)
 
 
 def evaluate(model: nn.Module, split: Split, engine: Engine, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in %) on a split."""
-    logits = predict_logits(model, split.images, engine, batch_size)
-    loss = F.cross_entropy(logits, split.labels).item()
-    acc = 100.0 * (logits.argmax(1) == split.labels).float().mean().item()
+    """(mean cross-entropy, accuracy in %) on a split, of the model with its test-time views."""
+    log_probs = predict_log_probs(model, split.images, engine, batch_size)
+    loss = F.nll_loss(log_probs, split.labels).item()
+    acc = 100.0 * (log_probs.argmax(1) == split.labels).float().mean().item()
     return loss, acc
-

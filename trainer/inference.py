@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import rundir as rd
+from trainer import tta
 from trainer.checkpoint import load_checkpoint
-from trainer.data import centre_crop, load_mnist, make_splits, normalize
+from trainer.data import load_mnist, make_splits, normalize
 from trainer.errors import UserError
 from trainer.fetch import resolve_data_dir
 from trainer.models import get_spec, source_changed
@@ -52,20 +53,27 @@ def trained_input_size(ckpt: dict) -> int:
     return int((ckpt.get("config") or {}).get("input_size", 28))
 
 
-def model_input(images: torch.Tensor, input_size: int) -> torch.Tensor:
-    """uint8 [n, 1, 28, 28] -> what the net saw in training: the centre crop, normalized (as Engine.prepare)."""
-    return normalize(centre_crop(images, input_size))
+def trained_views(ckpt: dict) -> int:
+    """The test-time views the checkpoint's run delivers (`--tta`); 1 for checkpoints saved before it."""
+    return int((ckpt.get("config") or {}).get("tta", 1))
+
+
+def log_probs(model: nn.Module, images: torch.Tensor, input_size: int, views: int = 1) -> torch.Tensor:
+    """uint8 [n, 1, 28, 28] -> log-probabilities as the run delivers them: the model on its centre crop
+    (and the shifted crops of its test-time views), normalized as in training (Engine.model_input)."""
+    return tta.log_probs(model, images, input_size, views, normalize)
 
 
 @torch.inference_mode()
-def test_accuracy(model: nn.Module, data_dir: str | None, device: torch.device,
-                  batch_size: int = 1000, input_size: int = 28) -> tuple[float, float, int]:
-    """(loss, accuracy %, number of images) on the 10k MNIST test set, seen as input_size x input_size."""
+def test_accuracy(model: nn.Module, data_dir: str | None, device: torch.device, batch_size: int = 1000,
+                  input_size: int = 28, views: int = 1) -> tuple[float, float, int]:
+    """(loss, accuracy %, number of images) on the 10k MNIST test set, seen as input_size x input_size
+    through `views` test-time views."""
     data = make_splits(load_mnist(resolve_data_dir(data_dir)), val_size=0, seed=0, device=device)
-    logits = torch.cat([model(model_input(data.test.images[i:i + batch_size], input_size))
-                        for i in range(0, len(data.test), batch_size)])
-    loss = F.cross_entropy(logits, data.test.labels).item()
-    acc = 100.0 * (logits.argmax(1) == data.test.labels).float().mean().item()
+    out = torch.cat([log_probs(model, data.test.images[i:i + batch_size], input_size, views)
+                     for i in range(0, len(data.test), batch_size)])
+    loss = F.nll_loss(out, data.test.labels).item()
+    acc = 100.0 * (out.argmax(1) == data.test.labels).float().mean().item()
     return loss, acc, len(data.test)
 
 
@@ -121,7 +129,7 @@ def to_mnist(image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, image: torch.Tensor, device: torch.device, input_size: int = 28) -> torch.Tensor:
+def predict(model: nn.Module, image: torch.Tensor, device: torch.device, input_size: int = 28,
+            views: int = 1) -> torch.Tensor:
     """Class probabilities [10] for one [1, 28, 28] uint8 image, seen as input_size x input_size."""
-    logits = model(model_input(image[None].to(device), input_size))
-    return logits.softmax(1)[0].cpu()
+    return log_probs(model, image[None].to(device), input_size, views).exp()[0].cpu()

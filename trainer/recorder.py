@@ -186,6 +186,7 @@ class Recorder:
         rd.write_json(self.run.file(rd.RESULT), result)
         self.run.update_config(status="completed", finished=_now())
         what = f"{'EMA of the' if weights == 'ema' else 'final'} weights, epoch {epoch}"
+        what += f", {cfg.tta} test-time views" if cfg.tta > 1 else ""
         self.run.log(f"Test accuracy: {test_acc:.2f}% ({what}, in {rd.MODEL})")
         val = "" if val_acc is None else f"; val {val_acc:.2f}%"
         self.say(f"test accuracy: {test_acc:.2f}% ({what}{val}, in {rd.MODEL})  |  {self.run.path}")

@@ -187,25 +187,27 @@ class Predictions:
 
 def test_predictions(run: Run) -> Predictions:
     """The delivered weights (model.pt) on the 10k test set, cut to the input size they were trained on,
-    in the run's own eval batches: the mistakes behind result.json's test accuracy."""
+    through the run's test-time views, in its own eval batches: the mistakes behind result.json's test
+    accuracy."""
     import torch
 
     from trainer.data import load_mnist
     from trainer.fetch import resolve_data_dir
-    from trainer.inference import load_model, model_input, trained_input_size
+    from trainer.inference import load_model, log_probs, trained_input_size, trained_views
 
     ckpt_path = run.path / rd.MODEL
     if not ckpt_path.is_file():
         raise UserError(f"they come from the delivered weights ({rd.MODEL}), which the run writes when it finishes")
     model, ckpt = load_model(ckpt_path, torch.device("cpu"))  # checked, and weights that do not fit are one line
-    size, batch = trained_input_size(ckpt), (ckpt.get("config") or {}).get("eval_batch_size", 256)
+    size, views = trained_input_size(ckpt), trained_views(ckpt)
+    batch = (ckpt.get("config") or {}).get("eval_batch_size", 256)
     data_dir = run.cfg.get("data_dir") or (run.config.get("data") or {}).get("dir")
     if data_dir and not Path(data_dir).is_dir():
         data_dir = None
     mnist = load_mnist(resolve_data_dir(data_dir))
     images, labels = mnist.test_images, mnist.test_labels.long()
     with torch.inference_mode():
-        probs = torch.cat([model(model_input(images[i:i + batch].unsqueeze(1), size)).softmax(1)
+        probs = torch.cat([log_probs(model, images[i:i + batch].unsqueeze(1), size, views).exp()
                            for i in range(0, len(labels), batch)])
     return Predictions(images, labels, probs, ckpt_path.name)
 

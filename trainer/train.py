@@ -290,6 +290,7 @@ def finish(t: Training, standing: Standing) -> dict[str, Any]:
         "stop_reason": standing.stop_reason,
         "weights": "ema" if engine.ema is not None else "final",
         "delivered": rd.MODEL,
+        "tta": cfg.tta,  # the views every accuracy here averages: part of what is delivered
         "test_acc": test_acc,
         "test_loss": test_loss,
         "val_acc": val_acc,

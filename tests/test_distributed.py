@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,34 @@ def test_distributed_resume(two_processes, tmp_path, mnist_dir):
     assert all(torch.equal(delivered[0][k], delivered[1][k]) for k in delivered[0]), "model.pt differs"
     results = [json.loads((d / "result.json").read_text()) for d in (straight, split)]
     assert results[1]["test_acc"] == results[0]["test_acc"]
+
+
+FIT_THEN_THREADS = textwrap.dedent("""
+    import os, sys
+    from trainer.cli import main
+    code = main(sys.argv[1:])
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(f"rank {os.environ['RANK']} exit {code} threads {names}", flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process's threads from /proc (Linux)")
+def test_no_gloo_thread_outlives_fit(tmp_path, mnist_dir):
+    """When fit() returns, the process group is gone for real: gloo's threads joined, its sockets closed. One
+    left running into the interpreter's exit is woken there by the peer's closing socket, and a rank of a
+    two-node run aborted at the very end ("terminate called without an active exception")."""
+    script = tmp_path / "fit_then_threads.py"
+    script.write_text(FIT_THEN_THREADS)
+    small = ["--device", "cpu", "--epochs", "1", "--train-limit", "1024", "--eval-limit", "300", "--no-progress",
+             "--no-report", "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path / "runs"), "--threads", "1"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), "train", *small], capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(" threads ")[0] for line in lines] == ["rank 0 exit 0", "rank 1 exit 0"], out.stdout[-2000:]
+    assert not [line for line in lines if "gloo" in line], lines
 
 
 # ---------------------------------------------------------------------------------- a two-node cluster

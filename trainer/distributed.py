@@ -52,12 +52,21 @@ class Dist:
 
     def init(self, device: torch.device) -> None:
         if self.active and not dist.is_initialized():
+            # torch._dynamo first (DDP imports it; --compile too): imported once the group exists, it keeps a
+            # reference to it (torch 2.14), destroy_process_group() then frees nothing, and gloo's threads
+            # and sockets live on into the interpreter's exit, where a peer's closing socket wakes them while
+            # the process is torn down under them: "terminate called without an active exception" at the
+            # very end of a two-node run. Imported before, the group is gone when shutdown() returns.
+            import torch._dynamo  # noqa: F401
+
             if device.type == "cuda":  # binds this rank's GPU: NCCL never guesses, barrier() needs no device
                 dist.init_process_group(backend=self.backend(device), device_id=device)
             else:
                 dist.init_process_group(backend=self.backend(device))
 
     def shutdown(self) -> None:
+        """The group torn down now, while Python is whole: gloo joins its threads and closes its sockets
+        here (see init), so none of them is left running while the process exits."""
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -68,10 +68,9 @@ def fit(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict[str, Any]:
     dist = Dist.from_env()
     try:
         result = _fit(cfg, explicit, dist)
-        # every rank reaches the end before any tears the group down: gloo aborts a rank ("terminate called
-        # without an active exception") whose peer destroys its pairs while it still holds them, as a rank
-        # that stops early (--stop-after) while rank 0 writes last.pt did, one run in four. Not on an error,
-        # where the other ranks may never come.
+        # every rank reaches the end before any tears the group down (shutdown() closes gloo's sockets for
+        # real), so no rank's sockets close while a peer still has work for them, as when a rank stopping
+        # early (--stop-after) left while rank 0 wrote last.pt. Not on an error, where the others may never come.
         dist.barrier()
         return result
     finally:

@@ -289,13 +289,14 @@ def fit_recipe_resizing(values: dict[str, Any], typed: set[str], recipe: dict[st
     given = {"early_size", "early_epochs"} & typed
     if given and not all(values.get(k) for k in given):
         values.update(early_size=0, early_epochs=0)
-    if given or not recipe.get("early_epochs"):
+        return
+    if not recipe.get("early_epochs"):
         return
     epochs = values.get("epochs", TrainConfig.epochs)
-    if "epochs" in typed:
+    if "epochs" in typed and "early_epochs" not in given:
         values["early_epochs"] = min(round(recipe["early_epochs"] * epochs / recipe["epochs"]), epochs - 1)
     size = values.get("input_size", TrainConfig.input_size)
-    if values["early_epochs"] <= 0 or values.get("early_size", 0) >= size or values.get("cuda_graph"):
+    if not given and (values["early_epochs"] <= 0 or values.get("early_size", 0) >= size or values.get("cuda_graph")):
         values.update(early_size=0, early_epochs=0)
 
 
@@ -316,10 +317,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_train_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
     """Trainer flags checked as `python -m trainer train` checks them before it imports torch (types,
-    ranges, combinations). Returns the config and the flags as typed ({field: value}, `dry_run`
-    included), so that the laptop can say what is wrong in one line before any sync or setup, and
-    hand the machine exactly what was asked for (to_argv). The model's recipe is applied on the
-    machine, not here."""
+    ranges, combinations), the typed flags over the model's recipe (recipe_config). Returns that config
+    and the flags as typed ({field: value}, `dry_run` included), so that the laptop can say what is
+    wrong in one line before any sync or setup, and hand the machine exactly what was asked for
+    (to_argv): the machine applies the recipe again (and its CUDA default) to the typed flags."""
     parser = _Parser(prog="python -m trainer train", add_help=False)
     add_arguments(parser, defaults=False)
     parser.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS)

@@ -511,6 +511,8 @@ def test_gpu_bench_script_runs_and_prints_its_table(tmp_path, mnist_dir):
     assert [r["variant"] for r in results] == ["fp32", "graph"] and all(r["train_s"] > 0 for r in results)
     for r in results:  # the delivered weights' number, as the run reported it (per-epoch test is null)
         assert r["test_acc"] == json.loads((tmp_path / f"gpu-{r['variant']}-s1" / "result.json").read_text())["test_acc"]
+        config = json.loads((tmp_path / f"gpu-{r['variant']}-s1" / "config.json").read_text())["config"]
+        assert config["early_epochs"] == 0  # eager or captured, each variant trains the same recipe at one size
 
 
 # ---------------------------------------------------------------------------------- the CUDA default per capability

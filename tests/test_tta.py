@@ -54,6 +54,17 @@ def test_the_answer_is_the_mean_softmax_over_the_views():
     assert not torch.allclose(five, one, atol=1e-3)  # the views differ: the probe sees where pixels are
 
 
+def test_a_class_whose_probability_underflows_in_every_view_has_a_finite_log_probability():
+    """A confident net (logit gaps over ~100: early epochs at a high LR) must not write an infinite loss."""
+    loud = Probe()
+    with torch.no_grad():
+        loud.head.weight.mul_(1e4)
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        five = tta.log_probs(loud, images, 24, 5, normalize)
+    assert torch.isfinite(five).all() and five.min() < -100
+
+
 def test_a_view_count_the_trainer_does_not_take_is_one_line():
     with pytest.raises(UserError, match=r"--tta: invalid choice: 3 \(choose from 1, 5, 9\)"):
         parse_train_args(["--tta", "3"])  # what the laptop checks before anything is synced
@@ -143,12 +154,13 @@ def test_the_default_recipe_delivers_five_views_and_a_plain_run_one():
     (["--early-epochs", "0"], (0, 0)),  # the way to turn it off
     (["--early-size", "0"], (0, 0)),
     (["--early-size", "16"], (16, 4)),
+    (["--early-size", "16", "--epochs", "5"], (16, 2)),  # the recipe's share, with the size typed
     (["--model", "net20k"], (0, 0)),  # its recipe has none
 ])
 def test_the_recipes_resizing_follows_the_typed_flags_on_the_machine_and_the_laptop(typed, expected):
     from trainer.cli import parse_train_args as on_the_machine
 
-    args = on_the_machine(typed)[0]
+    args = on_the_machine([*typed, "--device", "cpu"])[0]  # a CUDA machine's default would capture instead
     assert (args.early_size, args.early_epochs) == expected
     laptop = parse_train_args(typed)[0]  # what `mnist-cloud train --on` checks before it syncs
     assert (laptop.early_size, laptop.early_epochs) == expected
@@ -172,3 +184,23 @@ def test_on_a_cuda_gpu_the_captured_graph_replaces_the_recipes_resizing(monkeypa
     assert "--early-size 0 --early-epochs 0" in capsys.readouterr().err
     args = on_the_machine(["--early-epochs", "3"])[0]
     assert not args.cuda_graph and (args.early_size, args.early_epochs) == (20, 3)
+
+
+def test_check_and_models_say_what_inference_costs(capsys):
+    from trainer.summary import count_macs
+    from trainer.models import REGISTRY
+
+    macs = count_macs(REGISTRY["net8k"].build(), 24)
+    assert main(["check", "net8k", "--input-size", "24"]) == 0  # the size its recipe trains and answers at
+    assert f"inference: 5 passes per image (test-time augmentation: the centre crop and 4 one-pixel shifts), " \
+           f"{5 * macs:,} MACs per 24x24 image" in capsys.readouterr().out
+    assert main(["check", "net8k", "--tta", "1"]) == 0
+    assert "inference:" not in capsys.readouterr().out
+    assert main(["check", "net20k", "--json"]) == 0  # its recipe answers with the centre crop alone
+    out = json.loads(capsys.readouterr().out)
+    assert out["tta"] == 1 and out["inference_macs"] == out["macs"]
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["net8k"]["tta"] == 5 and rows["net20k"]["tta"] == rows["seed001"]["tta"] == 1
+    assert main(["models"]) == 0
+    assert "inference: 5 passes per image" in capsys.readouterr().out

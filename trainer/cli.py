@@ -44,7 +44,8 @@ TRAIN_DESCRIPTION = ("Train a model from the zoo on MNIST. Writes runs/<run-id>/
                      "train.log, summary.txt, last.pt, best.pt (with a validation split), and at the end model.pt "
                      "(the delivered weights) and result.json. A model's recipe (runspec/recipes.py) sets the "
                      "defaults it names; on a CUDA GPU the CUDA default (docs/gpu.md) sets --cuda-graph, --amp "
-                     "and --batch-size (with its --lr) where they are not typed, and the run says which.")
+                     "and --batch-size (with its --lr) where they are not typed, and drops the recipe's progressive "
+                     "resizing from a captured run (one graph, one size); the run says which.")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -188,6 +189,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     check_input_size(args.input_size)
     from trainer.models import REGISTRY, count_params, structure_flags
     from trainer.summary import count_macs, format_table, layer_table
+    from trainer.tta import describe
 
     if args.summary:
         from trainer.models import get_spec
@@ -205,7 +207,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for spec in REGISTRY.values():
         model = spec.build()
         params = count_params(model)
-        rows.append({"name": spec.name, "params": params, "macs": macs(model),
+        rows.append({"name": spec.name, "params": params, "macs": macs(model), "tta": default_value("tta", spec.name),
                      "budget": spec.budget, "within_budget": None if spec.budget is None else params < spec.budget,
                      **structure_flags(model), "origin": spec.origin, "description": spec.description,
                      "note": spec.note})
@@ -227,6 +229,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(line)
         if r["note"]:
             print(f"{indent}note: {r['note']}")
+        if r["tta"] > 1:  # what its default recipe delivers costs that many forward passes per image
+            print(f"{indent}inference: {describe(r['tta'])} with its default recipe")
     size = f"{args.input_size}x{args.input_size} image" + ("; - where the model cannot take it"
                                                            if any(r["macs"] is None for r in rows) else "")
     print(f"params and MACs (per {size}) are counted from the code; `--summary MODEL` shows the layer table")
@@ -244,6 +248,9 @@ def add_check(sub) -> None:
     p.add_argument("--require", default="", metavar="LIST", help="claim: it has these, from bn,dropout,gap")
     p.add_argument("--no-fc", action="store_true", help="claim: no fully connected (Linear) layer")
     p.add_argument("--input-size", type=int, default=28, metavar="S", help=f"image side (default: %(default)s; {INPUT_SIZE_NOTE})")
+    p.add_argument("--tta", type=int, choices=TTA_VIEWS, metavar="N",
+                   help="test-time views it answers with, one of 1, 5, 9: inference costs N passes per image "
+                        "(default: a zoo model's default recipe's, 5 for net8k; else 1)")
     p.add_argument("--json", action="store_true", help="print the same data as JSON")
     p.set_defaults(handler=cmd_check)
 
@@ -252,11 +259,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     check_input_size(args.input_size)
     require = [r.strip() for r in args.require.split(",") if r.strip()]
     from trainer.check import check_model
+    from trainer.tta import describe
 
     result = check_model(args.model, max_params=args.max_params, require=require, no_fc=args.no_fc,
                          input_size=args.input_size)
+    views = args.tta or default_value("tta", args.model)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(json.dumps({**result.as_dict(), "tta": views, "inference_macs": views * result.macs}, indent=2))
         return runspec.ExitCode.OK if result.ok else runspec.ExitCode.FAILED
 
     def yn(v: bool) -> str:
@@ -265,6 +274,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{result.model}: {result.params:,} params, {result.macs:,} MACs per {args.input_size}x{args.input_size} "
           f"image, receptive field {result.receptive_field} px | BN {yn(result.batchnorm)} | Dropout "
           f"{yn(result.dropout)} | GAP {yn(result.gap)} | FC {yn(result.fc)}")
+    if views > 1:
+        print(f"inference: {describe(views)}, {views * result.macs:,} MACs per {args.input_size}x{args.input_size} "
+              "image")
     if result.claims:
         rows = [[c.name, c.wanted, c.actual, "ok" if c.ok else "FAILS"] for c in result.claims]
         for line in runspec.table(["claim", "wanted", "actual", ""], rows):

@@ -11,6 +11,7 @@ model: `log_probs` is then log_softmax of its logits, which gives the same argma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -41,11 +42,12 @@ def log_probs(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     """log of the model's softmax averaged over `views` crops of uint8 images [n, 1, H, W]: [n, classes].
 
     `prepare` turns a uint8 crop into the model's input (normalize; the engine also sets the memory format)."""
+    each = [F.log_softmax(model(prepare(shifted_crop(images, size, dy, dx))).float(), dim=1)
+            for dy, dx in offsets(views)]
     if views == 1:
-        return F.log_softmax(model(prepare(shifted_crop(images, size))).float(), dim=1)
-    probs = sum(F.softmax(model(prepare(shifted_crop(images, size, dy, dx))).float(), dim=1)
-                for dy, dx in offsets(views))
-    return (probs / views).log()
+        return each[0]
+    # log(mean(softmax)) in log space: finite even where a class's probability underflows in every view
+    return torch.logsumexp(torch.stack(each), dim=0) - math.log(views)
 
 
 def describe(views: int, short: bool = False) -> str:

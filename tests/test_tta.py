@@ -135,6 +135,15 @@ def test_predict_and_the_report_answer_with_the_same_views(tta_run, mnist_dir, t
     assert sum(passes) == 5 * 10000 and errors == round(100 * (100 - result["test_acc"]))
 
 
+def test_the_console_says_what_the_recipe_does_that_the_epoch_lines_do_not():
+    from trainer.recorder import plan_line
+
+    assert plan_line(TrainConfig(input_size=24, early_size=20, early_epochs=4, tta=5)) == (
+        "epochs 1-4 at 20 px, then 24 px (progressive resizing)  |  answers with 5 test-time views (5 passes per image)")
+    assert plan_line(TrainConfig(input_size=24, early_size=20, early_epochs=1)).startswith("epoch 1 at 20 px")
+    assert plan_line(TrainConfig()) == ""
+
+
 def test_the_default_recipe_delivers_five_views_and_a_plain_run_one():
     from trainer.cli import parse_train_args as machine_args
 

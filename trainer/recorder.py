@@ -106,6 +106,8 @@ class Recorder:
         self.run.write_text(rd.SUMMARY, summary + "\n")
         self.say(summary)
         self.say(f"run dir: {self.run.path}  |  {line}")
+        if plan_line(cfg):
+            self.say(plan_line(cfg))
         if cfg.tensorboard:
             self.board = Board(self.run.path)
             self.board.hparams(cfg)
@@ -262,6 +264,17 @@ class Silent(Recorder):
 
     def finished(self, cfg: TrainConfig, result: dict[str, Any], delivered: nn.Module) -> None:
         pass
+
+
+def plan_line(cfg: TrainConfig) -> str:
+    """What a recipe does that the epoch lines do not show: its early epochs' size and its test-time views."""
+    parts = []
+    if cfg.early_epochs:
+        epochs = "epoch 1" if cfg.early_epochs == 1 else f"epochs 1-{cfg.early_epochs}"
+        parts.append(f"{epochs} at {cfg.early_size} px, then {cfg.input_size} px (progressive resizing)")
+    if cfg.tta > 1:
+        parts.append(f"answers with {cfg.tta} test-time views ({cfg.tta} passes per image)")
+    return "  |  ".join(parts)
 
 
 def log_line(row: dict[str, Any], best_val: float | None) -> str:
